@@ -1,0 +1,187 @@
+"""Find one attention block per layer in a decomposed-attention ONNX graph.
+
+Detection is structural: a block is a Softmax whose input comes from a MatMul of
+two activations (Q K^T, through scale / mask / softcap arithmetic) and whose output
+feeds, through casts, the left side of another MatMul (probs @ V). The layer of a
+block is read from the cache tensors its K and V paths concatenate, whose names are
+the model's I/O contract (``past_key_values.N.key`` / ``present.N.key``), not from
+node names, which differ between exporters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+from sa_export.errors import AttentionPatternError
+
+PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
+
+# Ops that sit between the Softmax and the probs @ V MatMul without changing values.
+_PASSTHROUGH = {"Cast", "Identity", "Dropout"}
+# Ops between Q K^T and the Softmax: scaling, mask add, softcapping, dtype changes.
+_SCORE_ARITHMETIC = {"Mul", "Div", "Add", "Sub", "Tanh", "Cast", "Where"}
+_MAX_CACHE_SEARCH = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlock:
+    """The tensors of one layer's attention, as found in the graph."""
+
+    layer: int
+    scores_matmul: ir.Node  # Q @ K^T
+    softmax: ir.Node
+    probs: ir.Value  # post-softmax probabilities as the context MatMul reads them
+    context_matmul: ir.Node  # probs @ V
+    past_key: str | None
+    past_value: str | None
+    present_key: str | None
+    present_value: str | None
+
+    @property
+    def num_heads(self) -> int | None:
+        shape = self.probs.shape
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
+            return shape[1]
+        return None
+
+    def describe(self) -> str:
+        return (
+            f"layer {self.layer}: softmax {self.softmax.name!r}, scores {self.scores_matmul.name!r}, "
+            f"context {self.context_matmul.name!r}, cache {self.past_key}/{self.past_value}"
+        )
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    if value.const_value is not None or value.is_initializer():
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _context_matmul(softmax: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """Follow the softmax output through passthrough ops to the probs @ V MatMul."""
+    value = softmax.outputs[0]
+    for _ in range(4):
+        uses = list(value.uses())
+        if len(uses) != 1:
+            return None
+        node, index = uses[0].node, uses[0].idx
+        if node.op_type == "MatMul" and index == 0:
+            return node, value
+        if node.op_type not in _PASSTHROUGH or index != 0:
+            return None
+        value = node.outputs[0]
+    return None
+
+
+def _scores_matmul(softmax: ir.Node) -> ir.Node | None:
+    """Walk up from the softmax through score arithmetic to the Q @ K^T MatMul."""
+    frontier = [softmax.inputs[0]]
+    seen: set[int] = set()
+    while frontier:
+        value = frontier.pop(0)
+        if value is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if node is None:
+            continue
+        if node.op_type == "MatMul":
+            if not _is_constant(node.inputs[0]) and not _is_constant(node.inputs[1]):
+                return node
+            continue
+        if node.op_type in _SCORE_ARITHMETIC:
+            frontier.extend(v for v in node.inputs if not _is_constant(v))
+    return None
+
+
+def _cache_names(
+    start: ir.Value | None, kind: str, graph_inputs: set[str], graph_outputs: set[str]
+) -> tuple[int, str | None] | None:
+    """Search upstream of a K or V operand for the cache tensor of ``kind`` ("key"/"value").
+
+    Returns (layer, past input name or None).
+    """
+    frontier = [start]
+    seen: set[int] = set()
+    steps = 0
+    while frontier and steps < _MAX_CACHE_SEARCH:
+        value = frontier.pop(0)
+        steps += 1
+        if value is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        name = value.name or ""
+        match = PRESENT_RE.match(name)
+        if match and match.group(2) == kind and name in graph_outputs:
+            past = f"past_key_values.{match.group(1)}.{kind}"
+            return int(match.group(1)), past if past in graph_inputs else None
+        match = PAST_RE.match(name)
+        if match and match.group(2) == kind and name in graph_inputs:
+            return int(match.group(1)), name
+        node = value.producer()
+        if node is None or node.op_type == "MatMul" and _is_constant(node.inputs[1]):
+            continue  # stop at projections: the cache lies between them and attention
+        frontier.extend(node.inputs)
+    return None
+
+
+def find_attention_blocks(graph: ir.Graph) -> list[AttentionBlock]:
+    """One AttentionBlock per layer that still computes its own attention, sorted by layer."""
+    inputs = {v.name for v in graph.inputs}
+    outputs = {v.name for v in graph.outputs}
+    blocks: dict[int, AttentionBlock] = {}
+    for softmax in _iter_nodes(graph, "Softmax"):
+        context = _context_matmul(softmax)
+        if context is None:
+            continue  # a softmax that is not attention (for example a router)
+        context_matmul, probs = context
+        scores = _scores_matmul(softmax)
+        if scores is None:
+            raise AttentionPatternError(None, f"softmax {softmax.name!r} feeds probs @ V but no Q @ K^T MatMul was found above it")
+        key = _cache_names(scores.inputs[1], "key", inputs, outputs)
+        value = _cache_names(context_matmul.inputs[1], "value", inputs, outputs)
+        if value is None or key is None:
+            raise AttentionPatternError(
+                None,
+                f"attention at softmax {softmax.name!r} reads no past_key_values/present cache; "
+                "export the model with past key values (task text-generation-with-past)",
+            )
+        layer = value[0]
+        if key[0] != layer:
+            raise AttentionPatternError(layer, f"K cache of layer {key[0]} and V cache of layer {layer} meet in one attention")
+        if layer in blocks:
+            raise AttentionPatternError(layer, "two attention softmaxes read this layer's cache")
+        blocks[layer] = AttentionBlock(
+            layer=layer,
+            scores_matmul=scores,
+            softmax=softmax,
+            probs=probs,
+            context_matmul=context_matmul,
+            past_key=key[1],
+            past_value=value[1],
+            present_key=f"present.{layer}.key" if f"present.{layer}.key" in outputs else None,
+            present_value=f"present.{layer}.value" if f"present.{layer}.value" in outputs else None,
+        )
+    return [blocks[k] for k in sorted(blocks)]
+
+
+def cache_layers(graph: ir.Graph) -> dict[int, dict[str, str]]:
+    """Cache inputs per layer: {layer: {"key": name, "value": name}} as the graph declares them."""
+    layers: dict[int, dict[str, str]] = {}
+    for value in graph.inputs:
+        match = PAST_RE.match(value.name or "")
+        if match:
+            layers.setdefault(int(match.group(1)), {})[match.group(2)] = value.name
+    return layers
+
+
+def _iter_nodes(graph: ir.Graph, op_type: str) -> Iterable[ir.Node]:
+    return (node for node in graph if node.op_type == op_type and node.domain in ("", "ai.onnx"))

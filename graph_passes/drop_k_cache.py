@@ -1,0 +1,39 @@
+"""Remove the K cache of shared layers from the graph's inputs and outputs."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from sa_export.errors import AttentionPatternError
+from sa_export.plan import SharingPlan
+
+
+class DropKCachePass(ir.passes.InPlacePass):
+    """Drop ``present.N.key`` and ``past_key_values.N.key`` of every shared layer.
+
+    The present output goes first, then dead nodes, then the past input, which must
+    have no consumer left: a remaining one means part of the K path is still live.
+    """
+
+    def __init__(self, plan: SharingPlan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        shared = set(self.plan.shared_layers)
+        present = [v for v in graph.outputs if v.name in {f"present.{n}.key" for n in shared}]
+        for value in present:
+            graph.outputs.remove(value)
+        RemoveUnusedNodesPass()(model)
+        past = [v for v in graph.inputs if v.name in {f"past_key_values.{n}.key" for n in shared}]
+        for value in past:
+            if value.uses():
+                user = next(iter(value.uses())).node
+                raise AttentionPatternError(
+                    int(value.name.split(".")[1]),
+                    f"{value.name} is still read by {user.op_type} {user.name!r} after sharing; the K path is not dead",
+                )
+            graph.inputs.remove(value)
+        return ir.passes.PassResult(model, bool(present or past))

@@ -1,0 +1,207 @@
+"""The sa-export command line. Thin click commands; only this module maps errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from sa_export import __version__
+from sa_export.errors import SAExportError
+from sa_export.progress import console
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party chatter (tracer warnings, transformers notices) out of the user's terminal."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "optimum", "torch.onnx", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handle_errors(func):
+    """Turn sa-export errors into one line on stderr and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SAExportError as exc:
+            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]: nothing was written")
+            sys.exit(130)
+
+    return wrapper
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        from sa_export.manifest import write_json_atomic
+
+        write_json_atomic(Path(path), data)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sa-export")
+def main():
+    """Shared Attention for decoder LLMs: export to ONNX, share attention probabilities
+    across layers (smaller K cache, fewer FLOPs), and prove parity with PyTorch.
+
+    Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 missing environment (package, GPU).
+    """
+    _quiet_libraries()
+
+
+span_option = click.option(
+    "--span",
+    "spans",
+    multiple=True,
+    required=True,
+    metavar="A-B",
+    help="Layers A..B (inclusive) reuse the probabilities of the last unshared layer before A. Repeatable.",
+)
+anchor_option = click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    type=int,
+    metavar="N",
+    help="Anchor layer instead of the default (once for all spans, or once per span).",
+)
+force_option = click.option("--force", is_flag=True, help="Share across layers whose attention differs in kind.")
+
+
+@main.command()
+@click.argument("model")
+@span_option
+@anchor_option
+@click.option("--head-map", type=click.Choice(["identity"]), default="identity", show_default=True, help="Which anchor head each shared head reads.")
+@click.option("--target", type=click.Choice(["cpu"]), default="cpu", show_default=True, help="Deployment target.")
+@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True, help="Weights and activations precision.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-sa).")
+@click.option("--no-check", is_flag=True, help="Skip the parity check against PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (the old one stays intact until the new one is complete).")
+@click.option("--reference", metavar="HF_DIR", help="PyTorch model to check an ONNX input against.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin weights (runs code from the file: trusted sources only).")
+@click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True, help="Incremental decoding steps in the check.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
+@force_option
+@handle_errors
+def convert(model, spans, anchors, head_map, target, precision, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
+    """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
+
+    \b
+    Example:
+      sa-export convert smollm2-135m --span 23-26 -o smollm2-sa
+    """
+    from sa_export.pipeline import ConvertRequest, convert as run_convert, raise_on_failure
+
+    if out is None:
+        out = Path(f"{Path(model).name}-sa")
+    request = ConvertRequest(
+        model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
+        check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
+        decode_steps=decode_steps,
+    )
+    result = run_convert(request)
+    savings = result.manifest["cache"]["savings"]
+    console.print(f"\n[bold]{result.out}[/bold]")
+    console.print(f"  shared layers     {result.plan.describe()}")
+    console.print(
+        f"  KV cache          {savings['bytes_per_token_sa']:,} B/token (was {savings['bytes_per_token_base']:,}; "
+        f"saves {savings['bytes_per_token_saved']:,} B/token, {100 * savings['fraction_saved']:.1f}%)"
+    )
+    console.print(f"  weights removed   {result.rewrite.weight_bytes_removed:,} bytes (Q/K projections of shared layers)")
+    console.print(f"  nodes             {result.rewrite.nodes_before:,} -> {result.rewrite.nodes_after:,}")
+    if result.parity is not None:
+        colour = "green" if result.parity.passed else "red"
+        console.print(f"  [{colour}]{result.parity.summary_line()}[/{colour}]")
+    else:
+        console.print("  parity            not checked (--no-check)")
+    if result.sample is not None:
+        console.print(f"  sample            {result.sample!r}")
+    _write_json(json_file, result.summary_json())
+    raise_on_failure(result.parity)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True, help="Runtime to check.")
+@click.option("--reference", metavar="HF_DIR", help="PyTorch model to compare with (default: the manifest's source).")
+@click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin reference weights.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the parity report here.")
+@handle_errors
+def check(out, backend, reference, decode_steps, allow_pickle, json_file):
+    """Check OUT against the PyTorch SA reference; writes OUT/parity.json. Exit 1 when out of tolerance."""
+    from sa_export.pipeline import check as run_check, raise_on_failure
+
+    report = run_check(out, reference, decode_steps, allow_pickle)
+    for comparison in report.comparisons:
+        if comparison.name.endswith("logits"):
+            mark = "ok " if comparison.passed else "BAD"
+            click.echo(
+                f"{mark} {comparison.name:40s} max abs {comparison.max_abs:.2e}  mean abs {comparison.mean_abs:.2e}  "
+                f"max rel {comparison.max_rel:.2e}"
+            )
+    worst = report.worst("present")
+    click.echo(f"worst cache output: {worst.name} max abs {worst.max_abs:.2e}")
+    click.echo(report.summary_line())
+    _write_json(json_file, report.to_json())
+    raise_on_failure(report)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True)
+@handle_errors
+def generate(out, prompt, max_new_tokens):
+    """Greedy generation with ONNX Runtime from OUT (no PyTorch needed); tokens stream as they come."""
+    from sa_export.runtime import SAModel
+
+    model = SAModel(out)
+    model.tokenizer()  # fail before printing anything when there is none
+    click.echo(prompt, nl=False)
+    for piece in model.generate(prompt, max_new_tokens):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command(name="eval")
+@click.argument("model")
+@span_option
+@anchor_option
+@click.option("--text", "text_file", type=click.Path(), help="Evaluation text (default: English news text shipped with gensim).")
+@click.option("--max-tokens", type=click.IntRange(2), default=4096, show_default=True, help="Tokens of text to evaluate.")
+@click.option("--context", type=click.IntRange(2), default=1024, show_default=True, help="Window length for perplexity.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write base_ppl, sa_ppl, eval_tokens... as JSON.")
+@force_option
+@handle_errors
+def eval_command(model, spans, anchors, text_file, max_tokens, context, json_file, force):
+    """Perplexity of MODEL and of its SA version on the same text, and the difference."""
+    from sa_export.evaluate import evaluate
+
+    result = evaluate(model, list(spans), list(anchors), text_file, max_tokens, context, force)
+    click.echo(f"text          {result.text_source} ({result.eval_tokens} tokens, windows of {result.context})")
+    click.echo(f"plan          {result.plan.describe()}")
+    click.echo(f"base ppl      {result.base_ppl:.3f}")
+    click.echo(f"SA ppl        {result.sa_ppl:.3f}")
+    click.echo(f"delta         {result.delta:+.3f} ({100 * (result.sa_ppl / result.base_ppl - 1):+.1f}%) for {100 * result.kv_fraction_saved:.1f}% less KV cache")
+    _write_json(json_file, result.to_json())
+
+
+if __name__ == "__main__":
+    main()

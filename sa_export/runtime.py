@@ -1,0 +1,104 @@
+"""Run an SA model with ONNX Runtime, driven only by its manifest and tokenizer.
+
+On-device apps have no PyTorch: this module imports numpy, onnxruntime and
+tokenizers only (a test checks that torch and transformers stay unimported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from sa_export.errors import EnvironmentProblem, UsageError
+from sa_export.manifest import LayerCache, cache_layout, read_manifest
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def position_ids_from_mask(attention_mask: np.ndarray, query_length: int) -> np.ndarray:
+    """Positions of the last ``query_length`` tokens, counting only unpadded ones (as HF generate does)."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    positions = np.where(attention_mask == 0, 1, positions)
+    return positions[:, -query_length:].astype(np.int64)
+
+
+class SAModel:
+    """An ONNX Runtime session over an OUT directory, with the manifest's cache layout."""
+
+    def __init__(self, out_dir: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.out_dir = Path(out_dir)
+        self.manifest = read_manifest(self.out_dir)
+        self.layout: list[LayerCache] = cache_layout(self.manifest)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(self.out_dir / self.manifest["model_file"]), options, providers=["CPUExecutionProvider"]
+        )
+        cache = self.manifest["cache"]
+        self.cache_dtype = _NUMPY_DTYPES[cache["dtype"]]
+        self.num_kv_heads = cache["num_kv_heads"]
+        self.head_dim = cache["head_dim"]
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return {past: np.zeros(shape, self.cache_dtype) for layer in self.layout for past, _ in layer.pairs()}
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One step: returns logits, the next cache (presents fed back as pasts) and all outputs."""
+        feeds = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            **cache,
+        }
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        results = dict(zip(self.output_names, self.session.run(None, feeds)))
+        next_cache = {past: results[present] for layer in self.layout for past, present in layer.pairs()}
+        return results["logits"], next_cache, results
+
+    # --- text generation -------------------------------------------------------------
+
+    def tokenizer(self):
+        path = self.out_dir / "tokenizer.json"
+        if not path.is_file():
+            raise UsageError(
+                f"{self.out_dir} has no tokenizer.json (the source model had no tokenizer); generate needs one"
+            )
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise EnvironmentProblem("generate needs the tokenizers package: pip install tokenizers") from None
+        return Tokenizer.from_file(str(path))
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
+        """Greedy generation; yields text pieces as soon as they decode cleanly."""
+        tokenizer = self.tokenizer()
+        prompt_ids = tokenizer.encode(prompt).ids
+        eos = set(self.manifest.get("eos_token_ids") or [])
+        input_ids = np.asarray([prompt_ids], dtype=np.int64)
+        mask = np.ones_like(input_ids)
+        cache = self.empty_cache(1)
+        generated: list[int] = []
+        emitted = ""
+        for _ in range(max_new_tokens):
+            logits, cache, _ = self.forward(input_ids, mask, cache)
+            token = int(np.argmax(logits[0, -1]))
+            if token in eos:
+                break
+            generated.append(token)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(emitted) :]
+                emitted = text
+            input_ids = np.asarray([[token]], dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)

@@ -1,0 +1,1 @@
+"""Deployment targets: profiles as data, engine building, device bundles, memory fit."""
