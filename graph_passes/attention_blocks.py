@@ -42,13 +42,6 @@ class AttentionBlock:
     present_key: str | None
     present_value: str | None
 
-    @property
-    def num_heads(self) -> int | None:
-        shape = self.probs.shape
-        if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
-            return shape[1]
-        return None
-
     def describe(self) -> str:
         return (
             f"layer {self.layer}: softmax {self.softmax.name!r}, scores {self.scores_matmul.name!r}, "
@@ -65,20 +58,23 @@ def _is_constant(value: ir.Value | None) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
-def _context_matmul(softmax: ir.Node) -> tuple[ir.Node, ir.Value] | None:
-    """Follow the softmax output through passthrough ops to the probs @ V MatMul."""
-    value = softmax.outputs[0]
-    for _ in range(4):
-        uses = list(value.uses())
-        if len(uses) != 1:
-            return None
-        node, index = uses[0].node, uses[0].idx
-        if node.op_type == "MatMul" and index == 0:
-            return node, value
-        if node.op_type not in _PASSTHROUGH or index != 0:
-            return None
-        value = node.outputs[0]
-    return None
+def _context_matmuls(softmax: ir.Node) -> list[tuple[ir.Node, ir.Value]]:
+    """MatMuls that read the softmax output (through passthrough ops) as their left operand.
+
+    An anchor in an already shared graph has several: its own probs @ V and those of
+    the layers that share it.
+    """
+    found = []
+    frontier = [softmax.outputs[0]]
+    while frontier:
+        value = frontier.pop()
+        for use in value.uses():
+            node, index = use.node, use.idx
+            if node.op_type == "MatMul" and index == 0:
+                found.append((node, value))
+            elif node.op_type in _PASSTHROUGH and index == 0:
+                frontier.append(node.outputs[0])
+    return found
 
 
 def _scores_matmul(softmax: ir.Node) -> ir.Node | None:
@@ -139,15 +135,20 @@ def find_attention_blocks(graph: ir.Graph) -> list[AttentionBlock]:
     outputs = {v.name for v in graph.outputs}
     blocks: dict[int, AttentionBlock] = {}
     for softmax in _iter_nodes(graph, "Softmax"):
-        context = _context_matmul(softmax)
-        if context is None:
+        contexts = _context_matmuls(softmax)
+        if not contexts:
             continue  # a softmax that is not attention (for example a router)
-        context_matmul, probs = context
         scores = _scores_matmul(softmax)
         if scores is None:
             raise AttentionPatternError(None, f"softmax {softmax.name!r} feeds probs @ V but no Q @ K^T MatMul was found above it")
         key = _cache_names(scores.inputs[1], "key", inputs, outputs)
-        value = _cache_names(context_matmul.inputs[1], "value", inputs, outputs)
+        # The layer's own probs @ V is the one whose V cache belongs to the same layer as its K cache.
+        value = context_matmul = probs = None
+        for candidate, candidate_probs in contexts:
+            found = _cache_names(candidate.inputs[1], "value", inputs, outputs)
+            if found is not None and (key is None or found[0] == key[0] or len(contexts) == 1):
+                value, context_matmul, probs = found, candidate, candidate_probs
+                break
         if value is None or key is None:
             raise AttentionPatternError(
                 None,

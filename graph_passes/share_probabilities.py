@@ -38,9 +38,9 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
         head_map = self.plan.head_map(layer)
         if head_map is None or list(head_map) == list(range(len(head_map))):
             return anchor.probs
-        heads = anchor.num_heads
-        if heads is not None and len(head_map) != heads:
-            raise AttentionPatternError(layer, f"head map has {len(head_map)} entries but the anchor has {heads} heads")
+        shape = anchor.probs.shape
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and len(head_map) != shape[1]:
+            raise AttentionPatternError(layer, f"head map has {len(head_map)} entries but the anchor has {shape[1]} heads")
         indices = ir.Value(
             name=f"sa.layer{layer}.head_map",
             const_value=ir.tensor(np.asarray(head_map, dtype=np.int64), name=f"sa.layer{layer}.head_map"),
@@ -48,6 +48,7 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
         graph.register_initializer(indices)
         gather = ir.node("Gather", [anchor.probs, indices], attributes={"axis": 1}, name=f"sa.layer{layer}.head_map_gather")
         gather.outputs[0].name = f"sa.layer{layer}.probs"
-        gather.outputs[0].dtype = anchor.probs.dtype
+        if anchor.probs.type is not None:
+            gather.outputs[0].type = anchor.probs.type
         graph.insert_after(anchor.probs.producer(), gather)
         return gather.outputs[0]

@@ -117,21 +117,18 @@ def convert(model, spans, anchors, head_map, target, precision, out, no_check, o
     )
     result = run_convert(request)
     savings = result.manifest["cache"]["savings"]
-    console.print(f"\n[bold]{result.out}[/bold]")
-    console.print(f"  shared layers     {result.plan.describe()}")
-    console.print(
+    lines = [
+        f"{result.out}",
+        f"  shared layers     {result.plan.describe()}",
         f"  KV cache          {savings['bytes_per_token_sa']:,} B/token (was {savings['bytes_per_token_base']:,}; "
-        f"saves {savings['bytes_per_token_saved']:,} B/token, {100 * savings['fraction_saved']:.1f}%)"
-    )
-    console.print(f"  weights removed   {result.rewrite.weight_bytes_removed:,} bytes (Q/K projections of shared layers)")
-    console.print(f"  nodes             {result.rewrite.nodes_before:,} -> {result.rewrite.nodes_after:,}")
-    if result.parity is not None:
-        colour = "green" if result.parity.passed else "red"
-        console.print(f"  [{colour}]{result.parity.summary_line()}[/{colour}]")
-    else:
-        console.print("  parity            not checked (--no-check)")
+        f"saves {savings['bytes_per_token_saved']:,} B/token, {100 * savings['fraction_saved']:.1f}%)",
+        f"  weights removed   {result.rewrite.weight_bytes_removed:,} bytes (Q/K projections of shared layers)",
+        f"  nodes             {result.rewrite.nodes_before:,} -> {result.rewrite.nodes_after:,}",
+        f"  {result.parity.summary_line()}" if result.parity else "  parity            not checked (--no-check)",
+    ]
     if result.sample is not None:
-        console.print(f"  sample            {result.sample!r}")
+        lines.append(f"  sample            {result.sample!r}")
+    click.echo("\n".join(lines))
     _write_json(json_file, result.summary_json())
     raise_on_failure(result.parity)
 

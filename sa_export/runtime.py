@@ -89,14 +89,17 @@ class SAModel:
         mask = np.ones_like(input_ids)
         cache = self.empty_cache(1)
         generated: list[int] = []
-        emitted = ""
+        # Decode prompt + generated together: word-boundary spaces live in different
+        # places for different tokenizers, and only the whole sequence decodes them right.
+        prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        emitted = prefix
         for _ in range(max_new_tokens):
             logits, cache, _ = self.forward(input_ids, mask, cache)
             token = int(np.argmax(logits[0, -1]))
             if token in eos:
                 break
             generated.append(token)
-            text = tokenizer.decode(generated, skip_special_tokens=True)
+            text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield text[len(emitted) :]
                 emitted = text

@@ -1,0 +1,101 @@
+"""Detection and rewrite on a tiny optimum export, plus the passes' contracts."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from graph_passes import DropKCachePass, ShareProbabilitiesPass, apply_sharing_plan, find_attention_blocks
+from sa_export.errors import AttentionPatternError, PlanError
+from sa_export.plan import SharingPlan, build_plan
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama, tmp_path_factory):
+    from sa_export.models import ModelSource, load_hf_model
+    from sa_export.pipeline import _export
+
+    out = tmp_path_factory.mktemp("export")
+    return _export(load_hf_model(ModelSource("hf", tiny_llama, "tiny")), out)
+
+
+def test_one_block_per_layer_with_its_cache_names(exported):
+    blocks = find_attention_blocks(ir.load(exported).graph)
+    assert [b.layer for b in blocks] == list(range(6))
+    for block in blocks:
+        assert block.softmax.op_type == "Softmax"
+        assert block.scores_matmul.op_type == block.context_matmul.op_type == "MatMul"
+        assert block.past_key == f"past_key_values.{block.layer}.key"
+        assert block.present_value == f"present.{block.layer}.value"
+
+
+def test_share_pass_reports_modification_and_drop_pass_removes_k_cache(exported):
+    model = ir.load(exported)
+    plan = build_plan(["3-4"], 6)
+    assert ShareProbabilitiesPass(plan)(model).modified is True
+    assert DropKCachePass(plan)(model).modified is True
+    assert DropKCachePass(plan)(model).modified is False  # nothing left to drop
+    names = {v.name for v in model.graph.inputs}
+    assert "past_key_values.3.key" not in names and "past_key_values.3.value" in names
+    assert [b.layer for b in find_attention_blocks(model.graph)] == [0, 1, 2, 5]
+
+
+def test_same_plan_twice_changes_nothing_and_another_plan_is_refused(exported):
+    model = ir.load(exported)
+    plan = build_plan(["3-4"], 6)
+    first = apply_sharing_plan(model, plan)
+    assert first.modified and first.weight_bytes_removed == 2 * (64 * 64 + 64 * 32) * 4
+    assert apply_sharing_plan(model, plan).modified is False
+    with pytest.raises(PlanError, match="already converted"):
+        apply_sharing_plan(model, build_plan(["2"], 6))
+
+
+def test_share_pass_names_the_layer_it_cannot_find(exported):
+    model = ir.load(exported)
+    apply_sharing_plan(model, build_plan(["3"], 6))
+    with pytest.raises(AttentionPatternError, match="layer 3"):
+        ShareProbabilitiesPass(build_plan(["3"], 6))(model)
+
+
+def test_graph_without_attention_has_no_blocks():
+    x = ir.val("x", ir.DataType.FLOAT, [2, 3])
+    node = ir.node("Softmax", [x])
+    graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18})
+    assert find_attention_blocks(graph) == []
+
+
+def _run(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})))
+
+
+def test_head_map_becomes_one_gather_and_matches_the_reference(exported, tiny_llama, tmp_path):
+    """The graph and the PyTorch reference apply the same head map."""
+    import torch
+
+    from sa_export.models import ModelSource, load_hf_model
+    from sa_export.reference import shared_attention
+
+    plan = SharingPlan(6, {3: 2, 4: 2}, {3: (1, 0, 3, 2)})
+    model = ir.load(exported)
+    apply_sharing_plan(model, plan)
+    gathers = [n for n in model.graph if n.op_type == "Gather" and n.name.startswith("sa.")]
+    assert len(gathers) == 1 and gathers[0].attributes["axis"].value == 1
+    ir.save(model, tmp_path / "m.onnx")
+
+    ids = np.random.default_rng(0).integers(0, 256, (1, 10))
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.arange(10)[None],
+        **{f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 16), np.float32) for i in range(6) for k in ("key", "value")},
+    }
+    onnx_logits = _run(tmp_path / "m.onnx", feeds)["logits"]
+    hf = load_hf_model(ModelSource("hf", tiny_llama, "tiny"))
+    with torch.no_grad(), shared_attention(hf, plan):
+        ref = hf(torch.from_numpy(ids)).logits.numpy()
+    with torch.no_grad(), shared_attention(hf, SharingPlan(6, {3: 2, 4: 2})):
+        identity = hf(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(onnx_logits - ref).max() < 1e-4
+    assert np.abs(identity - ref).max() > 1e-3  # the map matters

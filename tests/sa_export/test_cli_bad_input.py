@@ -1,0 +1,87 @@
+"""Every bad input exits 2 with a one-line message that names the problem, and leaves nothing behind."""
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.helpers import leftovers, run_cli
+
+
+@pytest.fixture(scope="module")
+def not_a_decoder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert") / "bert"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_without_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nocache") / "model.onnx"
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s"])
+    node = helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)
+    onnx.save(helper.make_model(helper.make_graph([node], "lm", [ids], [logits])), path)
+    return path
+
+
+CASES = {
+    "span out of range": (["--span", "3-9"], "out of range"),
+    "span from layer 0": (["--span", "0-2"], "layer 0"),
+    "overlapping spans": (["--span", "2-3", "--span", "3-4"], "overlap"),
+    "anchor inside span": (["--span", "2-4", "--anchor", "3"], "inside span"),
+    "anchor after span": (["--span", "2-3", "--anchor", "5"], "after span"),
+    "malformed span": (["--span", "two-three"], "not of the form"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_plan(case, tiny_llama, tmp_path):
+    args, message = CASES[case]
+    out = tmp_path / "out"
+    result = run_cli("convert", tiny_llama, *args, "-o", out)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert leftovers(out) == []
+
+
+def test_missing_path(tmp_path):
+    result = run_cli("convert", tmp_path / "nope", "--span", "2", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "not found" in result.stderr
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_not_a_decoder_lm(not_a_decoder, tmp_path):
+    result = run_cli("convert", not_a_decoder, "--span", "2", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "not a decoder language model" in result.stderr
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_onnx_without_past_key_values(onnx_without_cache, tmp_path):
+    result = run_cli("convert", onnx_without_cache, "--span", "2", "-o", tmp_path / "out", "--no-check")
+    assert result.exit_code == 2 and "no past_key_values" in result.stderr
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_pickled_weights_need_an_explicit_flag(tiny_llama, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    weights = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    result = run_cli("convert", pickled, "--span", "2", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "--allow-pickle" in result.stderr
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_check_on_something_that_is_not_an_out_dir(tmp_path):
+    result = run_cli("check", tmp_path)
+    assert result.exit_code == 2 and "sa_manifest.json" in result.stderr

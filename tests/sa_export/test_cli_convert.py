@@ -1,0 +1,82 @@
+"""convert and check on tiny Llama, Mistral and Qwen2 models, without tokenizers."""
+
+import json
+
+import onnx
+import pytest
+
+from tests.helpers import leftovers, run_cli
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_convert_then_check_passes_on_tiny_models(arch, tiny_models, tmp_path):
+    out = tmp_path / f"{arch}-sa"
+    result = run_cli("convert", tiny_models[arch], "--span", "3-4", "-o", out, "--json", tmp_path / "summary.json")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    assert sum(n.endswith(".key") for n in inputs) == 4
+    assert sum(n.endswith(".value") for n in inputs) == 6
+    for layer in (3, 4):
+        assert f"past_key_values.{layer}.key" not in inputs and f"present.{layer}.key" not in outputs
+        assert f"past_key_values.{layer}.value" in inputs and f"present.{layer}.value" in outputs
+        assert not [n.name for n in graph.node if f"layers.{layer}/self_attn/q_proj" in n.name or f"layers.{layer}/self_attn/k_proj" in n.name]
+    assert sum(n.op_type == "Softmax" for n in graph.node) == 4
+
+    manifest = json.loads((out / "sa_manifest.json").read_text())
+    layer3 = manifest["cache"]["layers"][3]
+    assert layer3["k_cache"] is False and layer3["v_cache"] is True
+    assert manifest["parity"]["passed"] is True
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] is True and parity["decode_steps"] == 32
+    assert {"max_abs", "mean_abs", "max_rel", "mean_rel", "atol", "passed"} <= set(parity["outputs"][0])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["kv_cache"]["bytes_per_token_saved"] == 2 * 2 * 16 * 4
+
+    check = run_cli("check", out, "--json", tmp_path / "parity.json")
+    assert check.exit_code == 0, check.output + check.stderr
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] is True
+
+
+def test_generate_without_tokenizer_exits_2(tiny_llama, tmp_path):
+    out = tmp_path / "sa"
+    assert run_cli("convert", tiny_llama, "--span", "2", "-o", out, "--no-check").exit_code == 0
+    result = run_cli("generate", out, "--prompt", "hello")
+    assert result.exit_code == 2
+    assert "no tokenizer.json" in result.stderr
+
+
+def test_generate_streams_text(converted_tiny_llama):
+    result = run_cli("generate", converted_tiny_llama, "--prompt", "w5 w6 w7", "--max-new-tokens", "5")
+    assert result.exit_code == 0, result.stderr
+    words = result.output.split()
+    assert words[:3] == ["w5", "w6", "w7"] and len(words) > 3
+
+
+def test_check_refuses_a_tampered_model(converted_tiny_llama, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(converted_tiny_llama, copy)
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    result = run_cli("check", copy)
+    assert result.exit_code == 2 and "sha256" in result.stderr
+
+
+def test_converting_to_an_existing_out_is_refused_and_overwrite_replaces_it(tiny_llama, tmp_path):
+    out = tmp_path / "sa"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("convert", tiny_llama, "--span", "2", "-o", out, "--no-check")
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    # A failing overwrite keeps the old OUT intact.
+    result = run_cli("convert", tiny_llama, "--span", "2-9", "-o", out, "--overwrite", "--no-check")
+    assert result.exit_code == 2 and (out / "keep.txt").exists()
+    result = run_cli("convert", tiny_llama, "--span", "2", "-o", out, "--overwrite", "--no-check")
+    assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+    assert leftovers(out) == [out]

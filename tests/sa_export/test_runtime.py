@@ -1,0 +1,34 @@
+import subprocess
+import sys
+
+import numpy as np
+
+from sa_export.runtime import SAModel, position_ids_from_mask
+
+
+def test_positions_skip_left_padding():
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask, 5).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert position_ids_from_mask(mask, 1).tolist() == [[2], [4]]
+
+
+def test_cache_follows_the_manifest_layout(converted_tiny_llama):
+    model = SAModel(converted_tiny_llama)
+    cache = model.empty_cache(2)
+    assert "past_key_values.3.key" not in cache and "past_key_values.3.value" in cache
+    assert len(cache) == 10
+    ids = np.array([[5, 6, 7]])
+    logits, cache, _ = model.forward(ids, np.ones_like(ids), model.empty_cache(1))
+    assert logits.shape == (1, 3, 256) and cache["past_key_values.0.key"].shape == (1, 2, 3, 16)
+
+
+def test_runtime_and_generate_do_not_import_torch_or_transformers(converted_tiny_llama):
+    code = (
+        "import sys\n"
+        "from sa_export.runtime import SAModel\n"
+        f"text = ''.join(SAModel({str(converted_tiny_llama)!r}).generate('w3 w4', 3))\n"
+        "assert text, 'nothing generated'\n"
+        "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

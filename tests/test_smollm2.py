@@ -1,0 +1,45 @@
+"""The packaged SmolLM2-135M, end to end. Slow (about two minutes); CI runs it."""
+
+import json
+
+import onnx
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_out(smollm2_available, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "smollm2-sa"
+    result = run_cli("convert", "smollm2-135m", "--span", "23-26", "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output and "sample" in result.output
+    return out
+
+
+def test_k_cache_and_qk_paths_of_shared_layers_are_gone(smollm2_out):
+    graph = onnx.load(smollm2_out / "model.onnx", load_external_data=False).graph
+    keys = [i.name for i in graph.input if i.name.endswith(".key")]
+    assert len(keys) == 26
+    for layer in range(23, 27):
+        prefix = f"/model/layers.{layer}/self_attn/"
+        gone = [n.name for n in graph.node if n.name in (prefix + "q_proj/MatMul", prefix + "k_proj/MatMul", prefix + "MatMul", prefix + "Softmax")]
+        assert gone == []
+        assert any(n.name == prefix + "v_proj/MatMul" for n in graph.node)
+
+
+def test_check_passes_the_fp32_tolerance(smollm2_out, tmp_path):
+    result = run_cli("check", smollm2_out, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["passed"] and report["would_pass_logits_atol"] <= 1e-3 and report["greedy_agreement"] == 1.0
+
+
+def test_eval_shows_the_accuracy_cost(smollm2_available, tmp_path):
+    result = run_cli("eval", "smollm2-135m", "--span", "23-26", "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["eval_tokens"] == 4096
+    assert data["sa_ppl"] != data["base_ppl"]
