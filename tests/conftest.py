@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+# The TorchScript exporter warns about every Python-level branch it traces; those are
+# expected for an optimum export and drown real warnings.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
