@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from graph_passes.attention_blocks import AttentionBlock, find_attention_blocks
 from sa_export.errors import AttentionPatternError
-from sa_export.plan import SharingPlan
+from sa_export.plan import HeadMap, SharingPlan
 
 
 class ShareProbabilitiesPass(ir.passes.InPlacePass):
@@ -27,28 +27,63 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
         for layer, anchor in sorted(self.plan.anchors.items()):
             if layer not in blocks:
                 raise AttentionPatternError(layer, "no attention block found for this shared layer")
-            if anchor not in blocks:
-                raise AttentionPatternError(anchor, "anchor has no attention block (is it shared itself?)")
-            source = self._anchor_probs(model.graph, blocks[anchor], layer)
-            blocks[layer].context_matmul.replace_input_with(0, source)
+            head_map = self.plan.head_map(layer)
+            for source in head_map.layers if head_map else (anchor,):
+                if source not in blocks:
+                    raise AttentionPatternError(source, f"layer {layer} reads this layer's probabilities, but it has no attention block (is it shared itself?)")
+            context = blocks[layer].context_matmul
+            if head_map is None:
+                source = blocks[anchor].probs
+            else:
+                source = _mixed_probs(model.graph, blocks, layer, head_map, context)
+            context.replace_input_with(0, source)
             modified = True
         return ir.passes.PassResult(model, modified)
 
-    def _anchor_probs(self, graph: ir.Graph, anchor: AttentionBlock, layer: int) -> ir.Value:
-        head_map = self.plan.head_map(layer)
-        if head_map is None or list(head_map) == list(range(len(head_map))):
-            return anchor.probs
-        shape = anchor.probs.shape
-        if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and len(head_map) != shape[1]:
-            raise AttentionPatternError(layer, f"head map has {len(head_map)} entries but the anchor has {shape[1]} heads")
-        indices = ir.Value(
-            name=f"sa.layer{layer}.head_map",
-            const_value=ir.tensor(np.asarray(head_map, dtype=np.int64), name=f"sa.layer{layer}.head_map"),
-        )
-        graph.register_initializer(indices)
-        gather = ir.node("Gather", [anchor.probs, indices], attributes={"axis": 1}, name=f"sa.layer{layer}.head_map_gather")
-        gather.outputs[0].name = f"sa.layer{layer}.probs"
-        if anchor.probs.type is not None:
-            gather.outputs[0].type = anchor.probs.type
-        graph.insert_after(anchor.probs.producer(), gather)
-        return gather.outputs[0]
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _mixed_probs(graph: ir.Graph, blocks: dict[int, AttentionBlock], layer: int, head_map: HeadMap, before: ir.Node) -> ir.Value:
+    """Probabilities for a shared layer under a head map.
+
+    Concat of the source layers' probabilities on the head axis (when more than one),
+    a Gather with [heads] indices (one source per head) or [heads, k] indices followed
+    by a weighted ReduceSum over k (a convex mixture).
+    """
+    layers = head_map.layers
+    first = blocks[layers[0]].probs
+    heads = head_map.num_heads
+    shape = first.shape
+    if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and shape[1] != heads:
+        raise AttentionPatternError(layer, f"head map has {heads} heads but the source layers have {shape[1]}")
+    nodes = []
+    prefix = f"sa.layer{layer}"
+    if len(layers) > 1:
+        concat = ir.node("Concat", [blocks[l].probs for l in layers], attributes={"axis": 1}, name=f"{prefix}.concat_sources")
+        nodes.append(concat)
+        stacked = concat.outputs[0]
+    else:
+        stacked = first
+    flat = np.asarray([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources], dtype=np.int64)
+    if head_map.width == 1:
+        flat = flat[:, 0]
+    gather = ir.node("Gather", [stacked, _constant(graph, f"{prefix}.head_sources", flat)], attributes={"axis": 1}, name=f"{prefix}.gather_heads")
+    nodes.append(gather)
+    result = gather.outputs[0]
+    if head_map.width > 1:
+        dtype = first.dtype.numpy() if first.dtype is not None else np.float32
+        weights = np.asarray(head_map.weights, dtype=dtype)[None, :, :, None, None]
+        mul = ir.node("Mul", [result, _constant(graph, f"{prefix}.head_weights", weights)], name=f"{prefix}.weight_sources")
+        axes = _constant(graph, f"{prefix}.mix_axis", np.asarray([2], dtype=np.int64))
+        reduce = ir.node("ReduceSum", [mul.outputs[0], axes], attributes={"keepdims": 0}, name=f"{prefix}.mix_sources")
+        nodes += [mul, reduce]
+        result = reduce.outputs[0]
+    result.name = f"{prefix}.probs"
+    if first.type is not None:
+        result.type = first.type
+    graph.insert_before(before, nodes)
+    return result

@@ -177,26 +177,56 @@ def generate(out, prompt, max_new_tokens):
     click.echo()
 
 
+def head_map_option(default: str = "identity"):
+    from sa_export.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
+
+    return click.option(
+        "--head-map",
+        type=click.Choice(HEAD_MAP_MODES),
+        default=default,
+        show_default=True,
+        help=(
+            "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
+            "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
+            f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
+        ),
+    )
+
+
+calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
+calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")
+
+
 @main.command(name="eval")
 @click.argument("model")
 @span_option
 @anchor_option
+@head_map_option()
 @click.option("--text", "text_file", type=click.Path(), help="Evaluation text (default: English news text shipped with gensim).")
+@calib_option
 @click.option("--max-tokens", type=click.IntRange(2), default=4096, show_default=True, help="Tokens of text to evaluate.")
+@calib_tokens_option
 @click.option("--context", type=click.IntRange(2), default=1024, show_default=True, help="Window length for perplexity.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write base_ppl, sa_ppl, eval_tokens... as JSON.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write base_ppl, sa_ppl, eval_tokens, calib_tokens... as JSON.")
 @force_option
 @handle_errors
-def eval_command(model, spans, anchors, text_file, max_tokens, context, json_file, force):
+def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tokens, calib_tokens, context, json_file, force):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
-    from sa_export.evaluate import evaluate
+    from sa_export.evaluate import EvalRequest, evaluate
 
-    result = evaluate(model, list(spans), list(anchors), text_file, max_tokens, context, force)
-    click.echo(f"text          {result.text_source} ({result.eval_tokens} tokens, windows of {result.context})")
-    click.echo(f"plan          {result.plan.describe()}")
+    result = evaluate(
+        EvalRequest(model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force)
+    )
+    click.echo(f"eval text     {result.evaluation.source} (windows of {result.context})")
+    if result.calibration is not None:
+        click.echo(f"calib text    {result.calibration.source}")
+    click.echo(f"plan          {result.plan.describe()}, head map {result.head_map}")
     click.echo(f"base ppl      {result.base_ppl:.3f}")
     click.echo(f"SA ppl        {result.sa_ppl:.3f}")
-    click.echo(f"delta         {result.delta:+.3f} ({100 * (result.sa_ppl / result.base_ppl - 1):+.1f}%) for {100 * result.kv_fraction_saved:.1f}% less KV cache")
+    click.echo(
+        f"delta         {result.delta:+.3f} ({100 * (result.sa_ppl / result.base_ppl - 1):+.1f}%) "
+        f"for {100 * result.kv_fraction_saved:.1f}% less KV cache"
+    )
     _write_json(json_file, result.to_json())
 
 

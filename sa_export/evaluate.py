@@ -4,40 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import torch
 
-from sa_export.errors import EnvironmentProblem, UsageError
+from sa_export.calibration import calibrate_head_maps, collect_statistics
+from sa_export.errors import UsageError
 from sa_export.models import load_config, load_hf_model, load_tokenizer, resolve_model
 from sa_export.plan import SharingPlan, build_plan
-from sa_export.progress import step
-from sa_export.resources import package_file
+from sa_export.progress import progress_bar, step
+from sa_export.texts import TokenText, split_texts
 from sa_export.reference import shared_attention
-
-# English news text available offline: the Lee background corpus that the gensim wheel ships.
-DEFAULT_TEXT = ("gensim", "test/test_data/lee_background.cor")
-
-
-def default_text_path() -> Path:
-    """Locate the default text without importing gensim (its import is slow and not needed)."""
-    package, relative = DEFAULT_TEXT
-    path = package_file(package, relative)
-    if path is None:
-        raise EnvironmentProblem(f"the default evaluation text comes with {package}: pip install {package}, or pass --text FILE")
-    return path
-
-
-def read_text(path: str | None) -> tuple[str, str]:
-    """(text, where it came from)."""
-    file = Path(path) if path else default_text_path()
-    if not file.is_file():
-        raise UsageError(f"text file {file} not found; pass an existing --text FILE")
-    text = file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise UsageError(f"text file {file} is empty")
-    return text, str(file)
-
 
 @torch.no_grad()
 def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | None = None) -> float:
@@ -61,13 +37,17 @@ def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | No
 class EvalResult:
     model: str
     plan: SharingPlan
+    head_map: str
     base_ppl: float
     sa_ppl: float
-    eval_tokens: int
-    calib_tokens: int
+    evaluation: TokenText
+    calibration: TokenText | None
     context: int
-    text_source: str
     kv_fraction_saved: float
+
+    @property
+    def eval_tokens(self) -> int:
+        return len(self.evaluation.ids)
 
     @property
     def delta(self) -> float:
@@ -78,39 +58,72 @@ class EvalResult:
             "model": self.model,
             "shared_layers": list(self.plan.shared_layers),
             "anchors": {str(k): v for k, v in self.plan.anchors.items()},
-            "head_map": "identity" if not self.plan.head_maps else "calibrated",
+            "head_map": self.head_map,
             "base_ppl": self.base_ppl,
             "sa_ppl": self.sa_ppl,
             "ppl_delta": self.delta,
             "ppl_ratio": self.sa_ppl / self.base_ppl,
             "eval_tokens": self.eval_tokens,
-            "calib_tokens": self.calib_tokens,
+            "calib_tokens": len(self.calibration.ids) if self.calibration else 0,
             "context": self.context,
-            "text": self.text_source,
+            "eval_text": self.evaluation.source,
+            "calib_text": self.calibration.source if self.calibration else None,
             "kv_fraction_saved": self.kv_fraction_saved,
         }
 
 
-def evaluate(
-    model: str, spans: list[str], anchors: list[int], text_file: str | None, max_tokens: int, context: int, force: bool = False
-) -> EvalResult:
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+    model: str
+    spans: tuple[str, ...]
+    anchors: tuple[int, ...] = ()
+    head_map: str = "identity"
+    text_file: str | None = None
+    calib_file: str | None = None
+    max_tokens: int = 4096
+    calib_tokens: int = 4096
+    context: int = 1024
+    force: bool = False
+
+
+def load_for_reference(model: str):
+    """The HF model and tokenizer behind MODEL, for commands that run the PyTorch reference."""
     source = resolve_model(model)
     if source.kind != "hf":
-        raise UsageError("eval runs the PyTorch reference: give a Hugging Face model directory or alias, not ONNX")
+        raise UsageError("this command runs the PyTorch reference: give a Hugging Face model directory or alias, not ONNX")
     config = load_config(source)
-    plan = build_plan(spans, config.num_hidden_layers, anchors, getattr(config, "layer_types", None), force)
-    text, where = read_text(text_file)
     with step(f"loading {source.name}"):
         hf_model = load_hf_model(source)
         tokenizer = load_tokenizer(source)
     if tokenizer is None:
-        raise UsageError(f"{source.name} has no tokenizer; eval needs one to read text")
-    ids = tokenizer(text)["input_ids"][:max_tokens]
-    if len(ids) < 2:
+        raise UsageError(f"{source.name} has no tokenizer; this command needs one to read text")
+    return source, config, hf_model, tokenizer
+
+
+def calibrated_plan(hf_model, plan: SharingPlan, mode: str, calibration: TokenText, layer_kinds=None) -> SharingPlan:
+    """The plan with head maps calibrated on ``calibration`` (unchanged for identity)."""
+    if mode == "identity":
+        return plan
+    with progress_bar("calibrating head maps", unit="chunk") as advance:
+        stats = collect_statistics(hf_model, calibration.ids, progress=advance)
+    return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, layer_kinds))
+
+
+def evaluate(request: EvalRequest) -> EvalResult:
+    source, config, hf_model, tokenizer = load_for_reference(request.model)
+    kinds = getattr(config, "layer_types", None)
+    plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force)
+    evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, request.calib_tokens)
+    if len(evaluation.ids) < 2:
         raise UsageError("the evaluation text has fewer than 2 tokens")
+    plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
+    ids = evaluation.ids
     with step(f"perplexity of the base model on {len(ids)} tokens"):
-        base = perplexity(hf_model, ids, context)
-    with step(f"perplexity of the SA model ({plan.describe()})"):
-        sa = perplexity(hf_model, ids, context, plan)
+        base = perplexity(hf_model, ids, request.context)
+    with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"):
+        sa = perplexity(hf_model, ids, request.context, plan)
     saved = len(plan.shared_layers) / (2 * plan.num_layers)
-    return EvalResult(source.name, plan, base, sa, len(ids), 0, context, where, saved)
+    used_calibration = request.head_map != "identity"
+    return EvalResult(
+        source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None, request.context, saved
+    )

@@ -40,12 +40,56 @@ class Span:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadMap:
+    """Where each query head of a shared layer takes its probabilities from.
+
+    ``sources[h]`` lists (layer, head) pairs and ``weights[h]`` their convex weights:
+    head h reads ``sum_k weights[h][k] * P[sources[h][k]]``. One source per head is a
+    plain head permutation of the anchor (a single Gather in the graph).
+    """
+
+    sources: tuple[tuple[tuple[int, int], ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def from_anchor_heads(cls, anchor: int, heads: Sequence[int]) -> HeadMap:
+        return cls(tuple(((anchor, int(h)),) for h in heads), tuple((1.0,) for _ in heads))
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.sources)
+
+    @property
+    def width(self) -> int:
+        """Sources per head (the same for every head)."""
+        return len(self.sources[0])
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for head in self.sources for layer, _ in head}))
+
+    def is_identity_of(self, anchor: int) -> bool:
+        return self.width == 1 and all(src == ((anchor, h),) for h, src in enumerate(self.sources))
+
+    def to_json(self) -> dict:
+        return {"sources": [[list(pair) for pair in head] for head in self.sources], "weights": [list(w) for w in self.weights]}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> HeadMap:
+        sources = tuple(tuple((int(l), int(h)) for l, h in head) for head in data["sources"])
+        weights = tuple(tuple(float(w) for w in head) for head in data["weights"])
+        if len({len(head) for head in sources}) != 1 or [len(w) for w in weights] != [len(s) for s in sources]:
+            raise PlanError("head map: every head needs the same number of sources, each with a weight")
+        return cls(sources, weights)
+
+
+@dataclasses.dataclass(frozen=True)
 class SharingPlan:
     """Anchor of every shared layer, and the optional per-head map into the anchor."""
 
     num_layers: int
     anchors: Mapping[int, int]  # shared layer -> anchor layer
-    head_maps: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    head_maps: Mapping[int, HeadMap] = dataclasses.field(default_factory=dict)
 
     @property
     def shared_layers(self) -> tuple[int, ...]:
@@ -53,20 +97,41 @@ class SharingPlan:
 
     @property
     def anchor_layers(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.anchors.values())))
+        """Every layer whose probabilities some shared layer reads."""
+        layers = set(self.anchors.values())
+        for head_map in self.head_maps.values():
+            layers.update(head_map.layers)
+        return tuple(sorted(layers))
 
     def is_shared(self, layer: int) -> bool:
         return layer in self.anchors
 
-    def head_map(self, layer: int) -> tuple[int, ...] | None:
-        """The anchor head each query head reads, or None for the identity map."""
-        return self.head_maps.get(layer)
+    def head_map(self, layer: int) -> HeadMap | None:
+        """Where each query head reads from, or None for the identity map on the anchor."""
+        head_map = self.head_maps.get(layer)
+        if head_map is None or head_map.is_identity_of(self.anchors[layer]):
+            return None
+        return head_map
+
+    def with_head_maps(self, head_maps: Mapping[int, HeadMap]) -> SharingPlan:
+        for layer, head_map in head_maps.items():
+            bad = [l for l in head_map.layers if l >= layer or l in self.anchors]
+            if bad:
+                raise PlanError(f"head map of layer {layer} reads layer {bad[0]}, which is not an earlier unshared layer")
+        return dataclasses.replace(self, head_maps=dict(head_maps))
+
+    @property
+    def head_map_mode(self) -> str:
+        maps = [self.head_map(layer) for layer in self.anchors]
+        if not any(maps):
+            return "identity"
+        return "calibrated"
 
     def to_json(self) -> dict:
         return {
             "num_layers": self.num_layers,
             "shared": {str(k): v for k, v in sorted(self.anchors.items())},
-            "head_maps": {str(k): list(v) for k, v in sorted(self.head_maps.items())},
+            "head_maps": {str(k): v.to_json() for k, v in sorted(self.head_maps.items())},
         }
 
     @classmethod
@@ -74,7 +139,7 @@ class SharingPlan:
         return cls(
             num_layers=int(data["num_layers"]),
             anchors={int(k): int(v) for k, v in data["shared"].items()},
-            head_maps={int(k): tuple(int(h) for h in v) for k, v in data.get("head_maps", {}).items()},
+            head_maps={int(k): HeadMap.from_json(v) for k, v in data.get("head_maps", {}).items()},
         )
 
     def describe(self) -> str:

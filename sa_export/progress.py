@@ -20,3 +20,20 @@ def step(title: str, timings: dict[str, float] | None = None, key: str | None = 
     if timings is not None:
         timings[key or title] = round(elapsed, 3)
     console.print(f"[green]✓[/green] {title} [dim]({elapsed:.1f} s)[/dim]")
+
+
+@contextlib.contextmanager
+def progress_bar(title: str, unit: str = "step"):
+    """A progress bar; yields ``advance(done, total)`` for the work loop to call."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    start = time.perf_counter()
+    columns = (TextColumn(title), BarColumn(), MofNCompleteColumn(), TextColumn(unit + "s"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(title, total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield advance
+    console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")

@@ -15,7 +15,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
 
-from sa_export.plan import SharingPlan
+from sa_export.plan import HeadMap, SharingPlan
 
 IMPLEMENTATION = "sa_reference"
 
@@ -43,13 +43,27 @@ def shared_attention_forward(module, query, key, value, attention_mask, scaling,
         if state is not None and layer in state.anchor_layers:
             state.probs[layer] = probs
         return output, probs
-    probs = state.probs[state.plan.anchors[layer]]
     head_map = state.plan.head_map(layer)
-    if head_map is not None:
-        probs = probs[:, list(head_map)]
+    if head_map is None:
+        probs = state.probs[state.plan.anchors[layer]]
+    else:
+        probs = mix_probs(state.probs, head_map)
     values = _repeat_kv(value, module.num_key_value_groups)
     output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
     return output, probs
+
+
+def mix_probs(stored: dict[int, torch.Tensor], head_map: HeadMap) -> torch.Tensor:
+    """The same computation as the graph's Concat / Gather / weighted ReduceSum."""
+    layers = head_map.layers
+    stacked = torch.cat([stored[layer] for layer in layers], dim=1)
+    heads = stored[layers[0]].shape[1]
+    index = torch.tensor([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources])
+    picked = stacked[:, index]  # [batch, heads, k, q, kv]
+    if head_map.width == 1:
+        return picked[:, :, 0]
+    weights = torch.tensor(head_map.weights, dtype=picked.dtype)[None, :, :, None, None]
+    return (picked * weights).sum(2)
 
 
 class _SharingState:

@@ -7,7 +7,7 @@ import pytest
 
 from graph_passes import DropKCachePass, ShareProbabilitiesPass, apply_sharing_plan, find_attention_blocks
 from sa_export.errors import AttentionPatternError, PlanError
-from sa_export.plan import SharingPlan, build_plan
+from sa_export.plan import HeadMap, SharingPlan, build_plan
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_head_map_becomes_one_gather_and_matches_the_reference(exported, tiny_ll
     from sa_export.models import ModelSource, load_hf_model
     from sa_export.reference import shared_attention
 
-    plan = SharingPlan(6, {3: 2, 4: 2}, {3: (1, 0, 3, 2)})
+    plan = SharingPlan(6, {3: 2, 4: 2}, {3: HeadMap.from_anchor_heads(2, (1, 0, 3, 2))})
     model = ir.load(exported)
     apply_sharing_plan(model, plan)
     gathers = [n for n in model.graph if n.op_type == "Gather" and n.name.startswith("sa.")]

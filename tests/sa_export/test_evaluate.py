@@ -1,6 +1,6 @@
 import json
 
-from sa_export.evaluate import default_text_path
+from sa_export.texts import default_text_path
 from tests.helpers import run_cli
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from sa_export.errors import PlanError
-from sa_export.plan import SharingPlan, Span, build_plan
+from sa_export.plan import HeadMap, SharingPlan, Span, build_plan
 
 
 def test_span_shares_every_layer_and_anchors_on_the_layer_before():
@@ -54,6 +54,6 @@ def test_layers_of_different_kinds_cannot_share_unless_forced():
 
 
 def test_plan_round_trips_through_json():
-    plan = SharingPlan(10, {4: 3, 5: 3}, {5: (1, 1, 0, 2)})
+    plan = SharingPlan(10, {4: 3, 5: 3}, {5: HeadMap.from_anchor_heads(3, (1, 1, 0, 2))})
     assert SharingPlan.from_json(plan.to_json()) == plan
     assert Span.parse(" 3 - 5 ") == Span(3, 5)

@@ -1,6 +1,6 @@
 import torch
 
-from sa_export.plan import SharingPlan, build_plan
+from sa_export.plan import HeadMap, SharingPlan, build_plan
 from sa_export.reference import shared_attention
 from tests.conftest import _tiny_config
 
@@ -69,7 +69,7 @@ def test_head_map_permutes_anchor_heads():
     model = _model()
     ids = torch.randint(0, 256, (1, 7))
     identity = SharingPlan(6, {3: 2})
-    swapped = SharingPlan(6, {3: 2}, {3: (1, 0, 3, 2)})
+    swapped = SharingPlan(6, {3: 2}, {3: HeadMap.from_anchor_heads(2, (1, 0, 3, 2))})
     with shared_attention(model, identity):
         a = model(ids).logits
     with shared_attention(model, swapped):
