@@ -83,11 +83,33 @@ anchor_option = click.option(
 force_option = click.option("--force", is_flag=True, help="Share across layers whose attention differs in kind.")
 
 
+def head_map_option(default: str = "identity"):
+    from sa_export.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
+
+    return click.option(
+        "--head-map",
+        type=click.Choice(HEAD_MAP_MODES),
+        default=default,
+        show_default=True,
+        help=(
+            "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
+            "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
+            f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
+        ),
+    )
+
+
+calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
+calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")
+
+
 @main.command()
 @click.argument("model")
 @span_option
 @anchor_option
-@click.option("--head-map", type=click.Choice(["identity"]), default="identity", show_default=True, help="Which anchor head each shared head reads.")
+@head_map_option()
+@calib_option
+@calib_tokens_option
 @click.option("--target", type=click.Choice(["cpu"]), default="cpu", show_default=True, help="Deployment target.")
 @click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True, help="Weights and activations precision.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-sa).")
@@ -99,7 +121,7 @@ force_option = click.option("--force", is_flag=True, help="Share across layers w
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 @force_option
 @handle_errors
-def convert(model, spans, anchors, head_map, target, precision, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
+def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
     """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
 
     \b
@@ -113,7 +135,7 @@ def convert(model, spans, anchors, head_map, target, precision, out, no_check, o
     request = ConvertRequest(
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
-        decode_steps=decode_steps,
+        decode_steps=decode_steps, head_map=head_map, calib_file=calib_file, calib_tokens=calib_tokens,
     )
     result = run_convert(request)
     savings = result.manifest["cache"]["savings"]
@@ -177,26 +199,6 @@ def generate(out, prompt, max_new_tokens):
     click.echo()
 
 
-def head_map_option(default: str = "identity"):
-    from sa_export.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
-
-    return click.option(
-        "--head-map",
-        type=click.Choice(HEAD_MAP_MODES),
-        default=default,
-        show_default=True,
-        help=(
-            "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
-            "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
-            f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
-        ),
-    )
-
-
-calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
-calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")
-
-
 @main.command(name="eval")
 @click.argument("model")
 @span_option
@@ -228,6 +230,43 @@ def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tok
         f"for {100 * result.kv_fraction_saved:.1f}% less KV cache"
     )
     _write_json(json_file, result.to_json())
+
+
+@main.command()
+@click.argument("model")
+@calib_option
+@calib_tokens_option
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-analysis).")
+@click.option("--share", type=int, help="Search spans of this many layers by perplexity and recommend the best.")
+@click.option("--kv-saving", type=float, help="Or: the KV-cache fraction to save (0-0.5); sets the span length.")
+@head_map_option()
+@click.option("--candidates", type=click.IntRange(1), default=6, show_default=True, help="Most similar spans to evaluate by perplexity.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@handle_errors
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, overwrite):
+    """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
+    and with --share/--kv-saving a perplexity search that prints the convert command to use."""
+    from sa_export.analysis import AnalyzeRequest, analyze as run_analyze
+
+    if out is None:
+        out = Path(f"{Path(model).name}-analysis")
+    result = run_analyze(
+        AnalyzeRequest(model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite)
+    )
+    click.echo(f"{result.out}: similarity.json, similarity.png ({result.stats.num_layers} x {result.stats.num_layers} layers)")
+    click.echo(f"calibration: {result.calibration_source}, {result.stats.tokens} tokens")
+    click.echo(f"spans of {result.span_length} layers, most similar to their anchor first:")
+    for candidate in result.ranking[:10]:
+        click.echo(f"  {str(candidate.span):>7}  anchor {candidate.anchor:>3}  similarity {candidate.similarity:.3f}")
+    if result.searched:
+        base = result.searched[0].base_ppl
+        click.echo(f"perplexity search on calibration text (base {base:.2f}):")
+        for candidate in result.searched[:3]:
+            click.echo(
+                f"  {str(candidate.span):>7}  anchor {candidate.anchor:>3}  ppl {candidate.ppl:.2f} ({candidate.ppl_delta:+.2f})  "
+                f"KV cache -{100 * candidate.kv_fraction_saved:.1f}%"
+            )
+        click.echo(f"apply the best: {result.command}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class ConvertRequest:
     reference: str | None = None
     allow_pickle: bool = False
     decode_steps: int = 32
+    head_map: str = "identity"
+    calib_file: str | None = None
+    calib_tokens: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +179,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
     reference = _reference_source(request, source)
     if source.kind == "onnx" and reference is None and request.check:
         raise UsageError("checking an ONNX input needs its PyTorch model: pass --reference HF_DIR (or --no-check)")
+    if source.kind == "onnx" and reference is None and request.head_map != "identity":
+        raise UsageError(f"--head-map {request.head_map} calibrates on the PyTorch model: pass --reference HF_DIR")
     config = load_config(reference) if reference is not None else None
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -197,6 +202,15 @@ def convert(request: ConvertRequest) -> ConvertResult:
             with step(f"loading {reference.name}", timings, "load"):
                 hf_model = load_hf_model(reference, request.allow_pickle)
                 tokenizer = load_tokenizer(reference)
+        calibration = None
+        if request.head_map != "identity":
+            if tokenizer is None:
+                raise UsageError(f"--head-map {request.head_map} calibrates on text, and {reference.name} has no tokenizer; use --head-map identity")
+            from sa_export.evaluate import calibrated_plan
+            from sa_export.texts import split_texts
+
+            _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
+            plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
         if graph_model is None:
             with step("exporting to ONNX with optimum (text-generation-with-past)", timings, "export"):
                 graph_model = load_onnx(_export(hf_model, tmp / "export"))
@@ -210,6 +224,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 tokenizer.save_pretrained(tmp)
                 files += sorted(set(p.name for p in tmp.iterdir()) - before)
         manifest = build_manifest(source, config, plan, graph_model.graph, files, tmp, request)
+        manifest["head_map"] = {"mode": request.head_map, "calibration": calibration.to_json() if calibration else None}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         del graph_model
 

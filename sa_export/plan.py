@@ -147,6 +147,11 @@ class SharingPlan:
         for layer, anchor in sorted(self.anchors.items()):
             groups.setdefault(anchor, []).append(layer)
         parts = [f"layers {_compact(ls)} <- anchor {a}" for a, ls in sorted(groups.items())]
+        mapped = [self.head_map(layer) for layer in self.anchors]
+        mapped = [m for m in mapped if m is not None]
+        if mapped:
+            width = max(m.width for m in mapped)
+            parts.append(f"head maps on {len(mapped)} layers ({width} source head{'s' if width > 1 else ''} each)")
         return "; ".join(parts)
 
 
