@@ -53,26 +53,23 @@ class AttentionStatistics:
 
 @torch.no_grad()
 def collect_statistics(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKENS, progress=None) -> AttentionStatistics:
-    """Run the base model on calibration chunks and accumulate map inner products."""
-    from sa_export.reference import shared_attention
-
+    """Run the base model (eager attention) on calibration chunks and accumulate map inner products."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids), chunk_tokens)]
     chunks = [c for c in chunks if len(c) == chunk_tokens] or chunks[:1]
     if not chunks or len(chunks[0]) < 2:
         raise UsageError("calibration text is too short: it needs at least 2 tokens")
     gram = cosine = None
-    with shared_attention(model, None):
-        for number, chunk in enumerate(chunks):
-            out = model(input_ids=torch.tensor([chunk]), output_attentions=True)
-            maps = torch.cat([a[0] for a in out.attentions], dim=0)  # [L*H, q, kv]
-            flat = maps.reshape(maps.shape[0], -1).double()
-            g = (flat @ flat.T).numpy()
-            norms = np.sqrt(np.clip(np.diag(g), 1e-30, None))
-            c = g / norms[:, None] / norms[None, :]
-            gram = g if gram is None else gram + g
-            cosine = c if cosine is None else cosine + c
-            if progress is not None:
-                progress(number + 1, len(chunks))
+    for number, chunk in enumerate(chunks):
+        out = model(input_ids=torch.tensor([chunk]), output_attentions=True)
+        maps = torch.cat([a[0] for a in out.attentions], dim=0)  # [L*H, q, kv]
+        flat = maps.reshape(maps.shape[0], -1).double()
+        g = (flat @ flat.T).numpy()
+        norms = np.sqrt(np.clip(np.diag(g), 1e-30, None))
+        c = g / norms[:, None] / norms[None, :]
+        gram = g if gram is None else gram + g
+        cosine = c if cosine is None else cosine + c
+        if progress is not None:
+            progress(number + 1, len(chunks))
     layers = len(out.attentions)
     return AttentionStatistics(layers, out.attentions[0].shape[1], gram, cosine / len(chunks), sum(map(len, chunks)), len(chunks))
 

@@ -209,15 +209,21 @@ def generate(out, prompt, max_new_tokens):
 @click.option("--max-tokens", type=click.IntRange(2), default=4096, show_default=True, help="Tokens of text to evaluate.")
 @calib_tokens_option
 @click.option("--context", type=click.IntRange(2), default=1024, show_default=True, help="Window length for perplexity.")
+@click.option("--tasks", help="Comma-separated lm-evaluation-harness tasks to run on the base and SA models (local data only).")
+@click.option("--tasks-path", type=click.Path(exists=True, file_okay=False), help="Directory of extra task YAMLs (for local task data).")
+@click.option("--tasks-limit", type=click.IntRange(1), help="Evaluate at most this many documents per task.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write base_ppl, sa_ppl, eval_tokens, calib_tokens... as JSON.")
 @force_option
 @handle_errors
-def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tokens, calib_tokens, context, json_file, force):
+def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, json_file, force):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.evaluate import EvalRequest, evaluate
 
     result = evaluate(
-        EvalRequest(model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force)
+        EvalRequest(
+            model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,
+            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else (), tasks_path=tasks_path, tasks_limit=tasks_limit,
+        )
     )
     click.echo(f"eval text     {result.evaluation.source} (windows of {result.context})")
     if result.calibration is not None:
@@ -229,6 +235,10 @@ def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tok
         f"delta         {result.delta:+.3f} ({100 * (result.sa_ppl / result.base_ppl - 1):+.1f}%) "
         f"for {100 * result.kv_fraction_saved:.1f}% less KV cache"
     )
+    for task, sides in result.tasks.items():
+        for metric in sorted(sides.get("base", {})):
+            if "stderr" not in metric:
+                click.echo(f"{task} {metric:12s} base {sides['base'][metric]:.4f}  SA {sides['sa'].get(metric, float('nan')):.4f}")
     _write_json(json_file, result.to_json())
 
 

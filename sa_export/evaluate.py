@@ -44,6 +44,7 @@ class EvalResult:
     calibration: TokenText | None
     context: int
     kv_fraction_saved: float
+    tasks: dict = dataclasses.field(default_factory=dict)
 
     @property
     def eval_tokens(self) -> int:
@@ -69,6 +70,7 @@ class EvalResult:
             "eval_text": self.evaluation.source,
             "calib_text": self.calibration.source if self.calibration else None,
             "kv_fraction_saved": self.kv_fraction_saved,
+            "tasks": self.tasks,
         }
 
 
@@ -84,6 +86,9 @@ class EvalRequest:
     calib_tokens: int = 4096
     context: int = 1024
     force: bool = False
+    tasks: tuple[str, ...] = ()
+    tasks_path: str | None = None
+    tasks_limit: int | None = None
 
 
 def load_for_reference(model: str):
@@ -122,8 +127,15 @@ def evaluate(request: EvalRequest) -> EvalResult:
         base = perplexity(hf_model, ids, request.context)
     with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"):
         sa = perplexity(hf_model, ids, request.context, plan)
+    tasks = {}
+    if request.tasks:
+        from sa_export.tasks import run_tasks
+
+        with step(f"lm-evaluation-harness: {', '.join(request.tasks)} (base and SA)"):
+            tasks = run_tasks(hf_model, tokenizer, plan, list(request.tasks), request.tasks_path, request.tasks_limit)
     saved = len(plan.shared_layers) / (2 * plan.num_layers)
     used_calibration = request.head_map != "identity"
     return EvalResult(
-        source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None, request.context, saved
+        source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,
+        request.context, saved, tasks,
     )

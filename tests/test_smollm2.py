@@ -43,3 +43,23 @@ def test_eval_shows_the_accuracy_cost(smollm2_available, tmp_path):
     data = json.loads((tmp_path / "e.json").read_text())
     assert data["eval_tokens"] == 4096
     assert data["sa_ppl"] != data["base_ppl"]
+
+
+def test_calibrated_head_map_halves_the_penalty_on_20_28(smollm2_available, tmp_path):
+    penalties = {}
+    for mode in ("identity", "calibrated"):
+        result = run_cli("eval", "smollm2-135m", "--span", "20-28", "--head-map", mode, "--json", tmp_path / f"{mode}.json")
+        assert result.exit_code == 0, result.stderr
+        data = json.loads((tmp_path / f"{mode}.json").read_text())
+        penalties[mode] = data["sa_ppl"] - data["base_ppl"]
+    assert data["calib_tokens"] == 4096 and data["eval_tokens"] == 4096
+    assert penalties["identity"] > 0
+    assert penalties["calibrated"] <= 0.5 * penalties["identity"]
+
+
+def test_calibrated_convert_passes_check(smollm2_available, tmp_path):
+    out = tmp_path / "cal"
+    result = run_cli("convert", "smollm2-135m", "--span", "20-28", "--head-map", "calibrated", "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+    assert json.loads((out / "sa_manifest.json").read_text())["head_map"]["mode"] == "calibrated"

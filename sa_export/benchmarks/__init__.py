@@ -1,0 +1,1 @@
+"""Benchmark scripts that print the figures quoted in the README and issue notes."""
