@@ -24,7 +24,7 @@ PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
 # Ops that sit between the Softmax and the probs @ V MatMul without changing values.
 _PASSTHROUGH = {"Cast", "Identity", "Dropout"}
 # Ops between Q K^T and the Softmax: scaling, mask add, softcapping, dtype changes.
-_SCORE_ARITHMETIC = {"Mul", "Div", "Add", "Sub", "Tanh", "Cast", "Where"}
+SCORE_ARITHMETIC = {"Mul", "Div", "Add", "Sub", "Tanh", "Cast", "Where"}
 _MAX_CACHE_SEARCH = 40
 
 
@@ -93,7 +93,7 @@ def _scores_matmul(softmax: ir.Node) -> ir.Node | None:
             if not _is_constant(node.inputs[0]) and not _is_constant(node.inputs[1]):
                 return node
             continue
-        if node.op_type in _SCORE_ARITHMETIC:
+        if node.op_type in SCORE_ARITHMETIC:
             frontier.extend(v for v in node.inputs if not _is_constant(v))
     return None
 

@@ -12,6 +12,7 @@ import click
 from sa_export import __version__
 from sa_export.errors import SAExportError
 from sa_export.progress import console
+from targets.profiles import target_names
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
 
@@ -110,8 +111,8 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @head_map_option()
 @calib_option
 @calib_tokens_option
-@click.option("--target", type=click.Choice(["cpu"]), default="cpu", show_default=True, help="Deployment target.")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True, help="Weights and activations precision.")
+@click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-sa).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (the old one stays intact until the new one is complete).")

@@ -161,8 +161,11 @@ def load_config(source: ModelSource):
     return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
 
 
-def load_hf_model(source: ModelSource, allow_pickle: bool = False):
-    """Load the PyTorch model in fp32 with eager attention (the reference needs the probabilities)."""
+def load_hf_model(source: ModelSource, allow_pickle: bool = False, half: bool = False):
+    """Load the PyTorch model with eager attention (the reference needs the probabilities).
+
+    fp32 unless ``half``: the reference is always fp32; an fp16 copy is loaded only to export.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -177,7 +180,7 @@ def load_hf_model(source: ModelSource, allow_pickle: bool = False):
             )
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
-        dtype=torch.float32,
+        dtype=torch.float16 if half else torch.float32,
         attn_implementation="eager",
         trust_remote_code=False,
         use_safetensors=has_safetensors,

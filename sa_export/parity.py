@@ -100,12 +100,15 @@ def run_parity(
         ref_logits, cache = reference.forward(case.input_ids, case.attention_mask, cache)
         ort_logits, ort_cache, outputs = sa_model.forward(case.input_ids, case.attention_mask, sa_model.empty_cache(len(case.input_ids)))
         real = case.attention_mask.astype(bool)  # padded positions carry no meaning
-        comparisons.append(OutputComparison.of(f"{case.name}/prefill/logits", ort_logits[real], ref_logits[real], tolerance.logits_atol))
+        comparisons.append(OutputComparison.of(f"{case.name}/prefill/logits", ort_logits[real], ref_logits[real], tolerance.logits_atol, tolerance.min_cosine))
         for layer in sa_model.layout:
             for kind, name in (("key", layer.key_output), ("value", layer.value_output)):
                 if name is not None:
+                    # Cache entries at padded positions are never read; compare the real ones.
+                    actual = outputs[name].transpose(0, 2, 1, 3)[real]
+                    expected = _cache_tensor(cache, layer.layer, kind).transpose(0, 2, 1, 3)[real]
                     comparisons.append(
-                        OutputComparison.of(f"{case.name}/prefill/{name}", outputs[name], _cache_tensor(cache, layer.layer, kind), tolerance.cache_atol)
+                        OutputComparison.of(f"{case.name}/prefill/{name}", actual, expected, tolerance.cache_atol, tolerance.min_cosine)
                     )
         matches += int((ort_logits[:, -1].argmax(-1) == ref_logits[:, -1].argmax(-1)).sum())
         total += len(case.input_ids)
@@ -127,7 +130,7 @@ def run_parity(
                 progress(step + 1, decode_steps)
         if decode_steps:
             comparisons.append(
-                OutputComparison.of(f"{case.name}/decode/logits", np.stack(step_ort), np.stack(step_ref), tolerance.logits_atol)
+                OutputComparison.of(f"{case.name}/decode/logits", np.stack(step_ort), np.stack(step_ref), tolerance.logits_atol, tolerance.min_cosine)
             )
     return ParityReport(
         backend="onnxruntime-cpu",

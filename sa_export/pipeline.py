@@ -9,10 +9,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graph_passes import RewriteReport, apply_sharing_plan, cache_layers
+from graph_passes import Fp32SoftmaxPass, RewriteReport, apply_sharing_plan, cache_layers
 from sa_export import __version__
 from sa_export.atomic import atomic_directory, refuse_existing
-from sa_export.compare import ParityReport
+from sa_export.compare import TOLERANCES, ParityReport
 from sa_export.errors import ParityError, UsageError
 from sa_export.manifest import (
     FORMAT_VERSION,
@@ -26,10 +26,11 @@ from sa_export.models import ALIASES, ModelSource, load_config, load_hf_model, l
 from sa_export.onnx_io import load_onnx, save_onnx
 from sa_export.plan import SharingPlan, Span, build_plan
 from sa_export.progress import console, step
+from targets.profiles import get_target
 
 PARITY_NAME = "parity.json"
 SAMPLE_PROMPT = "The capital of France is"
-_ONNX_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16"}
+_ONNX_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ConvertRequest:
     out: Path
     anchors: tuple[int, ...] = ()
     target: str = "cpu"
-    precision: str = "fp32"
+    precision: str | None = None  # None: the target's default
     check: bool = True
     overwrite: bool = False
     force: bool = False
@@ -143,6 +144,7 @@ def build_manifest(
             "layers": [layer.to_json() for layer in layout],
         },
         "model_file": "model.onnx",
+        "io": {v.name: _ONNX_DTYPES.get(v.dtype, str(v.dtype).lower()) for v in [*graph.inputs, *graph.outputs]},
         "precision": request.precision,
         "target": request.target,
         "opset": graph.opset_imports.get("", None),
@@ -182,12 +184,19 @@ def convert(request: ConvertRequest) -> ConvertResult:
     if source.kind == "onnx" and reference is None and request.head_map != "identity":
         raise UsageError(f"--head-map {request.head_map} calibrates on the PyTorch model: pass --reference HF_DIR")
     config = load_config(reference) if reference is not None else None
+    target = get_target(request.target)
+    precision = request.precision or target.default_precision
+    if precision not in target.precisions:
+        raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
+    request = dataclasses.replace(request, precision=precision, target=target.name)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
     if source.kind == "onnx":
         graph_model = load_onnx(source.path)
         num_layers = len(cache_layers(graph_model.graph))
+        if precision != _cache_facts(graph_model.graph)["dtype"].replace("float", "fp"):
+            raise UsageError(f"--precision {precision} needs an ONNX export in that precision, or convert the Hugging Face model instead")
     else:
         graph_model = None
         num_layers = config.num_hidden_layers
@@ -212,9 +221,13 @@ def convert(request: ConvertRequest) -> ConvertResult:
             _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
             plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
         if graph_model is None:
-            with step("exporting to ONNX with optimum (text-generation-with-past)", timings, "export"):
-                graph_model = load_onnx(_export(hf_model, tmp / "export"))
+            with step(f"exporting to ONNX with optimum (text-generation-with-past, {precision})", timings, "export"):
+                export_model = hf_model if precision == "fp32" else load_hf_model(reference, request.allow_pickle, half=True)
+                graph_model = load_onnx(_export(export_model, tmp / "export"))
+                del export_model
         with step(f"rewriting the graph: {plan.describe()}", timings, "passes"):
+            if precision == "fp16":
+                Fp32SoftmaxPass()(graph_model)
             rewrite = apply_sharing_plan(graph_model, plan)
         with step("saving model.onnx", timings, "save"):
             files = save_onnx(graph_model, tmp)
@@ -252,8 +265,9 @@ def check_directory(out_dir: Path, hf_model, tokenizer, decode_steps: int, timin
     manifest = read_manifest(out_dir)
     verify_artifacts(out_dir, manifest)
     plan = SharingPlan.from_json(manifest["plan"])
-    with step(f"parity: ONNX Runtime vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
-        report = run_parity(SAModel(out_dir), hf_model, plan, tokenizer, decode_steps)
+    tolerance = TOLERANCES[manifest["precision"]]
+    with step(f"parity: ONNX Runtime {manifest['precision']} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
+        report = run_parity(SAModel(out_dir), hf_model, plan, tokenizer, decode_steps, tolerance)
     write_json_atomic(out_dir / PARITY_NAME, report.to_json())
     manifest["parity"] = report.summary_json()
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)

@@ -1,0 +1,118 @@
+"""Deployment targets as data: one frozen profile per device, in a registry.
+
+Memory figures: Jetson modules share DRAM between the CPU and GPU, so ``usable_gib``
+is what is left to one TensorRT process after JetPack, the OS and a headless desktop
+(an assumption stated here, not measured on each device); desktop GPUs use the
+card's memory less a margin for the driver and the CUDA context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sa_export.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    gpu_arch: str | None  # CUDA compute capability as sm_XY; None for CPU
+    memory_gib: float
+    usable_gib: float
+    tensorrt: str | None  # expected TensorRT major.minor on the target
+    precisions: tuple[str, ...]
+    default_precision: str
+    workspace_mib: int
+    max_batch: int
+    max_context: int
+    max_prefill: int  # query tokens of the prefill optimization profile
+    builds_on_device: bool  # engines must be built on the device itself (Jetson)
+
+    @property
+    def uses_tensorrt(self) -> bool:
+        return self.tensorrt is not None
+
+    @property
+    def strongly_typed_only(self) -> bool:
+        """TensorRT 11 accepts only strongly typed networks: precision lives in the ONNX types."""
+        return self.tensorrt is not None and int(self.tensorrt.split(".")[0]) >= 11
+
+
+def _jetson(name: str, memory: float, usable: float, workspace: int, batch: int, context: int, prefill: int, what: str) -> TargetProfile:
+    return TargetProfile(
+        name=name,
+        description=f"NVIDIA Jetson {what} (JetPack 6)",
+        gpu_arch="sm_87",
+        memory_gib=memory,
+        usable_gib=usable,
+        tensorrt="10.3",
+        precisions=("fp32", "fp16"),
+        default_precision="fp16",
+        workspace_mib=workspace,
+        max_batch=batch,
+        max_context=context,
+        max_prefill=prefill,
+        builds_on_device=True,
+    )
+
+
+def _desktop(name: str, arch: str, memory: float, what: str, trt: str = "11.4") -> TargetProfile:
+    return TargetProfile(
+        name=name,
+        description=what,
+        gpu_arch=arch,
+        memory_gib=memory,
+        usable_gib=memory - 1.5,
+        tensorrt=trt,
+        precisions=("fp32", "fp16"),
+        default_precision="fp16",
+        workspace_mib=4096,
+        max_batch=4,
+        max_context=8192,
+        max_prefill=2048,
+        builds_on_device=False,
+    )
+
+
+PROFILES: dict[str, TargetProfile] = {
+    p.name: p
+    for p in (
+        _jetson("jetson-orin-agx-64gb", 64, 56, 4096, 4, 8192, 2048, "AGX Orin 64GB"),
+        _jetson("jetson-orin-agx-32gb", 32, 27, 4096, 4, 8192, 2048, "AGX Orin 32GB"),
+        _jetson("jetson-orin-nx-16gb", 16, 13, 2048, 2, 8192, 1024, "Orin NX 16GB"),
+        _jetson("jetson-orin-nano-8gb", 8, 6, 1024, 1, 4096, 512, "Orin Nano 8GB"),
+        _desktop("desktop-ampere", "sm_86", 24, "Ampere desktop GPU (RTX 30 series, 24 GB class)"),
+        _desktop("desktop-ada", "sm_89", 24, "Ada desktop GPU (RTX 40 series, 24 GB class)"),
+        _desktop("hopper", "sm_90", 80, "Hopper data-centre GPU (H100 80 GB)"),
+        TargetProfile(
+            name="cpu",
+            description="ONNX Runtime on the CPU (no TensorRT)",
+            gpu_arch=None,
+            memory_gib=0,
+            usable_gib=0,
+            tensorrt=None,
+            precisions=("fp32", "fp16"),
+            default_precision="fp32",
+            workspace_mib=0,
+            max_batch=4,
+            max_context=8192,
+            max_prefill=2048,
+            builds_on_device=False,
+        ),
+    )
+}
+
+# `jetson-orin` names the smallest Orin: where memory fit decides whether a model runs at all.
+ALIASES = {"jetson-orin": "jetson-orin-nano-8gb"}
+
+
+def target_names() -> list[str]:
+    return [*PROFILES, *ALIASES]
+
+
+def get_target(name: str) -> TargetProfile:
+    name = ALIASES.get(name, name)
+    if name not in PROFILES:
+        raise UsageError(f"unknown target {name!r}; `sa-export targets` lists them")
+    return PROFILES[name]
