@@ -113,6 +113,8 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @calib_tokens_option
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
+@click.option("--max-batch", type=click.IntRange(1), help="Largest batch for the engine profiles and memory fit [default: the target's].")
+@click.option("--max-context", type=click.IntRange(2), help="Longest context (prompt + generated) to plan for; exit 1 if it does not fit the target.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-sa).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (the old one stays intact until the new one is complete).")
@@ -122,7 +124,7 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 @force_option
 @handle_errors
-def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
+def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
     """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
 
     \b
@@ -137,6 +139,7 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
         decode_steps=decode_steps, head_map=head_map, calib_file=calib_file, calib_tokens=calib_tokens,
+        max_batch=max_batch, max_context=max_context,
     )
     result = run_convert(request)
     savings = result.manifest["cache"]["savings"]
@@ -149,16 +152,23 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
         f"  nodes             {result.rewrite.nodes_before:,} -> {result.rewrite.nodes_after:,}",
         f"  {result.parity.summary_line()}" if result.parity else "  parity            not checked (--no-check)",
     ]
+    if result.target is not None:
+        lines += [f"  {line}" for line in result.target.memory.lines()]
+        if result.target.engine is not None:
+            lines.append(f"  engine            {result.out / result.target.engine.name}")
+        if result.target.bundle is not None:
+            bundle = result.out / result.target.bundle.name
+            lines.append(f"  device bundle     {bundle} (run build_engine.sh on the device, or `sa-export build-engine {result.out}`)")
     if result.sample is not None:
         lines.append(f"  sample            {result.sample!r}")
     click.echo("\n".join(lines))
     _write_json(json_file, result.summary_json())
-    raise_on_failure(result.parity)
+    raise_on_failure(result.parity, result.target)
 
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True, help="Runtime to check.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="Runtime to check: ONNX Runtime, or the TensorRT engine in OUT.")
 @click.option("--reference", metavar="HF_DIR", help="PyTorch model to compare with (default: the manifest's source).")
 @click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin reference weights.")
@@ -168,7 +178,7 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file):
     """Check OUT against the PyTorch SA reference; writes OUT/parity.json. Exit 1 when out of tolerance."""
     from sa_export.pipeline import check as run_check, raise_on_failure
 
-    report = run_check(out, reference, decode_steps, allow_pickle)
+    report = run_check(out, reference, decode_steps, allow_pickle, backend)
     for comparison in report.comparisons:
         if comparison.name.endswith("logits"):
             mark = "ok " if comparison.passed else "BAD"
@@ -187,15 +197,16 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime, or the TensorRT engine in OUT.")
 @handle_errors
-def generate(out, prompt, max_new_tokens):
-    """Greedy generation with ONNX Runtime from OUT (no PyTorch needed); tokens stream as they come."""
-    from sa_export.runtime import SAModel
+def generate(out, prompt, max_new_tokens, backend):
+    """Greedy generation from OUT (no PyTorch needed); tokens stream as they come."""
+    from sa_export.runtime import generate_text, load_tokenizer, open_model
 
-    model = SAModel(out)
-    model.tokenizer()  # fail before printing anything when there is none
+    model = open_model(out, backend)
+    tokenizer = load_tokenizer(out)  # fails before printing anything when there is none
     click.echo(prompt, nl=False)
-    for piece in model.generate(prompt, max_new_tokens):
+    for piece in generate_text(model, tokenizer, prompt, max_new_tokens):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -278,6 +289,40 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
                 f"KV cache -{100 * candidate.kv_fraction_saved:.1f}%"
             )
         click.echo(f"apply the best: {result.command}")
+
+
+@main.command()
+@handle_errors
+def targets():
+    """List the deployment targets (`jetson-orin` is an alias of jetson-orin-nano-8gb)."""
+    from rich.table import Table
+
+    from targets.profiles import ALIASES, PROFILES
+
+    table = Table(title="sa-export targets")
+    for column in ("target", "GPU", "memory", "usable", "TensorRT", "precisions", "default", "workspace", "batch", "context", "builds"):
+        table.add_column(column)
+    for p in PROFILES.values():
+        table.add_row(
+            p.name, p.gpu_arch or "-", f"{p.memory_gib:g} GiB" if p.memory_gib else "host", f"{p.usable_gib:g} GiB" if p.usable_gib else "-",
+            p.tensorrt or "-", ",".join(p.precisions), p.default_precision, f"{p.workspace_mib} MiB" if p.workspace_mib else "-",
+            str(p.max_batch), str(p.max_context), "on device" if p.builds_on_device else "here",
+        )
+    from rich.console import Console
+
+    Console(width=160).print(table)
+    for alias, name in ALIASES.items():
+        click.echo(f"alias: {alias} -> {name}")
+
+
+@main.command(name="build-engine")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@handle_errors
+def build_engine_command(out):
+    """Build OUT's TensorRT engine here through the Python API (on the Jetson for Jetson targets)."""
+    from sa_export.pipeline import build_engine_for
+
+    click.echo(f"engine: {build_engine_for(out)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from graph_passes import Fp32SoftmaxPass, RewriteReport, apply_sharing_plan, cac
 from sa_export import __version__
 from sa_export.atomic import atomic_directory, refuse_existing
 from sa_export.compare import TOLERANCES, ParityReport
-from sa_export.errors import ParityError, UsageError
+from sa_export.errors import CheckFailed, ParityError, UsageError
 from sa_export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -50,6 +50,8 @@ class ConvertRequest:
     head_map: str = "identity"
     calib_file: str | None = None
     calib_tokens: int = 4096
+    max_batch: int | None = None  # None: the target's
+    max_context: int | None = None  # None: the target's; given: exit 1 when it does not fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ConvertResult:
     parity: ParityReport | None
     timings: dict[str, float]
     sample: str | None
+    target: TargetReport | None = None
 
     def summary_json(self) -> dict:
         return {
@@ -136,6 +139,14 @@ def build_manifest(
             "model_type": config.model_type if config is not None else None,
         },
         "num_layers": plan.num_layers,
+        "model": {
+            "num_heads": config.num_attention_heads,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        }
+        if config is not None
+        else None,
         "plan": plan.to_json(),
         "cache": {
             **facts,
@@ -239,11 +250,14 @@ def convert(request: ConvertRequest) -> ConvertResult:
         manifest = build_manifest(source, config, plan, graph_model.graph, files, tmp, request)
         manifest["head_map"] = {"mode": request.head_map, "calibration": calibration.to_json() if calibration else None}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        del graph_model
 
         parity = None
         if request.check:
             parity = check_directory(tmp, hf_model, tokenizer, request.decode_steps, timings)
+            manifest = read_manifest(tmp)
+        target_report = None
+        if target.uses_tensorrt:
+            target_report = prepare_target(tmp, manifest, files, graph_model, target, request, timings)
             manifest = read_manifest(tmp)
         sample = None
         if tokenizer is not None:
@@ -252,22 +266,71 @@ def convert(request: ConvertRequest) -> ConvertResult:
             with step("sample generation", timings, "generate"):
                 sample = SAMPLE_PROMPT + "".join(SAModel(tmp).generate(SAMPLE_PROMPT, max_new_tokens=20))
         timings["total"] = round(time.perf_counter() - started, 3)
-    result = ConvertResult(out.absolute(), plan, rewrite, manifest, parity, timings, sample)
-    return result
+    return ConvertResult(out.absolute(), plan, rewrite, manifest, parity, timings, sample, target_report)
 
 
-def check_directory(out_dir: Path, hf_model, tokenizer, decode_steps: int, timings: dict | None = None) -> ParityReport:
+@dataclasses.dataclass(frozen=True)
+class TargetReport:
+    memory: object  # targets.memory.MemoryFit
+    bundle: Path | None
+    engine: Path | None
+    max_context_requested: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.fits_sa
+
+
+def prepare_target(tmp: Path, manifest: dict, files: list[str], graph_model, target, request: ConvertRequest, timings) -> TargetReport:
+    """Compatibility check, memory fit, then an engine (GPU here) or a device bundle."""
+    from graph_passes.apply import initializer_bytes
+    from targets.bundle import write_bundle
+    from targets.compat import check_compatibility, raise_if_incompatible
+    from targets.memory import memory_fit
+    from targets.shapes import profiles_for
+    from targets.tensorrt_backend import build_engine, gpu_available
+
+    if manifest.get("model") is None:
+        raise UsageError("memory fit for a TensorRT target needs the model's config: pass --reference HF_DIR")
+    batch = request.max_batch or target.max_batch
+    context = request.max_context or target.max_context
+    profiles = profiles_for(manifest, batch, context, min(target.max_prefill, context))
+    raise_if_incompatible(check_compatibility(graph_model, target, profiles))
+    fit = memory_fit(manifest, initializer_bytes(graph_model.graph), target, batch, context)
+    manifest["target_build"] = {
+        "target": target.name,
+        "tensorrt": target.tensorrt,
+        "gpu_arch": target.gpu_arch,
+        "profiles": [{"name": p.name, "shapes": {k: dataclasses.asdict(v) for k, v in p.shapes.items()}} for p in profiles],
+        "memory": fit.to_json(),
+    }
+    bundle = engine = None
+    if target.builds_on_device or not gpu_available():
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        with step(f"writing the device bundle for {target.name} (TensorRT {target.tensorrt})", timings, "bundle"):
+            bundle = write_bundle(tmp, files, target, profiles)
+            shutil.copy2(tmp / MANIFEST_NAME, bundle / MANIFEST_NAME)
+    else:
+        with step(f"building the TensorRT engine for {target.name}", timings, "engine"):
+            engine = build_engine(tmp / "model.onnx", tmp, profiles, target.workspace_mib)
+        manifest["files"].update(artifact_hashes(tmp, [engine.name]))
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    return TargetReport(fit, bundle, engine, request.max_context is not None)
+
+
+def check_directory(out_dir: Path, hf_model, tokenizer, decode_steps: int, timings: dict | None = None, backend: str = "ort") -> ParityReport:
     """Run parity on an OUT directory, write parity.json and the manifest's summary."""
     from sa_export.manifest import verify_artifacts
     from sa_export.parity import run_parity
-    from sa_export.runtime import SAModel
+    from sa_export.runtime import open_model
 
     manifest = read_manifest(out_dir)
     verify_artifacts(out_dir, manifest)
     plan = SharingPlan.from_json(manifest["plan"])
     tolerance = TOLERANCES[manifest["precision"]]
-    with step(f"parity: ONNX Runtime {manifest['precision']} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
-        report = run_parity(SAModel(out_dir), hf_model, plan, tokenizer, decode_steps, tolerance)
+    runtime = "TensorRT" if backend == "trt" else "ONNX Runtime"
+    with step(f"parity: {runtime} {manifest['precision']} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
+        report = run_parity(open_model(out_dir, backend), hf_model, plan, tokenizer, decode_steps, tolerance)
     write_json_atomic(out_dir / PARITY_NAME, report.to_json())
     manifest["parity"] = report.summary_json()
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
@@ -292,18 +355,49 @@ def reference_for(out_dir: Path, override: str | None) -> ModelSource:
     raise UsageError("this model was converted from ONNX without a reference; pass --reference HF_DIR")
 
 
-def check(out_dir: Path, reference: str | None = None, decode_steps: int = 32, allow_pickle: bool = False) -> ParityReport:
+def check(out_dir: Path, reference: str | None = None, decode_steps: int = 32, allow_pickle: bool = False, backend: str = "ort") -> ParityReport:
+    if backend == "trt":
+        from targets.tensorrt_backend import TRTModel
+
+        TRTModel(out_dir)  # missing TensorRT or engine: say so before loading PyTorch
     source = reference_for(out_dir, reference)
     load_config(source)
     with step(f"loading {source.name}"):
         hf_model = load_hf_model(source, allow_pickle)
         tokenizer = load_tokenizer(source)
-    return check_directory(Path(out_dir), hf_model, tokenizer, decode_steps)
+    return check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend)
 
 
-def raise_on_failure(report: ParityReport | None) -> None:
+def build_engine_for(out_dir: Path) -> Path:
+    """`build-engine`: the two-profile engine for OUT's target, built here."""
+    from targets.profiles import get_target
+    from targets.shapes import Profile, ShapeRange
+    from targets.tensorrt_backend import build_engine
+
+    manifest = read_manifest(out_dir)
+    build = manifest.get("target_build")
+    if build is None:
+        raise UsageError(f"{out_dir} was converted for target {manifest['target']}, which has no TensorRT build; convert with --target")
+    profiles = [
+        Profile(p["name"], {k: ShapeRange(tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in p["shapes"].items()})
+        for p in build["profiles"]
+    ]
+    with step(f"building the TensorRT engine for {build['target']}"):
+        engine = build_engine(Path(out_dir) / manifest["model_file"], Path(out_dir), profiles, get_target(build["target"]).workspace_mib)
+    manifest["files"].update(artifact_hashes(Path(out_dir), [engine.name]))
+    write_json_atomic(Path(out_dir) / MANIFEST_NAME, manifest)
+    return engine
+
+
+def raise_on_failure(report: ParityReport | None, target: TargetReport | None = None) -> None:
     if report is not None and not report.passed:
         raise ParityError(report)
+    if target is not None and target.max_context_requested and not target.fits:
+        fit = target.memory
+        raise CheckFailed(
+            f"batch {fit.batch} x {fit.context} tokens does not fit {fit.target} even with SA; "
+            f"the largest context that fits is {fit.max_context(fit.kv_per_token_sa):,} tokens"
+        )
 
 
 __all__ = ["ConvertRequest", "ConvertResult", "check", "convert", "raise_on_failure", "console"]

@@ -66,42 +66,50 @@ class SAModel:
         next_cache = {past: results[present] for layer in self.layout for past, present in layer.pairs()}
         return results["logits"], next_cache, results
 
-    # --- text generation -------------------------------------------------------------
-
-    def tokenizer(self):
-        path = self.out_dir / "tokenizer.json"
-        if not path.is_file():
-            raise UsageError(
-                f"{self.out_dir} has no tokenizer.json (the source model had no tokenizer); generate needs one"
-            )
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise EnvironmentProblem("generate needs the tokenizers package: pip install tokenizers") from None
-        return Tokenizer.from_file(str(path))
-
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
-        """Greedy generation; yields text pieces as soon as they decode cleanly."""
-        tokenizer = self.tokenizer()
-        prompt_ids = tokenizer.encode(prompt).ids
-        eos = set(self.manifest.get("eos_token_ids") or [])
-        input_ids = np.asarray([prompt_ids], dtype=np.int64)
-        mask = np.ones_like(input_ids)
-        cache = self.empty_cache(1)
-        generated: list[int] = []
-        # Decode prompt + generated together: word-boundary spaces live in different
-        # places for different tokenizers, and only the whole sequence decodes them right.
-        prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        emitted = prefix
-        for _ in range(max_new_tokens):
-            logits, cache, _ = self.forward(input_ids, mask, cache)
-            token = int(np.argmax(logits[0, -1]))
-            if token in eos:
-                break
-            generated.append(token)
-            text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(emitted) :]
-                emitted = text
-            input_ids = np.asarray([[token]], dtype=np.int64)
-            mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        return generate_text(self, load_tokenizer(self.out_dir), prompt, max_new_tokens)
+
+
+def open_model(out_dir: str | Path, backend: str = "ort"):
+    """The ONNX Runtime model, or the TensorRT engine (same interface) for backend "trt"."""
+    if backend == "trt":
+        from targets.tensorrt_backend import TRTModel
+
+        return TRTModel(out_dir)
+    return SAModel(out_dir)
+
+
+def load_tokenizer(out_dir: str | Path):
+    path = Path(out_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UsageError(f"{out_dir} has no tokenizer.json (the source model had no tokenizer); generate needs one")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise EnvironmentProblem("generate needs the tokenizers package: pip install tokenizers") from None
+    return Tokenizer.from_file(str(path))
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
+    """Greedy generation with any model that has empty_cache/forward; yields text as it decodes cleanly."""
+    prompt_ids = tokenizer.encode(prompt).ids
+    eos = set(model.manifest.get("eos_token_ids") or [])
+    input_ids = np.asarray([prompt_ids], dtype=np.int64)
+    mask = np.ones_like(input_ids)
+    cache = model.empty_cache(1)
+    generated: list[int] = []
+    # Decode prompt + generated together: word-boundary spaces live in different
+    # places for different tokenizers, and only the whole sequence decodes them right.
+    emitted = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    for _ in range(max_new_tokens):
+        logits, cache, _ = model.forward(input_ids, mask, cache)
+        token = int(np.argmax(logits[0, -1]))
+        if token in eos:
+            break
+        generated.append(token)
+        text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield text[len(emitted) :]
+            emitted = text
+        input_ids = np.asarray([[token]], dtype=np.int64)
+        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)

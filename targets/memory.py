@@ -1,0 +1,98 @@
+"""Does the model fit the target's memory, and what is the longest context that does?
+
+total = weights + KV cache (batch x context x bytes per token) + activations + workspace.
+The activation estimate is the prefill profile's peak: attention scores and
+probabilities of one layer ([batch, heads, P, P] in fp32, as the fp32 Softmax keeps
+them), the logits ([batch, P, vocab]) and a few hidden-state buffers. Weights and KV
+bytes are exact; the activation figure is an upper-bound estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from targets.profiles import TargetProfile
+
+GIB = 1 << 30
+_HIDDEN_BUFFERS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryFit:
+    target: str
+    usable_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+    workspace_bytes: int
+    batch: int
+    context: int
+    kv_per_token_base: int
+    kv_per_token_sa: int
+
+    def total(self, kv_per_token: int, context: int | None = None) -> int:
+        context = self.context if context is None else context
+        return self.weight_bytes + self.activation_bytes + self.workspace_bytes + self.batch * context * kv_per_token
+
+    @property
+    def fits_sa(self) -> bool:
+        return self.total(self.kv_per_token_sa) <= self.usable_bytes
+
+    @property
+    def fits_base(self) -> bool:
+        return self.total(self.kv_per_token_base) <= self.usable_bytes
+
+    def max_context(self, kv_per_token: int) -> int:
+        free = self.usable_bytes - self.total(kv_per_token, 0)
+        return max(0, free // (self.batch * kv_per_token))
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.target,
+            "usable_bytes": self.usable_bytes,
+            "weight_bytes": self.weight_bytes,
+            "activation_bytes": self.activation_bytes,
+            "workspace_bytes": self.workspace_bytes,
+            "batch": self.batch,
+            "context": self.context,
+            "total_bytes_base": self.total(self.kv_per_token_base),
+            "total_bytes_sa": self.total(self.kv_per_token_sa),
+            "fits_base": self.fits_base,
+            "fits_sa": self.fits_sa,
+            "max_context_base": self.max_context(self.kv_per_token_base),
+            "max_context_sa": self.max_context(self.kv_per_token_sa),
+        }
+
+    def lines(self) -> list[str]:
+        gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        return [
+            f"memory on {self.target}: {gib(self.usable_bytes)} usable; weights {gib(self.weight_bytes)}, "
+            f"activations ~{gib(self.activation_bytes)}, workspace {gib(self.workspace_bytes)}",
+            f"at batch {self.batch} x {self.context} tokens: baseline {gib(self.total(self.kv_per_token_base))} "
+            f"({'fits' if self.fits_base else 'does not fit'}), SA {gib(self.total(self.kv_per_token_sa))} "
+            f"({'fits' if self.fits_sa else 'does not fit'})",
+            f"largest context that fits at batch {self.batch}: baseline {self.max_context(self.kv_per_token_base):,} tokens, "
+            f"SA {self.max_context(self.kv_per_token_sa):,} tokens",
+        ]
+
+
+def memory_fit(manifest: dict, weight_bytes: int, target: TargetProfile, batch: int, context: int) -> MemoryFit:
+    model = manifest["model"]
+    itemsize = 2 if manifest["precision"] == "fp16" else 4
+    prefill = target.max_prefill
+    activations = batch * (
+        2 * model["num_heads"] * prefill * prefill * 4
+        + prefill * model["vocab_size"] * itemsize
+        + _HIDDEN_BUFFERS * prefill * model["hidden_size"] * 4
+    )
+    savings = manifest["cache"]["savings"]
+    return MemoryFit(
+        target=target.name,
+        usable_bytes=int(target.usable_gib * GIB),
+        weight_bytes=weight_bytes,
+        activation_bytes=activations,
+        workspace_bytes=target.workspace_mib << 20,
+        batch=batch,
+        context=context,
+        kv_per_token_base=savings["bytes_per_token_base"],
+        kv_per_token_sa=savings["bytes_per_token_sa"],
+    )
