@@ -98,7 +98,10 @@ class TRTModel:
 
     def __init__(self, out_dir: str | Path):
         _tensorrt()
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        try:
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        except ImportError:
+            raise EnvironmentProblem("running engines needs Polygraphy: pip install 'sa-export[tensorrt]'") from None
 
         self.out_dir = Path(out_dir)
         self.manifest = read_manifest(self.out_dir)
