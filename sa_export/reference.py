@@ -33,13 +33,12 @@ def _model_eager_attention(module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def shared_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def shared_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    """Signature-agnostic: arguments pass through to the model's own eager attention."""
     state = getattr(module, "_sa_state", None)
     layer = module.layer_idx
     if state is None or layer not in state.plan.anchors:
-        output, probs = _model_eager_attention(module)(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        output, probs = _model_eager_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
         if state is not None and layer in state.anchor_layers:
             state.probs[layer] = probs
         return output, probs
@@ -48,7 +47,7 @@ def shared_attention_forward(module, query, key, value, attention_mask, scaling,
         probs = state.probs[state.plan.anchors[layer]]
     else:
         probs = mix_probs(state.probs, head_map)
-    values = _repeat_kv(value, module.num_key_value_groups)
+    values = _repeat_kv(value, query.shape[1] // value.shape[1])
     output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
     return output, probs
 
@@ -86,7 +85,11 @@ def _register() -> None:
 
 
 def attention_modules(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    """Self-attention modules: they carry their layer index (every supported architecture does)."""
+    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    if len(modules) != model.config.num_hidden_layers:
+        raise RuntimeError(f"found {len(modules)} attention modules for {model.config.num_hidden_layers} layers")
+    return modules
 
 
 @contextlib.contextmanager
