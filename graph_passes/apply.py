@@ -11,6 +11,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from graph_passes.attention_blocks import cache_layers, find_attention_blocks
 from graph_passes.drop_k_cache import DropKCachePass
+from graph_passes.narrow_projections import NarrowSlicedProjectionsPass
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 from sa_export.errors import AttentionPatternError, PlanError
 from sa_export.plan import SharingPlan
@@ -75,6 +76,8 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan) -> RewriteReport:
 
     ShareProbabilitiesPass(plan)(model)
     DropKCachePass(plan)(model)
+    RemoveUnusedNodesPass()(model)
+    NarrowSlicedProjectionsPass()(model)
     RemoveUnusedNodesPass()(model)
     RemoveUnusedOpsetsPass()(model)
 

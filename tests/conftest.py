@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox")
 TINY = dict(
     vocab_size=256,
     hidden_size=64,
@@ -29,8 +30,16 @@ TINY = dict(
 
 
 def _tiny_config(arch: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
+    if arch == "qwen3":
+        return Qwen3Config(**TINY, head_dim=16)  # q_norm / k_norm
+    if arch == "phi3":
+        return Phi3Config(**TINY, pad_token_id=0)  # fused qkv_proj
+    if arch == "gpt2":  # fused c_attn (Conv1D), learned positions, no RoPE
+        return GPT2Config(vocab_size=256, n_embd=64, n_layer=6, n_head=4, n_positions=256)
+    if arch == "gpt_neox":  # fused, head-interleaved query_key_value, partial rotary
+        return GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, max_position_embeddings=256)
     if arch == "llama":
         return LlamaConfig(**TINY)
     if arch == "mistral":
@@ -73,7 +82,7 @@ def build_tiny_tokenizer(vocab_size: int):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny_model(arch, root / arch) for arch in ("llama", "mistral", "qwen2")}
+    return {arch: build_tiny_model(arch, root / arch) for arch in TINY_ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,26 @@ import pytest
 from tests.helpers import leftovers, run_cli
 
 
+def test_every_registered_architecture_has_a_tiny_fixture():
+    from sa_export.models import ARCHITECTURES
+    from tests.conftest import TINY_ARCHITECTURES
+
+    assert set(ARCHITECTURES) == set(TINY_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gpt2", "gpt_neox"])
+def test_more_architectures_convert_and_pass_check(arch, tiny_models, tmp_path):
+    out = tmp_path / f"{arch}-sa"
+    result = run_cli("convert", tiny_models[arch], "--span", "3-4", "-o", out, "--json", tmp_path / "summary.json")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+    inputs = {i.name for i in onnx.load(out / "model.onnx", load_external_data=False).graph.input}
+    assert "past_key_values.3.key" not in inputs and "past_key_values.3.value" in inputs
+    removed = json.loads((tmp_path / "summary.json").read_text())["weight_bytes_removed"]
+    if arch in ("qwen3", "phi3"):  # separate or Slice-fused Q/K columns leave the file
+        assert removed == 2 * (64 * 64 + 64 * 32) * 4
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_convert_then_check_passes_on_tiny_models(arch, tiny_models, tmp_path):
     out = tmp_path / f"{arch}-sa"
