@@ -9,7 +9,7 @@ import math
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
-from graph_passes.attention_blocks import cache_layers, find_attention_blocks
+from graph_passes.attention_blocks import cache_layers, find_attention_blocks, refuse_fused_attention
 from graph_passes.drop_k_cache import DropKCachePass
 from graph_passes.narrow_projections import NarrowSlicedProjectionsPass
 from graph_passes.share_probabilities import ShareProbabilitiesPass
@@ -63,6 +63,7 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan) -> RewriteReport:
             f"this graph was already converted with another plan ({previous.describe()}); convert the original export instead"
         )
 
+    refuse_fused_attention(graph)
     layers = cache_layers(graph)
     if not layers:
         raise PlanError("the ONNX graph has no past_key_values inputs; export it with past key values (task text-generation-with-past)")

@@ -129,6 +129,22 @@ def _cache_names(
     return None
 
 
+# Fused attention ops of runtime-specific domains that no pass rewrites yet.
+FUSED_ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention"}
+
+
+def refuse_fused_attention(graph: ir.Graph) -> None:
+    """Name the first fused attention node (and its layer) that the passes cannot rewrite."""
+    for node in graph.all_nodes():
+        if node.domain == "com.microsoft" and node.op_type in FUSED_ATTENTION_OPS:
+            layers = [int(m.group(1)) for v in node.inputs if v is not None for m in [PAST_RE.match(v.name or "")] if m]
+            raise AttentionPatternError(
+                layers[0] if layers else None,
+                f"{node.domain} {node.op_type} {node.name!r} is a fused runtime-specific attention that no pass handles yet; "
+                "re-export with decomposed attention (`sa-export convert HF_DIR`, or optimum-cli export onnx --task text-generation-with-past)",
+            )
+
+
 def find_attention_blocks(graph: ir.Graph) -> list[AttentionBlock]:
     """One AttentionBlock per layer that still computes its own attention, sorted by layer."""
     inputs = {v.name for v in graph.inputs}

@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2": ArchitectureSpec("qwen2", sliding_window_attr="sliding_window"),
     "qwen3": ArchitectureSpec("qwen3", sliding_window_attr="sliding_window"),
     "phi3": ArchitectureSpec("phi3", sliding_window_attr="sliding_window"),
+    "gemma2": ArchitectureSpec("gemma2", sliding_window_attr="sliding_window"),
     "gpt2": ArchitectureSpec("gpt2"),
     "gpt_neox": ArchitectureSpec("gpt_neox"),
 }

@@ -58,17 +58,21 @@ def parity_cases(tokenizer, vocab_size: int, seed: int = 0) -> list[Case]:
 class _Reference:
     """The HF model under the SA plan, stepping with its own cache."""
 
-    def __init__(self, model, plan: SharingPlan):
+    def __init__(self, model, plan: SharingPlan, position_ids: bool):
         self.model = model
         self.plan = plan
+        # Graphs without a position_ids input (Gemma exports) count positions from the
+        # cache length, as Hugging Face does when it is given none.
+        self.position_ids = position_ids
 
     @torch.no_grad()
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache):
+        positions = position_ids_from_mask(attention_mask, input_ids.shape[1]) if self.position_ids else None
         with shared_attention(self.model, self.plan):
             out = self.model(
                 input_ids=torch.from_numpy(input_ids),
                 attention_mask=torch.from_numpy(attention_mask),
-                position_ids=torch.from_numpy(position_ids_from_mask(attention_mask, input_ids.shape[1])),
+                position_ids=torch.from_numpy(positions) if positions is not None else None,
                 past_key_values=cache,
                 use_cache=True,
             )
@@ -91,7 +95,7 @@ def run_parity(
 ) -> ParityReport:
     from transformers import DynamicCache
 
-    reference = _Reference(hf_model, plan)
+    reference = _Reference(hf_model, plan, "position_ids" in sa_model.manifest["io"])
     comparisons: list[OutputComparison] = []
     matches = total = 0
     cases = parity_cases(tokenizer, hf_model.config.vocab_size)

@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox")
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2", "gpt_neox")
 TINY = dict(
     vocab_size=256,
     hidden_size=64,
@@ -30,12 +30,14 @@ TINY = dict(
 
 
 def _tiny_config(arch: str):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     if arch == "qwen3":
         return Qwen3Config(**TINY, head_dim=16)  # q_norm / k_norm
     if arch == "phi3":
         return Phi3Config(**TINY, pad_token_id=0)  # fused qkv_proj
+    if arch == "gemma2":  # attention softcapping; sliding and global layers alternate
+        return Gemma2Config(**TINY, head_dim=16, sliding_window=16)
     if arch == "gpt2":  # fused c_attn (Conv1D), learned positions, no RoPE
         return GPT2Config(vocab_size=256, n_embd=64, n_layer=6, n_head=4, n_positions=256)
     if arch == "gpt_neox":  # fused, head-interleaved query_key_value, partial rotary

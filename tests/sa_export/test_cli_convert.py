@@ -28,6 +28,15 @@ def test_more_architectures_convert_and_pass_check(arch, tiny_models, tmp_path):
         assert removed == 2 * (64 * 64 + 64 * 32) * 4
 
 
+def test_gemma_span_across_sliding_and_global_layers_is_refused_and_same_kind_passes(tiny_models, tmp_path):
+    result = run_cli("convert", tiny_models["gemma2"], "--span", "3-4", "-o", tmp_path / "mixed")
+    assert result.exit_code == 2 and "differs in kind" in result.stderr and "--force" in result.stderr
+    assert leftovers(tmp_path / "mixed") == []
+    result = run_cli("convert", tiny_models["gemma2"], "--span", "4", "--anchor", "2", "-o", tmp_path / "same")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_convert_then_check_passes_on_tiny_models(arch, tiny_models, tmp_path):
     out = tmp_path / f"{arch}-sa"
