@@ -94,9 +94,10 @@ def resolve_model(model: str) -> ModelSource:
         if path.suffix == ".onnx":
             return ModelSource("onnx", path.resolve(), model)
         raise UsageError(f"model {model!r} is a file but not .onnx; give a model directory or an .onnx file")
-    if (path / "config.json").is_file():
-        return ModelSource("hf", path.resolve(), model)
     onnx_files = sorted(path.glob("*.onnx"))
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    if (path / "config.json").is_file() and (has_weights or not onnx_files):
+        return ModelSource("hf", path.resolve(), model)
     if len(onnx_files) == 1:
         return ModelSource("onnx", onnx_files[0].resolve(), model)
     if len(onnx_files) > 1:

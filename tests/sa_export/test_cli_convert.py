@@ -109,3 +109,17 @@ def test_converting_to_an_existing_out_is_refused_and_overwrite_replaces_it(tiny
     result = run_cli("convert", tiny_llama, "--span", "2", "-o", out, "--overwrite", "--no-check")
     assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.onnx").exists()
     assert leftovers(out) == [out]
+
+
+def test_an_onnx_export_converts_and_checks_against_its_reference(tiny_llama, tmp_path):
+    from sa_export.models import ModelSource, load_hf_model
+    from sa_export.pipeline import _export
+
+    exported = _export(load_hf_model(ModelSource("hf", tiny_llama, "tiny")), tmp_path / "export")
+    out = tmp_path / "sa"
+    result = run_cli("convert", exported.parent, "--span", "3-4", "--reference", tiny_llama, "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+    assert run_cli("check", out).exit_code == 0  # the manifest remembers the reference
+    missing = run_cli("convert", exported, "--span", "3-4", "-o", tmp_path / "noref")
+    assert missing.exit_code == 2 and "--reference" in missing.stderr
