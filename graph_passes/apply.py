@@ -11,7 +11,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from graph_passes.attention_blocks import cache_layers, find_attention_blocks, refuse_fused_attention
 from graph_passes.drop_k_cache import DropKCachePass
-from graph_passes.narrow_projections import NarrowSlicedProjectionsPass
+from graph_passes.narrow_projections import (
+    NarrowSlicedProjectionsPass,
+    NarrowSplitProjectionsPass,
+    ShapeFromLiveSplitOutputPass,
+)
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 from sa_export.errors import AttentionPatternError, PlanError
 from sa_export.plan import SharingPlan
@@ -78,7 +82,9 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan) -> RewriteReport:
     ShareProbabilitiesPass(plan)(model)
     DropKCachePass(plan)(model)
     RemoveUnusedNodesPass()(model)
+    ShapeFromLiveSplitOutputPass()(model)
     NarrowSlicedProjectionsPass()(model)
+    NarrowSplitProjectionsPass()(model)
     RemoveUnusedNodesPass()(model)
     RemoveUnusedOpsetsPass()(model)
 

@@ -1,4 +1,4 @@
-"""Slice the Q and K columns out of fused QKV projections that only V still reads.
+"""Drop the Q and K columns of fused QKV projections that only V still reads.
 
 After sharing, a fused projection (Phi-3's qkv_proj) of a shared layer feeds a single
 Slice that takes the V columns. This pass narrows the weight (and bias) to those
@@ -40,9 +40,7 @@ def _sliced_columns(node: ir.Node, width: int) -> tuple[int, int] | None:
 
 
 def _replace_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    node.replace_input_with(index, value)
+    node.replace_input_with(index, _constant(graph, name, array))
 
 
 class NarrowSlicedProjectionsPass(ir.passes.InPlacePass):
@@ -80,3 +78,92 @@ class NarrowSlicedProjectionsPass(ir.passes.InPlacePass):
             ir.convenience.replace_all_uses_with(slice_node.outputs[0], output)
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _through_identity(value: ir.Value | None) -> ir.Value | None:
+    while value is not None and value.producer() is not None and value.producer().op_type == "Identity":
+        value = value.producer().inputs[0]
+    return value
+
+
+def _only_reads_leading_dims(shape_node: ir.Node, axis: int) -> bool:
+    """True when every consumer of Shape(x) reads dims before ``axis`` only (Gather with constant indices)."""
+    if shape_node.op_type != "Shape" or shape_node.attributes.get("start") is not None or shape_node.attributes.get("end") is not None:
+        return False
+    for use in shape_node.outputs[0].uses():
+        indices = _constant_ints(use.node.inputs[1]) if use.node.op_type == "Gather" and use.idx == 0 else None
+        if indices is None or not all(0 <= i < axis for i in indices):
+            return False
+    return True
+
+
+class ShapeFromLiveSplitOutputPass(ir.passes.InPlacePass):
+    """Read batch/sequence sizes from the live output of a Split instead of a dead one.
+
+    GPT-2 reshapes V with the leading dims of K (``key.shape[:-1]``); all outputs of a
+    Split share the dims before its axis, so taking them from V lets K die.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for split in [n for n in model.graph if n.op_type == "Split"]:
+            axis = split.attributes.get_int("axis", 0)
+            if axis <= 0:
+                continue
+            live = [o for o in split.outputs if any(u.node.op_type != "Shape" for u in o.uses())]
+            if not live:
+                continue
+            for output in split.outputs:
+                uses = list(output.uses())
+                if output in live or not uses or not all(_only_reads_leading_dims(u.node, axis) for u in uses):
+                    continue
+                for use in uses:
+                    use.node.replace_input_with(0, live[0])
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+class NarrowSplitProjectionsPass(ir.passes.InPlacePass):
+    """Gemm(x, W, b) -> Reshape(.., [.., width]) -> Split(last axis) with one live output:
+    compute only that output's columns (GPT-2's c_attn in a shared layer)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for split in [n for n in graph if n.op_type == "Split"]:
+            live = [i for i, o in enumerate(split.outputs) if o.uses() or o.is_graph_output()]
+            sizes = _constant_ints(split.inputs[1]) if len(split.inputs) > 1 else None
+            reshape = split.inputs[0].producer()
+            if len(live) != 1 or sizes is None or reshape is None or reshape.op_type != "Reshape":
+                continue
+            gemm = reshape.inputs[0].producer()
+            concat = reshape.inputs[1].producer()
+            if gemm is None or gemm.op_type != "Gemm" or concat is None or concat.op_type != "Concat":
+                continue
+            if any(gemm.attributes.get_int(a, 0) for a in ("transA", "transB")) or gemm.attributes.get_float("alpha", 1.0) != 1.0:
+                continue
+            weight = ir.convenience.get_const_tensor(gemm.inputs[1])
+            bias_value = _through_identity(gemm.inputs[2]) if len(gemm.inputs) > 2 else None
+            bias = ir.convenience.get_const_tensor(bias_value) if bias_value is not None else None
+            width = _constant_ints(concat.inputs[-1])
+            if weight is None or width != [weight.shape[1]] or sum(sizes) != weight.shape[1] or split.attributes.get_int("axis", 0) != len(concat.inputs) - 1:
+                continue
+            start = sum(sizes[: live[0]])
+            end = start + sizes[live[0]]
+            prefix = f"{gemm.name or 'gemm'}.cols{start}_{end}"
+            inputs = [gemm.inputs[0], _constant(graph, prefix + ".weight", weight.numpy()[:, start:end])]
+            if bias is not None:
+                inputs.append(_constant(graph, prefix + ".bias", bias.numpy()[start:end]))
+            narrow = ir.node("Gemm", inputs, attributes={"alpha": 1.0, "beta": gemm.attributes.get_float("beta", 1.0)}, name=prefix)
+            shape = ir.node("Concat", [*concat.inputs[:-1], _constant(graph, prefix + ".width", np.array([end - start], np.int64))], attributes={"axis": 0}, name=prefix + ".shape")
+            reshaped = ir.node("Reshape", [narrow.outputs[0], shape.outputs[0]], name=prefix + ".reshape")
+            graph.insert_before(split, [narrow, shape, reshaped])
+            ir.convenience.replace_all_uses_with(split.outputs[live[0]], reshaped.outputs[0])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
