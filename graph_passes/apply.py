@@ -17,6 +17,7 @@ from graph_passes.narrow_projections import (
     ShapeFromLiveSplitOutputPass,
 )
 from graph_passes.share_probabilities import ShareProbabilitiesPass
+from graph_passes.unfuse_attention import UnfuseAttentionPass
 from sa_export.errors import AttentionPatternError, PlanError
 from sa_export.plan import SharingPlan
 
@@ -68,6 +69,7 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan) -> RewriteReport:
         )
 
     refuse_fused_attention(graph)
+    UnfuseAttentionPass()(model)
     layers = cache_layers(graph)
     if not layers:
         raise PlanError("the ONNX graph has no past_key_values inputs; export it with past key values (task text-generation-with-past)")

@@ -113,6 +113,8 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @calib_tokens_option
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
+@click.option("--exporter", type=click.Choice(["optimum", "dynamo"]), default="optimum", show_default=True, help="optimum (TorchScript) or torch.onnx's dynamo exporter.")
+@click.option("--opset", type=click.Choice(["18", "23"]), default=None, help="Opset for --exporter dynamo; 23 exports SDPA as the ONNX Attention op. [default: 18]")
 @click.option("--max-batch", type=click.IntRange(1), help="Largest batch for the engine profiles and memory fit [default: the target's].")
 @click.option("--max-context", type=click.IntRange(2), help="Longest context (prompt + generated) to plan for; exit 1 if it does not fit the target.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-sa).")
@@ -124,7 +126,7 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 @force_option
 @handle_errors
-def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
+def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
     """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
 
     \b
@@ -139,7 +141,7 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
         decode_steps=decode_steps, head_map=head_map, calib_file=calib_file, calib_tokens=calib_tokens,
-        max_batch=max_batch, max_context=max_context,
+        max_batch=max_batch, max_context=max_context, exporter=exporter, opset=int(opset) if opset else None,
     )
     result = run_convert(request)
     savings = result.manifest["cache"]["savings"]

@@ -167,7 +167,7 @@ def load_config(source: ModelSource):
     return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
 
 
-def load_hf_model(source: ModelSource, allow_pickle: bool = False, half: bool = False):
+def load_hf_model(source: ModelSource, allow_pickle: bool = False, half: bool = False, attention: str = "eager"):
     """Load the PyTorch model with eager attention (the reference needs the probabilities).
 
     fp32 unless ``half``: the reference is always fp32; an fp16 copy is loaded only to export.
@@ -187,7 +187,7 @@ def load_hf_model(source: ModelSource, allow_pickle: bool = False, half: bool = 
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
         dtype=torch.float16 if half else torch.float32,
-        attn_implementation="eager",
+        attn_implementation=attention,
         trust_remote_code=False,
         use_safetensors=has_safetensors,
     )

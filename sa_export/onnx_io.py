@@ -54,5 +54,7 @@ def save_onnx(model: ir.Model, out_dir: Path) -> list[str]:
     if initializer_bytes(model.graph) >= EXTERNAL_DATA_THRESHOLD:
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         return [MODEL_FILE, DATA_FILE]
+    # Small enough for one file: bring weights that an exporter put in external data inside.
+    ir.external_data.load_to_model(model)
     ir.save(model, out_dir / MODEL_FILE)
     return [MODEL_FILE]

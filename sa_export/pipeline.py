@@ -14,6 +14,7 @@ from sa_export import __version__
 from sa_export.atomic import atomic_directory, refuse_existing
 from sa_export.compare import TOLERANCES, ParityReport
 from sa_export.errors import CheckFailed, ParityError, UsageError
+from sa_export.export import export_model
 from sa_export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -52,6 +53,8 @@ class ConvertRequest:
     calib_tokens: int = 4096
     max_batch: int | None = None  # None: the target's
     max_context: int | None = None  # None: the target's; given: exit 1 when it does not fit
+    exporter: str = "optimum"
+    opset: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,13 +179,6 @@ def _reference_source(request: ConvertRequest, source: ModelSource) -> ModelSour
     return reference
 
 
-def _export(model, export_dir: Path) -> Path:
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    onnx_export_from_model(model, export_dir, task="text-generation-with-past", do_validation=False)
-    return export_dir / "model.onnx"
-
-
 def convert(request: ConvertRequest) -> ConvertResult:
     out = Path(request.out)
     refuse_existing(out, request.overwrite)
@@ -232,10 +228,15 @@ def convert(request: ConvertRequest) -> ConvertResult:
             _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
             plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
         if graph_model is None:
-            with step(f"exporting to ONNX with optimum (text-generation-with-past, {precision})", timings, "export"):
-                export_model = hf_model if precision == "fp32" else load_hf_model(reference, request.allow_pickle, half=True)
-                graph_model = load_onnx(_export(export_model, tmp / "export"))
-                del export_model
+            with step(f"exporting to ONNX with {request.exporter} ({precision}, opset {request.opset or 18})", timings, "export"):
+                # Dynamo at opset 23 turns SDPA into the ONNX Attention op; the passes unfuse it.
+                attention = "sdpa" if request.exporter == "dynamo" and (request.opset or 18) >= 23 else "eager"
+                if precision == "fp32" and attention == "eager":
+                    source_model = hf_model
+                else:
+                    source_model = load_hf_model(reference, request.allow_pickle, half=precision == "fp16", attention=attention)
+                graph_model = load_onnx(export_model(source_model, tmp / "export", request.exporter, request.opset))
+                del source_model
         with step(f"rewriting the graph: {plan.describe()}", timings, "passes"):
             if precision == "fp16":
                 Fp32SoftmaxPass()(graph_model)

@@ -13,7 +13,7 @@ from sa_export.plan import HeadMap, SharingPlan, build_plan
 @pytest.fixture(scope="module")
 def exported(tiny_llama, tmp_path_factory):
     from sa_export.models import ModelSource, load_hf_model
-    from sa_export.pipeline import _export
+    from sa_export.export import export_optimum as _export
 
     out = tmp_path_factory.mktemp("export")
     return _export(load_hf_model(ModelSource("hf", tiny_llama, "tiny")), out)

@@ -115,7 +115,7 @@ def test_converting_to_an_existing_out_is_refused_and_overwrite_replaces_it(tiny
 
 def test_an_onnx_export_converts_and_checks_against_its_reference(tiny_llama, tmp_path):
     from sa_export.models import ModelSource, load_hf_model
-    from sa_export.pipeline import _export
+    from sa_export.export import export_optimum as _export
 
     exported = _export(load_hf_model(ModelSource("hf", tiny_llama, "tiny")), tmp_path / "export")
     out = tmp_path / "sa"
@@ -125,3 +125,16 @@ def test_an_onnx_export_converts_and_checks_against_its_reference(tiny_llama, tm
     assert run_cli("check", out).exit_code == 0  # the manifest remembers the reference
     missing = run_cli("convert", exported, "--span", "3-4", "-o", tmp_path / "noref")
     assert missing.exit_code == 2 and "--reference" in missing.stderr
+
+
+@pytest.mark.parametrize("opset", ["18", "23"])
+def test_dynamo_exports_convert_and_check(opset, tiny_models, tmp_path):
+    """Flat node names (node_Softmax_195) at opset 18; the ONNX Attention op at opset 23."""
+    out = tmp_path / f"dynamo{opset}"
+    result = run_cli("convert", tiny_models["llama"], "--span", "3-4", "--exporter", "dynamo", "--opset", opset, "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+    graph = onnx.load(out / "model.onnx").graph
+    assert not [n for n in graph.node if n.op_type == "Attention"]
+    assert sum(i.name.endswith(".key") for i in graph.input) == 4
+    assert json.loads((out / "sa_manifest.json").read_text())["opset"] == int(opset)

@@ -1,0 +1,98 @@
+"""Export a Hugging Face decoder LM to ONNX with past key values.
+
+Two exporters, one I/O contract (input_ids, attention_mask, position_ids,
+past_key_values.N.key/value -> logits, present.N.key/value):
+  optimum  the TorchScript exporter through optimum (text-generation-with-past);
+  dynamo   torch.onnx.export(dynamo=True), at opset 18 or 23. With SDPA attention at
+           opset 23 it emits the standard ONNX Attention op, which the passes unfuse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sa_export.errors import UsageError
+
+EXPORTERS = ("optimum", "dynamo")
+
+
+def export_optimum(model, export_dir: Path) -> Path:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(model, export_dir, task="text-generation-with-past", do_validation=False)
+    return export_dir / "model.onnx"
+
+
+class _FlatCacheModel(torch.nn.Module):
+    """The model with the cache as flat tensors, the form torch.export and ONNX want."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer in range(self.num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def export_dynamo(model, export_dir: Path, opset: int = 18) -> Path:
+    """torch.onnx's dynamo exporter with dynamic batch, sequence and past lengths."""
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        raise UsageError("--exporter dynamo needs onnxscript: pip install onnxscript") from None
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    batch, seq, past_len = 2, 5, 3
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    mask = torch.ones(batch, seq + past_len, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + seq)[None].expand(batch, -1)
+    dtype = next(model.parameters()).dtype
+    past = [torch.randn(batch, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * layers)]
+    cache_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    dim = torch.export.Dim
+    b, s, p, t = dim("batch_size", max=1024), dim("sequence_length", max=65536), dim("past_sequence_length", max=131072), dim("total_sequence_length", max=196608)
+    dynamic = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": tuple({0: b, 2: p} for _ in range(2 * layers)),
+    }
+    export_dir.mkdir(parents=True, exist_ok=True)
+    path = export_dir / "model.onnx"
+    torch.onnx.export(
+        _FlatCacheModel(model).eval(),
+        (ids, mask, positions, *past),
+        str(path),
+        input_names=["input_ids", "attention_mask", "position_ids", *cache_names],
+        output_names=["logits", *present_names],
+        dynamic_shapes=dynamic,
+        dynamo=True,
+        opset_version=opset,
+        external_data=True,
+    )
+    return path
+
+
+def export_model(model, export_dir: Path, exporter: str = "optimum", opset: int | None = None) -> Path:
+    if exporter == "optimum":
+        if opset not in (None, 18):
+            raise UsageError("--opset applies to --exporter dynamo; optimum exports at opset 18")
+        return export_optimum(model, export_dir)
+    if exporter == "dynamo":
+        return export_dynamo(model, export_dir, opset or 18)
+    raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
