@@ -12,6 +12,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 from graph_passes.attention_blocks import cache_layers, find_attention_blocks, refuse_fused_attention
 from graph_passes.drop_k_cache import DropKCachePass
 from graph_passes.narrow_projections import (
+    NarrowInterleavedProjectionsPass,
     NarrowSlicedProjectionsPass,
     NarrowSplitProjectionsPass,
     ShapeFromLiveSplitOutputPass,
@@ -87,6 +88,7 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan) -> RewriteReport:
     ShapeFromLiveSplitOutputPass()(model)
     NarrowSlicedProjectionsPass()(model)
     NarrowSplitProjectionsPass()(model)
+    NarrowInterleavedProjectionsPass()(model)
     RemoveUnusedNodesPass()(model)
     RemoveUnusedOpsetsPass()(model)
 

@@ -69,12 +69,13 @@ class NarrowSlicedProjectionsPass(ir.passes.InPlacePass):
             if columns is None or slice_node.outputs[0].is_graph_output():
                 continue
             start, end = columns
-            _replace_initializer(graph, matmul, 1, tensor.numpy()[:, start:end], f"{weight.name}.cols{start}_{end}")
+            prefix = f"{matmul.name or weight.name}.cols{start}_{end}"
+            _replace_initializer(graph, matmul, 1, tensor.numpy()[:, start:end], prefix + ".weight")
             if bias_add is not None:
                 slot = 1 - [u for u in matmul.outputs[0].uses()][0].idx
                 bias_value = bias_add.inputs[slot]
                 bias_array = ir.convenience.get_const_tensor(bias_value).numpy()[start:end]
-                _replace_initializer(graph, bias_add, slot, bias_array, f"{bias_value.name}.cols{start}_{end}")
+                _replace_initializer(graph, bias_add, slot, bias_array, prefix + ".bias")
             ir.convenience.replace_all_uses_with(slice_node.outputs[0], output)
             modified = True
         return ir.passes.PassResult(model, modified)
@@ -167,3 +168,85 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
+
+
+def _single_non_shape_use(value: ir.Value) -> ir.Usage | None:
+    uses = [u for u in value.uses() if u.node.op_type != "Shape"]
+    return uses[0] if len(uses) == 1 else None
+
+
+class NarrowInterleavedProjectionsPass(ir.passes.InPlacePass):
+    """GPT-NeoX's query_key_value: MatMul (+ bias) -> Reshape [.., heads, 3 * head_dim] ->
+    Transpose -> Slice of the V part of every head. In a shared layer only that Slice
+    is left, so keep only V's columns of each head.
+
+    The Slice bounds are computed from Shape(...) in the export; onnxscript's constant
+    folder turns them into constants once the per-head width is annotated on the
+    Reshape and Transpose outputs (it is the Reshape's constant last dimension).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.optimizer import fold_constants
+
+        candidates = [m for m in (self._match(n) for n in model.graph if n.op_type == "MatMul") if m is not None]
+        if not candidates:
+            return ir.passes.PassResult(model, False)
+        for _, _, reshape, transpose, _, width in candidates:
+            for value in (reshape.outputs[0], transpose.outputs[0]):
+                rank = len(value.shape) if value.shape is not None else 4
+                value.shape = ir.Shape([*(value.shape or [None] * rank)[:-1], width]) if rank else value.shape
+        # Fold only small shape arithmetic; large tensors stay as they are.
+        fold_constants(model, input_size_limit=64, output_size_limit=64)
+        modified = False
+        for matmul, bias_add, reshape, transpose, slice_node, width in candidates:
+            bounds = _sliced_columns(slice_node, width) if slice_node.graph is not None else None
+            if bounds is None:
+                continue
+            start, end = bounds
+            graph = model.graph
+            weight = ir.convenience.get_const_tensor(matmul.inputs[1]).numpy()
+            heads = weight.shape[1] // width
+            columns = np.concatenate([np.arange(h * width + start, h * width + end) for h in range(heads)])
+            prefix = f"{matmul.name or matmul.inputs[1].name}.heads{start}_{end}"
+            _replace_initializer(graph, matmul, 1, weight[:, columns], prefix + ".weight")
+            if bias_add is not None:
+                slot = next(i for i, v in enumerate(bias_add.inputs) if v is not matmul.outputs[0])
+                bias = ir.convenience.get_const_tensor(_through_identity(bias_add.inputs[slot])).numpy()
+                _replace_initializer(graph, bias_add, slot, bias[columns], prefix + ".bias")
+            shape = reshape.inputs[1].producer()
+            new_width = _constant(graph, f"{reshape.name}.width{end - start}", np.array([end - start], np.int64))
+            concat = ir.node("Concat", [*shape.inputs[:-1], new_width], attributes={"axis": 0}, name=f"{shape.name}.narrow")
+            graph.insert_before(reshape, concat)
+            reshape.replace_input_with(1, concat.outputs[0])
+            ir.convenience.replace_all_uses_with(slice_node.outputs[0], transpose.outputs[0])
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _match(matmul: ir.Node):
+        tensor = ir.convenience.get_const_tensor(matmul.inputs[1]) if matmul.inputs[1] is not None else None
+        if tensor is None or len(tensor.shape) != 2:
+            return None
+        value, bias_add = matmul.outputs[0], None
+        use = _single_non_shape_use(value)
+        if use is not None and use.node.op_type == "Add":
+            bias_add, value = use.node, use.node.outputs[0]
+            use = _single_non_shape_use(value)
+        if use is None or use.node.op_type != "Reshape" or use.idx != 0:
+            return None
+        reshape = use.node
+        shape = reshape.inputs[1].producer()
+        width = _constant_ints(shape.inputs[-1]) if shape is not None and shape.op_type == "Concat" else None
+        if not width or width[0] <= 0 or tensor.shape[1] % width[0] or tensor.shape[1] == width[0]:
+            return None
+        use = _single_non_shape_use(reshape.outputs[0])
+        if use is None or use.node.op_type != "Transpose":
+            return None
+        transpose = use.node
+        perm = transpose.attributes.get_ints("perm", None)
+        if not perm or perm[-1] != len(perm) - 1:
+            return None
+        use = _single_non_shape_use(transpose.outputs[0])
+        if use is None or use.node.op_type != "Slice" or use.idx != 0:
+            return None
+        return matmul, bias_add, reshape, transpose, use.node, width[0]

@@ -28,6 +28,15 @@ def test_more_architectures_convert_and_pass_check(arch, tiny_models, tmp_path):
         assert removed == 2 * (64 * 64 + 64 * 32) * 4
     if arch == "gpt2":  # Split-fused c_attn: Q and K columns (and bias) go, minus a few shape constants
         assert 2 * 64 * 128 * 4 <= removed <= 2 * (64 + 1) * 128 * 4
+    if arch in ("gpt2", "gpt_neox"):  # fused projections: 4 layers keep 3 * 64 columns, the 2 shared keep V's 64
+        graph = onnx.load(out / "model.onnx").graph
+        widths = sorted(
+            tuple(i.dims)[1] for i in graph.initializer if len(i.dims) == 2 and i.dims[0] == 64 and i.dims[1] in (64, 192)
+            and any(n.op_type in ("MatMul", "Gemm") and n.input[1] == i.name and ("attn" in n.name or "attention" in n.name) for n in graph.node)
+        )
+        assert widths.count(192) == 4
+        narrowed = [tuple(i.dims) for i in graph.initializer if i.name.endswith(".weight") and (".cols" in i.name or ".heads" in i.name)]
+        assert narrowed == [(64, 64), (64, 64)]
 
 
 def test_gemma_span_across_sliding_and_global_layers_is_refused_and_same_kind_passes(tiny_models, tmp_path):
