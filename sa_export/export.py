@@ -90,8 +90,6 @@ def export_dynamo(model, export_dir: Path, opset: int = 18) -> Path:
 
 def export_model(model, export_dir: Path, exporter: str = "optimum", opset: int | None = None) -> Path:
     if exporter == "optimum":
-        if opset not in (None, 18):
-            raise UsageError("--opset applies to --exporter dynamo; optimum exports at opset 18")
         return export_optimum(model, export_dir)
     if exporter == "dynamo":
         return export_dynamo(model, export_dir, opset or 18)

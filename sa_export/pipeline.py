@@ -196,6 +196,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
     request = dataclasses.replace(request, precision=precision, target=target.name)
+    if request.exporter == "optimum" and request.opset not in (None, 18):
+        raise UsageError("--opset applies to --exporter dynamo; optimum exports at opset 18")
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -251,14 +253,16 @@ def convert(request: ConvertRequest) -> ConvertResult:
         manifest = build_manifest(source, config, plan, graph_model.graph, files, tmp, request)
         manifest["head_map"] = {"mode": request.head_map, "calibration": calibration.to_json() if calibration else None}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        # A graph the target's TensorRT cannot take fails before the (longer) parity check.
+        profiles = target_profiles(manifest, graph_model, target, request) if target.uses_tensorrt else None
 
         parity = None
         if request.check:
             parity = check_directory(tmp, hf_model, tokenizer, request.decode_steps, timings)
             manifest = read_manifest(tmp)
         target_report = None
-        if target.uses_tensorrt:
-            target_report = prepare_target(tmp, manifest, files, graph_model, target, request, timings)
+        if profiles is not None:
+            target_report = prepare_target(tmp, manifest, files, graph_model, target, request, profiles, timings)
             manifest = read_manifest(tmp)
         sample = None
         if tokenizer is not None:
@@ -282,21 +286,28 @@ class TargetReport:
         return self.memory.fits_sa
 
 
-def prepare_target(tmp: Path, manifest: dict, files: list[str], graph_model, target, request: ConvertRequest, timings) -> TargetReport:
-    """Compatibility check, memory fit, then an engine (GPU here) or a device bundle."""
-    from graph_passes.apply import initializer_bytes
-    from targets.bundle import write_bundle
+def target_profiles(manifest: dict, graph_model, target, request: ConvertRequest) -> list:
+    """Optimization profiles for the target, after checking that its TensorRT takes the graph."""
     from targets.compat import check_compatibility, raise_if_incompatible
-    from targets.memory import memory_fit
     from targets.shapes import profiles_for
-    from targets.tensorrt_backend import build_engine, gpu_available
 
     if manifest.get("model") is None:
         raise UsageError("memory fit for a TensorRT target needs the model's config: pass --reference HF_DIR")
+    context = request.max_context or target.max_context
+    profiles = profiles_for(manifest, request.max_batch or target.max_batch, context, min(target.max_prefill, context))
+    raise_if_incompatible(check_compatibility(graph_model, target, profiles))
+    return profiles
+
+
+def prepare_target(tmp: Path, manifest: dict, files: list[str], graph_model, target, request: ConvertRequest, profiles, timings) -> TargetReport:
+    """Memory fit, then an engine (GPU here) or a device bundle."""
+    from graph_passes.apply import initializer_bytes
+    from targets.bundle import write_bundle
+    from targets.memory import memory_fit
+    from targets.tensorrt_backend import build_engine, gpu_available
+
     batch = request.max_batch or target.max_batch
     context = request.max_context or target.max_context
-    profiles = profiles_for(manifest, batch, context, min(target.max_prefill, context))
-    raise_if_incompatible(check_compatibility(graph_model, target, profiles))
     fit = memory_fit(manifest, initializer_bytes(graph_model.graph), target, batch, context)
     manifest["target_build"] = {
         "target": target.name,
