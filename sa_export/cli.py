@@ -293,6 +293,57 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
         click.echo(f"apply the best: {result.command}")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r}: give positive integers, for example 256,2048,8192")
+    return values
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Baseline OUT-style directory (default: build and cache the unshared export).")
+@click.option("--contexts", default="256,2048,8192", show_default=True, help="Context lengths for decode timing.")
+@click.option("--batches", default="1,4", show_default=True, help="Batch sizes for decode timing.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed steps per model and point (medians are reported).")
+@click.option("--prefill-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Decode time vs context plot (default: OUT/bench.png).")
+@handle_errors
+def bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, json_file, plot_file):
+    """Decode and prefill time, KV and weight bytes of OUT against its unshared baseline,
+    measured side by side, with the ideal saving of a memory-bound decode step next to each."""
+    from sa_export.bench import DecodeRow, run_bench, save_plot
+    from sa_export.progress import progress_bar
+
+    contexts, batches = _int_list(contexts), _int_list(batches)
+    with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
+        result = run_bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance)
+    click.echo(f"SA:       {result['sa']['graph']} ({result['sa']['dir']})")
+    click.echo(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
+    kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]
+    click.echo(f"KV cache: {kv['base']:,} -> {kv['sa']:,} B/token; weights {weights['base']:,} -> {weights['sa']:,} B")
+    click.echo(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10}")
+    for row in result["decode"]:
+        ratio = row["ratio_measured_to_ideal"]
+        click.echo(
+            f"{row['context']:>8} {row['batch']:>5} {row['t_base_ms']:>9.2f} {row['t_sa_ms']:>9.2f} {row['time_ratio_sa_to_base']:>8.3f} "
+            f"{100 * row['measured_saving']:>8.1f}% {100 * row['ideal_saving']:>6.1f}% {ratio if ratio is not None else float('nan'):>10.2f} "
+            f"{row['batch'] * row['context'] * kv['base'] / 2**20:>12.1f} {row['batch'] * row['context'] * kv['sa'] / 2**20:>10.1f}"
+        )
+    prefill = result["prefill"]
+    click.echo(f"prefill {prefill['tokens']} tokens: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
+    click.echo(f"peak RSS of this process: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    plot_file = plot_file or Path(out) / "bench.png"
+    save_plot([DecodeRow(**{k: r[k] for k in ("context", "batch", "t_base_ms", "t_sa_ms", "ideal_saving", "base_bytes", "sa_bytes")}) for r in result["decode"]], plot_file, result["model"])
+    click.echo(f"plot: {plot_file}")
+    _write_json(json_file, result)
+
+
 @main.command()
 @handle_errors
 def targets():

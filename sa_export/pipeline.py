@@ -161,6 +161,7 @@ def build_manifest(
         "io": {v.name: _ONNX_DTYPES.get(v.dtype, str(v.dtype).lower()) for v in [*graph.inputs, *graph.outputs]},
         "precision": request.precision,
         "target": request.target,
+        "exporter": request.exporter,
         "opset": graph.opset_imports.get("", None),
         "eos_token_ids": _eos_ids(config) if config is not None else [],
         "files": artifact_hashes(out_dir, files),
@@ -351,9 +352,12 @@ def check_directory(out_dir: Path, hf_model, tokenizer, decode_steps: int, timin
 
 def reference_for(out_dir: Path, override: str | None) -> ModelSource:
     """The PyTorch model an OUT directory is checked against: --reference, else the manifest's source."""
-    manifest = read_manifest(out_dir)
     if override is not None:
         return resolve_model(override)
+    return manifest_source(read_manifest(out_dir))
+
+
+def manifest_source(manifest: dict) -> ModelSource:
     src = manifest["source"]
     if src.get("reference"):
         return resolve_model(src["reference"])
@@ -378,6 +382,30 @@ def check(out_dir: Path, reference: str | None = None, decode_steps: int = 32, a
         hf_model = load_hf_model(source, allow_pickle)
         tokenizer = load_tokenizer(source)
     return check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend)
+
+
+def build_baseline(manifest: dict, target: Path) -> None:
+    """The same export as an OUT directory's, without sharing: what `bench` compares against."""
+    from graph_passes.unfuse_attention import UnfuseAttentionPass
+
+    source = manifest_source(manifest)
+    config = load_config(source)
+    precision = manifest["precision"]
+    exporter = manifest.get("exporter", "optimum")
+    opset = manifest.get("opset") if exporter == "dynamo" else None
+    request = ConvertRequest(model=source.name, spans=(), out=target, precision=precision, exporter=exporter, opset=opset)
+    with atomic_directory(target, overwrite=True) as tmp:
+        with step(f"building the baseline: {source.name} without sharing ({exporter}, {precision})"):
+            attention = "sdpa" if exporter == "dynamo" and (opset or 18) >= 23 else "eager"
+            model = load_hf_model(source, half=precision == "fp16", attention=attention)
+            graph_model = load_onnx(export_model(model, tmp / "export", exporter, opset))
+            UnfuseAttentionPass()(graph_model)  # the same graph family as the SA model
+            if precision == "fp16":
+                Fp32SoftmaxPass()(graph_model)
+            files = save_onnx(graph_model, tmp)
+            shutil.rmtree(tmp / "export", ignore_errors=True)
+            plan = SharingPlan(config.num_hidden_layers, {})
+            write_json_atomic(tmp / MANIFEST_NAME, build_manifest(source, config, plan, graph_model.graph, files, tmp, request))
 
 
 def build_engine_for(out_dir: Path) -> Path:

@@ -1,0 +1,197 @@
+"""`bench`: the SA model against its baseline (same weights, no sharing), side by side.
+
+Both models run in one process, interleaved step by step, several repetitions, and
+the medians are compared, because this machine is noisy. Next to each measured
+saving the analytic model of a decode step prints the ideal one: a decode step is
+memory-bound, so its ideal time is proportional to the bytes it reads (weights plus
+the KV cache at that context).
+
+The baseline is the same export without sharing (the decomposed graph sa-export
+converts from), built once per source model and cached; `--baseline DIR` takes one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sa_export.errors import UsageError
+from sa_export.manifest import read_manifest
+from sa_export.runtime import SAModel
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Analytic cost of one decode step: bytes read and FLOPs."""
+
+    weight_bytes: int
+    kv_bytes: int
+    flops: float
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+
+def decode_step_cost(manifest: dict, weight_bytes: int, context: int, batch: int) -> StepCost:
+    """Weights are read once per step; the cache once per sequence; FLOPs: 2 per weight per token
+    plus Q K^T (layers that compute attention) and probs @ V (every layer)."""
+    cache = manifest["cache"]
+    model = manifest.get("model") or {}
+    itemsize = 2 if cache["dtype"] == "float16" else 4
+    per_token = cache["savings"]["bytes_per_token_sa"]
+    heads = model.get("num_heads") or cache["num_kv_heads"]
+    attention_layers = sum(1 for layer in cache["layers"] if layer["k_cache"])
+    flops = batch * (2 * weight_bytes / itemsize + 2 * heads * cache["head_dim"] * context * (attention_layers + manifest["num_layers"]))
+    return StepCost(weight_bytes, batch * context * per_token, flops)
+
+
+def weight_bytes(out_dir: Path, manifest: dict) -> int:
+    """Bytes of the model files (graph and external data)."""
+    return sum((out_dir / name).stat().st_size for name in manifest["files"] if name.startswith("model.onnx"))
+
+
+def _decode_inputs(model: SAModel, batch: int, context: int, rng: np.random.Generator):
+    past = context - 1
+    cache = {
+        name: rng.standard_normal((batch, model.num_kv_heads, past, model.head_dim)).astype(model.cache_dtype)
+        for name in model.empty_cache(batch)
+    }
+    ids = rng.integers(0, 100, (batch, 1))
+    mask = np.ones((batch, context), np.int64)
+    return ids, mask, cache
+
+
+def _timed(model: SAModel, ids, mask, cache) -> float:
+    start = time.perf_counter()
+    model.forward(ids, mask, cache)
+    return time.perf_counter() - start
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeRow:
+    context: int
+    batch: int
+    t_base_ms: float
+    t_sa_ms: float
+    ideal_saving: float
+    base_bytes: int
+    sa_bytes: int
+
+    @property
+    def measured_saving(self) -> float:
+        return 1 - self.t_sa_ms / self.t_base_ms
+
+    def to_json(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "measured_saving": self.measured_saving,
+            "ratio_measured_to_ideal": self.measured_saving / self.ideal_saving if self.ideal_saving else None,
+            "time_ratio_sa_to_base": self.t_sa_ms / self.t_base_ms,
+            "tokens_per_s_base": 1000 * self.batch / self.t_base_ms,
+            "tokens_per_s_sa": 1000 * self.batch / self.t_sa_ms,
+        }
+
+
+def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, progress=None) -> list[DecodeRow]:
+    rng = np.random.default_rng(0)
+    sa_weights = weight_bytes(sa.out_dir, sa.manifest)
+    base_weights = weight_bytes(base.out_dir, base.manifest)
+    rows = []
+    total = len(contexts) * len(batches)
+    for context in contexts:
+        for batch in batches:
+            sa_inputs = _decode_inputs(sa, batch, context, rng)
+            base_inputs = _decode_inputs(base, batch, context, rng)
+            _timed(sa, *sa_inputs), _timed(base, *base_inputs)  # warm-up
+            t_sa, t_base = [], []
+            for _ in range(repeats):  # interleaved, so drifts in machine load hit both
+                t_base.append(_timed(base, *base_inputs))
+                t_sa.append(_timed(sa, *sa_inputs))
+            sa_cost = decode_step_cost(sa.manifest, sa_weights, context, batch)
+            base_cost = decode_step_cost(base.manifest, base_weights, context, batch)
+            rows.append(
+                DecodeRow(
+                    context, batch, 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa),
+                    1 - sa_cost.bytes / base_cost.bytes, base_cost.bytes, sa_cost.bytes,
+                )
+            )
+            if progress is not None:
+                progress(len(rows), total)
+            del sa_inputs, base_inputs
+    return rows
+
+
+def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int) -> dict:
+    ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
+    mask = np.ones_like(ids)
+    t_sa, t_base = [], []
+    for _ in range(repeats):
+        t_base.append(_timed(base, ids, mask, base.empty_cache(1)))
+        t_sa.append(_timed(sa, ids, mask, sa.empty_cache(1)))
+    return {"tokens": tokens, "t_base_ms": 1000 * statistics.median(t_base), "t_sa_ms": 1000 * statistics.median(t_sa)}
+
+
+def baseline_dir(out_dir: Path, manifest: dict) -> Path:
+    """The cached unshared export of the same source, same precision and exporter; built if missing."""
+    from sa_export.models import cache_dir
+    from sa_export.pipeline import build_baseline
+
+    key = hashlib.sha256(f"{manifest['source']['path']}|{manifest['precision']}|{manifest.get('exporter', 'optimum')}".encode()).hexdigest()[:16]
+    target = cache_dir() / "baselines" / key
+    if not (target / "sa_manifest.json").is_file():
+        build_baseline(manifest, target)
+    return target
+
+
+def save_plot(rows: list[DecodeRow], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for batch in sorted({r.batch for r in rows}):
+        selected = [r for r in rows if r.batch == batch]
+        contexts = [r.context for r in selected]
+        ax.plot(contexts, [r.t_base_ms for r in selected], "o--", label=f"baseline, batch {batch}")
+        ax.plot(contexts, [r.t_sa_ms for r in selected], "o-", label=f"SA, batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode step (ms, median)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(out_dir: Path, baseline: Path | None, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None, progress=None) -> dict:
+    manifest = read_manifest(out_dir)
+    base_path = Path(baseline) if baseline is not None else baseline_dir(Path(out_dir), manifest)
+    base_manifest = read_manifest(base_path)
+    if base_manifest["num_layers"] != manifest["num_layers"] or base_manifest["cache"]["head_dim"] != manifest["cache"]["head_dim"]:
+        raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
+    sa, base = SAModel(out_dir, threads), SAModel(base_path, threads)
+    rows = bench_decode(sa, base, contexts, batches, repeats, progress)
+    prefill = bench_prefill(sa, base, prefill_tokens, repeats)
+    savings = manifest["cache"]["savings"]
+    return {
+        "model": manifest["source"]["model"],
+        "sa": {"dir": str(out_dir), "graph": f"{manifest.get('exporter', 'optimum')} export, decomposed attention, SA"},
+        "baseline": {"dir": str(base_path), "graph": f"{base_manifest.get('exporter', 'optimum')} export, decomposed attention, no sharing"},
+        "threads": threads,
+        "repeats": repeats,
+        "kv_bytes_per_token": {"base": savings["bytes_per_token_base"], "sa": savings["bytes_per_token_sa"]},
+        "weight_bytes": {"base": weight_bytes(base_path, base_manifest), "sa": weight_bytes(Path(out_dir), manifest)},
+        "decode": [r.to_json() for r in rows],
+        "prefill": prefill,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

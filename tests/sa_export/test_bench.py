@@ -1,0 +1,34 @@
+import json
+
+from sa_export.bench import decode_step_cost
+from tests.helpers import run_cli
+
+
+def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    result = run_cli(
+        "bench", converted_tiny_llama, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2",
+        "--prefill-tokens", "8", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png",
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["context"], r["batch"]) for r in data["decode"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    for row in data["decode"]:
+        assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
+        assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5
+    assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
+    assert data["weight_bytes"]["sa"] < data["weight_bytes"]["base"]
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "no sharing" in result.output
+
+
+def test_decode_cost_grows_with_context_and_batch():
+    manifest = {
+        "num_layers": 2,
+        "model": {"num_heads": 4},
+        "cache": {"dtype": "float32", "head_dim": 16, "num_kv_heads": 2, "savings": {"bytes_per_token_sa": 384},
+                  "layers": [{"k_cache": True}, {"k_cache": False}]},
+    }
+    small, large = decode_step_cost(manifest, 1000, 10, 1), decode_step_cost(manifest, 1000, 100, 2)
+    assert small.bytes == 1000 + 10 * 384 and large.bytes == 1000 + 2 * 100 * 384
+    assert large.flops > small.flops
