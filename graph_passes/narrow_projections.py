@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graph_passes.initializers import add_initializer
+
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -40,7 +42,7 @@ def _sliced_columns(node: ir.Node, width: int) -> tuple[int, int] | None:
 
 
 def _replace_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
-    node.replace_input_with(index, _constant(graph, name, array))
+    node.replace_input_with(index, add_initializer(graph, name, array))
 
 
 class NarrowSlicedProjectionsPass(ir.passes.InPlacePass):
@@ -152,22 +154,17 @@ class NarrowSplitProjectionsPass(ir.passes.InPlacePass):
             start = sum(sizes[: live[0]])
             end = start + sizes[live[0]]
             prefix = f"{gemm.name or 'gemm'}.cols{start}_{end}"
-            inputs = [gemm.inputs[0], _constant(graph, prefix + ".weight", weight.numpy()[:, start:end])]
+            inputs = [gemm.inputs[0], add_initializer(graph, prefix + ".weight", weight.numpy()[:, start:end])]
             if bias is not None:
-                inputs.append(_constant(graph, prefix + ".bias", bias.numpy()[start:end]))
+                inputs.append(add_initializer(graph, prefix + ".bias", bias.numpy()[start:end]))
             narrow = ir.node("Gemm", inputs, attributes={"alpha": 1.0, "beta": gemm.attributes.get_float("beta", 1.0)}, name=prefix)
-            shape = ir.node("Concat", [*concat.inputs[:-1], _constant(graph, prefix + ".width", np.array([end - start], np.int64))], attributes={"axis": 0}, name=prefix + ".shape")
+            shape = ir.node("Concat", [*concat.inputs[:-1], add_initializer(graph, prefix + ".width", np.array([end - start], np.int64))], attributes={"axis": 0}, name=prefix + ".shape")
             reshaped = ir.node("Reshape", [narrow.outputs[0], shape.outputs[0]], name=prefix + ".reshape")
             graph.insert_before(split, [narrow, shape, reshaped])
             ir.convenience.replace_all_uses_with(split.outputs[live[0]], reshaped.outputs[0])
             modified = True
         return ir.passes.PassResult(model, modified)
 
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _single_non_shape_use(value: ir.Value) -> ir.Usage | None:
@@ -214,7 +211,7 @@ class NarrowInterleavedProjectionsPass(ir.passes.InPlacePass):
                 bias = ir.convenience.get_const_tensor(_through_identity(bias_add.inputs[slot])).numpy()
                 _replace_initializer(graph, bias_add, slot, bias[columns], prefix + ".bias")
             shape = reshape.inputs[1].producer()
-            new_width = _constant(graph, f"{reshape.name}.width{end - start}", np.array([end - start], np.int64))
+            new_width = add_initializer(graph, f"{reshape.name}.width{end - start}", np.array([end - start], np.int64))
             concat = ir.node("Concat", [*shape.inputs[:-1], new_width], attributes={"axis": 0}, name=f"{shape.name}.narrow")
             graph.insert_before(reshape, concat)
             reshape.replace_input_with(1, concat.outputs[0])

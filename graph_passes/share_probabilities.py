@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graph_passes.initializers import add_initializer
+
 from graph_passes.attention_blocks import AttentionBlock, find_attention_blocks
 from sa_export.errors import AttentionPatternError
 from sa_export.plan import HeadMap, SharingPlan
@@ -41,11 +43,6 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
 
 def _mixed_probs(graph: ir.Graph, blocks: dict[int, AttentionBlock], layer: int, head_map: HeadMap, before: ir.Node) -> ir.Value:
     """Probabilities for a shared layer under a head map.
@@ -71,14 +68,14 @@ def _mixed_probs(graph: ir.Graph, blocks: dict[int, AttentionBlock], layer: int,
     flat = np.asarray([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources], dtype=np.int64)
     if head_map.width == 1:
         flat = flat[:, 0]
-    gather = ir.node("Gather", [stacked, _constant(graph, f"{prefix}.head_sources", flat)], attributes={"axis": 1}, name=f"{prefix}.gather_heads")
+    gather = ir.node("Gather", [stacked, add_initializer(graph, f"{prefix}.head_sources", flat)], attributes={"axis": 1}, name=f"{prefix}.gather_heads")
     nodes.append(gather)
     result = gather.outputs[0]
     if head_map.width > 1:
         dtype = first.dtype.numpy() if first.dtype is not None else np.float32
         weights = np.asarray(head_map.weights, dtype=dtype)[None, :, :, None, None]
-        mul = ir.node("Mul", [result, _constant(graph, f"{prefix}.head_weights", weights)], name=f"{prefix}.weight_sources")
-        axes = _constant(graph, f"{prefix}.mix_axis", np.asarray([2], dtype=np.int64))
+        mul = ir.node("Mul", [result, add_initializer(graph, f"{prefix}.head_weights", weights)], name=f"{prefix}.weight_sources")
+        axes = add_initializer(graph, f"{prefix}.mix_axis", np.asarray([2], dtype=np.int64))
         reduce = ir.node("ReduceSum", [mul.outputs[0], axes], attributes={"keepdims": 0}, name=f"{prefix}.mix_sources")
         nodes += [mul, reduce]
         result = reduce.outputs[0]

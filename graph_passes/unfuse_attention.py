@@ -16,13 +16,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graph_passes.initializers import add_initializer
+
 from sa_export.errors import AttentionPatternError
 
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _refusal(node: ir.Node) -> str | None:
@@ -66,14 +63,14 @@ class UnfuseAttentionPass(ir.passes.InPlacePass):
                 return new.outputs[0]
 
             k_t = add("Transpose", [k], perm=[0, 1, 3, 2])
-            scores = add("Mul", [add("MatMul", [q, k_t]), _constant(graph, f"{prefix}.scale", np.array(scale, dtype))])
+            scores = add("Mul", [add("MatMul", [q, k_t]), add_initializer(graph, f"{prefix}.scale", np.array(scale, dtype))])
             softcap = node.attributes.get_float("softcap", 0.0)
             if softcap > 0:
-                cap = _constant(graph, f"{prefix}.softcap", np.array(softcap, dtype))
+                cap = add_initializer(graph, f"{prefix}.softcap", np.array(softcap, dtype))
                 scores = add("Mul", [add("Tanh", [add("Div", [scores, cap])]), cap])
             if mask is not None:
                 if mask.dtype == ir.DataType.BOOL:
-                    lowest = _constant(graph, f"{prefix}.lowest", np.array(np.finfo(dtype).min, dtype))
+                    lowest = add_initializer(graph, f"{prefix}.lowest", np.array(np.finfo(dtype).min, dtype))
                     scores = add("Where", [mask, scores, lowest])
                 else:
                     scores = add("Add", [scores, mask])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+
+from graph_passes.initializers import add_initializer
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 4096, 32, 8, 128, 14336, 128256
 DATA = "model.onnx.data"
@@ -46,11 +47,6 @@ class _Weights:
         return value
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
 
 def build(directory: Path, layers: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,18 +62,18 @@ def build(directory: Path, layers: int) -> Path:
         nodes.append(node)
         return node.outputs[0]
 
-    split_heads = _const(graph, "shape.q", np.array([0, 0, HEADS, HEAD_DIM], np.int64))
-    split_kv = _const(graph, "shape.kv", np.array([0, 0, KV_HEADS, HEAD_DIM], np.int64))
-    merge = _const(graph, "shape.merge", np.array([0, 0, HIDDEN], np.int64))
-    expand_kv = _const(graph, "shape.expand", np.array([1, 1, HEADS // KV_HEADS, 1, 1], np.int64))
-    repeat_kv = _const(graph, "shape.repeat", np.array([0, HEADS, -1, HEAD_DIM], np.int64))
-    axis2 = _const(graph, "axes.2", np.array([2], np.int64))
-    scale = _const(graph, "scale", np.array(HEAD_DIM**-0.5, np.float16))
+    split_heads = add_initializer(graph, "shape.q", np.array([0, 0, HEADS, HEAD_DIM], np.int64))
+    split_kv = add_initializer(graph, "shape.kv", np.array([0, 0, KV_HEADS, HEAD_DIM], np.int64))
+    merge = add_initializer(graph, "shape.merge", np.array([0, 0, HIDDEN], np.int64))
+    expand_kv = add_initializer(graph, "shape.expand", np.array([1, 1, HEADS // KV_HEADS, 1, 1], np.int64))
+    repeat_kv = add_initializer(graph, "shape.repeat", np.array([0, HEADS, -1, HEAD_DIM], np.int64))
+    axis2 = add_initializer(graph, "axes.2", np.array([2], np.int64))
+    scale = add_initializer(graph, "scale", np.array(HEAD_DIM**-0.5, np.float16))
     # Additive padding mask [batch, 1, 1, total]; causality is not needed to exercise the passes.
     mask_f = op("Cast", [mask_in], "mask/cast", to=f16)
-    inverted = op("Sub", [_const(graph, "one", np.array(1, np.float16)), mask_f], "mask/invert")
-    additive = op("Mul", [inverted, _const(graph, "neg", np.array(-65504, np.float16))], "mask/scale")
-    mask = op("Unsqueeze", [additive, _const(graph, "axes.12", np.array([1, 2], np.int64))], "mask/unsqueeze")
+    inverted = op("Sub", [add_initializer(graph, "one", np.array(1, np.float16)), mask_f], "mask/invert")
+    additive = op("Mul", [inverted, add_initializer(graph, "neg", np.array(-65504, np.float16))], "mask/scale")
+    mask = op("Unsqueeze", [additive, add_initializer(graph, "axes.12", np.array([1, 2], np.int64))], "mask/unsqueeze")
 
     hidden = op("Gather", [weights(graph, "embed_tokens", (VOCAB, HIDDEN)), ids], "embed")
     for n in range(layers):
