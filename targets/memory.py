@@ -28,6 +28,7 @@ class MemoryFit:
     context: int
     kv_per_token_base: int
     kv_per_token_sa: int
+    max_positions: int | None = None  # the model's own limit, whatever the memory
 
     def total(self, kv_per_token: int, context: int | None = None) -> int:
         context = self.context if context is None else context
@@ -60,6 +61,7 @@ class MemoryFit:
             "fits_sa": self.fits_sa,
             "max_context_base": self.max_context(self.kv_per_token_base),
             "max_context_sa": self.max_context(self.kv_per_token_sa),
+            "max_positions": self.max_positions,
         }
 
     def lines(self) -> list[str]:
@@ -71,7 +73,8 @@ class MemoryFit:
             f"({'fits' if self.fits_base else 'does not fit'}), SA {gib(self.total(self.kv_per_token_sa))} "
             f"({'fits' if self.fits_sa else 'does not fit'})",
             f"largest context that fits at batch {self.batch}: baseline {self.max_context(self.kv_per_token_base):,} tokens, "
-            f"SA {self.max_context(self.kv_per_token_sa):,} tokens",
+            f"SA {self.max_context(self.kv_per_token_sa):,} tokens"
+            + (f" (the model itself stops at {self.max_positions:,} positions)" if self.max_positions else ""),
         ]
 
 
@@ -95,4 +98,5 @@ def memory_fit(manifest: dict, weight_bytes: int, target: TargetProfile, batch: 
         context=context,
         kv_per_token_base=savings["bytes_per_token_base"],
         kv_per_token_sa=savings["bytes_per_token_sa"],
+        max_positions=model.get("max_position_embeddings"),
     )
