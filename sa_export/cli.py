@@ -199,14 +199,18 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file):
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime, or the TensorRT engine in OUT.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
 @handle_errors
-def generate(out, prompt, max_new_tokens, backend):
+def generate(out, prompt, max_new_tokens, backend, chat):
     """Greedy generation from OUT (no PyTorch needed); tokens stream as they come."""
-    from sa_export.runtime import generate_text, load_tokenizer, open_model
+    from sa_export.runtime import chat_prompt, generate_text, load_tokenizer, open_model
 
     model = open_model(out, backend)
     tokenizer = load_tokenizer(out)  # fails before printing anything when there is none
-    click.echo(prompt, nl=False)
+    if chat:
+        prompt = chat_prompt(out, prompt)
+    else:
+        click.echo(prompt, nl=False)
     for piece in generate_text(model, tokenizer, prompt, max_new_tokens):
         click.echo(piece, nl=False)
     click.echo()

@@ -90,6 +90,32 @@ def load_tokenizer(out_dir: str | Path):
     return Tokenizer.from_file(str(path))
 
 
+def chat_prompt(out_dir: str | Path, user_message: str) -> str:
+    """The model's own chat template applied to one user turn (instruct models expect it).
+
+    Rendered with jinja2's sandbox, as transformers does, so that no PyTorch is needed.
+    """
+    import json
+
+    out_dir = Path(out_dir)
+    template_file = out_dir / "chat_template.jinja"
+    config_file = out_dir / "tokenizer_config.json"
+    template = template_file.read_text() if template_file.is_file() else None
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    template = template or config.get("chat_template")
+    if not template:
+        raise UsageError(f"{out_dir} has no chat template; drop --chat to use the prompt as plain text")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise EnvironmentProblem("--chat needs jinja2: pip install jinja2") from None
+    special = {k: (v if isinstance(v, str) else (v or {}).get("content")) for k, v in config.items() if k in ("bos_token", "eos_token")}
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return environment.from_string(template).render(
+        messages=[{"role": "user", "content": user_message}], add_generation_prompt=True, **special
+    )
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
     """Greedy generation with any model that has empty_cache/forward; yields text as it decodes cleanly."""
     prompt_ids = tokenizer.encode(prompt).ids

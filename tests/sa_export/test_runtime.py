@@ -32,3 +32,20 @@ def test_runtime_and_generate_do_not_import_torch_or_transformers(converted_tiny
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chat_prompt_renders_the_models_template(tmp_path):
+    from sa_export.runtime import chat_prompt
+
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
+    assert chat_prompt(tmp_path, "hi") == "<s><|user|>hi<|assistant|>"
+
+
+def test_chat_without_a_template_exits_2(converted_tiny_llama):
+    from tests.helpers import run_cli
+
+    result = run_cli("generate", converted_tiny_llama, "--prompt", "w3", "--chat")
+    assert result.exit_code == 2 and "no chat template" in result.stderr
