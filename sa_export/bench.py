@@ -150,18 +150,19 @@ def baseline_dir(out_dir: Path, manifest: dict) -> Path:
     return target
 
 
-def save_plot(rows: list[DecodeRow], path: Path, title: str) -> None:
+def save_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Decode time against context, one line per model and batch (rows as in the JSON)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for batch in sorted({r.batch for r in rows}):
-        selected = [r for r in rows if r.batch == batch]
-        contexts = [r.context for r in selected]
-        ax.plot(contexts, [r.t_base_ms for r in selected], "o--", label=f"baseline, batch {batch}")
-        ax.plot(contexts, [r.t_sa_ms for r in selected], "o-", label=f"SA, batch {batch}")
+    for batch in sorted({r["batch"] for r in rows}):
+        selected = [r for r in rows if r["batch"] == batch]
+        contexts = [r["context"] for r in selected]
+        ax.plot(contexts, [r["t_base_ms"] for r in selected], "o--", label=f"baseline, batch {batch}")
+        ax.plot(contexts, [r["t_sa_ms"] for r in selected], "o-", label=f"SA, batch {batch}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode step (ms, median)")

@@ -320,7 +320,7 @@ def _int_list(text: str) -> list[int]:
 def bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, json_file, plot_file):
     """Decode and prefill time, KV and weight bytes of OUT against its unshared baseline,
     measured side by side, with the ideal saving of a memory-bound decode step next to each."""
-    from sa_export.bench import DecodeRow, run_bench, save_plot
+    from sa_export.bench import run_bench, save_plot
     from sa_export.progress import progress_bar
 
     contexts, batches = _int_list(contexts), _int_list(batches)
@@ -342,7 +342,7 @@ def bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, js
     click.echo(f"prefill {prefill['tokens']} tokens: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
     click.echo(f"peak RSS of this process: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
     plot_file = plot_file or Path(out) / "bench.png"
-    save_plot([DecodeRow(**{k: r[k] for k in ("context", "batch", "t_base_ms", "t_sa_ms", "ideal_saving", "base_bytes", "sa_bytes")}) for r in result["decode"]], plot_file, result["model"])
+    save_plot(result["decode"], plot_file, result["model"])
     click.echo(f"plot: {plot_file}")
     _write_json(json_file, result)
 

@@ -9,7 +9,7 @@ import torch
 
 from sa_export.calibration import calibrate_head_maps, collect_statistics
 from sa_export.errors import UsageError
-from sa_export.models import load_config, load_hf_model, load_tokenizer, resolve_model
+from sa_export.models import load_config, load_reference, resolve_model
 from sa_export.plan import SharingPlan, build_plan
 from sa_export.progress import progress_bar, step
 from sa_export.texts import TokenText, split_texts
@@ -97,9 +97,7 @@ def load_for_reference(model: str):
     if source.kind != "hf":
         raise UsageError("this command runs the PyTorch reference: give a Hugging Face model directory or alias, not ONNX")
     config = load_config(source)
-    with step(f"loading {source.name}"):
-        hf_model = load_hf_model(source)
-        tokenizer = load_tokenizer(source)
+    hf_model, tokenizer = load_reference(source)
     if tokenizer is None:
         raise UsageError(f"{source.name} has no tokenizer; this command needs one to read text")
     return source, config, hf_model, tokenizer

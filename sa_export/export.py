@@ -88,6 +88,12 @@ def export_dynamo(model, export_dir: Path, opset: int = 18) -> Path:
     return path
 
 
+def attention_for_export(exporter: str, opset: int | None) -> str:
+    """Eager attention gives decomposed MatMul/Softmax/MatMul; dynamo at opset 23 takes
+    SDPA and emits the ONNX Attention op (which the passes unfuse)."""
+    return "sdpa" if exporter == "dynamo" and (opset or 18) >= 23 else "eager"
+
+
 def export_model(model, export_dir: Path, exporter: str = "optimum", opset: int | None = None) -> Path:
     if exporter == "optimum":
         return export_optimum(model, export_dir)

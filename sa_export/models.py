@@ -203,3 +203,11 @@ def load_tokenizer(source: ModelSource):
     if not any((source.path / m).is_file() for m in markers):
         return None
     return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+
+
+def load_reference(source: ModelSource, allow_pickle: bool = False, timings: dict | None = None):
+    """The fp32 eager model and its tokenizer (None without one), with a progress line."""
+    from sa_export.progress import step
+
+    with step(f"loading {source.name}", timings, "load"):
+        return load_hf_model(source, allow_pickle), load_tokenizer(source)

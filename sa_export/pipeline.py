@@ -14,7 +14,7 @@ from sa_export import __version__
 from sa_export.atomic import atomic_directory, refuse_existing
 from sa_export.compare import TOLERANCES, ParityReport
 from sa_export.errors import CheckFailed, ParityError, UsageError
-from sa_export.export import export_model
+from sa_export.export import attention_for_export, export_model
 from sa_export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -23,7 +23,7 @@ from sa_export.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from sa_export.models import ALIASES, ModelSource, load_config, load_hf_model, load_tokenizer, resolve_model
+from sa_export.models import ALIASES, ModelSource, load_config, load_hf_model, load_reference, resolve_model
 from sa_export.onnx_io import load_onnx, save_onnx
 from sa_export.plan import SharingPlan, Span, build_plan
 from sa_export.progress import console, step
@@ -218,9 +218,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
     hf_model = tokenizer = None
     with atomic_directory(out, request.overwrite) as tmp:
         if reference is not None:
-            with step(f"loading {reference.name}", timings, "load"):
-                hf_model = load_hf_model(reference, request.allow_pickle)
-                tokenizer = load_tokenizer(reference)
+            hf_model, tokenizer = load_reference(reference, request.allow_pickle, timings)
         calibration = None
         if request.head_map != "identity":
             if tokenizer is None:
@@ -232,14 +230,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
             plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
         if graph_model is None:
             with step(f"exporting to ONNX with {request.exporter} ({precision}, opset {request.opset or 18})", timings, "export"):
-                # Dynamo at opset 23 turns SDPA into the ONNX Attention op; the passes unfuse it.
-                attention = "sdpa" if request.exporter == "dynamo" and (request.opset or 18) >= 23 else "eager"
-                if precision == "fp32" and attention == "eager":
-                    source_model = hf_model
-                else:
-                    source_model = load_hf_model(reference, request.allow_pickle, half=precision == "fp16", attention=attention)
-                graph_model = load_onnx(export_model(source_model, tmp / "export", request.exporter, request.opset))
-                del source_model
+                graph_model = _export_graph(reference, hf_model, request, tmp / "export")
         with step(f"rewriting the graph: {plan.describe()}", timings, "passes"):
             if precision == "fp16":
                 Fp32SoftmaxPass()(graph_model)
@@ -287,6 +278,11 @@ class TargetReport:
         return self.memory.fits_sa
 
 
+def _target_limits(request: ConvertRequest, target) -> tuple[int, int]:
+    """Batch and context to plan for: the request's, else the target's defaults."""
+    return request.max_batch or target.max_batch, request.max_context or target.max_context
+
+
 def target_profiles(manifest: dict, graph_model, target, request: ConvertRequest) -> list:
     """Optimization profiles for the target, after checking that its TensorRT takes the graph."""
     from targets.compat import check_compatibility, raise_if_incompatible
@@ -294,8 +290,8 @@ def target_profiles(manifest: dict, graph_model, target, request: ConvertRequest
 
     if manifest.get("model") is None:
         raise UsageError("memory fit for a TensorRT target needs the model's config: pass --reference HF_DIR")
-    context = request.max_context or target.max_context
-    profiles = profiles_for(manifest, request.max_batch or target.max_batch, context, min(target.max_prefill, context))
+    batch, context = _target_limits(request, target)
+    profiles = profiles_for(manifest, batch, context, min(target.max_prefill, context))
     raise_if_incompatible(check_compatibility(graph_model, target, profiles))
     return profiles
 
@@ -307,8 +303,7 @@ def prepare_target(tmp: Path, manifest: dict, files: list[str], graph_model, tar
     from targets.memory import memory_fit
     from targets.tensorrt_backend import build_engine, gpu_available
 
-    batch = request.max_batch or target.max_batch
-    context = request.max_context or target.max_context
+    batch, context = _target_limits(request, target)
     fit = memory_fit(manifest, initializer_bytes(graph_model.graph), target, batch, context)
     manifest["target_build"] = {
         "target": target.name,
@@ -378,10 +373,18 @@ def check(out_dir: Path, reference: str | None = None, decode_steps: int = 32, a
         TRTModel(out_dir)  # missing TensorRT or engine: say so before loading PyTorch
     source = reference_for(out_dir, reference)
     load_config(source)
-    with step(f"loading {source.name}"):
-        hf_model = load_hf_model(source, allow_pickle)
-        tokenizer = load_tokenizer(source)
+    hf_model, tokenizer = load_reference(source, allow_pickle)
     return check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend)
+
+
+def _export_graph(source: ModelSource, fp32_eager_model, request: ConvertRequest, export_dir: Path) -> ir.Model:
+    """Export in the request's precision and exporter; reuses the fp32 eager model when that is what it needs."""
+    attention = attention_for_export(request.exporter, request.opset)
+    if fp32_eager_model is not None and request.precision == "fp32" and attention == "eager":
+        model = fp32_eager_model
+    else:
+        model = load_hf_model(source, request.allow_pickle, half=request.precision == "fp16", attention=attention)
+    return load_onnx(export_model(model, export_dir, request.exporter, request.opset))
 
 
 def build_baseline(manifest: dict, target: Path) -> None:
@@ -396,9 +399,7 @@ def build_baseline(manifest: dict, target: Path) -> None:
     request = ConvertRequest(model=source.name, spans=(), out=target, precision=precision, exporter=exporter, opset=opset)
     with atomic_directory(target, overwrite=True) as tmp:
         with step(f"building the baseline: {source.name} without sharing ({exporter}, {precision})"):
-            attention = "sdpa" if exporter == "dynamo" and (opset or 18) >= 23 else "eager"
-            model = load_hf_model(source, half=precision == "fp16", attention=attention)
-            graph_model = load_onnx(export_model(model, tmp / "export", exporter, opset))
+            graph_model = _export_graph(source, None, request, tmp / "export")
             UnfuseAttentionPass()(graph_model)  # the same graph family as the SA model
             if precision == "fp16":
                 Fp32SoftmaxPass()(graph_model)

@@ -24,15 +24,40 @@ def position_ids_from_mask(attention_mask: np.ndarray, query_length: int) -> np.
     return positions[:, -query_length:].astype(np.int64)
 
 
-class SAModel:
+class ManifestModel:
+    """What every runtime backend shares: the manifest, its cache layout, the feeds of a
+    step and the hand-over of presents as the next step's pasts."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.manifest = read_manifest(self.out_dir)
+        self.layout: list[LayerCache] = cache_layout(self.manifest)
+        cache = self.manifest["cache"]
+        self.cache_dtype = _NUMPY_DTYPES[cache["dtype"]]
+        self.num_kv_heads = cache["num_kv_heads"]
+        self.head_dim = cache["head_dim"]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return {past: np.zeros(shape, self.cache_dtype) for layer in self.layout for past, _ in layer.pairs()}
+
+    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **cache}
+        if "position_ids" in self.manifest["io"]:
+            feeds["position_ids"] = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        return feeds
+
+    def next_cache(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {past: outputs[present] for layer in self.layout for past, present in layer.pairs()}
+
+
+class SAModel(ManifestModel):
     """An ONNX Runtime session over an OUT directory, with the manifest's cache layout."""
 
     def __init__(self, out_dir: str | Path, threads: int | None = None):
         import onnxruntime as ort
 
-        self.out_dir = Path(out_dir)
-        self.manifest = read_manifest(self.out_dir)
-        self.layout: list[LayerCache] = cache_layout(self.manifest)
+        super().__init__(out_dir)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -40,31 +65,14 @@ class SAModel:
         self.session = ort.InferenceSession(
             str(self.out_dir / self.manifest["model_file"]), options, providers=["CPUExecutionProvider"]
         )
-        cache = self.manifest["cache"]
-        self.cache_dtype = _NUMPY_DTYPES[cache["dtype"]]
-        self.num_kv_heads = cache["num_kv_heads"]
-        self.head_dim = cache["head_dim"]
-        self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return {past: np.zeros(shape, self.cache_dtype) for layer in self.layout for past, _ in layer.pairs()}
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One step: returns logits, the next cache (presents fed back as pasts) and all outputs."""
-        feeds = {
-            "input_ids": input_ids.astype(np.int64),
-            "attention_mask": attention_mask.astype(np.int64),
-            **cache,
-        }
-        if "position_ids" in self.input_names:
-            feeds["position_ids"] = position_ids_from_mask(attention_mask, input_ids.shape[1])
-        results = dict(zip(self.output_names, self.session.run(None, feeds)))
-        next_cache = {past: results[present] for layer in self.layout for past, present in layer.pairs()}
-        return results["logits"], next_cache, results
+        results = dict(zip(self.output_names, self.session.run(None, self.feeds(input_ids, attention_mask, cache))))
+        return results["logits"], self.next_cache(results), results
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
         return generate_text(self, load_tokenizer(self.out_dir), prompt, max_new_tokens)

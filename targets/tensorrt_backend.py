@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sa_export.errors import EngineBuildError, EnvironmentProblem
-from sa_export.manifest import cache_layout, read_manifest
+from sa_export.runtime import ManifestModel
 from targets.shapes import Profile
 
 ENGINE_NAME = "model.engine"
@@ -91,7 +91,7 @@ def build_engine(onnx_path: Path, out_dir: Path, profiles: list[Profile], worksp
     return out_dir / ENGINE_NAME
 
 
-class TRTModel:
+class TRTModel(ManifestModel):
     """The runtime interface of sa_export.runtime.SAModel, on a TensorRT engine."""
 
     backend = "tensorrt"
@@ -103,26 +103,15 @@ class TRTModel:
         except ImportError:
             raise EnvironmentProblem("running engines needs Polygraphy: pip install 'sa-export[tensorrt]'") from None
 
-        self.out_dir = Path(out_dir)
-        self.manifest = read_manifest(self.out_dir)
+        super().__init__(out_dir)
         engine_path = self.out_dir / ENGINE_NAME
         if not engine_path.is_file():
             raise EnvironmentProblem(f"{engine_path} is missing: build it on the target with `sa-export build-engine {self.out_dir}`")
-        self.layout = cache_layout(self.manifest)
-        cache = self.manifest["cache"]
-        self.cache_dtype = np.float16 if cache["dtype"] == "float16" else np.float32
-        self.num_kv_heads, self.head_dim = cache["num_kv_heads"], cache["head_dim"]
         self.runner = TrtRunner(EngineFromBytes(engine_path.read_bytes()))
         self.runner.activate()
         self.profile = None
 
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return {past: np.zeros(shape, self.cache_dtype) for layer in self.layout for past, _ in layer.pairs()}
-
     def forward(self, input_ids, attention_mask, cache):
-        from sa_export.runtime import position_ids_from_mask
-
         past = next(iter(cache.values())).shape[2] if cache else 0
         profile = 0 if past == 0 else 1  # prefill, decode (targets.shapes order)
         if profile == 1 and input_ids.shape[1] != 1:
@@ -130,9 +119,6 @@ class TRTModel:
         if profile != self.profile:
             self.runner.set_profile(profile)
             self.profile = profile
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **cache}
-        if "position_ids" in self.manifest["io"]:
-            feeds["position_ids"] = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        feeds = self.feeds(input_ids, attention_mask, cache)
         outputs = {k: np.asarray(v) for k, v in self.runner.infer(feeds, copy_outputs_to_host=True).items()}
-        next_cache = {p: outputs[o] for layer in self.layout for p, o in layer.pairs()}
-        return outputs["logits"], next_cache, outputs
+        return outputs["logits"], self.next_cache(outputs), outputs
