@@ -17,6 +17,7 @@ from graph_passes.narrow_projections import (
     NarrowSplitProjectionsPass,
     ShapeFromLiveSplitOutputPass,
 )
+from graph_passes.share_gqa import is_gqa_graph, share_gqa_layers
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 from graph_passes.unfuse_attention import UnfuseAttentionPass
 from sa_export.errors import AttentionPatternError, PlanError
@@ -69,6 +70,10 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan) -> RewriteReport:
             f"this graph was already converted with another plan ({previous.describe()}); convert the original export instead"
         )
 
+    if is_gqa_graph(graph):
+        share_gqa_layers(model, plan)
+        RemoveUnusedNodesPass()(model)
+        return _recorded(model, plan, nodes_before, bytes_before, len(cache_layers(graph)))
     refuse_fused_attention(graph)
     UnfuseAttentionPass()(model)
     layers = cache_layers(graph)
@@ -97,11 +102,18 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan) -> RewriteReport:
         for node in (block.scores_matmul, block.softmax):
             if id(node) in remaining:
                 raise AttentionPatternError(block.layer, f"{node.op_type} {node.name!r} is still live after sharing")
+    return _recorded(model, plan, nodes_before, bytes_before, len(blocks))
+
+
+def _recorded(model: ir.Model, plan: SharingPlan, nodes_before: list[ir.Node], bytes_before: int, layers_found: int) -> RewriteReport:
+    """Record the plan in the model and report what the rewrite removed."""
+    graph = model.graph
+    remaining = set(map(id, graph))
     model.metadata_props[PLAN_METADATA_KEY] = json.dumps(plan.to_json(), sort_keys=True)
     removed = tuple(n.name or n.op_type for n in nodes_before if id(n) not in remaining)
     return RewriteReport(
         modified=True,
-        layers_found=len(blocks),
+        layers_found=layers_found,
         nodes_before=len(nodes_before),
         nodes_after=len(remaining),
         weight_bytes_before=bytes_before,

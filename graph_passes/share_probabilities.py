@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from graph_passes.initializers import add_initializer
 
-from graph_passes.attention_blocks import AttentionBlock, find_attention_blocks
+from graph_passes.attention_blocks import find_attention_blocks
 from sa_export.errors import AttentionPatternError
 from sa_export.plan import HeadMap, SharingPlan
 
@@ -37,14 +37,13 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
             if head_map is None:
                 source = blocks[anchor].probs
             else:
-                source = _mixed_probs(model.graph, blocks, layer, head_map, context)
+                source = mixed_probs(model.graph, {l: b.probs for l, b in blocks.items()}, layer, head_map, context)
             context.replace_input_with(0, source)
             modified = True
         return ir.passes.PassResult(model, modified)
 
 
-
-def _mixed_probs(graph: ir.Graph, blocks: dict[int, AttentionBlock], layer: int, head_map: HeadMap, before: ir.Node) -> ir.Value:
+def mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_map: HeadMap, before: ir.Node) -> ir.Value:
     """Probabilities for a shared layer under a head map.
 
     Concat of the source layers' probabilities on the head axis (when more than one),
@@ -52,7 +51,7 @@ def _mixed_probs(graph: ir.Graph, blocks: dict[int, AttentionBlock], layer: int,
     by a weighted ReduceSum over k (a convex mixture).
     """
     layers = head_map.layers
-    first = blocks[layers[0]].probs
+    first = probs[layers[0]]
     heads = head_map.num_heads
     shape = first.shape
     if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and shape[1] != heads:
@@ -60,7 +59,7 @@ def _mixed_probs(graph: ir.Graph, blocks: dict[int, AttentionBlock], layer: int,
     nodes = []
     prefix = f"sa.layer{layer}"
     if len(layers) > 1:
-        concat = ir.node("Concat", [blocks[l].probs for l in layers], attributes={"axis": 1}, name=f"{prefix}.concat_sources")
+        concat = ir.node("Concat", [probs[l] for l in layers], attributes={"axis": 1}, name=f"{prefix}.concat_sources")
         nodes.append(concat)
         stacked = concat.outputs[0]
     else:

@@ -112,7 +112,12 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @calib_tokens_option
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
-@click.option("--exporter", type=click.Choice(["optimum", "dynamo"]), default="optimum", show_default=True, help="optimum (TorchScript) or torch.onnx's dynamo exporter.")
+@click.option(
+    "--exporter", type=click.Choice(["optimum", "dynamo", "genai"]), default="optimum", show_default=True,
+    help="optimum (TorchScript) or torch.onnx's dynamo exporter: decomposed attention, for every target; "
+    "genai: onnxruntime-genai's builder, the fastest ONNX Runtime CPU graph (GroupQueryAttention, "
+    "in-place cache buffers), --target cpu only.",
+)
 @click.option("--opset", type=click.Choice(["18", "23"]), default=None, help="Opset for --exporter dynamo; 23 exports SDPA as the ONNX Attention op. [default: 18]")
 @click.option("--max-batch", type=click.IntRange(1), help="Largest batch for the engine profiles and memory fit [default: the target's].")
 @click.option("--max-context", type=click.IntRange(2), help="Longest context (prompt + generated) to plan for; exit 1 if it does not fit the target.")
@@ -340,6 +345,10 @@ def bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, js
         )
     prefill = result["prefill"]
     click.echo(f"prefill {prefill['tokens']} tokens: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
+    slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
+    click.echo(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
+    if result["sa_graph_kind"] != "fused":
+        click.echo("note: this is the decomposed graph; `convert --exporter genai` makes the fast ONNX Runtime graph and benches it against the fastest baseline")
     click.echo(f"peak RSS of this process: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
     plot_file = plot_file or Path(out) / "bench.png"
     save_plot(result["decode"], plot_file, result["model"])

@@ -5,6 +5,9 @@ past_key_values.N.key/value -> logits, present.N.key/value):
   optimum  the TorchScript exporter through optimum (text-generation-with-past);
   dynamo   torch.onnx.export(dynamo=True), at opset 18 or 23. With SDPA attention at
            opset 23 it emits the standard ONNX Attention op, which the passes unfuse.
+  genai    onnxruntime-genai's model builder: ONNX Runtime's fastest CPU graph (packed
+           QKV, GroupQueryAttention with rotary, one past/present buffer per cache
+           tensor). No position_ids input; ONNX Runtime only.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 
 from sa_export.errors import UsageError
 
-EXPORTERS = ("optimum", "dynamo")
+EXPORTERS = ("optimum", "dynamo", "genai")
+GENAI_PRECISIONS = {"fp32": "fp32"}  # the builder's CPU precisions sa-export can check
 
 
 def export_optimum(model, export_dir: Path) -> Path:
@@ -92,6 +96,25 @@ def attention_for_export(exporter: str, opset: int | None) -> str:
     """Eager attention gives decomposed MatMul/Softmax/MatMul; dynamo at opset 23 takes
     SDPA and emits the ONNX Attention op (which the passes unfuse)."""
     return "sdpa" if exporter == "dynamo" and (opset or 18) >= 23 else "eager"
+
+
+def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
+    """Build the GroupQueryAttention graph with onnxruntime-genai's builder, in a subprocess."""
+    import subprocess
+    import sys
+
+    if precision not in GENAI_PRECISIONS:
+        raise UsageError(f"--exporter genai builds {', '.join(GENAI_PRECISIONS)} graphs for the CPU; got --precision {precision}")
+    command = [
+        sys.executable, "-m", "sa_export.genai_builder",
+        "-i", str(hf_dir), "-o", str(export_dir), "-p", GENAI_PRECISIONS[precision], "-e", "cpu",
+        "-c", str(export_dir / "hf_cache"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not (export_dir / "model.onnx").is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UsageError(f"onnxruntime-genai's model builder failed on {hf_dir}: {tail[0]}")
+    return export_dir / "model.onnx"
 
 
 def export_model(model, export_dir: Path, exporter: str = "optimum", opset: int | None = None) -> Path:

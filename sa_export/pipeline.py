@@ -10,11 +10,12 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graph_passes import Fp32SoftmaxPass, RewriteReport, apply_sharing_plan, cache_layers
+from graph_passes.share_gqa import is_gqa_graph
 from sa_export import __version__
 from sa_export.atomic import atomic_directory, refuse_existing
 from sa_export.compare import TOLERANCES, ParityReport
 from sa_export.errors import CheckFailed, ParityError, UsageError
-from sa_export.export import attention_for_export, export_model
+from sa_export.export import attention_for_export, export_genai, export_model
 from sa_export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -105,6 +106,17 @@ def _cache_facts(graph: ir.Graph) -> dict:
     return {"num_kv_heads": shape[1], "head_dim": shape[3], "dtype": _ONNX_DTYPES.get(value.dtype, str(value.dtype))}
 
 
+def _buffer_scheme(graph: ir.Graph, config) -> dict:
+    """How presents relate to pasts: a longer copy each step, or the same buffer written in place."""
+    if is_gqa_graph(graph):
+        return {
+            "layout": "[batch, num_kv_heads, max_length, head_dim]",
+            "buffer": "shared",  # bind each present to its past's buffer; the graph writes the new rows
+            "max_length": getattr(config, "max_position_embeddings", None),
+        }
+    return {"layout": "[batch, num_kv_heads, past_sequence_length, head_dim]", "buffer": "concat"}
+
+
 def kv_savings(layout: list[LayerCache], facts: dict) -> dict:
     itemsize = 2 if facts["dtype"] == "float16" else 4
     per_tensor = facts["num_kv_heads"] * facts["head_dim"] * itemsize
@@ -153,7 +165,7 @@ def build_manifest(
         "plan": plan.to_json(),
         "cache": {
             **facts,
-            "layout": "[batch, num_kv_heads, past_sequence_length, head_dim]",
+            **_buffer_scheme(graph, config),
             "savings": kv_savings(layout, facts),
             "layers": [layer.to_json() for layer in layout],
         },
@@ -197,8 +209,13 @@ def convert(request: ConvertRequest) -> ConvertResult:
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
     request = dataclasses.replace(request, precision=precision, target=target.name)
-    if request.exporter == "optimum" and request.opset not in (None, 18):
-        raise UsageError("--opset applies to --exporter dynamo; optimum exports at opset 18")
+    if request.exporter != "dynamo" and request.opset not in (None, 18):
+        raise UsageError(f"--opset applies to --exporter dynamo; {request.exporter} chooses its own")
+    if request.exporter == "genai" and (target.uses_tensorrt or source.kind != "hf"):
+        raise UsageError(
+            "--exporter genai builds an ONNX Runtime graph (com.microsoft GroupQueryAttention) from a Hugging Face model: "
+            "use it with --target cpu; TensorRT targets take the default exporter"
+        )
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -229,7 +246,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
             _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
             plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
         if graph_model is None:
-            with step(f"exporting to ONNX with {request.exporter} ({precision}, opset {request.opset or 18})", timings, "export"):
+            with step(f"exporting to ONNX with {export_description(request.exporter, precision, request.opset)}", timings, "export"):
                 graph_model = _export_graph(reference, hf_model, request, tmp / "export")
         with step(f"rewriting the graph: {plan.describe()}", timings, "passes"):
             if precision == "fp16":
@@ -379,12 +396,30 @@ def check(out_dir: Path, reference: str | None = None, decode_steps: int = 32, a
 
 def _export_graph(source: ModelSource, fp32_eager_model, request: ConvertRequest, export_dir: Path) -> ir.Model:
     """Export in the request's precision and exporter; reuses the fp32 eager model when that is what it needs."""
+    if request.exporter == "genai":
+        graph_model = load_onnx(export_genai(source.path, export_dir, request.precision))
+        _fix_cache_head_dim(graph_model.graph, load_config(source))
+        return graph_model
     attention = attention_for_export(request.exporter, request.opset)
     if fp32_eager_model is not None and request.precision == "fp32" and attention == "eager":
         model = fp32_eager_model
     else:
         model = load_hf_model(source, request.allow_pickle, half=request.precision == "fp16", attention=attention)
     return load_onnx(export_model(model, export_dir, request.exporter, request.opset))
+
+
+def _fix_cache_head_dim(graph: ir.Graph, config) -> None:
+    """The builder leaves the cache's head_dim symbolic; the manifest and runtime need the number."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.name.startswith(("past_key_values.", "present.")) and value.shape is not None and len(value.shape) == 4:
+            value.shape = ir.Shape([*value.shape[:3], head_dim])
+
+
+def export_description(exporter: str, precision: str, opset: int | None) -> str:
+    if exporter == "genai":
+        return f"onnxruntime-genai's model builder ({precision}, GroupQueryAttention, shared past/present buffer)"
+    return f"{exporter} ({precision}, opset {opset or 18})"
 
 
 def build_baseline(manifest: dict, target: Path) -> None:

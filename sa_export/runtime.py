@@ -37,8 +37,19 @@ class ManifestModel:
         self.num_kv_heads = cache["num_kv_heads"]
         self.head_dim = cache["head_dim"]
 
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        # "shared": each present is its past's buffer of max_length positions, written in place.
+        self.shared_buffer = cache.get("buffer") == "shared"
+        self.max_length = cache.get("max_length")
+
+    def empty_cache(self, batch: int, capacity: int | None = None) -> dict[str, np.ndarray]:
+        """The cache before the first step. A shared-buffer model gets buffers of ``capacity``
+        positions (prompt plus new tokens; default the model's max_length), others empty ones."""
+        if self.shared_buffer:
+            capacity = capacity or self.max_length
+            if self.max_length and capacity > self.max_length:
+                raise UsageError(f"{capacity} positions exceed the model's max_length {self.max_length}")
+        length = capacity if self.shared_buffer else 0
+        shape = (batch, self.num_kv_heads, length, self.head_dim)
         return {past: np.zeros(shape, self.cache_dtype) for layer in self.layout for past, _ in layer.pairs()}
 
     def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -54,7 +65,7 @@ class ManifestModel:
 class SAModel(ManifestModel):
     """An ONNX Runtime session over an OUT directory, with the manifest's cache layout."""
 
-    def __init__(self, out_dir: str | Path, threads: int | None = None):
+    def __init__(self, out_dir: str | Path, threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
 
         super().__init__(out_dir)
@@ -62,17 +73,48 @@ class SAModel(ManifestModel):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        if not spin:
+            # Idle pool threads otherwise spin for a while after each run; two sessions in
+            # one process (bench) would then take each other's cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.out_dir / self.manifest["model_file"]), options, providers=["CPUExecutionProvider"]
         )
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.cache_pairs = [pair for layer in self.layout for pair in layer.pairs()]
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One step: returns logits, the next cache (presents fed back as pasts) and all outputs."""
+        if self.shared_buffer:
+            return self._forward_in_place(input_ids, attention_mask, cache)
         results = dict(zip(self.output_names, self.session.run(None, self.feeds(input_ids, attention_mask, cache))))
         return results["logits"], self.next_cache(results), results
+
+    def _forward_in_place(self, input_ids, attention_mask, cache):
+        """Bind each present to its past's buffer (IOBinding), so the graph writes only the new rows."""
+        import onnxruntime as ort
+
+        total = attention_mask.shape[1]
+        capacity = next(iter(cache.values())).shape[2] if cache else total
+        if total > capacity:
+            raise UsageError(f"the cache holds {capacity} positions; this step needs {total}")
+        binding = self.session.io_binding()
+        # OrtValues over the feeds, held until the run ends (a binding does not own numpy memory).
+        feeds = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for name, v in self.feeds(input_ids, attention_mask, {}).items()}
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")  # first: get_outputs() follows the order of binding
+        for past, present in self.cache_pairs:
+            buffer = ort.OrtValue.ortvalue_from_numpy(cache[past])  # shares the numpy memory on CPU
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        # Presents as the reference keeps them: the filled part of each buffer (views, no copy).
+        results = {"logits": logits, **{present: cache[past][:, :, :total] for past, present in self.cache_pairs}}
+        return logits, cache, results
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
         return generate_text(self, load_tokenizer(self.out_dir), prompt, max_new_tokens)
@@ -130,7 +172,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> It
     eos = set(model.manifest.get("eos_token_ids") or [])
     input_ids = np.asarray([prompt_ids], dtype=np.int64)
     mask = np.ones_like(input_ids)
-    cache = model.empty_cache(1)
+    cache = model.empty_cache(1, len(prompt_ids) + max_new_tokens)
     generated: list[int] = []
     # Decode prompt + generated together: word-boundary spaces live in different
     # places for different tokenizers, and only the whole sequence decodes them right.

@@ -1,0 +1,179 @@
+"""Shared attention on GroupQueryAttention graphs (ONNX Runtime's fused attention).
+
+The graph is the one onnxruntime-genai's model builder makes: per layer a packed QKV
+MatMul feeding com.microsoft GroupQueryAttention with rotary, past and present cache
+in one buffer of max_length positions (``past_present_share_buffer``). The rewrite
+keeps that speed:
+
+* an anchor's GQA also emits its post-softmax probabilities (``qk_output=2``, output 3);
+* a shared layer keeps only the V columns of its QKV MatMul, writes the new V rows into
+  its cache buffer with ``TensorScatter`` (in place when past and present are bound to
+  one buffer, as GQA's are), and multiplies the probabilities by the cache grouped by
+  KV head (no repeated V heads);
+* its K cache input and output, Q/K columns and the GQA node are gone.
+
+The probabilities cover ``total_sequence_length`` positions and the V buffer
+``max_length``; they are padded with zeros to the buffer, so that V is read in place
+rather than sliced (a copy of the whole cache per layer and token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.initializers import add_initializer
+from graph_passes.share_probabilities import mixed_probs
+from sa_export.errors import AttentionPatternError, PlanError
+from sa_export.plan import SharingPlan
+
+GQA = "GroupQueryAttention"
+MS_DOMAIN = "com.microsoft"
+QK_OUTPUT_SOFTMAX = 2  # GQA's qk_output mode for post-softmax probabilities
+TENSOR_SCATTER_OPSET = 24
+_PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
+
+# GQA inputs by position (com.microsoft schema).
+_QUERY, _KEY, _VALUE, _PAST_KEY, _PAST_VALUE, _SEQLENS_K, _TOTAL_LEN = range(7)
+
+
+@dataclasses.dataclass
+class GqaLayer:
+    layer: int
+    node: ir.Node
+    qkv: ir.Node  # the packed projection MatMul
+    num_heads: int
+    kv_num_heads: int
+    head_dim: int
+
+
+def is_gqa_graph(graph: ir.Graph) -> bool:
+    return any(node.op_type == GQA and node.domain == MS_DOMAIN for node in graph)
+
+
+def find_gqa_layers(graph: ir.Graph) -> dict[int, GqaLayer]:
+    layers = {}
+    for node in graph:
+        if node.op_type != GQA or node.domain != MS_DOMAIN:
+            continue
+        match = _PRESENT_RE.match(node.outputs[1].name or "")
+        if match is None:
+            raise AttentionPatternError(None, f"{GQA} {node.name!r} does not write a present.N.key output")
+        layer = int(match.group(1))
+        inputs = list(node.inputs) + [None] * 7
+        if inputs[_KEY] is not None or inputs[_VALUE] is not None:
+            raise AttentionPatternError(layer, f"{GQA} {node.name!r} takes separate Q, K and V; only packed QKV is handled")
+        qkv = inputs[_QUERY].producer()
+        if qkv is None or qkv.op_type != "MatMul" or qkv.inputs[1].const_value is None:
+            raise AttentionPatternError(layer, f"{GQA} {node.name!r} is not fed by a packed QKV MatMul with constant weights")
+        num_heads = node.attributes["num_heads"].as_int()
+        kv_num_heads = node.attributes["kv_num_heads"].as_int()
+        width = qkv.inputs[1].const_value.shape[-1]
+        layers[layer] = GqaLayer(layer, node, qkv, num_heads, kv_num_heads, width // (num_heads + 2 * kv_num_heads))
+    return layers
+
+
+def _with_probabilities_output(graph: ir.Graph, layer: GqaLayer) -> ir.Value:
+    """Replace the anchor's GQA node with one that also outputs its probabilities."""
+    old = layer.node
+    attributes = dict(old.attributes)
+    attributes["qk_output"] = ir.AttrInt64("qk_output", QK_OUTPUT_SOFTMAX)
+    new = ir.Node(MS_DOMAIN, GQA, list(old.inputs), attributes=list(attributes.values()), num_outputs=4, name=old.name)
+    graph.insert_before(old, new)
+    for old_output, new_output in zip(old.outputs, new.outputs):
+        name = old_output.name
+        new_output.type, new_output.shape = old_output.type, old_output.shape
+        ir.convenience.replace_all_uses_with(old_output, new_output, replace_graph_outputs=True)
+        old_output.name = None
+        new_output.name = name
+    graph.remove(old, safe=True)
+    layer.node = new
+    probs = new.outputs[3]
+    probs.name = f"sa.layer{layer.layer}.probs"
+    probs.dtype = new.outputs[0].dtype
+    return probs
+
+
+class _Builder:
+    """Nodes inserted before one anchor node, with constants named per layer."""
+
+    def __init__(self, graph: ir.Graph, before: ir.Node, prefix: str):
+        self.graph, self.before, self.prefix = graph, before, prefix
+
+    def const(self, name: str, array) -> ir.Value:
+        return add_initializer(self.graph, f"{self.prefix}.{name}", np.asarray(array))
+
+    def op(self, op_type: str, inputs, name: str, domain: str = "", **attributes) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes=attributes, domain=domain, name=f"{self.prefix}.{name}")
+        self.graph.insert_before(self.before, node)
+        return node.outputs[0]
+
+
+def _cache_positions(graph: ir.Graph, first: GqaLayer) -> tuple[ir.Value, ir.Value]:
+    """Where this step's rows go in the cache buffer (as GQA writes them), and the pads that
+    widen probabilities from total_sequence_length to the buffer's max_length."""
+    gqa = first.node
+    b = _Builder(graph, gqa, "sa.cache")
+    seqlens_k, total = gqa.inputs[_SEQLENS_K], gqa.inputs[_TOTAL_LEN]
+    # The sequence length of this step, from the hidden states (the QKV MatMul goes away).
+    query_len = b.op("Shape", [first.qkv.inputs[0]], "query_len", start=1, end=2)
+    # GQA's past length per row: seqlens_k + 1 - S, and 0 on the first prompt.
+    past = b.op("Sub", [b.op("Add", [b.op("Cast", [seqlens_k], "seqlens_i64", to=ir.DataType.INT64), b.const("one", np.int64(1))], "total_per_row"), query_len], "past_per_row")
+    write_indices = b.op("Max", [past, b.const("zero", np.zeros(1, np.int64))], "write_indices")
+    buffer_len = b.op("Shape", [gqa.inputs[_PAST_VALUE]], "buffer_len", start=2, end=3)
+    pad_tail = b.op("Sub", [buffer_len, b.op("Cast", [b.op("Reshape", [total, b.const("shape1", np.array([1], np.int64))], "total_1d"), ], "total_i64", to=ir.DataType.INT64)], "pad_tail")
+    pads = b.op("Concat", [b.const("pad_head", np.zeros(7, np.int64)), pad_tail], "probs_pads", axis=0)
+    return write_indices, pads
+
+
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value, write_indices: ir.Value, pads: ir.Value) -> None:
+    gqa = layer.node
+    b = _Builder(graph, gqa, f"sa.layer{layer.layer}")
+    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
+    weight = layer.qkv.inputs[1].const_value.numpy()
+    v_weight = np.ascontiguousarray(weight[..., (n + kv) * d :])
+    v = b.op("MatMul", [layer.qkv.inputs[0], b.const("v_proj.weight", v_weight)], "v_proj")
+    v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, kv, d], np.int64))], "v_heads")
+    v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
+    present_value = b.op("TensorScatter", [gqa.inputs[_PAST_VALUE], v, write_indices], "write_v_cache", axis=2)
+    padded = b.op("Pad", [probs, pads], "probs_to_buffer")
+    grouped = b.op("Reshape", [padded, b.const("grouped_shape", np.array([0, kv, -1, 0], np.int64))], "probs_by_kv_head")
+    context = b.op("MatMul", [grouped, present_value], "probs_v")
+    context = b.op("Reshape", [context, b.const("heads_shape", np.array([0, n, -1, d], np.int64))], "context_heads")
+    context = b.op("Transpose", [context], "context_bsnd", perm=[0, 2, 1, 3])
+    context = b.op("Reshape", [context, b.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
+
+    output, present_key, old_present_value = gqa.outputs[:3]
+    value_name = old_present_value.name
+    ir.convenience.replace_all_uses_with(output, context)
+    ir.convenience.replace_all_uses_with(old_present_value, present_value, replace_graph_outputs=True)
+    old_present_value.name = None
+    present_value.name = value_name
+    present_value.dtype = old_present_value.dtype
+    graph.outputs.remove(present_key)
+    past_key = gqa.inputs[_PAST_KEY]
+    graph.remove([gqa, layer.qkv], safe=True)
+    if not past_key.uses():
+        graph.inputs.remove(past_key)
+
+
+def share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
+    """Rewrite ``model`` in place: the plan's shared layers reuse their anchors' GQA probabilities."""
+    graph = model.graph
+    layers = find_gqa_layers(graph)
+    if sorted(layers) != list(range(plan.num_layers)):
+        raise PlanError(f"the plan is for {plan.num_layers} layers but the graph has GroupQueryAttention for {len(layers)}")
+    sources = set()
+    for layer, anchor in plan.anchors.items():
+        head_map = plan.head_map(layer)
+        sources.update(head_map.layers if head_map else (anchor,))
+    probs = {source: _with_probabilities_output(graph, layers[source]) for source in sorted(sources)}
+    write_indices, pads = _cache_positions(graph, layers[min(plan.anchors)])
+    for layer, anchor in sorted(plan.anchors.items()):
+        head_map = plan.head_map(layer)
+        source = probs[anchor] if head_map is None else mixed_probs(graph, probs, layer, head_map, layers[layer].node)
+        _shared_layer(graph, layers[layer], source, write_indices, pads)
+    model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)
