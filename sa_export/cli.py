@@ -167,9 +167,24 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
             lines.append(f"  device bundle     {bundle} (run build_engine.sh on the device, or `sa-export build-engine {result.out}`)")
     if result.sample is not None:
         lines.append(f"  sample            {result.sample!r}")
+    lines.append(f"  time              {_conversion_times(result.timings)}")
     click.echo("\n".join(lines))
     _write_json(json_file, result.summary_json())
     raise_on_failure(result.parity, result.target)
+
+
+def _conversion_times(timings: dict[str, float]) -> str:
+    """Export, passes (with their share of the export) and check, then the total."""
+    parts = []
+    if "export" in timings:
+        parts.append(f"export {timings['export']:.1f} s")
+    if "passes" in timings:
+        share = f" ({100 * timings['passes'] / timings['export']:.1f}% of export)" if timings.get("export") else ""
+        parts.append(f"passes {timings['passes']:.2f} s{share}")
+    if "check" in timings:
+        parts.append(f"check {timings['check']:.1f} s")
+    parts.append(f"total {timings.get('total', 0):.1f} s")
+    return ", ".join(parts)
 
 
 @main.command()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sa_export.errors import UsageError
+from sa_export.errors import EnvironmentProblem, UsageError
 
 EXPORTERS = ("optimum", "dynamo", "genai")
 GENAI_PRECISIONS = {"fp32": "fp32"}  # the builder's CPU precisions sa-export can check
@@ -103,6 +103,10 @@ def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
     import subprocess
     import sys
 
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise EnvironmentProblem("--exporter genai needs onnxruntime-genai: pip install onnxruntime-genai==0.18.0")
     if precision not in GENAI_PRECISIONS:
         raise UsageError(f"--exporter genai builds {', '.join(GENAI_PRECISIONS)} graphs for the CPU; got --precision {precision}")
     command = [

