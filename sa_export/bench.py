@@ -56,6 +56,16 @@ def decode_step_cost(manifest: dict, weight_bytes: int, context: int, batch: int
     return StepCost(weight_bytes, batch * context * per_token, flops)
 
 
+def qk_projection_bytes(manifest: dict) -> int:
+    """Bytes of the Q and K projection weights that sharing removes (layers without a K cache)."""
+    cache, model = manifest["cache"], manifest.get("model") or {}
+    itemsize = 2 if cache["dtype"] == "float16" else 4
+    shared = sum(1 for layer in cache["layers"] if not layer["k_cache"])
+    heads = model.get("num_heads") or cache["num_kv_heads"]
+    hidden = model.get("hidden_size") or heads * cache["head_dim"]
+    return shared * hidden * (heads + cache["num_kv_heads"]) * cache["head_dim"] * itemsize
+
+
 def weight_bytes(out_dir: Path, manifest: dict) -> int:
     """Bytes of the model files (graph and external data)."""
     return sum((out_dir / name).stat().st_size for name in manifest["files"] if name.startswith("model.onnx"))
@@ -106,8 +116,11 @@ class DecodeRow:
 
 def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, progress=None) -> list[DecodeRow]:
     rng = np.random.default_rng(0)
-    sa_weights = weight_bytes(sa.out_dir, sa.manifest)
+    # The ideal is the same model with and without sharing: the baseline's weights, less the
+    # Q/K projections the SA model drops (the two graphs may come from different exporters,
+    # whose files differ in more than that).
     base_weights = weight_bytes(base.out_dir, base.manifest)
+    sa_weights = base_weights - qk_projection_bytes(sa.manifest)
     rows = []
     total = len(contexts) * len(batches)
     for context in contexts:
@@ -156,15 +169,28 @@ def graph_description(manifest: dict) -> str:
     return graph + (sa if shared else ", no sharing")
 
 
-def baseline_dir(out_dir: Path, manifest: dict) -> Path:
-    """The cached unshared export of the same source, same precision and exporter; built if missing."""
+FASTEST = "fastest"  # onnxruntime-genai's builder graph of the source model
+SAME_EXPORT = "same-export"  # the SA model's own exporter, without sharing
+FASTEST_EXPORTER = "genai"
+
+
+def baseline_dir(out_dir: Path, manifest: dict, kind: str = FASTEST) -> Path:
+    """The cached unshared graph of the same source; built if missing.
+
+    ``fastest``: the fastest graph ONNX Runtime runs for the unmodified model (fused
+    GroupQueryAttention, in-place cache buffers). ``same-export``: the SA model's own
+    exporter and precision without sharing, which isolates what sharing changes.
+    """
     from sa_export.models import cache_dir
     from sa_export.pipeline import build_baseline
 
-    key = hashlib.sha256(f"{manifest['source']['path']}|{manifest['precision']}|{manifest.get('exporter', 'optimum')}".encode()).hexdigest()[:16]
+    exporter = FASTEST_EXPORTER if kind == FASTEST else manifest.get("exporter", "optimum")
+    if kind == FASTEST and manifest["precision"] != "fp32":
+        raise UsageError(f"the fastest ONNX Runtime baseline is an fp32 CPU graph and {out_dir} is {manifest['precision']}; pass --baseline same-export")
+    key = hashlib.sha256(f"{manifest['source']['path']}|{manifest['precision']}|{exporter}".encode()).hexdigest()[:16]
     target = cache_dir() / "baselines" / key
     if not (target / "sa_manifest.json").is_file():
-        build_baseline(manifest, target)
+        build_baseline(manifest, target, exporter)
     return target
 
 
@@ -192,9 +218,15 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_bench(out_dir: Path, baseline: Path | None, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None, progress=None) -> dict:
+def run_bench(out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None, progress=None) -> dict:
+    """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory."""
     manifest = read_manifest(out_dir)
-    base_path = Path(baseline) if baseline is not None else baseline_dir(Path(out_dir), manifest)
+    if str(baseline) in (FASTEST, SAME_EXPORT):
+        base_path = baseline_dir(Path(out_dir), manifest, str(baseline))
+    else:
+        base_path = Path(baseline)
+        if not base_path.is_dir():
+            raise UsageError(f"--baseline {baseline}: no such directory (or give {FASTEST} or {SAME_EXPORT})")
     base_manifest = read_manifest(base_path)
     if base_manifest["num_layers"] != manifest["num_layers"] or base_manifest["cache"]["head_dim"] != manifest["cache"]["head_dim"]:
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")

@@ -422,18 +422,18 @@ def export_description(exporter: str, precision: str, opset: int | None) -> str:
     return f"{exporter} ({precision}, opset {opset or 18})"
 
 
-def build_baseline(manifest: dict, target: Path) -> None:
-    """The same export as an OUT directory's, without sharing: what `bench` compares against."""
+def build_baseline(manifest: dict, target: Path, exporter: str | None = None) -> None:
+    """The OUT directory's source without sharing (its own exporter unless one is given): what `bench` compares against."""
     from graph_passes.unfuse_attention import UnfuseAttentionPass
 
     source = manifest_source(manifest)
     config = load_config(source)
     precision = manifest["precision"]
-    exporter = manifest.get("exporter", "optimum")
+    exporter = exporter or manifest.get("exporter", "optimum")
     opset = manifest.get("opset") if exporter == "dynamo" else None
     request = ConvertRequest(model=source.name, spans=(), out=target, precision=precision, exporter=exporter, opset=opset)
     with atomic_directory(target, overwrite=True) as tmp:
-        with step(f"building the baseline: {source.name} without sharing ({exporter}, {precision})"):
+        with step(f"building the baseline: {source.name} without sharing, {export_description(exporter, precision, opset)}"):
             graph_model = _export_graph(source, None, request, tmp / "export")
             UnfuseAttentionPass()(graph_model)  # the same graph family as the SA model
             if precision == "fp16":

@@ -63,3 +63,16 @@ def test_calibrated_convert_passes_check(smollm2_available, tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     assert "parity PASSED" in result.output
     assert json.loads((out / "sa_manifest.json").read_text())["head_map"]["mode"] == "calibrated"
+
+
+def test_fast_runtime_graph_passes_parity_and_generates(smollm2_available, tmp_path):
+    """--exporter genai: onnxruntime-genai's GQA graph with SA, parity-checked against PyTorch."""
+    out = tmp_path / "smollm2-gqa"
+    result = run_cli("convert", "smollm2-135m", "--span", "20-28", "--exporter", "genai", "-o", out, "--decode-steps", "16")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+    manifest = json.loads((out / "sa_manifest.json").read_text())
+    assert manifest["cache"]["buffer"] == "shared" and manifest["cache"]["savings"]["bytes_per_token_sa"] == 39168
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    generated = run_cli("generate", out, "--prompt", "The capital of France is", "--max-new-tokens", "8")
+    assert generated.exit_code == 0 and generated.output.strip().startswith("The capital of France is")

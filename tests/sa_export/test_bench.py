@@ -17,9 +17,24 @@ def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_
         assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
         assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5
     assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
-    assert data["weight_bytes"]["sa"] < data["weight_bytes"]["base"]
+    assert data["weight_bytes"]["sa"] > 0 and data["weight_bytes"]["base"] > 0  # files of two exporters
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
-    assert "no sharing" in result.output
+    assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+    assert "decomposed" in data["sa"]["graph"] and "convert --exporter genai" in result.output
+
+
+def test_bench_same_export_baseline_is_the_decomposed_graph(converted_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    result = run_cli("bench", converted_tiny_llama, "--baseline", "same-export", "--contexts", "16", "--batches", "1", "--repeats", "1",
+                     "--prefill-tokens", "4", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert "decomposed" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+
+
+def test_bench_refuses_a_missing_baseline_directory(converted_tiny_llama, tmp_path):
+    result = run_cli("bench", converted_tiny_llama, "--baseline", tmp_path / "nope")
+    assert result.exit_code == 2 and "no such directory" in result.stderr
 
 
 def test_decode_cost_grows_with_context_and_batch():
@@ -46,4 +61,5 @@ def test_bench_of_a_fused_graph_runs_against_the_builders_graph(genai_tiny_llama
     assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
     assert "TensorScatter" in data["sa"]["graph"]
     assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
+    assert data["weight_bytes"]["sa"] < data["weight_bytes"]["base"]  # the same graph less Q/K projections
     assert "convert --exporter genai" not in result.output
