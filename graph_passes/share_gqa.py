@@ -34,7 +34,7 @@ GQA = "GroupQueryAttention"
 MS_DOMAIN = "com.microsoft"
 QK_OUTPUT_SOFTMAX = 2  # GQA's qk_output mode for post-softmax probabilities
 TENSOR_SCATTER_OPSET = 24
-_PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
+_CACHE_RE = re.compile(r"^(?:past_key_values|present)\.(\d+)\.(?:key|value)$")
 
 # GQA inputs by position (com.microsoft schema).
 _QUERY, _KEY, _VALUE, _PAST_KEY, _PAST_VALUE, _SEQLENS_K, _TOTAL_LEN = range(7)
@@ -54,21 +54,33 @@ def is_gqa_graph(graph: ir.Graph) -> bool:
     return any(node.op_type == GQA and node.domain == MS_DOMAIN for node in graph)
 
 
+_UNSUPPORTED = "; convert the Hugging Face model with --exporter genai, or re-export with decomposed attention"
+
+
+def _layer_of(node: ir.Node) -> int | None:
+    """The layer whose cache the node reads or writes (past_key_values.N.* / present.N.*)."""
+    for value in [*node.inputs, *node.outputs]:
+        match = _CACHE_RE.match(value.name or "") if value is not None else None
+        if match:
+            return int(match.group(1))
+    return None
+
+
 def find_gqa_layers(graph: ir.Graph) -> dict[int, GqaLayer]:
+    """Every GroupQueryAttention node in the builder's form (packed QKV MatMul, cache in and out), by layer."""
     layers = {}
     for node in graph:
         if node.op_type != GQA or node.domain != MS_DOMAIN:
             continue
-        match = _PRESENT_RE.match(node.outputs[1].name or "")
-        if match is None:
-            raise AttentionPatternError(None, f"{GQA} {node.name!r} does not write a present.N.key output")
-        layer = int(match.group(1))
+        layer = _layer_of(node)
         inputs = list(node.inputs) + [None] * 7
+        if layer is None or len(node.outputs) < 3:
+            raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} reads or writes no past_key_values.N / present.N cache{_UNSUPPORTED}")
         if inputs[_KEY] is not None or inputs[_VALUE] is not None:
-            raise AttentionPatternError(layer, f"{GQA} {node.name!r} takes separate Q, K and V; only packed QKV is handled")
-        qkv = inputs[_QUERY].producer()
+            raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} takes separate Q, K and V; only packed QKV is handled{_UNSUPPORTED}")
+        qkv = inputs[_QUERY].producer() if inputs[_QUERY] is not None else None
         if qkv is None or qkv.op_type != "MatMul" or qkv.inputs[1].const_value is None:
-            raise AttentionPatternError(layer, f"{GQA} {node.name!r} is not fed by a packed QKV MatMul with constant weights")
+            raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} is not fed by a packed QKV MatMul with constant weights{_UNSUPPORTED}")
         num_heads = node.attributes["num_heads"].as_int()
         kv_num_heads = node.attributes["kv_num_heads"].as_int()
         width = qkv.inputs[1].const_value.shape[-1]

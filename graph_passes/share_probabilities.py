@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.initializers import add_initializer
-
 from graph_passes.attention_blocks import find_attention_blocks
+from graph_passes.initializers import add_initializer
 from sa_export.errors import AttentionPatternError
 from sa_export.plan import HeadMap, SharingPlan
 

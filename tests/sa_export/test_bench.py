@@ -1,17 +1,19 @@
 import json
 
-from sa_export.bench import decode_step_cost
+from sa_export.bench import decode_step_cost, qk_projection_bytes
 from tests.helpers import run_cli
+
+
+def _bench(out, tmp_path, *options):
+    """Run `bench` on OUT with a private baseline cache; the exit code is checked, the JSON returned."""
+    result = run_cli("bench", out, "--prefill-tokens", "8", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options)
+    assert result.exit_code == 0, result.output + result.stderr
+    return result, json.loads((tmp_path / "b.json").read_text())
 
 
 def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
-    result = run_cli(
-        "bench", converted_tiny_llama, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2",
-        "--prefill-tokens", "8", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png",
-    )
-    assert result.exit_code == 0, result.output + result.stderr
-    data = json.loads((tmp_path / "b.json").read_text())
+    result, data = _bench(converted_tiny_llama, tmp_path, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2")
     assert [(r["context"], r["batch"]) for r in data["decode"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
     for row in data["decode"]:
         assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
@@ -25,11 +27,19 @@ def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_
 
 def test_bench_same_export_baseline_is_the_decomposed_graph(converted_tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
-    result = run_cli("bench", converted_tiny_llama, "--baseline", "same-export", "--contexts", "16", "--batches", "1", "--repeats", "1",
-                     "--prefill-tokens", "4", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
-    assert result.exit_code == 0, result.output + result.stderr
-    data = json.loads((tmp_path / "b.json").read_text())
+    _, data = _bench(converted_tiny_llama, tmp_path, "--baseline", "same-export", "--contexts", "16", "--batches", "1", "--repeats", "1")
     assert "decomposed" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+
+
+def test_bench_of_a_fused_graph_runs_against_the_builders_graph(genai_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    result, data = _bench(genai_tiny_llama, tmp_path, "--contexts", "16,64", "--batches", "1", "--repeats", "2")
+    assert data["sa_graph_kind"] == "fused"
+    assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+    assert "TensorScatter" in data["sa"]["graph"]
+    assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
+    assert data["weight_bytes"]["sa"] < data["weight_bytes"]["base"]  # the same graph less Q/K projections
+    assert "convert --exporter genai" not in result.output
 
 
 def test_bench_refuses_a_missing_baseline_directory(converted_tiny_llama, tmp_path):
@@ -37,29 +47,20 @@ def test_bench_refuses_a_missing_baseline_directory(converted_tiny_llama, tmp_pa
     assert result.exit_code == 2 and "no such directory" in result.stderr
 
 
+MANIFEST = {
+    "num_layers": 2,
+    "model": {"num_heads": 4, "hidden_size": 64},
+    "cache": {"dtype": "float32", "head_dim": 16, "num_kv_heads": 2, "savings": {"bytes_per_token_sa": 384},
+              "layers": [{"k_cache": True}, {"k_cache": False}]},
+}
+
+
 def test_decode_cost_grows_with_context_and_batch():
-    manifest = {
-        "num_layers": 2,
-        "model": {"num_heads": 4},
-        "cache": {"dtype": "float32", "head_dim": 16, "num_kv_heads": 2, "savings": {"bytes_per_token_sa": 384},
-                  "layers": [{"k_cache": True}, {"k_cache": False}]},
-    }
-    small, large = decode_step_cost(manifest, 1000, 10, 1), decode_step_cost(manifest, 1000, 100, 2)
+    small, large = decode_step_cost(MANIFEST, 1000, 10, 1), decode_step_cost(MANIFEST, 1000, 100, 2)
     assert small.bytes == 1000 + 10 * 384 and large.bytes == 1000 + 2 * 100 * 384
     assert large.flops > small.flops
 
 
-def test_bench_of_a_fused_graph_runs_against_the_builders_graph(genai_tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
-    result = run_cli(
-        "bench", genai_tiny_llama, "--contexts", "16,64", "--batches", "1", "--repeats", "2",
-        "--prefill-tokens", "8", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png",
-    )
-    assert result.exit_code == 0, result.output + result.stderr
-    data = json.loads((tmp_path / "b.json").read_text())
-    assert data["sa_graph_kind"] == "fused"
-    assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
-    assert "TensorScatter" in data["sa"]["graph"]
-    assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
-    assert data["weight_bytes"]["sa"] < data["weight_bytes"]["base"]  # the same graph less Q/K projections
-    assert "convert --exporter genai" not in result.output
+def test_removed_projection_bytes_count_q_and_k_of_shared_layers():
+    # One shared layer: hidden 64 x (4 query + 2 key heads) x head dim 16, fp32.
+    assert qk_projection_bytes(MANIFEST) == 64 * 6 * 16 * 4
