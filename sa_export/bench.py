@@ -96,8 +96,8 @@ class DecodeRow:
     t_base_ms: float
     t_sa_ms: float
     ideal_saving: float
-    base_bytes: int
-    sa_bytes: int
+    base: StepCost
+    sa: StepCost
 
     @property
     def measured_saving(self) -> float:
@@ -105,7 +105,17 @@ class DecodeRow:
 
     def to_json(self) -> dict:
         return {
-            **dataclasses.asdict(self),
+            "context": self.context,
+            "batch": self.batch,
+            "t_base_ms": self.t_base_ms,
+            "t_sa_ms": self.t_sa_ms,
+            "ideal_saving": self.ideal_saving,
+            "base_bytes": self.base.bytes,
+            "sa_bytes": self.sa.bytes,
+            "kv_bytes_base": self.base.kv_bytes,
+            "kv_bytes_sa": self.sa.kv_bytes,
+            "flops_base": self.base.flops,
+            "flops_sa": self.sa.flops,
             "measured_saving": self.measured_saving,
             "ratio_measured_to_ideal": self.measured_saving / self.ideal_saving if self.ideal_saving else None,
             "time_ratio_sa_to_base": self.t_sa_ms / self.t_base_ms,
@@ -137,7 +147,7 @@ def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, pr
             rows.append(
                 DecodeRow(
                     context, batch, 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa),
-                    1 - sa_cost.bytes / base_cost.bytes, base_cost.bytes, sa_cost.bytes,
+                    1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost,
                 )
             )
             if progress is not None:

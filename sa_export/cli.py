@@ -358,13 +358,13 @@ def bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, js
     click.echo(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
     kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]
     click.echo(f"KV cache: {kv['base']:,} -> {kv['sa']:,} B/token; weights {weights['base']:,} -> {weights['sa']:,} B")
-    click.echo(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10}")
+    click.echo(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
     for row in result["decode"]:
         ratio = row["ratio_measured_to_ideal"]
         click.echo(
             f"{row['context']:>8} {row['batch']:>5} {row['t_base_ms']:>9.2f} {row['t_sa_ms']:>9.2f} {row['time_ratio_sa_to_base']:>8.3f} "
             f"{100 * row['measured_saving']:>8.1f}% {100 * row['ideal_saving']:>6.1f}% {ratio if ratio is not None else float('nan'):>10.2f} "
-            f"{row['batch'] * row['context'] * kv['base'] / 2**20:>12.1f} {row['batch'] * row['context'] * kv['sa'] / 2**20:>10.1f}"
+            f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
         )
     prefill = result["prefill"]
     click.echo(f"prefill {prefill['tokens']} tokens: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
