@@ -45,6 +45,7 @@ class GqaLayer:
     layer: int
     node: ir.Node
     qkv: ir.Node  # the packed projection MatMul
+    bias: ir.Node | None  # its bias Add (Qwen2), if any
     num_heads: int
     kv_num_heads: int
     head_dim: int
@@ -54,7 +55,8 @@ def is_gqa_graph(graph: ir.Graph) -> bool:
     return any(node.op_type == GQA and node.domain == MS_DOMAIN for node in graph)
 
 
-_UNSUPPORTED = "; convert the Hugging Face model with --exporter genai, or re-export with decomposed attention"
+# The form onnxruntime-genai's builder gives Llama-style models (SmolLM2, Llama, Qwen2).
+_UNSUPPORTED = "; the rewrite handles the builder's packed QKV projection (Llama, Qwen2): use the default exporter for this model"
 
 
 def _layer_of(node: ir.Node) -> int | None:
@@ -79,12 +81,15 @@ def find_gqa_layers(graph: ir.Graph) -> dict[int, GqaLayer]:
         if inputs[_KEY] is not None or inputs[_VALUE] is not None:
             raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} takes separate Q, K and V; only packed QKV is handled{_UNSUPPORTED}")
         qkv = inputs[_QUERY].producer() if inputs[_QUERY] is not None else None
+        bias = None
+        if qkv is not None and qkv.op_type == "Add" and qkv.inputs[1].const_value is not None:
+            bias, qkv = qkv, qkv.inputs[0].producer()
         if qkv is None or qkv.op_type != "MatMul" or qkv.inputs[1].const_value is None:
             raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} is not fed by a packed QKV MatMul with constant weights{_UNSUPPORTED}")
         num_heads = node.attributes["num_heads"].as_int()
         kv_num_heads = node.attributes["kv_num_heads"].as_int()
         width = qkv.inputs[1].const_value.shape[-1]
-        layers[layer] = GqaLayer(layer, node, qkv, num_heads, kv_num_heads, width // (num_heads + 2 * kv_num_heads))
+        layers[layer] = GqaLayer(layer, node, qkv, bias, num_heads, kv_num_heads, width // (num_heads + 2 * kv_num_heads))
     return layers
 
 
@@ -148,6 +153,9 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value, write_indic
     weight = layer.qkv.inputs[1].const_value.numpy()
     v_weight = np.ascontiguousarray(weight[..., (n + kv) * d :])
     v = b.op("MatMul", [layer.qkv.inputs[0], b.const("v_proj.weight", v_weight)], "v_proj")
+    if layer.bias is not None:
+        v_bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., (n + kv) * d :])
+        v = b.op("Add", [v, b.const("v_proj.bias", v_bias)], "v_proj_bias")
     v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, kv, d], np.int64))], "v_heads")
     v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
     present_value = b.op("TensorScatter", [gqa.inputs[_PAST_VALUE], v, write_indices], "write_v_cache", axis=2)
@@ -167,7 +175,7 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value, write_indic
     present_value.dtype = old_present_value.dtype
     graph.outputs.remove(present_key)
     past_key = gqa.inputs[_PAST_KEY]
-    graph.remove([gqa, layer.qkv], safe=True)
+    graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
     if not past_key.uses():
         graph.inputs.remove(past_key)
 

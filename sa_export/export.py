@@ -109,6 +109,8 @@ def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
         raise EnvironmentProblem("--exporter genai needs onnxruntime-genai: pip install onnxruntime-genai==0.18.0")
     if precision not in GENAI_PRECISIONS:
         raise UsageError(f"--exporter genai builds {', '.join(GENAI_PRECISIONS)} graphs for the CPU; got --precision {precision}")
+    if not any((Path(hf_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise UsageError(f"--exporter genai: onnxruntime-genai's builder needs the model's tokenizer files, and {hf_dir} has none")
     command = [
         sys.executable, "-m", "sa_export.genai_builder",
         "-i", str(hf_dir), "-o", str(export_dir), "-p", GENAI_PRECISIONS[precision], "-e", "cpu",

@@ -211,6 +211,11 @@ def convert(request: ConvertRequest) -> ConvertResult:
     request = dataclasses.replace(request, precision=precision, target=target.name)
     if request.exporter != "dynamo" and request.opset not in (None, 18):
         raise UsageError(f"--opset applies to --exporter dynamo; {request.exporter} chooses its own")
+    if request.exporter == "genai" and config is not None and _has_sliding_window(config):
+        raise UsageError(
+            f"--exporter genai: onnxruntime-genai's graph for {config.model_type} attends to the whole context, "
+            f"not the model's sliding window of {config.sliding_window}; use the default exporter"
+        )
     if request.exporter == "genai" and (target.uses_tensorrt or source.kind != "hf"):
         raise UsageError(
             "--exporter genai builds an ONNX Runtime graph (com.microsoft GroupQueryAttention) from a Hugging Face model: "
@@ -406,6 +411,11 @@ def _export_graph(source: ModelSource, fp32_eager_model, request: ConvertRequest
     else:
         model = load_hf_model(source, request.allow_pickle, half=request.precision == "fp16", attention=attention)
     return load_onnx(export_model(model, export_dir, request.exporter, request.opset))
+
+
+def _has_sliding_window(config) -> bool:
+    window = getattr(config, "sliding_window", None)
+    return bool(window) and getattr(config, "use_sliding_window", True) and window < (getattr(config, "max_position_embeddings", None) or window + 1)
 
 
 def _fix_cache_head_dim(graph: ir.Graph, config) -> None:

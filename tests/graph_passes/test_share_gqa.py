@@ -71,3 +71,39 @@ def test_calibrated_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokeni
     anchors = [n for n in _nodes_by_op(model, "GroupQueryAttention") if len(n.output) > 3 and n.output[3]]
     sources = {source for head_map in result.plan.head_maps.values() for source in head_map.layers}
     assert sorted(n.output[1] for n in anchors) == [f"present.{layer}.key" for layer in sorted(sources)]
+
+
+def test_qkv_bias_is_cut_to_its_v_part(tmp_path):
+    """Qwen2: the builder's packed projection has a bias Add; shared layers keep its V slice."""
+    from sa_export.pipeline import ConvertRequest, convert
+    from tests.conftest import build_tiny_model
+
+    source = build_tiny_model("qwen2", tmp_path / "qwen2", with_tokenizer=True)
+    result = convert(ConvertRequest(model=str(source), spans=("2-3",), out=tmp_path / "out", exporter="genai"))
+    assert result.parity.passed, result.parity.summary_line()
+    model = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False)
+    biases = {i.name: list(i.dims) for i in model.graph.initializer if "bias" in i.name}
+    assert biases["sa.layer2.v_proj.bias"] == [32]  # 2 KV heads x 16
+    assert not any(name.startswith("model.layers.2.attn.qkv_proj") for name in biases)
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [("mistral", "sliding window of 16"), ("qwen3", "takes separate Q, K and V")],
+)
+def test_graphs_the_rewrite_cannot_keep_exact_are_refused(arch, message, tmp_path):
+    from tests.conftest import build_tiny_model
+    from tests.helpers import leftovers, run_cli
+
+    source = build_tiny_model(arch, tmp_path / arch, with_tokenizer=True)
+    out = tmp_path / "out"
+    result = run_cli("convert", source, "--span", "2-3", "--exporter", "genai", "-o", out)
+    assert result.exit_code == 2 and message in result.stderr and "default exporter" in result.stderr
+    assert not leftovers(out)
+
+
+def test_a_model_without_tokenizer_files_is_refused_before_the_builder_runs(tiny_llama, tmp_path):
+    from tests.helpers import run_cli
+
+    result = run_cli("convert", tiny_llama, "--span", "3-4", "--exporter", "genai", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "tokenizer files" in result.stderr
