@@ -115,7 +115,7 @@ def _with_probabilities_output(graph: ir.Graph, layer: GqaLayer) -> ir.Value:
 
 
 class _Builder:
-    """Nodes inserted before one anchor node, with constants named per layer."""
+    """Inserts nodes before one node (the GQA being replaced), naming them and their constants with a prefix."""
 
     def __init__(self, graph: ir.Graph, before: ir.Node, prefix: str):
         self.graph, self.before, self.prefix = graph, before, prefix
@@ -138,10 +138,12 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> tuple[ir.Value, ir.Val
     # The sequence length of this step, from the hidden states (the QKV MatMul goes away).
     query_len = b.op("Shape", [first.qkv.inputs[0]], "query_len", start=1, end=2)
     # GQA's past length per row: seqlens_k + 1 - S, and 0 on the first prompt.
-    past = b.op("Sub", [b.op("Add", [b.op("Cast", [seqlens_k], "seqlens_i64", to=ir.DataType.INT64), b.const("one", np.int64(1))], "total_per_row"), query_len], "past_per_row")
+    seqlens = b.op("Cast", [seqlens_k], "seqlens_i64", to=ir.DataType.INT64)
+    past = b.op("Sub", [b.op("Add", [seqlens, b.const("one", np.int64(1))], "total_per_row"), query_len], "past_per_row")
     write_indices = b.op("Max", [past, b.const("zero", np.zeros(1, np.int64))], "write_indices")
     buffer_len = b.op("Shape", [gqa.inputs[_PAST_VALUE]], "buffer_len", start=2, end=3)
-    pad_tail = b.op("Sub", [buffer_len, b.op("Cast", [b.op("Reshape", [total, b.const("shape1", np.array([1], np.int64))], "total_1d"), ], "total_i64", to=ir.DataType.INT64)], "pad_tail")
+    total_1d = b.op("Reshape", [total, b.const("shape1", np.array([1], np.int64))], "total_1d")
+    pad_tail = b.op("Sub", [buffer_len, b.op("Cast", [total_1d], "total_i64", to=ir.DataType.INT64)], "pad_tail")
     pads = b.op("Concat", [b.const("pad_head", np.zeros(7, np.int64)), pad_tail], "probs_pads", axis=0)
     return write_indices, pads
 
