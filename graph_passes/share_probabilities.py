@@ -46,8 +46,8 @@ def mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_ma
     """Probabilities for a shared layer under a head map.
 
     Concat of the source layers' probabilities on the head axis (when more than one),
-    a Gather with [heads] indices (one source per head) or [heads, k] indices followed
-    by a weighted ReduceSum over k (a convex mixture).
+    then a Gather with [heads] indices (one source per head) or a MatMul by the
+    [heads, sources] mixture matrix (a convex mixture).
     """
     layers = head_map.layers
     first = probs[layers[0]]
@@ -63,20 +63,26 @@ def mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_ma
         stacked = concat.outputs[0]
     else:
         stacked = first
-    flat = np.asarray([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources], dtype=np.int64)
     if head_map.width == 1:
-        flat = flat[:, 0]
-    gather = ir.node("Gather", [stacked, add_initializer(graph, f"{prefix}.head_sources", flat)], attributes={"axis": 1}, name=f"{prefix}.gather_heads")
-    nodes.append(gather)
-    result = gather.outputs[0]
-    if head_map.width > 1:
+        index = np.asarray([layers.index(l) * heads + h for ((l, h),) in head_map.sources], dtype=np.int64)
+        gather = ir.node("Gather", [stacked, add_initializer(graph, f"{prefix}.head_sources", index)], attributes={"axis": 1}, name=f"{prefix}.gather_heads")
+        nodes.append(gather)
+        result = gather.outputs[0]
+    else:
+        # A convex mixture is a [heads, sources] matrix applied on the head axis: one MatMul
+        # over [batch, sources, S*T], with no [heads, k, S, T] intermediate.
         dtype = first.dtype.numpy() if first.dtype is not None else np.float32
-        weights = np.asarray(head_map.weights, dtype=dtype)[None, :, :, None, None]
-        mul = ir.node("Mul", [result, add_initializer(graph, f"{prefix}.head_weights", weights)], name=f"{prefix}.weight_sources")
-        axes = add_initializer(graph, f"{prefix}.mix_axis", np.asarray([2], dtype=np.int64))
-        reduce = ir.node("ReduceSum", [mul.outputs[0], axes], attributes={"keepdims": 0}, name=f"{prefix}.mix_sources")
-        nodes += [mul, reduce]
-        result = reduce.outputs[0]
+        matrix = np.zeros((heads, len(layers) * heads), dtype=dtype)
+        for head, (sources, weights) in enumerate(zip(head_map.sources, head_map.weights)):
+            for (source_layer, source_head), weight in zip(sources, weights):
+                matrix[head, layers.index(source_layer) * heads + source_head] += weight
+        flat_shape = add_initializer(graph, f"{prefix}.flat_shape", np.asarray([0, len(layers) * heads, -1], dtype=np.int64))
+        flat = ir.node("Reshape", [stacked, flat_shape], name=f"{prefix}.flatten_sources")
+        mix = ir.node("MatMul", [add_initializer(graph, f"{prefix}.head_mixture", matrix), flat.outputs[0]], name=f"{prefix}.mix_sources")
+        shape = ir.node("Shape", [first], name=f"{prefix}.probs_shape")
+        unflat = ir.node("Reshape", [mix.outputs[0], shape.outputs[0]], name=f"{prefix}.unflatten")
+        nodes += [flat, mix, shape, unflat]
+        result = unflat.outputs[0]
     result.name = f"{prefix}.probs"
     if first.type is not None:
         result.type = first.type

@@ -58,7 +58,7 @@ def test_gqa_layers_are_found_by_their_present_names(genai_tiny_llama):
 
 
 def test_calibrated_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokenizer, tmp_path):
-    """Mixtures of several source heads (Concat/Gather/ReduceSum over GQA probabilities), two spans."""
+    """Mixtures of several source heads (Concat and one mixing MatMul over GQA probabilities), two spans."""
     from sa_export.pipeline import ConvertRequest, convert
 
     result = convert(
