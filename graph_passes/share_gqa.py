@@ -26,9 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.initializers import add_initializer
-from graph_passes.share_probabilities import mixed_probs
 from sa_export.errors import AttentionPatternError, PlanError
-from sa_export.plan import SharingPlan
+from sa_export.plan import HeadMap, SharingPlan
 
 GQA = "GroupQueryAttention"
 MS_DOMAIN = "com.microsoft"
@@ -148,7 +147,8 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> tuple[ir.Value, ir.Val
     return write_indices, pads
 
 
-def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value, write_indices: ir.Value, pads: ir.Value) -> None:
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, padded: ir.Value, write_indices: ir.Value) -> None:
+    """Replace a shared layer's attention: V only, written in place, times the padded probabilities."""
     gqa = layer.node
     b = _Builder(graph, gqa, f"sa.layer{layer.layer}")
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
@@ -161,7 +161,6 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value, write_indic
     v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, kv, d], np.int64))], "v_heads")
     v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
     present_value = b.op("TensorScatter", [gqa.inputs[_PAST_VALUE], v, write_indices], "write_v_cache", axis=2)
-    padded = b.op("Pad", [probs, pads], "probs_to_buffer")
     grouped = b.op("Reshape", [padded, b.const("grouped_shape", np.array([0, kv, -1, 0], np.int64))], "probs_by_kv_head")
     context = b.op("MatMul", [grouped, present_value], "probs_v")
     context = b.op("Reshape", [context, b.const("heads_shape", np.array([0, n, -1, d], np.int64))], "context_heads")
@@ -182,6 +181,41 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value, write_indic
         graph.inputs.remove(past_key)
 
 
+def _consecutive_runs(layers: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and runs[-1][-1] == layer - 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
+def _mixed_for_run(b: _Builder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value) -> dict[int, ir.Value]:
+    """Padded probabilities of every mapped layer of one run of shared layers, from one MatMul.
+
+    The sources' probabilities are stacked once and multiplied by the [layers * heads,
+    sources * heads] matrix of all the run's head maps: the stacked sources are read once
+    for the run, not once per layer.
+    """
+    sources = sorted({source for head_map in head_maps.values() for source in head_map.layers})
+    stacked = b.op("Concat", [probs[s] for s in sources], "stack_sources", axis=1) if len(sources) > 1 else probs[sources[0]]
+    dtype = probs[sources[0]].dtype.numpy() if probs[sources[0]].dtype is not None else np.float32
+    matrix = np.zeros((len(head_maps) * heads, len(sources) * heads), dtype=dtype)
+    for row, head_map in enumerate(head_maps.values()):
+        for head, (pairs, weights) in enumerate(zip(head_map.sources, head_map.weights)):
+            for (source, source_head), weight in zip(pairs, weights):
+                matrix[row * heads + head, sources.index(source) * heads + source_head] += weight
+    flat = b.op("Reshape", [stacked, b.const("flat_shape", np.array([0, len(sources) * heads, -1], np.int64))], "flatten_sources")
+    mixed = b.op("MatMul", [b.const("head_mixture", matrix), flat], "mix_heads")
+    query_and_keys = b.op("Shape", [probs[sources[0]]], "probs_seq_dims", start=2)
+    shape = b.op("Concat", [b.const("mixed_lead", np.array([0, len(matrix)], np.int64)), query_and_keys], "mixed_shape", axis=0)
+    padded = b.op("Pad", [b.op("Reshape", [mixed, shape], "unflatten"), pads], "probs_to_buffer")
+    split = ir.node("Split", [padded], attributes={"axis": 1, "num_outputs": len(head_maps)}, num_outputs=len(head_maps), name=f"{b.prefix}.split_layers")
+    b.graph.insert_before(b.before, split)
+    return dict(zip(head_maps, split.outputs))
+
+
 def share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     """Rewrite ``model`` in place: the plan's shared layers reuse their anchors' GQA probabilities."""
     graph = model.graph
@@ -194,8 +228,15 @@ def share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         sources.update(head_map.layers if head_map else (anchor,))
     probs = {source: _with_probabilities_output(graph, layers[source]) for source in sorted(sources)}
     write_indices, pads = _cache_positions(graph, layers[min(plan.anchors)])
-    for layer, anchor in sorted(plan.anchors.items()):
-        head_map = plan.head_map(layer)
-        source = probs[anchor] if head_map is None else mixed_probs(graph, probs, layer, head_map, layers[layer].node)
-        _shared_layer(graph, layers[layer], source, write_indices, pads)
+    # Per run of consecutive shared layers (every source of the run precedes it): each
+    # anchor's probabilities are padded once, and all head maps mixed by one MatMul.
+    for run in _consecutive_runs(list(plan.anchors)):
+        b = _Builder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
+        head_maps = {layer: plan.head_map(layer) for layer in run if plan.head_map(layer) is not None}
+        padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, pads) if head_maps else {}
+        anchors = {plan.anchors[layer] for layer in run if layer not in padded}
+        by_anchor = {anchor: b.op("Pad", [probs[anchor], pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
+        for layer in run:
+            source = padded[layer] if layer in padded else by_anchor[plan.anchors[layer]]
+            _shared_layer(graph, layers[layer], source, write_indices)
     model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)

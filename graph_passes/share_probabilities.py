@@ -36,13 +36,13 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
             if head_map is None:
                 source = blocks[anchor].probs
             else:
-                source = mixed_probs(model.graph, {l: b.probs for l, b in blocks.items()}, layer, head_map, context)
+                source = _mixed_probs(model.graph, {l: b.probs for l, b in blocks.items()}, layer, head_map, context)
             context.replace_input_with(0, source)
             modified = True
         return ir.passes.PassResult(model, modified)
 
 
-def mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_map: HeadMap, before: ir.Node) -> ir.Value:
+def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_map: HeadMap, before: ir.Node) -> ir.Value:
     """Probabilities for a shared layer under a head map.
 
     Concat of the source layers' probabilities on the head axis (when more than one),
