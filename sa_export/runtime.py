@@ -107,6 +107,8 @@ class SAModel(ManifestModel):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits")  # first: get_outputs() follows the order of binding
         for past, present in self.cache_pairs:
+            if not cache[past].flags.c_contiguous:  # an OrtValue over it would be a copy, and the writes lost
+                raise UsageError(f"cache buffer {past} must be C-contiguous (use empty_cache)")
             buffer = ort.OrtValue.ortvalue_from_numpy(cache[past])  # shares the numpy memory on CPU
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
