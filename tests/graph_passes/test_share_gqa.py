@@ -37,6 +37,20 @@ def test_shared_layers_lose_their_q_k_path_and_k_cache(genai_tiny_llama):
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 24
 
 
+def test_nothing_of_the_removed_paths_is_left(genai_tiny_llama):
+    """Every node feeds another node or a graph output, and every initializer is read:
+    no shape computation or weight of the removed Q/K paths lingers."""
+    model = onnx.load(genai_tiny_llama / "model.onnx", load_external_data=False)
+    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    dead = [n.name for n in model.graph.node if not any(out and out in read for out in n.output)]
+    assert not dead, dead
+    unread = [i.name for i in model.graph.initializer if i.name not in read]
+    assert not unread, unread
+    for node in model.graph.node:
+        for layer in (3, 4):
+            assert f"layers.{layer}/attn/qkv_proj" not in node.name and f"layers.{layer}/attn/GroupQueryAttention" not in node.name
+
+
 def test_manifest_describes_the_shared_buffer_and_parity_passed(genai_tiny_llama):
     manifest = read_manifest(genai_tiny_llama)
     assert manifest["exporter"] == "genai"
