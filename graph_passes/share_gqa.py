@@ -128,9 +128,16 @@ class _Builder:
         return node.outputs[0]
 
 
-def _cache_positions(graph: ir.Graph, first: GqaLayer) -> tuple[ir.Value, ir.Value]:
-    """Where this step's rows go in the cache buffer (as GQA writes them), and the pads that
-    widen probabilities from total_sequence_length to the buffer's max_length."""
+@dataclasses.dataclass(frozen=True)
+class _Positions:
+    """Values every shared layer reads, computed once for the graph."""
+
+    write_indices: ir.Value  # where this step's rows go in the cache buffer, as GQA writes them
+    pads: ir.Value  # widen probabilities from total_sequence_length to the buffer's max_length
+    grouped_shape: ir.Value  # [0, kv, rep, S, -1]: probabilities grouped by the KV head they read
+
+
+def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     gqa = first.node
     b = _Builder(graph, gqa, "sa.cache")
     seqlens_k, total = gqa.inputs[_SEQLENS_K], gqa.inputs[_TOTAL_LEN]
@@ -144,10 +151,15 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> tuple[ir.Value, ir.Val
     total_1d = b.op("Reshape", [total, b.const("shape1", np.array([1], np.int64))], "total_1d")
     pad_tail = b.op("Sub", [buffer_len, b.op("Cast", [total_1d], "total_i64", to=ir.DataType.INT64)], "pad_tail")
     pads = b.op("Concat", [b.const("pad_head", np.zeros(7, np.int64)), pad_tail], "probs_pads", axis=0)
-    return write_indices, pads
+    kv, rep = first.kv_num_heads, first.num_heads // first.kv_num_heads
+    grouped_shape = b.op(
+        "Concat", [b.const("grouped_lead", np.array([0, kv, rep], np.int64)), query_len, b.const("minus_one", np.array([-1], np.int64))],
+        "grouped_shape", axis=0,
+    )
+    return _Positions(write_indices, pads, grouped_shape)
 
 
-def _shared_layer(graph: ir.Graph, layer: GqaLayer, padded: ir.Value, write_indices: ir.Value) -> None:
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, padded: ir.Value, positions: _Positions) -> None:
     """Replace a shared layer's attention: V only, written in place, times the padded probabilities."""
     gqa = layer.node
     b = _Builder(graph, gqa, f"sa.layer{layer.layer}")
@@ -160,9 +172,13 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, padded: ir.Value, write_indi
         v = b.op("Add", [v, b.const("v_proj.bias", v_bias)], "v_proj_bias")
     v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, kv, d], np.int64))], "v_heads")
     v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
-    present_value = b.op("TensorScatter", [gqa.inputs[_PAST_VALUE], v, write_indices], "write_v_cache", axis=2)
-    grouped = b.op("Reshape", [padded, b.const("grouped_shape", np.array([0, kv, -1, 0], np.int64))], "probs_by_kv_head")
-    context = b.op("MatMul", [grouped, present_value], "probs_v")
+    present_value = b.op("TensorScatter", [gqa.inputs[_PAST_VALUE], v, positions.write_indices], "write_v_cache", axis=2)
+    # [B, kv, rep, S, T] @ [B, kv, 1, T, D]: each query head reads its KV head's cache by
+    # broadcasting (no repeated V). One row per product lets decode (S = 1) take MLAS's GEMV
+    # path, which reads V as it is; [B, kv, rep * S, T] @ [B, kv, T, D] packs V on every call.
+    grouped = b.op("Reshape", [padded, positions.grouped_shape], "probs_by_kv_head")
+    v_grouped = b.op("Reshape", [present_value, b.const("v_grouped_shape", np.array([0, kv, 1, -1, d], np.int64))], "v_by_kv_head")
+    context = b.op("MatMul", [grouped, v_grouped], "probs_v")
     context = b.op("Reshape", [context, b.const("heads_shape", np.array([0, n, -1, d], np.int64))], "context_heads")
     context = b.op("Transpose", [context], "context_bsnd", perm=[0, 2, 1, 3])
     context = b.op("Reshape", [context, b.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
@@ -222,21 +238,23 @@ def share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     layers = find_gqa_layers(graph)
     if sorted(layers) != list(range(plan.num_layers)):
         raise PlanError(f"the plan is for {plan.num_layers} layers but the graph has GroupQueryAttention for {len(layers)}")
+    if len({(layer.num_heads, layer.kv_num_heads) for layer in layers.values()}) > 1:
+        raise PlanError("the GroupQueryAttention layers differ in head counts; convert with the default exporter")
     sources = set()
     for layer, anchor in plan.anchors.items():
         head_map = plan.head_map(layer)
         sources.update(head_map.layers if head_map else (anchor,))
     probs = {source: _with_probabilities_output(graph, layers[source]) for source in sorted(sources)}
-    write_indices, pads = _cache_positions(graph, layers[min(plan.anchors)])
+    positions = _cache_positions(graph, layers[min(plan.anchors)])
     # Per run of consecutive shared layers (every source of the run precedes it): each
     # anchor's probabilities are padded once, and all head maps mixed by one MatMul.
     for run in _consecutive_runs(list(plan.anchors)):
         b = _Builder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
         head_maps = {layer: plan.head_map(layer) for layer in run if plan.head_map(layer) is not None}
-        padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, pads) if head_maps else {}
+        padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, positions.pads) if head_maps else {}
         anchors = {plan.anchors[layer] for layer in run if layer not in padded}
-        by_anchor = {anchor: b.op("Pad", [probs[anchor], pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
+        by_anchor = {anchor: b.op("Pad", [probs[anchor], positions.pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
         for layer in run:
             source = padded[layer] if layer in padded else by_anchor[plan.anchors[layer]]
-            _shared_layer(graph, layers[layer], source, write_indices)
+            _shared_layer(graph, layers[layer], source, positions)
     model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)

@@ -29,6 +29,9 @@ from sa_export.manifest import read_manifest
 from sa_export.plan import SharingPlan
 from sa_export.runtime import SAModel
 
+WARMUP_PAIRS = 3
+MAX_PAIRS = 400  # bounds --min-seconds on a tiny model whose steps take microseconds
+
 
 @dataclasses.dataclass(frozen=True)
 class StepCost:
@@ -98,6 +101,7 @@ class DecodeRow:
     ideal_saving: float
     base: StepCost
     sa: StepCost
+    steps: int = 0  # timed steps per model
 
     @property
     def measured_saving(self) -> float:
@@ -107,6 +111,7 @@ class DecodeRow:
         return {
             "context": self.context,
             "batch": self.batch,
+            "steps": self.steps,
             "t_base_ms": self.t_base_ms,
             "t_sa_ms": self.t_sa_ms,
             "ideal_saving": self.ideal_saving,
@@ -124,7 +129,25 @@ class DecodeRow:
         }
 
 
-def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, progress=None) -> list[DecodeRow]:
+def _paired_steps(sa: SAModel, base: SAModel, sa_inputs, base_inputs, repeats: int, min_seconds: float):
+    """Step times of both models, interleaved pair by pair with the order alternating (so
+    neither always runs on caches the other just filled), for at least ``repeats`` pairs and
+    ``min_seconds``: short steps get more samples, which the noise of short steps needs."""
+    for _ in range(WARMUP_PAIRS):
+        _timed(sa, *sa_inputs), _timed(base, *base_inputs)
+    t_sa, t_base = [], []
+    start = time.perf_counter()
+    while len(t_sa) < repeats or (time.perf_counter() - start < min_seconds and len(t_sa) < MAX_PAIRS):
+        if len(t_sa) % 2:
+            t_sa.append(_timed(sa, *sa_inputs))
+            t_base.append(_timed(base, *base_inputs))
+        else:
+            t_base.append(_timed(base, *base_inputs))
+            t_sa.append(_timed(sa, *sa_inputs))
+    return t_sa, t_base
+
+
+def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, min_seconds: float = 0.0, progress=None) -> list[DecodeRow]:
     rng = np.random.default_rng(0)
     # The ideal is the same model with and without sharing: the baseline's weights, less the
     # Q/K projections the SA model drops (the two graphs may come from different exporters,
@@ -137,17 +160,13 @@ def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, pr
         for batch in batches:
             sa_inputs = _decode_inputs(sa, batch, context, rng)
             base_inputs = _decode_inputs(base, batch, context, rng)
-            _timed(sa, *sa_inputs), _timed(base, *base_inputs)  # warm-up
-            t_sa, t_base = [], []
-            for _ in range(repeats):  # interleaved, so drifts in machine load hit both
-                t_base.append(_timed(base, *base_inputs))
-                t_sa.append(_timed(sa, *sa_inputs))
+            t_sa, t_base = _paired_steps(sa, base, sa_inputs, base_inputs, repeats, min_seconds)
             sa_cost = decode_step_cost(sa.manifest, sa_weights, context, batch)
             base_cost = decode_step_cost(base.manifest, base_weights, context, batch)
             rows.append(
                 DecodeRow(
                     context, batch, 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa),
-                    1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost,
+                    1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost, len(t_sa),
                 )
             )
             if progress is not None:
@@ -160,9 +179,10 @@ def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int) -> dict
     ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
     mask = np.ones_like(ids)
     t_sa, t_base = [], []
-    for _ in range(repeats):
-        t_base.append(_timed(base, ids, mask, base.empty_cache(1, tokens)))
-        t_sa.append(_timed(sa, ids, mask, sa.empty_cache(1, tokens)))
+    for i in range(repeats):
+        order = [(base, t_base), (sa, t_sa)] if i % 2 == 0 else [(sa, t_sa), (base, t_base)]
+        for model, times in order:
+            times.append(_timed(model, ids, mask, model.empty_cache(1, tokens)))
     return {"tokens": tokens, "t_base_ms": 1000 * statistics.median(t_base), "t_sa_ms": 1000 * statistics.median(t_sa)}
 
 
@@ -228,7 +248,10 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_bench(out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None, progress=None) -> dict:
+def run_bench(
+    out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None,
+    progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None,
+) -> dict:
     """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory."""
     manifest = read_manifest(out_dir)
     if str(baseline) in (FASTEST, SAME_EXPORT):
@@ -241,8 +264,8 @@ def run_bench(out_dir: Path, baseline: str | Path, contexts, batches, repeats: i
     if base_manifest["num_layers"] != manifest["num_layers"] or base_manifest["cache"]["head_dim"] != manifest["cache"]["head_dim"]:
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
     sa, base = SAModel(out_dir, threads, spin=False), SAModel(base_path, threads, spin=False)
-    rows = bench_decode(sa, base, contexts, batches, repeats, progress)
-    prefill = bench_prefill(sa, base, prefill_tokens, repeats)
+    rows = bench_decode(sa, base, contexts, batches, repeats, min_seconds, progress)
+    prefill = bench_prefill(sa, base, prefill_tokens, prefill_repeats or repeats)
     savings = manifest["cache"]["savings"]
     return {
         "model": manifest["source"]["model"],
@@ -251,6 +274,7 @@ def run_bench(out_dir: Path, baseline: str | Path, contexts, batches, repeats: i
         "sa_graph_kind": "fused" if sa.shared_buffer else "decomposed",
         "threads": threads,
         "repeats": repeats,
+        "min_seconds": min_seconds,
         "kv_bytes_per_token": {"base": savings["bytes_per_token_base"], "sa": savings["bytes_per_token_sa"]},
         "weight_bytes": {"base": weight_bytes(base_path, base_manifest), "sa": weight_bytes(Path(out_dir), manifest)},
         "decode": [r.to_json() for r in rows],

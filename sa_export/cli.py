@@ -336,13 +336,18 @@ def _int_list(text: str) -> list[int]:
 )
 @click.option("--contexts", default="256,2048,8192", show_default=True, help="Context lengths for decode timing.")
 @click.option("--batches", default="1,4", show_default=True, help="Batch sizes for decode timing.")
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed steps per model and point (medians are reported).")
+@click.option("--repeats", type=click.IntRange(1), default=21, show_default=True, help="At least this many timed decode steps per model and point (medians are reported).")
+@click.option(
+    "--min-seconds", type=click.FloatRange(0), default=3.0, show_default=True,
+    help="Keep timing each decode point until this much time has passed: short steps are noisy and get more samples.",
+)
 @click.option("--prefill-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--prefill-repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed prefills per model.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Decode time vs context plot (default: OUT/bench.png).")
 @handle_errors
-def bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, json_file, plot_file):
+def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, threads, json_file, plot_file):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side in one process (interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. The default baseline is the fastest graph
@@ -353,7 +358,7 @@ def bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, js
 
     contexts, batches = _int_list(contexts), _int_list(batches)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
-        result = run_bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance)
+        result = run_bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats)
     click.echo(f"SA:       {result['sa']['graph']} ({result['sa']['dir']})")
     click.echo(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
     kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]

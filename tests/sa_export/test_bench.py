@@ -6,7 +6,10 @@ from tests.helpers import run_cli
 
 def _bench(out, tmp_path, *options):
     """Run `bench` on OUT with a private baseline cache; the exit code is checked, the JSON returned."""
-    result = run_cli("bench", out, "--prefill-tokens", "8", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options)
+    result = run_cli(
+        "bench", out, "--prefill-tokens", "8", "--prefill-repeats", "1", "--min-seconds", "0",
+        "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options,
+    )
     assert result.exit_code == 0, result.output + result.stderr
     return result, json.loads((tmp_path / "b.json").read_text())
 
@@ -18,6 +21,7 @@ def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_
     for row in data["decode"]:
         assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
         assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5
+        assert row["steps"] == 2  # --repeats, with no --min-seconds to extend it
     assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
     assert data["weight_bytes"]["sa"] > 0 and data["weight_bytes"]["base"] > 0  # files of two exporters
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
@@ -40,6 +44,14 @@ def test_bench_of_a_fused_graph_runs_against_the_builders_graph(genai_tiny_llama
     assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
     assert data["weight_bytes"]["sa"] < data["weight_bytes"]["base"]  # the same graph less Q/K projections
     assert "convert --exporter genai" not in result.output
+
+
+def test_short_steps_are_sampled_until_min_seconds(genai_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    _, data = _bench(genai_tiny_llama, tmp_path, "--contexts", "16", "--batches", "1", "--repeats", "2", "--min-seconds", "0.3")
+    row = data["decode"][0]
+    # A tiny model's step takes about a millisecond: 0.3 s holds many more than 2 pairs.
+    assert row["steps"] > 10 and row["steps"] * (row["t_base_ms"] + row["t_sa_ms"]) / 1000 < 5
 
 
 def test_bench_refuses_a_missing_baseline_directory(converted_tiny_llama, tmp_path):
