@@ -159,7 +159,7 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     return _Positions(write_indices, pads, grouped_shape)
 
 
-def _shared_layer(graph: ir.Graph, layer: GqaLayer, padded: ir.Value, positions: _Positions) -> None:
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions) -> None:
     """Replace a shared layer's attention: V only, written in place, times the padded probabilities."""
     gqa = layer.node
     b = _Builder(graph, gqa, f"sa.layer{layer.layer}")
@@ -176,11 +176,9 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, padded: ir.Value, positions:
     # [B, kv, rep, S, T] @ [B, kv, 1, T, D]: each query head reads its KV head's cache by
     # broadcasting (no repeated V). One row per product lets decode (S = 1) take MLAS's GEMV
     # path, which reads V as it is; [B, kv, rep * S, T] @ [B, kv, T, D] packs V on every call.
-    grouped = b.op("Reshape", [padded, positions.grouped_shape], "probs_by_kv_head")
     v_grouped = b.op("Reshape", [present_value, b.const("v_grouped_shape", np.array([0, kv, 1, -1, d], np.int64))], "v_by_kv_head")
     context = b.op("MatMul", [grouped, v_grouped], "probs_v")
-    context = b.op("Reshape", [context, b.const("heads_shape", np.array([0, n, -1, d], np.int64))], "context_heads")
-    context = b.op("Transpose", [context], "context_bsnd", perm=[0, 2, 1, 3])
+    context = b.op("Transpose", [context], "context_bskrd", perm=[0, 3, 1, 2, 4])
     context = b.op("Reshape", [context, b.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
 
     output, present_key, old_present_value = gqa.outputs[:3]
@@ -254,7 +252,11 @@ def share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, positions.pads) if head_maps else {}
         anchors = {plan.anchors[layer] for layer in run if layer not in padded}
         by_anchor = {anchor: b.op("Pad", [probs[anchor], positions.pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
+        grouped = {}  # layers of one run that read the same probabilities share their grouping
         for layer in run:
             source = padded[layer] if layer in padded else by_anchor[plan.anchors[layer]]
-            _shared_layer(graph, layers[layer], source, positions)
+            if source not in grouped:
+                at_layer = _Builder(graph, layers[layer].node, b.prefix)  # the run's first GQA is gone by now
+                grouped[source] = at_layer.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
+            _shared_layer(graph, layers[layer], grouped[source], positions)
     model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)
