@@ -341,7 +341,7 @@ def _int_list(text: str) -> list[int]:
     "--min-seconds", type=click.FloatRange(0), default=3.0, show_default=True,
     help="Keep timing each decode point until this much time has passed: short steps are noisy and get more samples.",
 )
-@click.option("--prefill-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--prefill-tokens", type=click.IntRange(1), default=512, show_default=True, help="Prompt length of the prefill timing.")
 @click.option("--prefill-repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed prefills per model.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
