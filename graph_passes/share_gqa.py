@@ -252,11 +252,11 @@ def share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, positions.pads) if head_maps else {}
         anchors = {plan.anchors[layer] for layer in run if layer not in padded}
         by_anchor = {anchor: b.op("Pad", [probs[anchor], positions.pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
+        sources = {layer: padded[layer] if layer in padded else by_anchor[plan.anchors[layer]] for layer in run}
         grouped = {}  # layers of one run that read the same probabilities share their grouping
-        for layer in run:
-            source = padded[layer] if layer in padded else by_anchor[plan.anchors[layer]]
+        for layer, source in sources.items():
             if source not in grouped:
-                at_layer = _Builder(graph, layers[layer].node, b.prefix)  # the run's first GQA is gone by now
-                grouped[source] = at_layer.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
-            _shared_layer(graph, layers[layer], grouped[source], positions)
+                grouped[source] = b.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
+        for layer in run:
+            _shared_layer(graph, layers[layer], grouped[sources[layer]], positions)
     model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)

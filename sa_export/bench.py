@@ -101,7 +101,7 @@ class DecodeRow:
     ideal_saving: float
     base: StepCost
     sa: StepCost
-    steps: int = 0  # timed steps per model
+    steps: int  # timed steps per model
 
     @property
     def measured_saving(self) -> float:
@@ -129,21 +129,27 @@ class DecodeRow:
         }
 
 
+def _timed_pair(index: int, sa_step, base_step) -> tuple[float, float]:
+    """One timed step of each model, (sa, base); the order alternates with ``index`` so
+    that neither always runs on caches the other just filled."""
+    if index % 2:
+        t_sa = sa_step()
+        return t_sa, base_step()
+    t_base = base_step()
+    return sa_step(), t_base
+
+
 def _paired_steps(sa: SAModel, base: SAModel, sa_inputs, base_inputs, repeats: int, min_seconds: float):
-    """Step times of both models, interleaved pair by pair with the order alternating (so
-    neither always runs on caches the other just filled), for at least ``repeats`` pairs and
+    """Step times of both models, interleaved pair by pair, for at least ``repeats`` pairs and
     ``min_seconds``: short steps get more samples, which the noise of short steps needs."""
     for _ in range(WARMUP_PAIRS):
         _timed(sa, *sa_inputs), _timed(base, *base_inputs)
     t_sa, t_base = [], []
     start = time.perf_counter()
     while len(t_sa) < repeats or (time.perf_counter() - start < min_seconds and len(t_sa) < MAX_PAIRS):
-        if len(t_sa) % 2:
-            t_sa.append(_timed(sa, *sa_inputs))
-            t_base.append(_timed(base, *base_inputs))
-        else:
-            t_base.append(_timed(base, *base_inputs))
-            t_sa.append(_timed(sa, *sa_inputs))
+        pair = _timed_pair(len(t_sa), lambda: _timed(sa, *sa_inputs), lambda: _timed(base, *base_inputs))
+        t_sa.append(pair[0])
+        t_base.append(pair[1])
     return t_sa, t_base
 
 
@@ -180,9 +186,9 @@ def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int) -> dict
     mask = np.ones_like(ids)
     t_sa, t_base = [], []
     for i in range(repeats):
-        order = [(base, t_base), (sa, t_sa)] if i % 2 == 0 else [(sa, t_sa), (base, t_base)]
-        for model, times in order:
-            times.append(_timed(model, ids, mask, model.empty_cache(1, tokens)))
+        pair = _timed_pair(i, lambda: _timed(sa, ids, mask, sa.empty_cache(1, tokens)), lambda: _timed(base, ids, mask, base.empty_cache(1, tokens)))
+        t_sa.append(pair[0])
+        t_base.append(pair[1])
     return {"tokens": tokens, "t_base_ms": 1000 * statistics.median(t_base), "t_sa_ms": 1000 * statistics.median(t_sa)}
 
 

@@ -12,6 +12,9 @@ past_key_values.N.key/value -> logits, present.N.key/value):
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -100,11 +103,6 @@ def attention_for_export(exporter: str, opset: int | None) -> str:
 
 def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
     """Build the GroupQueryAttention graph with onnxruntime-genai's builder, in a subprocess."""
-    import subprocess
-    import sys
-
-    import importlib.util
-
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise EnvironmentProblem("--exporter genai needs onnxruntime-genai: pip install onnxruntime-genai==0.18.0")
     if precision not in GENAI_PRECISIONS:

@@ -99,7 +99,7 @@ def run_parity(
     comparisons: list[OutputComparison] = []
     matches = total = 0
     cases = parity_cases(tokenizer, hf_model.config.vocab_size)
-    if getattr(sa_model, "shared_buffer", False):
+    if sa_model.shared_buffer:
         # GroupQueryAttention reads a row's tokens as the first seqlens_k + 1 positions
         # (right-aligned prompts are not its contract), so these graphs are checked on unpadded rows.
         cases = [case for case in cases if case.attention_mask.all()]
