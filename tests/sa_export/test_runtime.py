@@ -2,7 +2,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from sa_export.errors import UsageError
 from sa_export.runtime import SAModel, position_ids_from_mask
 
 
@@ -70,12 +72,17 @@ def test_shared_buffer_cache_is_written_in_place(genai_tiny_llama):
 
 
 def test_shared_buffer_refuses_a_step_past_its_capacity(genai_tiny_llama):
-    import pytest
-
-    from sa_export.errors import UsageError
-
     model = SAModel(genai_tiny_llama)
     with pytest.raises(UsageError, match="holds 4 positions"):
         model.forward(np.array([[5, 6, 7, 8, 9]]), np.ones((1, 5), np.int64), model.empty_cache(1, 4))
     with pytest.raises(UsageError, match="max_length 256"):
         model.empty_cache(1, 300)
+
+
+def test_shared_buffer_refuses_a_non_contiguous_cache(genai_tiny_llama):
+    """An OrtValue over a strided view would be a copy: the graph's in-place writes would be lost."""
+    model = SAModel(genai_tiny_llama)
+    cache = model.empty_cache(1, 16)
+    cache["past_key_values.3.value"] = cache["past_key_values.3.value"][:, :, ::2]
+    with pytest.raises(UsageError, match="C-contiguous"):
+        model.forward(np.array([[5, 6, 7]]), np.ones((1, 3), np.int64), cache)
