@@ -135,9 +135,8 @@ class NarrowSplitProjectionsPass(ir.passes.InPlacePass):
         modified = False
         for split in [n for n in graph if n.op_type == "Split"]:
             live = [i for i, o in enumerate(split.outputs) if o.uses() or o.is_graph_output()]
-            sizes = _constant_ints(split.inputs[1]) if len(split.inputs) > 1 else None
             reshape = split.inputs[0].producer()
-            if len(live) != 1 or sizes is None or reshape is None or reshape.op_type != "Reshape":
+            if len(live) != 1 or reshape is None or reshape.op_type != "Reshape":
                 continue
             gemm = reshape.inputs[0].producer()
             concat = reshape.inputs[1].producer()
@@ -149,7 +148,8 @@ class NarrowSplitProjectionsPass(ir.passes.InPlacePass):
             bias_value = _through_identity(gemm.inputs[2]) if len(gemm.inputs) > 2 else None
             bias = ir.convenience.get_const_tensor(bias_value) if bias_value is not None else None
             width = _constant_ints(concat.inputs[-1])
-            if weight is None or width != [weight.shape[1]] or sum(sizes) != weight.shape[1] or split.attributes.get_int("axis", 0) != len(concat.inputs) - 1:
+            sizes = _split_sizes(split, weight.shape[1]) if weight is not None else None
+            if weight is None or sizes is None or width != [weight.shape[1]] or sum(sizes) != weight.shape[1] or split.attributes.get_int("axis", 0) != len(concat.inputs) - 1:
                 continue
             start = sum(sizes[: live[0]])
             end = start + sizes[live[0]]
@@ -165,6 +165,17 @@ class NarrowSplitProjectionsPass(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified)
 
+
+
+def _split_sizes(split: ir.Node, width: int) -> list[int] | None:
+    """Output widths of a Split: its sizes input, or opset 18's num_outputs (equal chunks, the last one smaller)."""
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        return _constant_ints(split.inputs[1])
+    count = split.attributes.get_int("num_outputs", 0)
+    if count <= 0:
+        return None
+    chunk = -(-width // count)
+    return [min(chunk, width - i * chunk) for i in range(count)]
 
 
 def _single_non_shape_use(value: ir.Value) -> ir.Usage | None:
@@ -196,10 +207,16 @@ class NarrowInterleavedProjectionsPass(ir.passes.InPlacePass):
         fold_constants(model, input_size_limit=64, output_size_limit=64)
         modified = False
         for matmul, bias_add, reshape, transpose, slice_node, width in candidates:
-            bounds = _sliced_columns(slice_node, width) if slice_node.graph is not None else None
+            if slice_node.graph is None:
+                continue
+            if slice_node.op_type == "Split":
+                bounds = _live_split_columns(slice_node, width)
+            else:
+                columns = _sliced_columns(slice_node, width)
+                bounds = (*columns, slice_node.outputs[0]) if columns is not None else None
             if bounds is None:
                 continue
-            start, end = bounds
+            start, end, live_output = bounds
             graph = model.graph
             weight = ir.convenience.get_const_tensor(matmul.inputs[1]).numpy()
             heads = weight.shape[1] // width
@@ -211,11 +228,14 @@ class NarrowInterleavedProjectionsPass(ir.passes.InPlacePass):
                 bias = ir.convenience.get_const_tensor(_through_identity(bias_add.inputs[slot])).numpy()
                 _replace_initializer(graph, bias_add, slot, bias[columns], prefix + ".bias")
             shape = reshape.inputs[1].producer()
-            new_width = add_initializer(graph, f"{reshape.name}.width{end - start}", np.array([end - start], np.int64))
-            concat = ir.node("Concat", [*shape.inputs[:-1], new_width], attributes={"axis": 0}, name=f"{shape.name}.narrow")
+            new_width = add_initializer(graph, f"{prefix}.width", np.array([end - start], np.int64))
+            concat = ir.node("Concat", [*shape.inputs[:-1], new_width], attributes={"axis": 0}, name=f"{prefix}.shape")
             graph.insert_before(reshape, concat)
             reshape.replace_input_with(1, concat.outputs[0])
-            ir.convenience.replace_all_uses_with(slice_node.outputs[0], transpose.outputs[0])
+            ir.convenience.replace_all_uses_with(live_output, transpose.outputs[0])
+            for value in (reshape.outputs[0], transpose.outputs[0]):  # the per-head width is V's alone now
+                if value.shape is not None and len(value.shape):
+                    value.shape = ir.Shape([*value.shape[:-1], end - start])
             modified = True
         return ir.passes.PassResult(model, modified)
 
@@ -244,6 +264,21 @@ class NarrowInterleavedProjectionsPass(ir.passes.InPlacePass):
         if not perm or perm[-1] != len(perm) - 1:
             return None
         use = _single_non_shape_use(transpose.outputs[0])
-        if use is None or use.node.op_type != "Slice" or use.idx != 0:
+        # The optimum export slices V out of each head; the dynamo export splits Q, K and V.
+        if use is None or use.node.op_type not in ("Slice", "Split") or use.idx != 0:
             return None
         return matmul, bias_add, reshape, transpose, use.node, width[0]
+
+
+def _live_split_columns(split: ir.Node, width: int) -> tuple[int, int, ir.Value] | None:
+    """(start, end, output) of the one live output of a Split on the last axis of a [.., width] tensor."""
+    rank = len(split.inputs[0].shape) if split.inputs[0].shape is not None else None
+    axis = split.attributes.get_int("axis", 0)
+    if rank is None or axis not in (-1, rank - 1):
+        return None
+    live = [i for i, o in enumerate(split.outputs) if o.uses() or o.is_graph_output()]
+    sizes = _split_sizes(split, width)
+    if len(live) != 1 or sizes is None or sum(sizes) != width:
+        return None
+    start = sum(sizes[: live[0]])
+    return start, start + sizes[live[0]], split.outputs[live[0]]

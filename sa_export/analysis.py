@@ -30,6 +30,7 @@ class AnalyzeRequest:
     candidates: int = 6
     search_tokens: int = 2048
     overwrite: bool = False
+    accept_unknown_config_keys: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ def save_heatmap(stats: AttentionStatistics, path: Path, title: str) -> None:
 
 def analyze(request: AnalyzeRequest) -> AnalysisResult:
     refuse_existing(Path(request.out), request.overwrite)
-    source, config, hf_model, tokenizer = load_for_reference(request.model)
+    source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     length = span_length_for(request, config.num_hidden_layers)
     _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
     with progress_bar("collecting attention maps on calibration text", unit="chunk") as advance:

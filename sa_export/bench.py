@@ -194,7 +194,7 @@ def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int) -> dict
 
 def graph_description(manifest: dict) -> str:
     """Which graph a side ran, in words, for the table and the JSON."""
-    exporter = manifest.get("exporter", "optimum")
+    exporter = manifest.get("exporter", "optimum")  # manifests before the exporter was recorded
     shared = bool(SharingPlan.from_json(manifest["plan"]).anchors)
     if manifest["cache"].get("buffer") == "shared":
         graph = "onnxruntime-genai builder graph: packed QKV, GroupQueryAttention with rotary, in-place cache buffers (IOBinding)"
@@ -218,9 +218,9 @@ def baseline_dir(out_dir: Path, manifest: dict, kind: str = FASTEST) -> Path:
     exporter and precision without sharing, which isolates what sharing changes.
     """
     from sa_export.models import cache_dir
-    from sa_export.pipeline import build_baseline
+    from sa_export.pipeline import build_baseline, same_family_exporter
 
-    exporter = FASTEST_EXPORTER if kind == FASTEST else manifest.get("exporter", "optimum")
+    exporter = FASTEST_EXPORTER if kind == FASTEST else same_family_exporter(manifest)
     if kind == FASTEST and manifest["precision"] != "fp32":
         raise UsageError(f"the fastest ONNX Runtime baseline is an fp32 CPU graph and {out_dir} is {manifest['precision']}; pass --baseline same-export")
     key = hashlib.sha256(f"{manifest['source']['path']}|{manifest['precision']}|{exporter}".encode()).hexdigest()[:16]

@@ -25,7 +25,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "optimum", "torch.onnx", "onnxruntime"):
+    for name in ("transformers", "torch.onnx", "onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -81,6 +81,12 @@ anchor_option = click.option(
     help="Anchor layer instead of the default (once for all spans, or once per span).",
 )
 force_option = click.option("--force", is_flag=True, help="Share across layers whose attention differs in kind.")
+accept_keys_option = click.option(
+    "--accept-unknown-config-keys",
+    is_flag=True,
+    help="Use a config.json that sets keys the installed transformers does not know (typically saved by a newer "
+    "release) as if they were absent. Without it such a config is refused: the model built would differ from yours.",
+)
 
 
 def head_map_option(default: str = "identity"):
@@ -113,10 +119,10 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
 @click.option(
-    "--exporter", type=click.Choice(["optimum", "dynamo", "genai"]), default="optimum", show_default=True,
-    help="optimum (TorchScript) or torch.onnx's dynamo exporter: decomposed attention, for every target; "
+    "--exporter", type=click.Choice(["dynamo", "genai", "optimum"]), default="dynamo", show_default=True,
+    help="dynamo: torch.onnx's dynamo exporter, decomposed attention, for every target; "
     "genai: onnxruntime-genai's builder, the fastest ONNX Runtime CPU graph (GroupQueryAttention, "
-    "in-place cache buffers), --target cpu only.",
+    "in-place cache buffers), --target cpu only. optimum was removed (it needs transformers<4.58).",
 )
 @click.option("--opset", type=click.Choice(["18", "23"]), default=None, help="Opset for --exporter dynamo; 23 exports SDPA as the ONNX Attention op. [default: 18]")
 @click.option("--max-batch", type=click.IntRange(1), help="Largest batch for the engine profiles and memory fit [default: the target's].")
@@ -129,8 +135,9 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True, help="Incremental decoding steps in the check.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 @force_option
+@accept_keys_option
 @handle_errors
-def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force):
+def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force, accept_unknown_config_keys):
     """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
 
     \b
@@ -146,6 +153,7 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
         decode_steps=decode_steps, head_map=head_map, calib_file=calib_file, calib_tokens=calib_tokens,
         max_batch=max_batch, max_context=max_context, exporter=exporter, opset=int(opset) if opset else None,
+        accept_unknown_config_keys=accept_unknown_config_keys,
     )
     result = run_convert(request)
     savings = result.manifest["cache"]["savings"]
@@ -194,12 +202,13 @@ def _conversion_times(timings: dict[str, float]) -> str:
 @click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin reference weights.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the parity report here.")
+@accept_keys_option
 @handle_errors
-def check(out, backend, reference, decode_steps, allow_pickle, json_file):
+def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept_unknown_config_keys):
     """Check OUT against the PyTorch SA reference; writes OUT/parity.json. Exit 1 when out of tolerance."""
     from sa_export.pipeline import check as run_check, raise_on_failure
 
-    report = run_check(out, reference, decode_steps, allow_pickle, backend)
+    report = run_check(out, reference, decode_steps, allow_pickle, backend, accept_unknown_config_keys)
     for comparison in report.comparisons:
         if comparison.name.endswith("logits"):
             mark = "ok " if comparison.passed else "BAD"
@@ -251,8 +260,9 @@ def generate(out, prompt, max_new_tokens, backend, chat):
 @click.option("--tasks-limit", type=click.IntRange(1), help="Evaluate at most this many documents per task.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write base_ppl, sa_ppl, eval_tokens, calib_tokens... as JSON.")
 @force_option
+@accept_keys_option
 @handle_errors
-def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, json_file, force):
+def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, json_file, force, accept_unknown_config_keys):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.evaluate import EvalRequest, evaluate
 
@@ -260,6 +270,7 @@ def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tok
         EvalRequest(
             model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,
             tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else (), tasks_path=tasks_path, tasks_limit=tasks_limit,
+            accept_unknown_config_keys=accept_unknown_config_keys,
         )
     )
     click.echo(f"eval text     {result.evaluation.source} (windows of {result.context})")
@@ -289,8 +300,9 @@ def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tok
 @head_map_option()
 @click.option("--candidates", type=click.IntRange(1), default=6, show_default=True, help="Most similar spans to evaluate by perplexity.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@accept_keys_option
 @handle_errors
-def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, overwrite):
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
     from sa_export.analysis import AnalyzeRequest, analyze as run_analyze
@@ -298,7 +310,10 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
     if out is None:
         out = Path(f"{Path(model).name}-analysis")
     result = run_analyze(
-        AnalyzeRequest(model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite)
+        AnalyzeRequest(
+            model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,
+            accept_unknown_config_keys=accept_unknown_config_keys,
+        )
     )
     click.echo(f"{result.out}: similarity.json, similarity.png ({result.stats.num_layers} x {result.stats.num_layers} layers)")
     click.echo(f"calibration: {result.calibration_source}, {result.stats.tokens} tokens")

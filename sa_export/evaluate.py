@@ -89,14 +89,15 @@ class EvalRequest:
     tasks: tuple[str, ...] = ()
     tasks_path: str | None = None
     tasks_limit: int | None = None
+    accept_unknown_config_keys: bool = False
 
 
-def load_for_reference(model: str):
+def load_for_reference(model: str, accept_unknown_config_keys: bool = False):
     """The HF model and tokenizer behind MODEL, for commands that run the PyTorch reference."""
     source = resolve_model(model)
     if source.kind != "hf":
         raise UsageError("this command runs the PyTorch reference: give a Hugging Face model directory or alias, not ONNX")
-    config = load_config(source)
+    config = load_config(source, accept_unknown_config_keys)
     hf_model, tokenizer = load_reference(source)
     if tokenizer is None:
         raise UsageError(f"{source.name} has no tokenizer; this command needs one to read text")
@@ -113,7 +114,7 @@ def calibrated_plan(hf_model, plan: SharingPlan, mode: str, calibration: TokenTe
 
 
 def evaluate(request: EvalRequest) -> EvalResult:
-    source, config, hf_model, tokenizer = load_for_reference(request.model)
+    source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     kinds = getattr(config, "layer_types", None)
     plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force)
     evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, request.calib_tokens)

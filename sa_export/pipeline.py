@@ -15,7 +15,16 @@ from sa_export import __version__
 from sa_export.atomic import atomic_directory, refuse_existing
 from sa_export.compare import TOLERANCES, ParityReport
 from sa_export.errors import CheckFailed, ParityError, UsageError
-from sa_export.export import attention_for_export, export_genai, export_model
+from sa_export.export import (
+    DEFAULT_EXPORTER,
+    DEFAULT_OPSET,
+    GENAI_UNSUPPORTED,
+    REMOVED_EXPORTERS,
+    attention_for_export,
+    export_genai,
+    export_model,
+    refuse_unknown_exporter,
+)
 from sa_export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -24,7 +33,17 @@ from sa_export.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from sa_export.models import ALIASES, ModelSource, load_config, load_hf_model, load_reference, resolve_model
+from sa_export.models import (
+    ALIASES,
+    ModelSource,
+    accepted_unknown_keys,
+    load_config,
+    load_hf_model,
+    load_reference,
+    resolve_model,
+    saved_by_version,
+    transformers_version,
+)
 from sa_export.onnx_io import load_onnx, save_onnx
 from sa_export.plan import SharingPlan, Span, build_plan
 from sa_export.progress import console, step
@@ -54,8 +73,9 @@ class ConvertRequest:
     calib_tokens: int = 4096
     max_batch: int | None = None  # None: the target's
     max_context: int | None = None  # None: the target's; given: exit 1 when it does not fit
-    exporter: str = "optimum"
+    exporter: str = DEFAULT_EXPORTER
     opset: int | None = None
+    accept_unknown_config_keys: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +164,7 @@ def build_manifest(
     facts = _cache_facts(graph)
     return {
         "format": FORMAT_VERSION,
-        "tool": {"name": "sa-export", "version": __version__},
+        "tool": {"name": "sa-export", "version": __version__, "transformers": transformers_version()},
         "source": {
             "model": source.name,
             "kind": source.kind,
@@ -152,6 +172,10 @@ def build_manifest(
             "reference": request.reference,
             "architecture": (config.architectures or [config.model_type])[0] if config is not None else None,
             "model_type": config.model_type if config is not None else None,
+            # The release that saved the checkpoint, and keys of it that the exporting release ignored
+            # (only ever non-empty when the user passed --accept-unknown-config-keys).
+            "saved_by_transformers": saved_by_version(source if source.kind == "hf" else _reference_source(request, source)) if config is not None else None,
+            "accepted_unknown_config_keys": accepted_unknown_keys(source if source.kind == "hf" else _reference_source(request, source)) if config is not None else [],
         },
         "num_layers": plan.num_layers,
         "model": {
@@ -203,14 +227,17 @@ def convert(request: ConvertRequest) -> ConvertResult:
         raise UsageError("checking an ONNX input needs its PyTorch model: pass --reference HF_DIR (or --no-check)")
     if source.kind == "onnx" and reference is None and request.head_map != "identity":
         raise UsageError(f"--head-map {request.head_map} calibrates on the PyTorch model: pass --reference HF_DIR")
-    config = load_config(reference) if reference is not None else None
+    config = load_config(reference, request.accept_unknown_config_keys) if reference is not None else None
     target = get_target(request.target)
     precision = request.precision or target.default_precision
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
     request = dataclasses.replace(request, precision=precision, target=target.name)
-    if request.exporter != "dynamo" and request.opset not in (None, 18):
+    refuse_unknown_exporter(request.exporter)
+    if request.exporter != "dynamo" and request.opset not in (None, DEFAULT_OPSET):
         raise UsageError(f"--opset applies to --exporter dynamo; {request.exporter} chooses its own")
+    if request.exporter == "genai" and config is not None and config.model_type in GENAI_UNSUPPORTED:
+        raise UsageError(f"--exporter genai: {GENAI_UNSUPPORTED[config.model_type]}")
     if request.exporter == "genai" and config is not None and _has_sliding_window(config):
         raise UsageError(
             f"--exporter genai: onnxruntime-genai's graph for {config.model_type} attends to the whole context, "
@@ -388,13 +415,16 @@ def manifest_source(manifest: dict) -> ModelSource:
     raise UsageError("this model was converted from ONNX without a reference; pass --reference HF_DIR")
 
 
-def check(out_dir: Path, reference: str | None = None, decode_steps: int = 32, allow_pickle: bool = False, backend: str = "ort") -> ParityReport:
+def check(
+    out_dir: Path, reference: str | None = None, decode_steps: int = 32, allow_pickle: bool = False, backend: str = "ort",
+    accept_unknown_config_keys: bool = False,
+) -> ParityReport:
     if backend == "trt":
         from targets.tensorrt_backend import TRTModel
 
         TRTModel(out_dir)  # missing TensorRT or engine: say so before loading PyTorch
     source = reference_for(out_dir, reference)
-    load_config(source)
+    load_config(source, accept_unknown_config_keys or bool(read_manifest(out_dir)["source"].get("accepted_unknown_config_keys")))
     hf_model, tokenizer = load_reference(source, allow_pickle)
     return check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend)
 
@@ -403,7 +433,7 @@ def _export_graph(source: ModelSource, fp32_eager_model, request: ConvertRequest
     """Export in the request's precision and exporter; reuses the fp32 eager model when that is what it needs."""
     if request.exporter == "genai":
         graph_model = load_onnx(export_genai(source.path, export_dir, request.precision))
-        _fix_cache_head_dim(graph_model.graph, load_config(source))
+        _fix_cache_head_dim(graph_model.graph, load_config(source, request.accept_unknown_config_keys))
         return graph_model
     attention = attention_for_export(request.exporter, request.opset)
     if fp32_eager_model is not None and request.precision == "fp32" and attention == "eager":
@@ -429,7 +459,7 @@ def _fix_cache_head_dim(graph: ir.Graph, config) -> None:
 def export_description(exporter: str, precision: str, opset: int | None) -> str:
     if exporter == "genai":
         return f"onnxruntime-genai's model builder ({precision}, GroupQueryAttention, shared past/present buffer)"
-    return f"{exporter} ({precision}, opset {opset or 18})"
+    return f"torch.onnx dynamo ({precision}, opset {opset or DEFAULT_OPSET})"
 
 
 def build_baseline(manifest: dict, target: Path, exporter: str | None = None) -> None:
@@ -437,11 +467,14 @@ def build_baseline(manifest: dict, target: Path, exporter: str | None = None) ->
     from graph_passes.unfuse_attention import UnfuseAttentionPass
 
     source = manifest_source(manifest)
-    config = load_config(source)
+    accepted = bool(manifest["source"].get("accepted_unknown_config_keys"))
+    config = load_config(source, accepted)
     precision = manifest["precision"]
-    exporter = exporter or manifest.get("exporter", "optimum")
+    exporter = exporter or same_family_exporter(manifest)
     opset = manifest.get("opset") if exporter == "dynamo" else None
-    request = ConvertRequest(model=source.name, spans=(), out=target, precision=precision, exporter=exporter, opset=opset)
+    request = ConvertRequest(
+        model=source.name, spans=(), out=target, precision=precision, exporter=exporter, opset=opset, accept_unknown_config_keys=accepted
+    )
     with atomic_directory(target, overwrite=True) as tmp:
         with step(f"building the baseline: {source.name} without sharing, {export_description(exporter, precision, opset)}"):
             graph_model = _export_graph(source, None, request, tmp / "export")
@@ -452,6 +485,12 @@ def build_baseline(manifest: dict, target: Path, exporter: str | None = None) ->
             shutil.rmtree(tmp / "export", ignore_errors=True)
             plan = SharingPlan(config.num_hidden_layers, {})
             write_json_atomic(tmp / MANIFEST_NAME, build_manifest(source, config, plan, graph_model.graph, files, tmp, request))
+
+
+def same_family_exporter(manifest: dict) -> str:
+    """The manifest's exporter; models from a removed exporter get the default, which makes the same graph family."""
+    exporter = manifest.get("exporter", DEFAULT_EXPORTER)
+    return DEFAULT_EXPORTER if exporter in REMOVED_EXPORTERS else exporter
 
 
 def build_engine_for(out_dir: Path) -> Path:

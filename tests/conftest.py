@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-# The TorchScript exporter warns about every Python-level branch it traces; those are
-# expected for an optimum export and drown real warnings.
+# Tracing warns about every Python-level branch; those are expected and drown real warnings.
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2", "gpt_neox")
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
+# Gemma 3's tiny layer pattern: sliding, sliding, full, sliding, sliding, full.
+GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
 TINY = dict(
     vocab_size=256,
     hidden_size=64,
@@ -30,7 +31,7 @@ TINY = dict(
 
 
 def _tiny_config(arch: str):
-    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     if arch == "qwen3":
         return Qwen3Config(**TINY, head_dim=16)  # q_norm / k_norm
@@ -38,6 +39,14 @@ def _tiny_config(arch: str):
         return Phi3Config(**TINY, pad_token_id=0)  # fused qkv_proj
     if arch == "gemma2":  # attention softcapping; sliding and global layers alternate
         return Gemma2Config(**TINY, head_dim=16, sliding_window=16)
+    if arch == "gemma3_text":  # q/k RMSNorm, query_pre_attn_scalar, local and global RoPE bases
+        return Gemma3TextConfig(
+            **TINY, head_dim=16, sliding_window=16, layer_types=GEMMA3_LAYER_TYPES, query_pre_attn_scalar=32,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        )
     if arch == "gpt2":  # fused c_attn (Conv1D), learned positions, no RoPE
         return GPT2Config(vocab_size=256, n_embd=64, n_layer=6, n_head=4, n_positions=256)
     if arch == "gpt_neox":  # fused, head-interleaved query_key_value, partial rotary

@@ -1,4 +1,4 @@
-"""Detection and rewrite on a tiny optimum export, plus the passes' contracts."""
+"""Detection and rewrite on a tiny dynamo export, plus the passes' contracts."""
 
 import numpy as np
 import onnx_ir as ir
@@ -13,7 +13,7 @@ from sa_export.plan import HeadMap, SharingPlan, build_plan
 @pytest.fixture(scope="module")
 def exported(tiny_llama, tmp_path_factory):
     from sa_export.models import ModelSource, load_hf_model
-    from sa_export.export import export_optimum as _export
+    from sa_export.export import export_dynamo as _export
 
     out = tmp_path_factory.mktemp("export")
     return _export(load_hf_model(ModelSource("hf", tiny_llama, "tiny")), out)
@@ -82,7 +82,7 @@ def test_head_map_becomes_one_gather_and_matches_the_reference(exported, tiny_ll
     apply_sharing_plan(model, plan)
     gathers = [n for n in model.graph if n.op_type == "Gather" and n.name.startswith("sa.")]
     assert len(gathers) == 1 and gathers[0].attributes["axis"].value == 1
-    ir.save(model, tmp_path / "m.onnx")
+    ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data")
 
     ids = np.random.default_rng(0).integers(0, 256, (1, 10))
     feeds = {
