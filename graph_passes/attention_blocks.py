@@ -141,7 +141,7 @@ def refuse_fused_attention(graph: ir.Graph) -> None:
             raise AttentionPatternError(
                 layers[0] if layers else None,
                 f"{node.domain} {node.op_type} {node.name!r} is a fused runtime-specific attention that no pass handles yet; "
-                "re-export with decomposed attention (`sa-export convert HF_DIR`, or optimum-cli export onnx --task text-generation-with-past)",
+                "re-export with decomposed attention (`sa-export convert HF_DIR`)",
             )
 
 

@@ -43,8 +43,8 @@ def load_onnx(path: Path) -> ir.Model:
         raise UsageError(f"{path} is not a decoder LM graph (it needs an input_ids input and a logits output)")
     if not cache_layers(model.graph):
         raise UsageError(
-            f"{path} has no past_key_values inputs; export it with past key values "
-            "(optimum-cli export onnx --task text-generation-with-past)"
+            f"{path} has no past_key_values inputs; export it with past key values, "
+            "or convert the Hugging Face model directory instead"
         )
     return model
 

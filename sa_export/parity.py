@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from sa_export.compare import FP32_TOLERANCE, OutputComparison, ParityReport, Tolerance
+from sa_export.compare import FP32_TOLERANCE, OutputComparison, ParityReport, Tolerance, greedy_flips
 from sa_export.plan import SharingPlan
 from sa_export.reference import shared_attention
 from sa_export.runtime import SAModel, position_ids_from_mask
@@ -98,6 +98,7 @@ def run_parity(
     reference = _Reference(hf_model, plan, "position_ids" in sa_model.manifest["io"])
     comparisons: list[OutputComparison] = []
     matches = total = 0
+    flips = []
     cases = parity_cases(tokenizer, hf_model.config.vocab_size)
     if sa_model.shared_buffer:
         # GroupQueryAttention reads a row's tokens as the first seqlens_k + 1 positions
@@ -118,8 +119,8 @@ def run_parity(
                     comparisons.append(
                         OutputComparison.of(f"{case.name}/prefill/{name}", actual, expected, tolerance.cache_atol, tolerance.min_cosine)
                     )
-        matches += int((ort_logits[:, -1].argmax(-1) == ref_logits[:, -1].argmax(-1)).sum())
-        total += len(case.input_ids)
+        agreed, flipped = greedy_flips(f"{case.name}/prefill", ort_logits[:, -1], ref_logits[:, -1], tolerance)
+        matches, total, flips = matches + agreed, total + len(case.input_ids), flips + flipped
         if case is not cases[-1]:
             continue
         # Incremental decoding on the left-padded batch, teacher-forced with the reference's tokens.
@@ -132,8 +133,8 @@ def run_parity(
             ort_logits, ort_cache, _ = sa_model.forward(tokens, mask, ort_cache)
             step_ref.append(ref_logits[:, -1])
             step_ort.append(ort_logits[:, -1])
-            matches += int((ort_logits[:, -1].argmax(-1) == ref_logits[:, -1].argmax(-1)).sum())
-            total += len(tokens)
+            agreed, flipped = greedy_flips(f"{case.name}/decode{step}", ort_logits[:, -1], ref_logits[:, -1], tolerance)
+            matches, total, flips = matches + agreed, total + len(tokens), flips + flipped
             if progress is not None:
                 progress(step + 1, decode_steps)
         if decode_steps:
@@ -148,4 +149,5 @@ def run_parity(
         greedy_total=total,
         decode_steps=decode_steps,
         cases=tuple(c.name for c in cases),
+        flips=tuple(flips),
     )

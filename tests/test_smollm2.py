@@ -1,6 +1,7 @@
 """The packaged SmolLM2-135M, end to end. Slow (about two minutes); CI runs it."""
 
 import json
+import shutil
 
 import onnx
 import pytest
@@ -11,9 +12,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_out(smollm2_available, tmp_path_factory):
+def smollm2_dir(smollm2_available, tmp_path_factory):
+    """SmolLM2 as a user's directory: model and tokenizer written by the installed transformers' save_pretrained."""
+    from sa_export.models import materialize_alias
+
+    path = tmp_path_factory.mktemp("saved") / "SmolLM2-135M-Instruct"
+    shutil.copytree(materialize_alias("smollm2-135m"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_out(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "smollm2-sa"
-    result = run_cli("convert", "smollm2-135m", "--span", "23-26", "-o", out)
+    result = run_cli("convert", smollm2_dir, "--span", "23-26", "-o", out)
     assert result.exit_code == 0, result.output + result.stderr
     assert "parity PASSED" in result.output and "sample" in result.output
     return out
@@ -22,12 +33,19 @@ def smollm2_out(smollm2_available, tmp_path_factory):
 def test_k_cache_and_qk_paths_of_shared_layers_are_gone(smollm2_out):
     graph = onnx.load(smollm2_out / "model.onnx", load_external_data=False).graph
     keys = [i.name for i in graph.input if i.name.endswith(".key")]
-    assert len(keys) == 26
-    for layer in range(23, 27):
-        prefix = f"/model/layers.{layer}/self_attn/"
-        gone = [n.name for n in graph.node if n.name in (prefix + "q_proj/MatMul", prefix + "k_proj/MatMul", prefix + "MatMul", prefix + "Softmax")]
-        assert gone == []
-        assert any(n.name == prefix + "v_proj/MatMul" for n in graph.node)
+    assert len(keys) == 26 and not {f"past_key_values.{layer}.key" for layer in range(23, 27)} & set(keys)
+    assert sum(n.op_type == "Softmax" for n in graph.node) == 26
+    manifest = json.loads((smollm2_out / "sa_manifest.json").read_text())
+    assert manifest["exporter"] == "dynamo" and manifest["source"]["accepted_unknown_config_keys"] == []
+
+
+def test_a_saved_directory_is_the_same_model_as_the_alias(smollm2_dir, tmp_path):
+    ppl = {}
+    for name, model in (("alias", "smollm2-135m"), ("dir", smollm2_dir)):
+        result = run_cli("eval", model, "--span", "23-26", "--max-tokens", "1024", "--json", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.stderr
+        ppl[name] = json.loads((tmp_path / f"{name}.json").read_text())["base_ppl"]
+    assert abs(ppl["dir"] / ppl["alias"] - 1) <= 1e-3
 
 
 def test_check_passes_the_fp32_tolerance(smollm2_out, tmp_path):
