@@ -68,6 +68,10 @@ class Fp32SoftmaxPass(ir.passes.InPlacePass):
                 for slot, value in enumerate(node.inputs):
                     if value is not None and id(value) not in chain_outputs:
                         node.replace_input_with(slot, _cast(graph, value, ir.DataType.FLOAT, node, f"{prefix}.in{index}_{slot}"))
+            # Exports that annotate every value (dynamo) declare the chain fp16: it is fp32 now.
+            for node in [*chain, softmax]:
+                for output in node.outputs:
+                    output.dtype = ir.DataType.FLOAT
             if block.probs is softmax.outputs[0]:
                 # No cast between Softmax and probs @ V: V is fp16, so add one.
                 probs16 = _cast(graph, softmax.outputs[0], ir.DataType.FLOAT16, block.context_matmul, f"{prefix}.probs")

@@ -231,7 +231,9 @@ def load_hf_model(source: ModelSource, allow_pickle: bool = False, half: bool = 
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # sa-export prints its own progress line for the load
     has_safetensors = any(source.path.glob("*.safetensors"))
     if not has_safetensors:
         if not any(source.path.glob("*.bin")):
@@ -265,10 +267,25 @@ def load_tokenizer(source: ModelSource):
     if not present:
         return None
     try:
+        if _names_generic_tokenizer(source.path):
+            # transformers 5's AutoTokenizer prefers the model type's tokenizer class to the
+            # generic class the file names and rebuilds it from tokenizer.json, which can encode
+            # differently (a WordLevel vocabulary then encodes to nothing): honour the file.
+            from transformers import TokenizersBackend
+
+            return TokenizersBackend.from_pretrained(source.path)
         return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     except Exception as exc:  # a tokenizer class or file this transformers cannot read
         files = ", ".join(str(source.path / m) for m in present)
         raise UsageError(f"tokenizer ({files}) cannot be loaded: {_one_line(exc)}") from None
+
+
+def _names_generic_tokenizer(path: Path) -> bool:
+    try:
+        tokenizer_class = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").is_file()
 
 
 def load_reference(source: ModelSource, allow_pickle: bool = False, timings: dict | None = None):
