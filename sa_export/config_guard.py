@@ -31,8 +31,11 @@ _LIBRARY_KEYS = frozenset(
      "gradient_checkpointing", "_name_or_path"}
 )
 # Keys older releases or training tools wrote that change nothing, with the value at which they are inert
-# (None: any value). Seen in real checkpoints: SmolLM2 (nanotron tags), Phi-3, Gemma 2, GPT-2.
+# (None: any value). Seen in real checkpoints: SmolLM2 (nanotron tags), Phi-3, Gemma 2, GPT-2, and in
+# what transformers' own GGUF loader writes (a display name, the tokenizer's unknown-token id).
 _INERT_KEYS = {
+    "_model_name_or_path": None,
+    "unk_token_id": None,
     "is_llama_config": None,
     "rope_interleaved": False,
     "attention_bias": False,

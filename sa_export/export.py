@@ -99,6 +99,7 @@ def export_dynamo(model, export_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
         dynamic_shapes=dynamic,
         dynamo=True,
         opset_version=opset,
+        verbose=False,  # sa-export prints its own progress line
         external_data=True,
     )
     return path

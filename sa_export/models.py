@@ -130,14 +130,22 @@ def materialize_alias(alias: str) -> Path:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from sa_export.progress import step
+
+    hf_logging.disable_progress_bar()  # the step line below says what is happening
 
     with step(f"converting packaged {alias} (GGUF) to a cached safetensors copy"):
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=filename, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=filename)
+        # transformers 5 dequantizes GGUF weights to float32 on load but keeps the GGUF
+        # quantizer attached, which refuses save_pretrained; the tensors are plain floats.
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
         try:
