@@ -28,7 +28,9 @@ class DropKCachePass(ir.passes.InPlacePass):
             graph.outputs.remove(value)
         RemoveUnusedNodesPass()(model)
         past = [v for v in graph.inputs if v.name in {f"past_key_values.{n}.key" for n in shared}]
+        inputs = {v.name: v for v in graph.inputs}
         for value in past:
+            _read_shape_from_value_cache(value, inputs.get(value.name.replace(".key", ".value")))
             if value.uses():
                 user = next(iter(value.uses())).node
                 raise AttentionPatternError(
@@ -37,3 +39,13 @@ class DropKCachePass(ir.passes.InPlacePass):
                 )
             graph.inputs.remove(value)
         return ir.passes.PassResult(model, bool(present or past))
+
+
+def _read_shape_from_value_cache(key: ir.Value, value: ir.Value | None) -> None:
+    """The dynamo export reads the batch and past length of the whole model from one layer's
+    K cache (Shape); where that layer is shared, read them from its V cache, of the same shape."""
+    if value is None or key.shape is None or key.shape != value.shape or key.dtype != value.dtype:
+        return
+    for use in list(key.uses()):
+        if use.node.op_type == "Shape":
+            use.node.replace_input_with(use.idx, value)
