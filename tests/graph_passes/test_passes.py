@@ -109,3 +109,14 @@ def test_group_query_attention_without_packed_qkv_is_refused_naming_the_layer():
     graph = ir.Graph([x, past_k, past_v], gqa.outputs, nodes=[gqa], opset_imports={"": 18, "com.microsoft": 1})
     with pytest.raises(AttentionPatternError, match=r"layer 7: com.microsoft GroupQueryAttention 'gqa7' is not fed by a packed QKV MatMul.*default exporter"):
         apply_sharing_plan(ir.Model(graph, ir_version=10), build_plan(["8"], 12))
+
+
+def test_shape_reads_of_a_dropped_k_cache_move_to_its_v_cache(exported):
+    """The dynamo export reads batch and past length from one layer's K cache; sharing that layer keeps them."""
+    model = ir.load(exported)
+    shape_sources = {n.inputs[0].name for n in model.graph if n.op_type == "Shape" and n.inputs[0].name.endswith(".key")}
+    assert shape_sources  # the export does read a K cache's shape
+    apply_sharing_plan(model, build_plan(["1-5"], 6))
+    names = {v.name for v in model.graph.inputs}
+    assert not any(name.endswith(".key") for name in names if name != "past_key_values.0.key")
+    assert all(v.name.startswith("past_key_values") or v.name in ("input_ids", "attention_mask", "position_ids") for v in model.graph.inputs)
