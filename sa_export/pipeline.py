@@ -157,6 +157,16 @@ def _eos_ids(config) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+def _provenance(source: ModelSource, config, request: ConvertRequest) -> dict:
+    """The release that saved the checkpoint, and keys of it that the exporting release ignored."""
+    if config is None:
+        return {"saved_by_transformers": None, "accepted_unknown_config_keys": []}
+    reference = _reference_source(request, source)
+    # Without the flag, load_config has already refused any unknown key: nothing to look up.
+    accepted = accepted_unknown_keys(reference) if request.accept_unknown_config_keys else []
+    return {"saved_by_transformers": saved_by_version(reference), "accepted_unknown_config_keys": accepted}
+
+
 def build_manifest(
     source: ModelSource, config, plan: SharingPlan, graph: ir.Graph, files: list[str], out_dir: Path, request: ConvertRequest
 ) -> dict:
@@ -172,10 +182,7 @@ def build_manifest(
             "reference": request.reference,
             "architecture": (config.architectures or [config.model_type])[0] if config is not None else None,
             "model_type": config.model_type if config is not None else None,
-            # The release that saved the checkpoint, and keys of it that the exporting release ignored
-            # (only ever non-empty when the user passed --accept-unknown-config-keys).
-            "saved_by_transformers": saved_by_version(source if source.kind == "hf" else _reference_source(request, source)) if config is not None else None,
-            "accepted_unknown_config_keys": accepted_unknown_keys(source if source.kind == "hf" else _reference_source(request, source)) if config is not None else [],
+            **_provenance(source, config, request),
         },
         "num_layers": plan.num_layers,
         "model": {
