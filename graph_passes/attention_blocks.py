@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
-from sa_export.errors import AttentionPatternError
+from sa_export.core.errors import AttentionPatternError
 
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from sa_export.errors import AttentionPatternError
-from sa_export.plan import SharingPlan
+from sa_export.core.errors import AttentionPatternError
+from sa_export.core.plan import SharingPlan
 
 
 class DropKCachePass(ir.passes.InPlacePass):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graph_passes.attention_blocks import SCORE_ARITHMETIC, find_attention_blocks
-from sa_export.errors import AttentionPatternError
+from sa_export.core.errors import AttentionPatternError
 
 
 def _score_chain(scores: ir.Node, softmax: ir.Node) -> list[ir.Node]:

@@ -26,8 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.initializers import add_initializer
-from sa_export.errors import AttentionPatternError, PlanError
-from sa_export.plan import HeadMap, SharingPlan
+from sa_export.core.errors import AttentionPatternError, PlanError
+from sa_export.core.plan import HeadMap, SharingPlan, mixture_matrix
 
 GQA = "GroupQueryAttention"
 MS_DOMAIN = "com.microsoft"
@@ -187,7 +187,8 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     ir.convenience.replace_all_uses_with(old_present_value, present_value, replace_graph_outputs=True)
     old_present_value.name = None
     present_value.name = value_name
-    present_value.dtype = old_present_value.dtype
+    present_value.type = old_present_value.type  # the same buffer: its type and shape are the past's
+    present_value.shape = old_present_value.shape
     graph.outputs.remove(present_key)
     past_key = gqa.inputs[_PAST_KEY]
     graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
@@ -215,11 +216,7 @@ def _mixed_for_run(b: _Builder, probs: dict[int, ir.Value], head_maps: dict[int,
     sources = sorted({source for head_map in head_maps.values() for source in head_map.layers})
     stacked = b.op("Concat", [probs[s] for s in sources], "stack_sources", axis=1) if len(sources) > 1 else probs[sources[0]]
     dtype = probs[sources[0]].dtype.numpy() if probs[sources[0]].dtype is not None else np.float32
-    matrix = np.zeros((len(head_maps) * heads, len(sources) * heads), dtype=dtype)
-    for row, head_map in enumerate(head_maps.values()):
-        for head, (pairs, weights) in enumerate(zip(head_map.sources, head_map.weights)):
-            for (source, source_head), weight in zip(pairs, weights):
-                matrix[row * heads + head, sources.index(source) * heads + source_head] += weight
+    matrix = mixture_matrix(list(head_maps.values()), sources, heads, dtype)
     flat = b.op("Reshape", [stacked, b.const("flat_shape", np.array([0, len(sources) * heads, -1], np.int64))], "flatten_sources")
     mixed = b.op("MatMul", [b.const("head_mixture", matrix), flat], "mix_heads")
     query_and_keys = b.op("Shape", [probs[sources[0]]], "probs_seq_dims", start=2)
@@ -230,12 +227,28 @@ def _mixed_for_run(b: _Builder, probs: dict[int, ir.Value], head_maps: dict[int,
     return dict(zip(head_maps, split.outputs))
 
 
-def share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
-    """Rewrite ``model`` in place: the plan's shared layers reuse their anchors' GQA probabilities."""
+class ShareGqaPass(ir.passes.InPlacePass):
+    """The plan's shared layers reuse their anchors' GQA probabilities; their K caches and Q/K columns go."""
+
+    def __init__(self, plan: SharingPlan):
+        super().__init__()
+        self.plan = plan
+
+    def requires(self, model: ir.Model) -> None:
+        layers = find_gqa_layers(model.graph)
+        if sorted(layers) != list(range(self.plan.num_layers)):
+            raise PlanError(f"the plan is for {self.plan.num_layers} layers but the graph has GroupQueryAttention for {len(layers)}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.plan.anchors:
+            return ir.passes.PassResult(model, False)
+        _share_gqa_layers(model, self.plan)
+        return ir.passes.PassResult(model, True)
+
+
+def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     graph = model.graph
     layers = find_gqa_layers(graph)
-    if sorted(layers) != list(range(plan.num_layers)):
-        raise PlanError(f"the plan is for {plan.num_layers} layers but the graph has GroupQueryAttention for {len(layers)}")
     if len({(layer.num_heads, layer.kv_num_heads) for layer in layers.values()}) > 1:
         raise PlanError("the GroupQueryAttention layers differ in head counts; convert with the default exporter")
     sources = set()

@@ -7,8 +7,8 @@ import onnx_ir as ir
 
 from graph_passes.attention_blocks import find_attention_blocks
 from graph_passes.initializers import add_initializer
-from sa_export.errors import AttentionPatternError
-from sa_export.plan import HeadMap, SharingPlan
+from sa_export.core.errors import AttentionPatternError
+from sa_export.core.plan import HeadMap, SharingPlan, mixture_matrix
 
 
 class ShareProbabilitiesPass(ir.passes.InPlacePass):
@@ -72,10 +72,7 @@ def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_m
         # A convex mixture is a [heads, sources] matrix applied on the head axis: one MatMul
         # over [batch, sources, S*T], with no [heads, k, S, T] intermediate.
         dtype = first.dtype.numpy() if first.dtype is not None else np.float32
-        matrix = np.zeros((heads, len(layers) * heads), dtype=dtype)
-        for head, (sources, weights) in enumerate(zip(head_map.sources, head_map.weights)):
-            for (source_layer, source_head), weight in zip(sources, weights):
-                matrix[head, layers.index(source_layer) * heads + source_head] += weight
+        matrix = mixture_matrix([head_map], layers, heads, dtype)
         flat_shape = add_initializer(graph, f"{prefix}.flat_shape", np.asarray([0, len(layers) * heads, -1], dtype=np.int64))
         flat = ir.node("Reshape", [stacked, flat_shape], name=f"{prefix}.flatten_sources")
         mix = ir.node("MatMul", [add_initializer(graph, f"{prefix}.head_mixture", matrix), flat.outputs[0]], name=f"{prefix}.mix_sources")

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from graph_passes.initializers import add_initializer
 
-from sa_export.errors import AttentionPatternError
+from sa_export.core.errors import AttentionPatternError
 
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from sa_export import __version__
-from sa_export.errors import SAExportError
-from sa_export.progress import console
+from sa_export.core.errors import SAExportError
+from sa_export.core.progress import console
 from targets.profiles import target_names
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
@@ -48,7 +48,7 @@ def handle_errors(func):
 
 def _write_json(path: str | None, data: dict) -> None:
     if path:
-        from sa_export.manifest import write_json_atomic
+        from sa_export.core.atomic import write_json_atomic
 
         write_json_atomic(Path(path), data)
 
@@ -90,7 +90,7 @@ accept_keys_option = click.option(
 
 
 def head_map_option(default: str = "identity"):
-    from sa_export.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
+    from sa_export.accuracy.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
 
     return click.option(
         "--head-map",
@@ -144,7 +144,8 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
     Example:
       sa-export convert smollm2-135m --span 23-26 -o smollm2-sa
     """
-    from sa_export.pipeline import ConvertRequest, convert as run_convert, raise_on_failure
+    from sa_export.stages.check import raise_on_failure
+    from sa_export.stages.convert import ConvertRequest, convert as run_convert
 
     if out is None:
         out = Path(f"{Path(model).name}-sa")
@@ -156,43 +157,9 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
         accept_unknown_config_keys=accept_unknown_config_keys,
     )
     result = run_convert(request)
-    savings = result.manifest["cache"]["savings"]
-    lines = [
-        f"{result.out}",
-        f"  shared layers     {result.plan.describe()}",
-        f"  KV cache          {savings['bytes_per_token_sa']:,} B/token (was {savings['bytes_per_token_base']:,}; "
-        f"saves {savings['bytes_per_token_saved']:,} B/token, {100 * savings['fraction_saved']:.1f}%)",
-        f"  weights removed   {result.rewrite.weight_bytes_removed:,} bytes (Q/K projections of shared layers)",
-        f"  nodes             {result.rewrite.nodes_before:,} -> {result.rewrite.nodes_after:,}",
-        f"  {result.parity.summary_line()}" if result.parity else "  parity            not checked (--no-check)",
-    ]
-    if result.target is not None:
-        lines += [f"  {line}" for line in result.target.memory.lines()]
-        if result.target.engine is not None:
-            lines.append(f"  engine            {result.out / result.target.engine.name}")
-        if result.target.bundle is not None:
-            bundle = result.out / result.target.bundle.name
-            lines.append(f"  device bundle     {bundle} (run build_engine.sh on the device, or `sa-export build-engine {result.out}`)")
-    if result.sample is not None:
-        lines.append(f"  sample            {result.sample!r}")
-    lines.append(f"  time              {_conversion_times(result.timings)}")
-    click.echo("\n".join(lines))
+    click.echo("\n".join(result.lines()))
     _write_json(json_file, result.summary_json())
     raise_on_failure(result.parity, result.target)
-
-
-def _conversion_times(timings: dict[str, float]) -> str:
-    """Export, passes (with their share of the export) and check, then the total."""
-    parts = []
-    if "export" in timings:
-        parts.append(f"export {timings['export']:.1f} s")
-    if "passes" in timings:
-        share = f" ({100 * timings['passes'] / timings['export']:.1f}% of export)" if timings.get("export") else ""
-        parts.append(f"passes {timings['passes']:.2f} s{share}")
-    if "check" in timings:
-        parts.append(f"check {timings['check']:.1f} s")
-    parts.append(f"total {timings.get('total', 0):.1f} s")
-    return ", ".join(parts)
 
 
 @main.command()
@@ -206,7 +173,7 @@ def _conversion_times(timings: dict[str, float]) -> str:
 @handle_errors
 def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept_unknown_config_keys):
     """Check OUT against the PyTorch SA reference; writes OUT/parity.json. Exit 1 when out of tolerance."""
-    from sa_export.pipeline import check as run_check, raise_on_failure
+    from sa_export.stages.check import check as run_check, raise_on_failure
 
     report = run_check(out, reference, decode_steps, allow_pickle, backend, accept_unknown_config_keys)
     for comparison in report.comparisons:
@@ -264,7 +231,7 @@ def generate(out, prompt, max_new_tokens, backend, chat):
 @handle_errors
 def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, json_file, force, accept_unknown_config_keys):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
-    from sa_export.evaluate import EvalRequest, evaluate
+    from sa_export.accuracy.evaluate import EvalRequest, evaluate
 
     result = evaluate(
         EvalRequest(
@@ -305,7 +272,7 @@ def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tok
 def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
-    from sa_export.analysis import AnalyzeRequest, analyze as run_analyze
+    from sa_export.accuracy.analysis import AnalyzeRequest, analyze as run_analyze
 
     if out is None:
         out = Path(f"{Path(model).name}-analysis")
@@ -368,8 +335,8 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
     a memory-bound decode step next to each. The default baseline is the fastest graph
     ONNX Runtime runs for the unmodified model; convert with --exporter genai for the SA
     graph that keeps that speed."""
-    from sa_export.bench import run_bench, save_plot
-    from sa_export.progress import progress_bar
+    from sa_export.stages.bench import run_bench, save_plot
+    from sa_export.core.progress import progress_bar
 
     contexts, batches = _int_list(contexts), _int_list(batches)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
@@ -428,7 +395,7 @@ def targets():
 @handle_errors
 def build_engine_command(out):
     """Build OUT's TensorRT engine here through the Python API (on the Jetson for Jetson targets)."""
-    from sa_export.pipeline import build_engine_for
+    from sa_export.stages.target import build_engine_for
 
     click.echo(f"engine: {build_engine_for(out)}")
 

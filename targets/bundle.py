@@ -19,7 +19,7 @@ from pathlib import Path
 from targets.compat import check_input_names
 from targets.profiles import TargetProfile
 from targets.shapes import Profile, covering_profile
-from targets.tensorrt_backend import ENGINE_NAME, TIMING_CACHE_NAME
+from targets.engine import ENGINE_NAME, TIMING_CACHE_NAME
 
 BUNDLE_DIR = "bundle"
 

@@ -11,7 +11,7 @@ import re
 
 import onnx_ir as ir
 
-from sa_export.errors import UsageError
+from sa_export.core.errors import UsageError
 from targets.profiles import TargetProfile
 from targets.shapes import Profile
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from sa_export.core.cache_names import precision_itemsize
+from sa_export.core.manifest import Manifest
 from targets.profiles import TargetProfile
 
 GIB = 1 << 30
@@ -78,16 +80,16 @@ class MemoryFit:
         ]
 
 
-def memory_fit(manifest: dict, weight_bytes: int, target: TargetProfile, batch: int, context: int) -> MemoryFit:
-    model = manifest["model"]
-    itemsize = 2 if manifest["precision"] == "fp16" else 4
+def memory_fit(manifest: Manifest, weight_bytes: int, target: TargetProfile, batch: int, context: int) -> MemoryFit:
+    model = manifest.model
+    itemsize = precision_itemsize(manifest.precision)
     prefill = target.max_prefill
     activations = batch * (
-        2 * model["num_heads"] * prefill * prefill * 4
-        + prefill * model["vocab_size"] * itemsize
-        + _HIDDEN_BUFFERS * prefill * model["hidden_size"] * 4
+        2 * model.num_heads * prefill * prefill * 4
+        + prefill * model.vocab_size * itemsize
+        + _HIDDEN_BUFFERS * prefill * model.hidden_size * 4
     )
-    savings = manifest["cache"]["savings"]
+    savings = manifest.cache.savings
     return MemoryFit(
         target=target.name,
         usable_bytes=int(target.usable_gib * GIB),
@@ -96,7 +98,7 @@ def memory_fit(manifest: dict, weight_bytes: int, target: TargetProfile, batch: 
         workspace_bytes=target.workspace_mib << 20,
         batch=batch,
         context=context,
-        kv_per_token_base=savings["bytes_per_token_base"],
-        kv_per_token_sa=savings["bytes_per_token_sa"],
-        max_positions=model.get("max_position_embeddings"),
+        kv_per_token_base=savings.bytes_per_token_base,
+        kv_per_token_sa=savings.bytes_per_token_sa,
+        max_positions=model.max_position_embeddings,
     )

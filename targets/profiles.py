@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sa_export.errors import UsageError
+from sa_export.core.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from sa_export.core.manifest import Manifest
+
 Shape = tuple[int, ...]
 
 
@@ -27,10 +29,10 @@ class Profile:
     shapes: dict[str, ShapeRange]
 
 
-def profiles_for(manifest: dict, max_batch: int, max_context: int, max_prefill: int) -> list[Profile]:
-    kv, head_dim = manifest["cache"]["num_kv_heads"], manifest["cache"]["head_dim"]
-    past_inputs = [name for layer in manifest["cache"]["layers"] for name in (layer["key_input"], layer["value_input"]) if name]
-    token_inputs = [n for n in ("input_ids", "position_ids") if n in manifest["io"]]
+def profiles_for(manifest: Manifest, max_batch: int, max_context: int, max_prefill: int) -> list[Profile]:
+    kv, head_dim = manifest.cache.num_kv_heads, manifest.cache.head_dim
+    past_inputs = [past for layer in manifest.layout for past, _ in layer.pairs()]
+    token_inputs = [n for n in ("input_ids", "position_ids") if n in manifest.io]
     opt_batch = 1
     prefill_opt = min(128, max_prefill)
     prefill = {n: ShapeRange((1, 1), (opt_batch, prefill_opt), (max_batch, max_prefill)) for n in token_inputs}
@@ -43,6 +45,14 @@ def profiles_for(manifest: dict, max_batch: int, max_context: int, max_prefill: 
     for name in past_inputs:
         decode[name] = ShapeRange((1, kv, 1, head_dim), (opt_batch, kv, decode_opt, head_dim), (max_batch, kv, max_context - 1, head_dim))
     return [Profile("prefill", prefill), Profile("decode", decode)]
+
+
+def profile_to_json(profile: Profile) -> dict:
+    return {"name": profile.name, "shapes": {k: dataclasses.asdict(v) for k, v in profile.shapes.items()}}
+
+
+def profile_from_json(data: dict) -> Profile:
+    return Profile(data["name"], {k: ShapeRange(tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for k, v in data["shapes"].items()})
 
 
 def covering_profile(profiles: list[Profile]) -> Profile:

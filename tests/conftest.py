@@ -109,7 +109,7 @@ def tiny_llama(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def converted_tiny_llama(tiny_llama_with_tokenizer, tmp_path_factory) -> Path:
     """A converted tiny Llama (with tokenizer), shared by tests that only read it."""
-    from sa_export.pipeline import ConvertRequest, convert
+    from sa_export.stages.convert import ConvertRequest, convert
 
     out = tmp_path_factory.mktemp("converted") / "llama-sa"
     convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out))
@@ -119,7 +119,7 @@ def converted_tiny_llama(tiny_llama_with_tokenizer, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def genai_tiny_llama(tiny_llama_with_tokenizer, tmp_path_factory) -> Path:
     """The tiny Llama through onnxruntime-genai's builder and the GQA sharing pass, parity-checked."""
-    from sa_export.pipeline import ConvertRequest, convert
+    from sa_export.stages.convert import ConvertRequest, convert
 
     out = tmp_path_factory.mktemp("genai") / "llama-sa-gqa"
     convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out, exporter="genai"))

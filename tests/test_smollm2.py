@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2_dir(smollm2_available, tmp_path_factory):
     """SmolLM2 as a user's directory: model and tokenizer written by the installed transformers' save_pretrained."""
-    from sa_export.models import materialize_alias
+    from sa_export.hf.models import materialize_alias
 
     path = tmp_path_factory.mktemp("saved") / "SmolLM2-135M-Instruct"
     shutil.copytree(materialize_alias("smollm2-135m"), path)

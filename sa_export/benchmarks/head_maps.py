@@ -3,7 +3,7 @@
     python -m sa_export.benchmarks.head_maps [--model smollm2-135m] [--json FILE]
 
 Calibration text and evaluation text come from disjoint parts of the default text
-(checked by sa_export.texts). The attention statistics are collected once and every
+(checked by sa_export.accuracy.texts). The attention statistics are collected once and every
 plan is calibrated from them, exactly as `eval --head-map` does for a single plan.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from sa_export.calibration import calibrate_head_maps, collect_statistics
-from sa_export.evaluate import load_for_reference, perplexity
-from sa_export.plan import build_plan
-from sa_export.texts import split_texts
+from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
+from sa_export.accuracy.evaluate import load_for_reference, perplexity
+from sa_export.core.plan import build_plan
+from sa_export.accuracy.texts import split_texts
 
 SPANS = ("15-18", "20-28", "23-26", "26-29")
 MODES = ("identity", "argmax", "argmax-any", "mix")

@@ -119,8 +119,8 @@ def build(directory: Path, layers: int) -> Path:
 def run_passes(model_path: Path, spans: list[str], save_dir: Path | None) -> dict:
     """In this process: load, detect, rewrite (and optionally save); time and peak RSS."""
     from graph_passes import apply_sharing_plan, cache_layers
-    from sa_export.onnx_io import load_onnx, save_onnx
-    from sa_export.plan import build_plan
+    from sa_export.export.onnx_io import load_onnx, save_onnx
+    from sa_export.core.plan import build_plan
 
     start = time.perf_counter()
     model = load_onnx(model_path)

@@ -6,14 +6,14 @@ import onnxruntime as ort
 import pytest
 
 from graph_passes import DropKCachePass, ShareProbabilitiesPass, apply_sharing_plan, find_attention_blocks
-from sa_export.errors import AttentionPatternError, PlanError
-from sa_export.plan import HeadMap, SharingPlan, build_plan
+from sa_export.core.errors import AttentionPatternError, PlanError
+from sa_export.core.plan import HeadMap, SharingPlan, build_plan
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_llama, tmp_path_factory):
-    from sa_export.models import ModelSource, load_hf_model
-    from sa_export.export import export_dynamo as _export
+    from sa_export.hf.models import ModelSource, load_hf_model
+    from sa_export.export.dynamo import export_dynamo as _export
 
     out = tmp_path_factory.mktemp("export")
     return _export(load_hf_model(ModelSource("hf", tiny_llama, "tiny")), out)
@@ -74,8 +74,8 @@ def test_head_map_becomes_one_gather_and_matches_the_reference(exported, tiny_ll
     """The graph and the PyTorch reference apply the same head map."""
     import torch
 
-    from sa_export.models import ModelSource, load_hf_model
-    from sa_export.reference import shared_attention
+    from sa_export.hf.models import ModelSource, load_hf_model
+    from sa_export.accuracy.reference import shared_attention
 
     plan = SharingPlan(6, {3: 2, 4: 2}, {3: HeadMap.from_anchor_heads(2, (1, 0, 3, 2))})
     model = ir.load(exported)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from graph_passes.share_gqa import QK_OUTPUT_SOFTMAX, find_gqa_layers, share_gqa_layers
-from sa_export.errors import PlanError
-from sa_export.manifest import read_manifest
-from sa_export.onnx_io import load_onnx
-from sa_export.plan import build_plan
+from graph_passes.sequences import run_sequence
+from graph_passes.share_gqa import QK_OUTPUT_SOFTMAX, ShareGqaPass, find_gqa_layers
+from sa_export.core.errors import PlanError
+from sa_export.core.manifest import Manifest
+from sa_export.export.onnx_io import load_onnx
+from sa_export.core.plan import build_plan
 
 
 def _nodes_by_op(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:
@@ -52,7 +53,7 @@ def test_nothing_of_the_removed_paths_is_left(genai_tiny_llama):
 
 
 def test_manifest_describes_the_shared_buffer_and_parity_passed(genai_tiny_llama):
-    manifest = read_manifest(genai_tiny_llama)
+    manifest = Manifest.read(genai_tiny_llama).to_json()
     assert manifest["exporter"] == "genai"
     assert manifest["cache"]["buffer"] == "shared" and manifest["cache"]["max_length"] == 256
     assert [layer["k_cache"] for layer in manifest["cache"]["layers"]] == [True, True, True, False, False, True]
@@ -62,7 +63,7 @@ def test_manifest_describes_the_shared_buffer_and_parity_passed(genai_tiny_llama
 def test_plan_for_another_layer_count_is_refused(genai_tiny_llama):
     model = load_onnx(genai_tiny_llama / "model.onnx")
     with pytest.raises(PlanError, match="layers"):
-        share_gqa_layers(model, build_plan(["1-2"], 8, (), None, False))
+        run_sequence(ShareGqaPass(build_plan(["1-2"], 8, (), None, False)), model)
 
 
 def test_gqa_layers_are_found_by_their_present_names(genai_tiny_llama):
@@ -73,7 +74,7 @@ def test_gqa_layers_are_found_by_their_present_names(genai_tiny_llama):
 
 def test_calibrated_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokenizer, tmp_path):
     """Mixtures of several source heads (Concat and one mixing MatMul over GQA probabilities), two spans."""
-    from sa_export.pipeline import ConvertRequest, convert
+    from sa_export.stages.convert import ConvertRequest, convert
 
     result = convert(
         ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("2-3", "5-5"), out=tmp_path / "out", exporter="genai",
@@ -89,7 +90,7 @@ def test_calibrated_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokeni
 
 def test_qkv_bias_is_cut_to_its_v_part(tmp_path):
     """Qwen2: the builder's packed projection has a bias Add; shared layers keep its V slice."""
-    from sa_export.pipeline import ConvertRequest, convert
+    from sa_export.stages.convert import ConvertRequest, convert
     from tests.conftest import build_tiny_model
 
     source = build_tiny_model("qwen2", tmp_path / "qwen2", with_tokenizer=True)

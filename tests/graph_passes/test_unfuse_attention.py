@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 
 from graph_passes.unfuse_attention import UnfuseAttentionPass
-from sa_export.errors import AttentionPatternError
+from sa_export.core.errors import AttentionPatternError
 
 
 def _attention_model(**attributes):

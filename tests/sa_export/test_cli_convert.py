@@ -9,7 +9,7 @@ from tests.helpers import leftovers, run_cli
 
 
 def test_every_registered_architecture_has_a_tiny_fixture():
-    from sa_export.models import ARCHITECTURES
+    from sa_export.core.architectures import ARCHITECTURES
     from tests.conftest import TINY_ARCHITECTURES
 
     assert set(ARCHITECTURES) == set(TINY_ARCHITECTURES)
@@ -123,8 +123,8 @@ def test_converting_to_an_existing_out_is_refused_and_overwrite_replaces_it(tiny
 
 
 def test_an_onnx_export_converts_and_checks_against_its_reference(tiny_llama, tmp_path):
-    from sa_export.models import ModelSource, load_hf_model
-    from sa_export.export import export_dynamo as _export
+    from sa_export.hf.models import ModelSource, load_hf_model
+    from sa_export.export.dynamo import export_dynamo as _export
 
     exported = _export(load_hf_model(ModelSource("hf", tiny_llama, "tiny")), tmp_path / "export")
     out = tmp_path / "sa"

@@ -1,6 +1,6 @@
 import pytest
 
-from sa_export.errors import UsageError
+from sa_export.core.errors import UsageError
 from targets.profiles import PROFILES, get_target
 from tests.helpers import run_cli
 

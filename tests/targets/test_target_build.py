@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import shape_inference
 
+from sa_export.core.manifest import Manifest
 from targets.compat import check_compatibility
 from targets.profiles import get_target
 from targets.shapes import profiles_for
@@ -91,8 +92,7 @@ def test_an_op_tensorrt_cannot_parse_exits_2_naming_the_node(jetson_out, tiny_ll
     model.graph.insert_after(first, odd)
     model.graph.outputs.append(odd.outputs[0])
     odd.outputs[0].name = "unique_out"
-    manifest = json.loads((jetson_out / "sa_manifest.json").read_text())
-    profiles = profiles_for(manifest, 1, 4096, 512)
+    profiles = profiles_for(Manifest.read(jetson_out), 1, 4096, 512)
     report = check_compatibility(model, get_target("jetson-orin"), profiles)
     assert not report.ok and any("my_unique_node" in p and "Unique" in p for p in report.problems)
     assert check_compatibility(ir.load(jetson_out / "model.onnx"), get_target("jetson-orin"), profiles).ok

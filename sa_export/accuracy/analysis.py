@@ -1,0 +1,177 @@
+"""`analyze`: how similar the layers' attention is, which spans to share, and at what cost."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+
+from sa_export.core.atomic import atomic_directory, refuse_existing
+from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_maps, collect_statistics
+from sa_export.core.errors import UsageError
+from sa_export.accuracy.evaluate import load_for_reference, perplexity
+from sa_export.core.atomic import write_json_atomic
+from sa_export.core.plan import Span, build_plan
+from sa_export.core.progress import progress_bar, step
+from sa_export.accuracy.texts import split_texts
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeRequest:
+    model: str
+    out: Path
+    calib_file: str | None = None
+    calib_tokens: int = 4096
+    share: int | None = None  # layers to share; runs the perplexity search
+    kv_saving: float | None = None  # or: the KV-cache fraction to save
+    head_map: str = "identity"
+    candidates: int = 6
+    search_tokens: int = 2048
+    overwrite: bool = False
+    accept_unknown_config_keys: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanCandidate:
+    span: Span
+    anchor: int
+    similarity: float  # mean cosine of each shared layer's maps with the anchor's
+    ppl: float | None = None
+    base_ppl: float | None = None
+    kv_fraction_saved: float = 0.0
+
+    @property
+    def ppl_delta(self) -> float | None:
+        return None if self.ppl is None else self.ppl - self.base_ppl
+
+    def to_json(self) -> dict:
+        return {
+            "span": str(self.span),
+            "anchor": self.anchor,
+            "similarity": self.similarity,
+            "ppl": self.ppl,
+            "ppl_delta": self.ppl_delta,
+            "kv_fraction_saved": self.kv_fraction_saved,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisResult:
+    out: Path
+    stats: AttentionStatistics
+    ranking: list[SpanCandidate]
+    searched: list[SpanCandidate]
+    span_length: int
+    calibration_source: str
+    command: str | None
+
+
+def rank_spans(similarity: np.ndarray, length: int) -> list[SpanCandidate]:
+    """Every contiguous span of ``length`` layers with its default anchor, most similar first."""
+    layers = similarity.shape[0]
+    candidates = []
+    for start in range(1, layers - length + 1):
+        span = Span(start, start + length - 1)
+        anchor = start - 1
+        score = float(np.mean([similarity[anchor, layer] for layer in span.layers]))
+        candidates.append(SpanCandidate(span, anchor, score, kv_fraction_saved=length / (2 * layers)))
+    return sorted(candidates, key=lambda c: -c.similarity)
+
+
+def span_length_for(request: AnalyzeRequest, num_layers: int) -> int:
+    if request.share is not None and request.kv_saving is not None:
+        raise UsageError("give --share or --kv-saving, not both")
+    if request.kv_saving is not None:
+        if not 0 < request.kv_saving < 0.5:
+            raise UsageError(f"--kv-saving {request.kv_saving} is out of range: SA saves at most half the KV cache (0 < x < 0.5)")
+        return max(1, math.ceil(request.kv_saving * 2 * num_layers))
+    length = request.share if request.share is not None else 4
+    if not 1 <= length < num_layers:
+        raise UsageError(f"--share {length} is out of range: the model has {num_layers} layers; share 1-{num_layers - 1}")
+    return length
+
+
+def save_heatmap(stats: AttentionStatistics, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = stats.num_layers
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 7.5), gridspec_kw={"width_ratios": [1.25, 1]})
+    image = left.imshow(stats.layer_similarity(), cmap="viridis", vmin=0, vmax=1, origin="upper")
+    left.set_title("Attention similarity between layers\n(cosine of post-softmax maps, mean over heads)")
+    left.set_xlabel("layer")
+    left.set_ylabel("layer")
+    left.set_xticks(range(layers), [str(i) for i in range(layers)], fontsize=7, rotation=90)
+    left.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
+    fig.colorbar(image, ax=left, fraction=0.046, pad=0.04)
+    adjacent = stats.adjacent_head_similarity()
+    image = right.imshow(adjacent, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    right.set_title("Same head, layer i vs layer i+1")
+    right.set_xlabel("head")
+    right.set_ylabel("layer i")
+    right.set_xticks(range(stats.num_heads), [str(h) for h in range(stats.num_heads)], fontsize=7)
+    right.set_yticks(range(layers - 1), [str(i) for i in range(layers - 1)], fontsize=7)
+    fig.colorbar(image, ax=right, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyze(request: AnalyzeRequest) -> AnalysisResult:
+    refuse_existing(Path(request.out), request.overwrite)
+    source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
+    length = span_length_for(request, config.num_hidden_layers)
+    _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
+    with progress_bar("collecting attention maps on calibration text", unit="chunk") as advance:
+        stats = collect_statistics(hf_model, calibration.ids, progress=advance)
+    ranking = rank_spans(stats.layer_similarity(), length)
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        ranking = [c for c in ranking if len({kinds[c.anchor], *(kinds[l] for l in c.span.layers)}) == 1]
+
+    searched: list[SpanCandidate] = []
+    command = None
+    if request.share is not None or request.kv_saving is not None:
+        ids = calibration.ids[: request.search_tokens]
+        with step(f"base perplexity on {len(ids)} calibration tokens"):
+            base = perplexity(hf_model, ids, 1024)
+        pool = ranking[: request.candidates]
+        with progress_bar(f"span search: perplexity of {len(pool)} candidates (head map {request.head_map})", unit="span") as advance:
+            for number, candidate in enumerate(pool):
+                plan = build_plan([candidate.span], config.num_hidden_layers, [candidate.anchor], kinds)
+                plan = plan.with_head_maps(calibrate_head_maps(stats, plan, request.head_map, kinds))
+                ppl = perplexity(hf_model, ids, 1024, plan)
+                searched.append(dataclasses.replace(candidate, ppl=ppl, base_ppl=base))
+                advance(number + 1, len(pool))
+        searched.sort(key=lambda c: c.ppl)
+        best = searched[0]
+        command = f"sa-export convert {request.model} --span {best.span}"
+        if best.anchor != best.span.start - 1:
+            command += f" --anchor {best.anchor}"
+        if request.head_map != "identity":
+            command += f" --head-map {request.head_map}"
+
+    with atomic_directory(Path(request.out), request.overwrite) as tmp:
+        save_heatmap(stats, tmp / "similarity.png", f"{source.name}: {calibration.source.rsplit('/', 1)[-1]}, {stats.tokens} tokens")
+        write_json_atomic(
+            tmp / "similarity.json",
+            {
+                "model": source.name,
+                "calibration": calibration.to_json(),
+                "chunks": stats.chunks,
+                "num_layers": stats.num_layers,
+                "num_heads": stats.num_heads,
+                "layer_similarity": stats.layer_similarity().round(6).tolist(),
+                "adjacent_head_similarity": stats.adjacent_head_similarity().round(6).tolist(),
+                "span_length": length,
+                "ranking": [c.to_json() for c in ranking],
+                "search": {"head_map": request.head_map, "tokens": min(len(calibration.ids), request.search_tokens), "results": [c.to_json() for c in searched]},
+                "convert_command": command,
+            },
+        )
+    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command)

@@ -1,0 +1,133 @@
+"""Attention statistics on calibration text, and head maps calibrated from them.
+
+The statistics are inner products between the post-softmax maps of every pair of
+(layer, head), summed over calibration chunks, plus the per-chunk cosine similarity
+averaged over chunks (the paper's isotropy measure). Head maps need nothing else:
+  argmax      each shared head reads the anchor head most similar to its own map;
+  argmax-any  ... the most similar head of any earlier unshared layer of its kind;
+  mix         a convex mixture of the TOP_K most similar such heads, fitted by least
+              squares on the calibration maps (in the graph: Gather + weighted sum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from sa_export.core.errors import UsageError
+from sa_export.core.plan import HeadMap, SharingPlan
+
+HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "calibrated")
+# What `--head-map calibrated` means: the mode that measured best (see README, `analyze`).
+CALIBRATED_DEFAULT = "mix"
+TOP_K = 4
+CHUNK_TOKENS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionStatistics:
+    num_layers: int
+    num_heads: int
+    gram: np.ndarray  # [L*H, L*H] sum over chunks of <P_a, P_b>
+    cosine: np.ndarray  # [L*H, L*H] mean over chunks of cos(P_a, P_b)
+    tokens: int
+    chunks: int
+
+    def index(self, layer: int, head: int) -> int:
+        return layer * self.num_heads + head
+
+    def layer_similarity(self) -> np.ndarray:
+        """[L, L]: cosine of same-index heads, averaged over heads and chunks."""
+        heads = self.num_heads
+        blocks = self.cosine.reshape(self.num_layers, heads, self.num_layers, heads)
+        return np.einsum("ihjh->ij", blocks) / heads
+
+    def adjacent_head_similarity(self) -> np.ndarray:
+        """[L-1, H]: cosine of head h in layer i and head h in layer i+1."""
+        return np.array(
+            [[self.cosine[self.index(i, h), self.index(i + 1, h)] for h in range(self.num_heads)] for i in range(self.num_layers - 1)]
+        )
+
+
+@torch.no_grad()
+def collect_statistics(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKENS, progress=None) -> AttentionStatistics:
+    """Run the base model (eager attention) on calibration chunks and accumulate map inner products."""
+    chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids), chunk_tokens)]
+    chunks = [c for c in chunks if len(c) == chunk_tokens] or chunks[:1]
+    if not chunks or len(chunks[0]) < 2:
+        raise UsageError("calibration text is too short: it needs at least 2 tokens")
+    gram = cosine = None
+    for number, chunk in enumerate(chunks):
+        out = model(input_ids=torch.tensor([chunk]), output_attentions=True)
+        maps = torch.cat([a[0] for a in out.attentions], dim=0)  # [L*H, q, kv]
+        flat = maps.reshape(maps.shape[0], -1).double()
+        g = (flat @ flat.T).numpy()
+        norms = np.sqrt(np.clip(np.diag(g), 1e-30, None))
+        c = g / norms[:, None] / norms[None, :]
+        gram = g if gram is None else gram + g
+        cosine = c if cosine is None else cosine + c
+        if progress is not None:
+            progress(number + 1, len(chunks))
+    layers = len(out.attentions)
+    return AttentionStatistics(layers, out.attentions[0].shape[1], gram, cosine / len(chunks), sum(map(len, chunks)), len(chunks))
+
+
+def _simplex_least_squares(gram: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """argmin_w w'Gw - 2 t'w with w >= 0 and sum(w) = 1 (a 4-variable QP; SLSQP solves it exactly enough)."""
+    from scipy.optimize import minimize
+
+    scale = float(np.abs(gram).max()) or 1.0
+    g, t = gram / scale, target / scale
+    k = len(t)
+    result = minimize(
+        lambda w: w @ g @ w - 2 * t @ w,
+        np.full(k, 1.0 / k),
+        jac=lambda w: 2 * g @ w - 2 * t,
+        bounds=[(0.0, 1.0)] * k,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+        method="SLSQP",
+    )
+    weights = np.clip(result.x, 0.0, None)
+    return weights / weights.sum()
+
+
+def calibrate_head_maps(
+    stats: AttentionStatistics, plan: SharingPlan, mode: str, layer_kinds=None
+) -> dict[int, HeadMap]:
+    """Head maps for every shared layer of ``plan`` under ``mode``."""
+    if mode == "calibrated":
+        mode = CALIBRATED_DEFAULT
+    if mode not in HEAD_MAP_MODES:
+        raise UsageError(f"unknown head map mode {mode!r}; choose one of {', '.join(HEAD_MAP_MODES)}")
+    if mode == "identity":
+        return {}
+    heads = stats.num_heads
+    maps: dict[int, HeadMap] = {}
+    for layer, anchor in sorted(plan.anchors.items()):
+        if mode == "argmax":
+            candidates = [anchor]
+        else:
+            candidates = [
+                l for l in range(layer)
+                if not plan.is_shared(l) and (layer_kinds is None or layer_kinds[l] == layer_kinds[layer])
+            ]
+        columns = [stats.index(l, g) for l in candidates for g in range(heads)]
+        pairs = [(l, g) for l in candidates for g in range(heads)]
+        sources, weights = [], []
+        for head in range(heads):
+            target = stats.index(layer, head)
+            similarity = stats.cosine[target, columns]
+            if mode in ("argmax", "argmax-any"):
+                best = int(np.argmax(similarity))
+                sources.append((pairs[best],))
+                weights.append((1.0,))
+                continue
+            top = np.argsort(-similarity)[:TOP_K]
+            chosen = [columns[i] for i in top]
+            w = _simplex_least_squares(stats.gram[np.ix_(chosen, chosen)], stats.gram[target, chosen])
+            sources.append(tuple(pairs[i] for i in top))
+            weights.append(tuple(float(x) for x in w))
+        maps[layer] = HeadMap(tuple(sources), tuple(weights))
+    return maps

@@ -1,0 +1,140 @@
+"""Perplexity of the base model and of its SA version (PyTorch reference) on the same text."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
+from sa_export.core.errors import UsageError
+from sa_export.hf.models import load_config, load_reference, resolve_model
+from sa_export.core.plan import SharingPlan, build_plan
+from sa_export.core.progress import progress_bar, step
+from sa_export.accuracy.texts import TokenText, split_texts
+from sa_export.accuracy.reference import shared_attention
+
+@torch.no_grad()
+def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | None = None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of ``context`` tokens."""
+    total_nll = 0.0
+    total = 0
+    with shared_attention(model, plan):
+        for start in range(0, len(token_ids) - 1, context):
+            window = torch.tensor([token_ids[start : start + context]])
+            if window.shape[1] < 2:
+                break
+            logits = model(input_ids=window).logits[0, :-1].float()
+            targets = window[0, 1:]
+            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            total_nll += float(nll)
+            total += len(targets)
+    return math.exp(total_nll / total)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    model: str
+    plan: SharingPlan
+    head_map: str
+    base_ppl: float
+    sa_ppl: float
+    evaluation: TokenText
+    calibration: TokenText | None
+    context: int
+    kv_fraction_saved: float
+    tasks: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def eval_tokens(self) -> int:
+        return len(self.evaluation.ids)
+
+    @property
+    def delta(self) -> float:
+        return self.sa_ppl - self.base_ppl
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "shared_layers": list(self.plan.shared_layers),
+            "anchors": {str(k): v for k, v in self.plan.anchors.items()},
+            "head_map": self.head_map,
+            "base_ppl": self.base_ppl,
+            "sa_ppl": self.sa_ppl,
+            "ppl_delta": self.delta,
+            "ppl_ratio": self.sa_ppl / self.base_ppl,
+            "eval_tokens": self.eval_tokens,
+            "calib_tokens": len(self.calibration.ids) if self.calibration else 0,
+            "context": self.context,
+            "eval_text": self.evaluation.source,
+            "calib_text": self.calibration.source if self.calibration else None,
+            "kv_fraction_saved": self.kv_fraction_saved,
+            "tasks": self.tasks,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+    model: str
+    spans: tuple[str, ...]
+    anchors: tuple[int, ...] = ()
+    head_map: str = "identity"
+    text_file: str | None = None
+    calib_file: str | None = None
+    max_tokens: int = 4096
+    calib_tokens: int = 4096
+    context: int = 1024
+    force: bool = False
+    tasks: tuple[str, ...] = ()
+    tasks_path: str | None = None
+    tasks_limit: int | None = None
+    accept_unknown_config_keys: bool = False
+
+
+def load_for_reference(model: str, accept_unknown_config_keys: bool = False):
+    """The HF model and tokenizer behind MODEL, for commands that run the PyTorch reference."""
+    source = resolve_model(model)
+    if source.kind != "hf":
+        raise UsageError("this command runs the PyTorch reference: give a Hugging Face model directory or alias, not ONNX")
+    config = load_config(source, accept_unknown_config_keys)
+    hf_model, tokenizer = load_reference(source)
+    if tokenizer is None:
+        raise UsageError(f"{source.name} has no tokenizer; this command needs one to read text")
+    return source, config, hf_model, tokenizer
+
+
+def calibrated_plan(hf_model, plan: SharingPlan, mode: str, calibration: TokenText, layer_kinds=None) -> SharingPlan:
+    """The plan with head maps calibrated on ``calibration`` (unchanged for identity)."""
+    if mode == "identity":
+        return plan
+    with progress_bar("calibrating head maps", unit="chunk") as advance:
+        stats = collect_statistics(hf_model, calibration.ids, progress=advance)
+    return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, layer_kinds))
+
+
+def evaluate(request: EvalRequest) -> EvalResult:
+    source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
+    kinds = getattr(config, "layer_types", None)
+    plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force)
+    evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, request.calib_tokens)
+    if len(evaluation.ids) < 2:
+        raise UsageError("the evaluation text has fewer than 2 tokens")
+    plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
+    ids = evaluation.ids
+    with step(f"perplexity of the base model on {len(ids)} tokens"):
+        base = perplexity(hf_model, ids, request.context)
+    with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"):
+        sa = perplexity(hf_model, ids, request.context, plan)
+    tasks = {}
+    if request.tasks:
+        from sa_export.accuracy.tasks import run_tasks
+
+        with step(f"lm-evaluation-harness: {', '.join(request.tasks)} (base and SA)"):
+            tasks = run_tasks(hf_model, tokenizer, plan, list(request.tasks), request.tasks_path, request.tasks_limit)
+    saved = len(plan.shared_layers) / (2 * plan.num_layers)
+    used_calibration = request.head_map != "identity"
+    return EvalResult(
+        source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,
+        request.context, saved, tasks,
+    )

@@ -1,0 +1,110 @@
+"""The PyTorch SA reference: the same plan applied to the Hugging Face model.
+
+Attention is patched through transformers' attention-function registry: every layer
+runs the model's own eager attention, anchors keep their post-softmax probabilities,
+and shared layers compute ``P_anchor @ repeat_kv(V_own)`` instead. This is the
+ground truth for parity, and what ``eval`` measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+
+from sa_export.core.plan import HeadMap, SharingPlan
+
+IMPLEMENTATION = "sa_reference"
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, kv_heads, length, head_dim = states.shape
+    if groups == 1:
+        return states
+    expanded = states[:, :, None].expand(batch, kv_heads, groups, length, head_dim)
+    return expanded.reshape(batch, kv_heads * groups, length, head_dim)
+
+
+def _model_eager_attention(module):
+    """The eager attention function of the module's own modeling file (softcapping etc. included)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def shared_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    """Signature-agnostic: arguments pass through to the model's own eager attention."""
+    state = getattr(module, "_sa_state", None)
+    layer = module.layer_idx
+    if state is None or layer not in state.plan.anchors:
+        output, probs = _model_eager_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
+        if state is not None and layer in state.anchor_layers:
+            state.probs[layer] = probs
+        return output, probs
+    head_map = state.plan.head_map(layer)
+    if head_map is None:
+        probs = state.probs[state.plan.anchors[layer]]
+    else:
+        probs = mix_probs(state.probs, head_map)
+    values = _repeat_kv(value, query.shape[1] // value.shape[1])
+    output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def mix_probs(stored: dict[int, torch.Tensor], head_map: HeadMap) -> torch.Tensor:
+    """The same computation as the graph's Concat / Gather / weighted ReduceSum."""
+    layers = head_map.layers
+    stacked = torch.cat([stored[layer] for layer in layers], dim=1)
+    heads = stored[layers[0]].shape[1]
+    index = torch.tensor([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources])
+    picked = stacked[:, index]  # [batch, heads, k, q, kv]
+    if head_map.width == 1:
+        return picked[:, :, 0]
+    weights = torch.tensor(head_map.weights, dtype=picked.dtype)[None, :, :, None, None]
+    return (picked * weights).sum(2)
+
+
+class _SharingState:
+    def __init__(self, plan: SharingPlan):
+        self.plan = plan
+        self.anchor_layers = set(plan.anchor_layers)
+        self.probs: dict[int, torch.Tensor] = {}
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        AttentionInterface.register(IMPLEMENTATION, shared_attention_forward)
+        AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+        _registered = True
+    assert IMPLEMENTATION in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+def attention_modules(model) -> list:
+    """Self-attention modules: they carry their layer index (every supported architecture does)."""
+    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    if len(modules) != model.config.num_hidden_layers:
+        raise RuntimeError(f"found {len(modules)} attention modules for {model.config.num_hidden_layers} layers")
+    return modules
+
+
+@contextlib.contextmanager
+def shared_attention(model, plan: SharingPlan | None):
+    """Run ``model`` with the plan applied inside the block (plain eager when plan is None)."""
+    _register()
+    modules = attention_modules(model)
+    previous = model.config._attn_implementation
+    state = _SharingState(plan) if plan is not None else None
+    for module in modules:
+        module._sa_state = state
+    model.config._attn_implementation = IMPLEMENTATION
+    try:
+        yield model
+    finally:
+        model.config._attn_implementation = previous
+        for module in modules:
+            del module._sa_state

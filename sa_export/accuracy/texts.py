@@ -1,0 +1,80 @@
+"""Evaluation and calibration text: where it comes from, and a guarantee that the two never overlap."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sa_export.core.errors import EnvironmentProblem, UsageError
+from sa_export.core.resources import package_file
+
+# English news text available offline: the Lee background corpus that the gensim wheel ships.
+DEFAULT_TEXT = ("gensim", "test/test_data/lee_background.cor")
+# Two texts overlap when they share any run of this many tokens.
+OVERLAP_WINDOW = 32
+
+
+def default_text_path() -> Path:
+    package, relative = DEFAULT_TEXT
+    path = package_file(package, relative)
+    if path is None:
+        raise EnvironmentProblem(f"the default text comes with {package}: pip install {package}, or pass --text/--calib FILE")
+    return path
+
+
+def read_text(path: str | Path | None) -> tuple[str, Path]:
+    file = Path(path) if path else default_text_path()
+    if not file.is_file():
+        raise UsageError(f"text file {file} not found; pass an existing file")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise UsageError(f"text file {file} is empty")
+    return text, file.resolve()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenText:
+    ids: list[int]
+    source: str  # file and token range, for reports
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "tokens": len(self.ids)}
+
+
+def split_texts(tokenizer, eval_file, calib_file, eval_tokens: int, calib_tokens: int) -> tuple[TokenText, TokenText]:
+    """Evaluation tokens from the head of their file, calibration tokens from the tail of theirs.
+
+    When both come from one file the ranges are disjoint by construction; in every case
+    they are checked for shared runs of OVERLAP_WINDOW tokens, and an overlap is refused.
+    """
+    eval_text, eval_path = read_text(eval_file)
+    calib_text, calib_path = read_text(calib_file)
+    eval_all = tokenizer(eval_text)["input_ids"]
+    calib_all = eval_all if calib_path == eval_path else tokenizer(calib_text)["input_ids"]
+    eval_ids = eval_all[:eval_tokens]
+    if calib_path == eval_path:
+        available = len(calib_all) - len(eval_ids)
+        if available < min(calib_tokens, 512):
+            raise UsageError(
+                f"{eval_path} has {len(calib_all)} tokens: too few to hold {len(eval_ids)} evaluation and "
+                f"{calib_tokens} calibration tokens apart; pass a separate --calib FILE"
+            )
+        start = len(calib_all) - min(calib_tokens, available)
+    else:
+        start = max(0, len(calib_all) - calib_tokens)
+    calib_ids = calib_all[start:]
+    evaluation = TokenText(eval_ids, f"{eval_path} tokens 0-{len(eval_ids)}")
+    calibration = TokenText(calib_ids, f"{calib_path} tokens {start}-{start + len(calib_ids)}")
+    if _share_a_window(eval_ids, calib_ids):
+        raise UsageError(
+            f"calibration text ({calibration.source}) and evaluation text ({evaluation.source}) overlap; "
+            "pass texts that share no passage"
+        )
+    return evaluation, calibration
+
+
+def _share_a_window(a: list[int], b: list[int]) -> bool:
+    if len(a) < OVERLAP_WINDOW or len(b) < OVERLAP_WINDOW:
+        return False
+    windows = {tuple(a[i : i + OVERLAP_WINDOW]) for i in range(len(a) - OVERLAP_WINDOW + 1)}
+    return any(tuple(b[i : i + OVERLAP_WINDOW]) in windows for i in range(len(b) - OVERLAP_WINDOW + 1))

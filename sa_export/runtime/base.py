@@ -1,0 +1,61 @@
+"""What every runtime backend shares, driven only by the manifest.
+
+On-device apps have no PyTorch: the runtime package imports numpy, onnxruntime and
+tokenizers only (a test checks that torch and transformers stay unimported).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sa_export.core.errors import UsageError
+from sa_export.core.manifest import LayerCache, Manifest
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def position_ids_from_mask(attention_mask: np.ndarray, query_length: int) -> np.ndarray:
+    """Positions of the last ``query_length`` tokens, counting only unpadded ones (as HF generate does)."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    positions = np.where(attention_mask == 0, 1, positions)
+    return positions[:, -query_length:].astype(np.int64)
+
+
+class ManifestModel:
+    """What every runtime backend shares: the manifest, its cache layout, the feeds of a
+    step and the hand-over of presents as the next step's pasts."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.manifest = Manifest.read(self.out_dir)
+        self.layout: tuple[LayerCache, ...] = self.manifest.layout
+        cache = self.manifest.cache
+        self.cache_dtype = _NUMPY_DTYPES[cache.dtype]
+        self.num_kv_heads = cache.num_kv_heads
+        self.head_dim = cache.head_dim
+
+        # "shared": each present is its past's buffer of max_length positions, written in place.
+        self.shared_buffer = cache.buffer == "shared"
+        self.max_length = cache.max_length
+
+    def empty_cache(self, batch: int, capacity: int | None = None) -> dict[str, np.ndarray]:
+        """The cache before the first step. A shared-buffer model gets buffers of ``capacity``
+        positions (prompt plus new tokens; default the model's max_length), others empty ones."""
+        if self.shared_buffer:
+            capacity = capacity or self.max_length
+            if self.max_length and capacity > self.max_length:
+                raise UsageError(f"{capacity} positions exceed the model's max_length {self.max_length}")
+        length = capacity if self.shared_buffer else 0
+        shape = (batch, self.num_kv_heads, length, self.head_dim)
+        return {past: np.zeros(shape, self.cache_dtype) for layer in self.layout for past, _ in layer.pairs()}
+
+    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **cache}
+        if self.manifest.has_position_ids:
+            feeds["position_ids"] = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        return feeds
+
+    def next_cache(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {past: outputs[present] for layer in self.layout for past, present in layer.pairs()}

@@ -1,0 +1,37 @@
+"""The unshared model a `bench` compares against: the same source, exporter family and pass sequence."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from graph_passes import apply_sharing_plan
+from sa_export.core.atomic import atomic_directory
+from sa_export.core.manifest import Manifest
+from sa_export.core.plan import SharingPlan
+from sa_export.core.progress import step
+from sa_export.export import Exporter, ExportOptions
+from sa_export.export.onnx_io import save_onnx
+from sa_export.hf.models import load_config
+from sa_export.stages.check import manifest_source
+from sa_export.stages.describe import describe, source_info
+
+
+def build_baseline(manifest: Manifest, target: Path, exporter: Exporter) -> None:
+    """OUT's source without sharing, through ``exporter`` and the same pass sequence as convert."""
+    source = manifest_source(manifest)
+    accepted = bool(manifest.source.accepted_unknown_config_keys)
+    config = load_config(source, accepted)
+    # The SA model's own opset when the baseline uses its exporter and that exporter takes one.
+    same = exporter.name == manifest.exporter and exporter.default_opset() is not None
+    opset = exporter.resolve_opset(manifest.opset if same else None)
+    options = ExportOptions(manifest.precision, opset, accept_unknown_config_keys=accepted)
+    plan = SharingPlan(config.num_hidden_layers, {})
+    with atomic_directory(target, overwrite=True) as tmp:
+        with step(f"building the baseline: {source.name} without sharing, {exporter.describe(options)}"):
+            graph_model = exporter.export(source, options, tmp / "export")
+            apply_sharing_plan(graph_model, plan, manifest.precision)  # the same graph family as the SA model
+            files = save_onnx(graph_model, tmp)
+            shutil.rmtree(tmp / "export", ignore_errors=True)
+            info = source_info(source, config, source, None, accepted)
+            describe(graph_model.graph, plan, info, config, files, tmp, manifest.precision, "cpu", exporter.name).write(tmp)

@@ -1,0 +1,292 @@
+"""`bench`: the SA model against its baseline (same weights, no sharing), side by side.
+
+Both models run in one process, interleaved step by step, several repetitions, and
+the medians are compared, because this machine is noisy. Next to each measured
+saving the analytic model of a decode step prints the ideal one: a decode step is
+memory-bound, so its ideal time is proportional to the bytes it reads (weights plus
+the KV cache at that context).
+
+The baseline is the same export without sharing, built once per source model and
+cached; `--baseline DIR` takes one. For a model converted with `--exporter genai` that
+is the fastest graph ONNX Runtime runs for the unmodified model (onnxruntime-genai's
+builder: GroupQueryAttention, in-place cache buffers), and the SA model is the same
+graph rewritten, so the comparison is fused against fused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sa_export.core.errors import UsageError
+from sa_export.core.manifest import MANIFEST_NAME, Manifest
+from sa_export.export import exporter_of_manifest, get_exporter
+from sa_export.runtime import SAModel
+
+WARMUP_PAIRS = 3
+MAX_PAIRS = 400  # bounds --min-seconds on a tiny model whose steps take microseconds
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Analytic cost of one decode step: bytes read and FLOPs."""
+
+    weight_bytes: int
+    kv_bytes: int
+    flops: float
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+
+def _num_heads(manifest: Manifest) -> int:
+    return manifest.model.num_heads if manifest.model else manifest.cache.num_kv_heads
+
+
+def decode_step_cost(manifest: Manifest, weight_bytes: int, context: int, batch: int) -> StepCost:
+    """Weights are read once per step; the cache once per sequence; FLOPs: 2 per weight per token
+    plus Q K^T (layers that compute attention) and probs @ V (every layer)."""
+    cache = manifest.cache
+    per_token = cache.savings.bytes_per_token_sa
+    attention_layers = sum(1 for layer in cache.layers if layer.has_key)
+    flops = batch * (2 * weight_bytes / cache.itemsize + 2 * _num_heads(manifest) * cache.head_dim * context * (attention_layers + manifest.num_layers))
+    return StepCost(weight_bytes, batch * context * per_token, flops)
+
+
+def qk_projection_bytes(manifest: Manifest) -> int:
+    """Bytes of the Q and K projection weights that sharing removes (layers without a K cache)."""
+    cache = manifest.cache
+    shared = sum(1 for layer in cache.layers if not layer.has_key)
+    heads = _num_heads(manifest)
+    hidden = manifest.model.hidden_size if manifest.model else heads * cache.head_dim
+    return shared * hidden * (heads + cache.num_kv_heads) * cache.head_dim * cache.itemsize
+
+
+def weight_bytes(out_dir: Path, manifest: Manifest) -> int:
+    """Bytes of the model files (graph and external data)."""
+    return sum((out_dir / name).stat().st_size for name in manifest.files if name.startswith(manifest.model_file))
+
+
+def _decode_inputs(model: SAModel, batch: int, context: int, rng: np.random.Generator):
+    """A decode step at ``context`` positions: context - 1 cached, one new token.
+    Shared-buffer models get buffers of exactly ``context`` positions, as generate allocates."""
+    cache = model.empty_cache(batch, context)
+    length = context if model.shared_buffer else context - 1
+    for name in cache:
+        cache[name] = rng.standard_normal((batch, model.num_kv_heads, length, model.head_dim)).astype(model.cache_dtype)
+    ids = rng.integers(0, 100, (batch, 1))
+    mask = np.ones((batch, context), np.int64)
+    return ids, mask, cache
+
+
+def _timed(model: SAModel, ids, mask, cache) -> float:
+    start = time.perf_counter()
+    model.forward(ids, mask, cache)
+    return time.perf_counter() - start
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeRow:
+    context: int
+    batch: int
+    t_base_ms: float
+    t_sa_ms: float
+    ideal_saving: float
+    base: StepCost
+    sa: StepCost
+    steps: int  # timed steps per model
+
+    @property
+    def measured_saving(self) -> float:
+        return 1 - self.t_sa_ms / self.t_base_ms
+
+    def to_json(self) -> dict:
+        return {
+            "context": self.context,
+            "batch": self.batch,
+            "steps": self.steps,
+            "t_base_ms": self.t_base_ms,
+            "t_sa_ms": self.t_sa_ms,
+            "ideal_saving": self.ideal_saving,
+            "base_bytes": self.base.bytes,
+            "sa_bytes": self.sa.bytes,
+            "kv_bytes_base": self.base.kv_bytes,
+            "kv_bytes_sa": self.sa.kv_bytes,
+            "flops_base": self.base.flops,
+            "flops_sa": self.sa.flops,
+            "measured_saving": self.measured_saving,
+            "ratio_measured_to_ideal": self.measured_saving / self.ideal_saving if self.ideal_saving else None,
+            "time_ratio_sa_to_base": self.t_sa_ms / self.t_base_ms,
+            "tokens_per_s_base": 1000 * self.batch / self.t_base_ms,
+            "tokens_per_s_sa": 1000 * self.batch / self.t_sa_ms,
+        }
+
+
+def _timed_pair(index: int, sa_step, base_step) -> tuple[float, float]:
+    """One timed step of each model, (sa, base); the order alternates with ``index`` so
+    that neither always runs on caches the other just filled."""
+    if index % 2:
+        t_sa = sa_step()
+        return t_sa, base_step()
+    t_base = base_step()
+    return sa_step(), t_base
+
+
+def _paired_steps(sa: SAModel, base: SAModel, sa_inputs, base_inputs, repeats: int, min_seconds: float):
+    """Step times of both models, interleaved pair by pair, for at least ``repeats`` pairs and
+    ``min_seconds``: short steps get more samples, which the noise of short steps needs."""
+    for _ in range(WARMUP_PAIRS):
+        _timed(sa, *sa_inputs), _timed(base, *base_inputs)
+    t_sa, t_base = [], []
+    start = time.perf_counter()
+    while len(t_sa) < repeats or (time.perf_counter() - start < min_seconds and len(t_sa) < MAX_PAIRS):
+        pair = _timed_pair(len(t_sa), lambda: _timed(sa, *sa_inputs), lambda: _timed(base, *base_inputs))
+        t_sa.append(pair[0])
+        t_base.append(pair[1])
+    return t_sa, t_base
+
+
+def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, min_seconds: float = 0.0, progress=None) -> list[DecodeRow]:
+    rng = np.random.default_rng(0)
+    # The ideal is the same model with and without sharing: the baseline's weights, less the
+    # Q/K projections the SA model drops (the two graphs may come from different exporters,
+    # whose files differ in more than that).
+    base_weights = weight_bytes(base.out_dir, base.manifest)
+    sa_weights = base_weights - qk_projection_bytes(sa.manifest)
+    rows = []
+    total = len(contexts) * len(batches)
+    for context in contexts:
+        for batch in batches:
+            sa_inputs = _decode_inputs(sa, batch, context, rng)
+            base_inputs = _decode_inputs(base, batch, context, rng)
+            t_sa, t_base = _paired_steps(sa, base, sa_inputs, base_inputs, repeats, min_seconds)
+            sa_cost = decode_step_cost(sa.manifest, sa_weights, context, batch)
+            base_cost = decode_step_cost(base.manifest, base_weights, context, batch)
+            rows.append(
+                DecodeRow(
+                    context, batch, 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa),
+                    1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost, len(t_sa),
+                )
+            )
+            if progress is not None:
+                progress(len(rows), total)
+            del sa_inputs, base_inputs
+    return rows
+
+
+def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int) -> dict:
+    ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
+    mask = np.ones_like(ids)
+    t_sa, t_base = [], []
+    for i in range(repeats):
+        pair = _timed_pair(i, lambda: _timed(sa, ids, mask, sa.empty_cache(1, tokens)), lambda: _timed(base, ids, mask, base.empty_cache(1, tokens)))
+        t_sa.append(pair[0])
+        t_base.append(pair[1])
+    return {"tokens": tokens, "t_base_ms": 1000 * statistics.median(t_base), "t_sa_ms": 1000 * statistics.median(t_sa)}
+
+
+def graph_description(manifest: Manifest) -> str:
+    """Which graph a side ran, in words, for the table and the JSON."""
+    exporter = manifest.exporter or "optimum"  # manifests before the exporter was recorded
+    shared = bool(manifest.plan.anchors)
+    if manifest.cache.buffer == "shared":
+        graph = "onnxruntime-genai builder graph: packed QKV, GroupQueryAttention with rotary, in-place cache buffers (IOBinding)"
+        sa = "; SA: anchor GQA emits its probabilities, shared layers project V only, write it in place (TensorScatter), probs @ V grouped by KV head"
+    else:
+        graph = f"{exporter} export, decomposed attention, cache concatenated each step"
+        sa = "; SA: shared layers read the anchor's softmax, Q/K removed"
+    return graph + (sa if shared else ", no sharing")
+
+
+FASTEST = "fastest"  # onnxruntime-genai's builder graph of the source model
+SAME_EXPORT = "same-export"  # the SA model's own exporter, without sharing
+FASTEST_EXPORTER = "genai"
+
+
+def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path:
+    """The cached unshared graph of the same source; built if missing.
+
+    ``fastest``: the fastest graph ONNX Runtime runs for the unmodified model (fused
+    GroupQueryAttention, in-place cache buffers). ``same-export``: the SA model's own
+    exporter and precision without sharing, which isolates what sharing changes.
+    """
+    from sa_export.hf.models import cache_dir
+    from sa_export.stages.baseline import build_baseline
+
+    exporter = get_exporter(FASTEST_EXPORTER) if kind == FASTEST else exporter_of_manifest(manifest.exporter)
+    if kind == FASTEST and manifest.precision not in exporter.precisions:
+        raise UsageError(
+            f"the fastest ONNX Runtime baseline is an {'/'.join(exporter.precisions)} CPU graph and {out_dir} is {manifest.precision}; "
+            "pass --baseline same-export"
+        )
+    key = hashlib.sha256(f"{manifest.source.path}|{manifest.precision}|{exporter.name}".encode()).hexdigest()[:16]
+    target = cache_dir() / "baselines" / key
+    if not (target / MANIFEST_NAME).is_file():
+        build_baseline(manifest, target, exporter)
+    return target
+
+
+def save_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Decode time against context, one line per model and batch (rows as in the JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for batch in sorted({r["batch"] for r in rows}):
+        selected = [r for r in rows if r["batch"] == batch]
+        contexts = [r["context"] for r in selected]
+        ax.plot(contexts, [r["t_base_ms"] for r in selected], "o--", label=f"baseline, batch {batch}")
+        ax.plot(contexts, [r["t_sa_ms"] for r in selected], "o-", label=f"SA, batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode step (ms, median)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(
+    out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None,
+    progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None,
+) -> dict:
+    """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory."""
+    manifest = Manifest.read(out_dir)
+    if str(baseline) in (FASTEST, SAME_EXPORT):
+        base_path = baseline_dir(Path(out_dir), manifest, str(baseline))
+    else:
+        base_path = Path(baseline)
+        if not base_path.is_dir():
+            raise UsageError(f"--baseline {baseline}: no such directory (or give {FASTEST} or {SAME_EXPORT})")
+    base_manifest = Manifest.read(base_path)
+    if base_manifest.num_layers != manifest.num_layers or base_manifest.cache.head_dim != manifest.cache.head_dim:
+        raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
+    sa, base = SAModel(out_dir, threads, spin=False), SAModel(base_path, threads, spin=False)
+    rows = bench_decode(sa, base, contexts, batches, repeats, min_seconds, progress)
+    prefill = bench_prefill(sa, base, prefill_tokens, prefill_repeats or repeats)
+    savings = manifest.cache.savings
+    return {
+        "model": manifest.source.model,
+        "sa": {"dir": str(out_dir), "graph": graph_description(manifest)},
+        "baseline": {"dir": str(base_path), "graph": graph_description(base_manifest)},
+        "sa_graph_kind": "fused" if sa.shared_buffer else "decomposed",
+        "threads": threads,
+        "repeats": repeats,
+        "min_seconds": min_seconds,
+        "kv_bytes_per_token": {"base": savings.bytes_per_token_base, "sa": savings.bytes_per_token_sa},
+        "weight_bytes": {"base": weight_bytes(base_path, base_manifest), "sa": weight_bytes(Path(out_dir), manifest)},
+        "decode": [r.to_json() for r in rows],
+        "prefill": prefill,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

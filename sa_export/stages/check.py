@@ -1,0 +1,76 @@
+"""`check`: an OUT directory against the PyTorch SA reference; parity.json and the manifest's summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sa_export.accuracy.compare import TOLERANCES, ParityReport
+from sa_export.core.atomic import write_json_atomic
+from sa_export.core.errors import CheckFailed, ParityError, UsageError
+from sa_export.core.manifest import Manifest
+from sa_export.core.progress import step
+from sa_export.hf.models import ALIASES, ModelSource, load_config, load_reference, resolve_model
+
+PARITY_NAME = "parity.json"
+
+
+def check_directory(
+    out_dir: Path, hf_model, tokenizer, decode_steps: int, timings: dict | None = None, backend: str = "ort"
+) -> tuple[ParityReport, Manifest]:
+    """Run parity on an OUT directory, write parity.json and the manifest's summary."""
+    from sa_export.accuracy.parity import run_parity
+    from sa_export.runtime import open_model
+
+    manifest = Manifest.read(out_dir)
+    manifest.verify_artifacts(out_dir)
+    tolerance = TOLERANCES[manifest.precision]
+    runtime = "TensorRT" if backend == "trt" else "ONNX Runtime"
+    with step(f"parity: {runtime} {manifest.precision} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
+        report = run_parity(open_model(out_dir, backend), hf_model, manifest.plan, tokenizer, decode_steps, tolerance)
+    write_json_atomic(Path(out_dir) / PARITY_NAME, report.to_json())
+    manifest = manifest.replace(parity=report.summary_json())
+    manifest.write(out_dir)
+    return report, manifest
+
+
+def manifest_source(manifest: Manifest) -> ModelSource:
+    """The PyTorch model a manifest's graph was made from (or checked against)."""
+    src = manifest.source
+    if src.reference:
+        return resolve_model(src.reference)
+    if src.kind == "hf":
+        path = Path(src.path)
+        if src.model in ALIASES:
+            return resolve_model(src.model)
+        if path.is_dir():
+            return ModelSource("hf", path, src.model)
+        raise UsageError(f"source model {path} recorded in the manifest is gone; pass --reference HF_DIR")
+    raise UsageError("this model was converted from ONNX without a reference; pass --reference HF_DIR")
+
+
+def check(
+    out_dir: Path, reference: str | None = None, decode_steps: int = 32, allow_pickle: bool = False, backend: str = "ort",
+    accept_unknown_config_keys: bool = False,
+) -> ParityReport:
+    if backend == "trt":
+        from sa_export.runtime.tensorrt_backend import TRTModel
+
+        TRTModel(out_dir)  # missing TensorRT or engine: say so before loading PyTorch
+    manifest = Manifest.read(out_dir)
+    source = resolve_model(reference) if reference is not None else manifest_source(manifest)
+    load_config(source, accept_unknown_config_keys or bool(manifest.source.accepted_unknown_config_keys))
+    hf_model, tokenizer = load_reference(source, allow_pickle)
+    report, _ = check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend)
+    return report
+
+
+def raise_on_failure(report: ParityReport | None, target=None) -> None:
+    """Exit 1 (CheckFailed) when parity failed, or when a requested context does not fit the target."""
+    if report is not None and not report.passed:
+        raise ParityError(report)
+    if target is not None and target.max_context_requested and not target.fits:
+        fit = target.memory
+        raise CheckFailed(
+            f"batch {fit.batch} x {fit.context} tokens does not fit {fit.target} even with SA; "
+            f"the largest context that fits is {fit.max_context(fit.kv_per_token_sa):,} tokens"
+        )

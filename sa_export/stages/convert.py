@@ -1,0 +1,227 @@
+"""`convert`: export, rewrite, save atomically, check, then the target's engine or bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+from graph_passes import RewriteReport, apply_sharing_plan, cache_layers
+from sa_export.accuracy.compare import ParityReport
+from sa_export.core.atomic import atomic_directory, refuse_existing
+from sa_export.core.errors import UsageError
+from sa_export.core.manifest import Manifest
+from sa_export.core.plan import SharingPlan, Span, build_plan
+from sa_export.core.progress import step
+from sa_export.export import DEFAULT_EXPORTER, Exporter, ExportOptions, get_exporter
+from sa_export.export.onnx_io import load_onnx, save_onnx
+from sa_export.hf.models import ModelSource, load_config, load_reference, resolve_model
+from sa_export.stages.check import check_directory
+from sa_export.stages.describe import cache_precision, describe, source_info
+from sa_export.stages.target import TargetReport, prepare_target, target_profiles
+from targets.profiles import TargetProfile, get_target
+
+SAMPLE_PROMPT = "The capital of France is"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertRequest:
+    model: str
+    spans: tuple[str, ...]
+    out: Path
+    anchors: tuple[int, ...] = ()
+    target: str = "cpu"
+    precision: str | None = None  # None: the target's default
+    check: bool = True
+    overwrite: bool = False
+    force: bool = False
+    reference: str | None = None
+    allow_pickle: bool = False
+    decode_steps: int = 32
+    head_map: str = "identity"
+    calib_file: str | None = None
+    calib_tokens: int = 4096
+    max_batch: int | None = None  # None: the target's
+    max_context: int | None = None  # None: the target's; given: exit 1 when it does not fit
+    exporter: str = DEFAULT_EXPORTER
+    opset: int | None = None
+    accept_unknown_config_keys: bool = False
+
+    def export_options(self) -> ExportOptions:
+        return ExportOptions(self.precision or "fp32", self.opset, self.allow_pickle, self.accept_unknown_config_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    plan: SharingPlan
+    rewrite: RewriteReport
+    manifest: Manifest
+    parity: ParityReport | None
+    timings: dict[str, float]
+    sample: str | None
+    target: TargetReport | None = None
+
+    def summary_json(self) -> dict:
+        return {
+            "out": str(self.out),
+            "shared_layers": list(self.plan.shared_layers),
+            "anchors": {str(k): v for k, v in self.plan.anchors.items()},
+            "kv_cache": dataclasses.asdict(self.manifest.cache.savings),
+            "weight_bytes_removed": self.rewrite.weight_bytes_removed,
+            "parity": self.parity.summary_json() if self.parity else None,
+            "timings_s": self.timings,
+            "sample": self.sample,
+        }
+
+    def lines(self) -> list[str]:
+        """What `convert` prints."""
+        savings = self.manifest.cache.savings
+        lines = [
+            f"{self.out}",
+            f"  shared layers     {self.plan.describe()}",
+            f"  KV cache          {savings.bytes_per_token_sa:,} B/token (was {savings.bytes_per_token_base:,}; "
+            f"saves {savings.bytes_per_token_saved:,} B/token, {100 * savings.fraction_saved:.1f}%)",
+            f"  weights removed   {self.rewrite.weight_bytes_removed:,} bytes (Q/K projections of shared layers)",
+            f"  nodes             {self.rewrite.nodes_before:,} -> {self.rewrite.nodes_after:,}",
+            f"  {self.parity.summary_line()}" if self.parity else "  parity            not checked (--no-check)",
+        ]
+        if self.target is not None:
+            lines += [f"  {line}" for line in self.target.lines(self.out)]
+        if self.sample is not None:
+            lines.append(f"  sample            {self.sample!r}")
+        lines.append(f"  time              {conversion_times(self.timings)}")
+        return lines
+
+
+def conversion_times(timings: dict[str, float]) -> str:
+    """Export, passes (with their share of the export) and check, then the total."""
+    parts = []
+    if "export" in timings:
+        parts.append(f"export {timings['export']:.1f} s")
+    if "passes" in timings:
+        share = f" ({100 * timings['passes'] / timings['export']:.1f}% of export)" if timings.get("export") else ""
+        parts.append(f"passes {timings['passes']:.2f} s{share}")
+    if "check" in timings:
+        parts.append(f"check {timings['check']:.1f} s")
+    parts.append(f"total {timings.get('total', 0):.1f} s")
+    return ", ".join(parts)
+
+
+def reference_source(request: ConvertRequest, source: ModelSource) -> ModelSource | None:
+    if source.kind == "hf":
+        return source
+    if request.reference is None:
+        return None
+    reference = resolve_model(request.reference)
+    if reference.kind != "hf":
+        raise UsageError(f"--reference {request.reference!r} must be a Hugging Face model directory or alias")
+    return reference
+
+
+@dataclasses.dataclass(frozen=True)
+class _Validated:
+    """A request checked against its model, target and exporter, before anything heavy runs."""
+
+    request: ConvertRequest
+    source: ModelSource
+    reference: ModelSource | None
+    config: object
+    target: TargetProfile
+    exporter: Exporter
+
+
+def validate(request: ConvertRequest) -> _Validated:
+    refuse_existing(Path(request.out), request.overwrite)
+    for span in request.spans:
+        Span.parse(span)  # fail on a malformed span before loading anything
+    source = resolve_model(request.model)
+    reference = reference_source(request, source)
+    if source.kind == "onnx" and reference is None and request.check:
+        raise UsageError("checking an ONNX input needs its PyTorch model: pass --reference HF_DIR (or --no-check)")
+    if source.kind == "onnx" and reference is None and request.head_map != "identity":
+        raise UsageError(f"--head-map {request.head_map} calibrates on the PyTorch model: pass --reference HF_DIR")
+    config = load_config(reference, request.accept_unknown_config_keys) if reference is not None else None
+    target = get_target(request.target)
+    precision = request.precision or target.default_precision
+    if precision not in target.precisions:
+        raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
+    exporter = get_exporter(request.exporter)
+    request = dataclasses.replace(request, precision=precision, target=target.name, opset=exporter.resolve_opset(request.opset))
+    exporter.refuse(config, target, source.kind)
+    return _Validated(request, source, reference, config, target, exporter)
+
+
+def convert(request: ConvertRequest) -> ConvertResult:
+    job = validate(request)
+    request, source, reference, config, target = job.request, job.source, job.reference, job.config, job.target
+    out = Path(request.out)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    if source.kind == "onnx":
+        graph_model = load_onnx(source.path)
+        num_layers = len(cache_layers(graph_model.graph))
+        if request.precision != cache_precision(graph_model.graph):
+            raise UsageError(f"--precision {request.precision} needs an ONNX export in that precision, or convert the Hugging Face model instead")
+    else:
+        graph_model = None
+        num_layers = config.num_hidden_layers
+    kinds = getattr(config, "layer_types", None) if config is not None else None
+    plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force)
+    if config is not None and config.num_hidden_layers != num_layers:
+        raise UsageError(f"--reference has {config.num_hidden_layers} layers but the ONNX graph has {num_layers}")
+
+    hf_model = tokenizer = None
+    with atomic_directory(out, request.overwrite) as tmp:
+        if reference is not None:
+            hf_model, tokenizer = load_reference(reference, request.allow_pickle, timings)
+        calibration = None
+        if request.head_map != "identity":
+            plan, calibration = _calibrate(hf_model, tokenizer, plan, request, reference, kinds)
+        options = request.export_options()
+        if graph_model is None:
+            with step(f"exporting to ONNX with {job.exporter.describe(options)}", timings, "export"):
+                graph_model = job.exporter.export(reference, options, tmp / "export", hf_model)
+        with step(f"rewriting the graph: {plan.describe()}", timings, "passes"):
+            rewrite = apply_sharing_plan(graph_model, plan, request.precision)
+        with step("saving model.onnx", timings, "save"):
+            files = save_onnx(graph_model, tmp)
+            shutil.rmtree(tmp / "export", ignore_errors=True)
+            if tokenizer is not None:
+                before = set(p.name for p in tmp.iterdir())
+                tokenizer.save_pretrained(tmp)
+                files += sorted(set(p.name for p in tmp.iterdir()) - before)
+        info = source_info(source, config, reference, request.reference, request.accept_unknown_config_keys)
+        head_map = {"mode": request.head_map, "calibration": calibration.to_json() if calibration else None}
+        manifest = describe(graph_model.graph, plan, info, config, files, tmp, request.precision, target.name, job.exporter.name, head_map)
+        manifest.write(tmp)
+        # A graph the target's TensorRT cannot take fails before the (longer) parity check.
+        profiles = target_profiles(manifest, graph_model, target, request.max_batch, request.max_context) if target.uses_tensorrt else None
+
+        parity = None
+        if request.check:
+            parity, manifest = check_directory(tmp, hf_model, tokenizer, request.decode_steps, timings)
+        target_report = None
+        if profiles is not None:
+            target_report, manifest = prepare_target(tmp, manifest, files, graph_model, target, request.max_batch, request.max_context, profiles, timings)
+        sample = None
+        if tokenizer is not None:
+            from sa_export.runtime import SAModel
+
+            with step("sample generation", timings, "generate"):
+                sample = SAMPLE_PROMPT + "".join(SAModel(tmp).generate(SAMPLE_PROMPT, max_new_tokens=20))
+        timings["total"] = round(time.perf_counter() - started, 3)
+    return ConvertResult(out.absolute(), plan, rewrite, manifest, parity, timings, sample, target_report)
+
+
+def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, reference: ModelSource, kinds):
+    """Head maps fitted on calibration text (the tail of the default text unless --calib)."""
+    if tokenizer is None:
+        raise UsageError(f"--head-map {request.head_map} calibrates on text, and {reference.name} has no tokenizer; use --head-map identity")
+    from sa_export.accuracy.evaluate import calibrated_plan
+    from sa_export.accuracy.texts import split_texts
+
+    _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
+    return calibrated_plan(hf_model, plan, request.head_map, calibration, kinds), calibration

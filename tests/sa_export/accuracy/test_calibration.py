@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
+from sa_export.hf.models import ModelSource, load_hf_model
+from sa_export.core.plan import build_plan
+
+
+@pytest.fixture(scope="module")
+def stats(tiny_llama):
+    model = load_hf_model(ModelSource("hf", tiny_llama, "tiny"))
+    ids = np.random.default_rng(0).integers(0, 256, 4 * 64).tolist()
+    return collect_statistics(model, ids, chunk_tokens=64)
+
+
+def test_similarity_matrix_is_symmetric_with_a_unit_diagonal(stats):
+    sim = stats.layer_similarity()
+    assert sim.shape == (6, 6) and stats.chunks == 4 and stats.tokens == 256
+    assert np.allclose(np.diag(sim), 1.0) and np.allclose(sim, sim.T)
+    assert stats.adjacent_head_similarity().shape == (5, 4)
+
+
+def _residual(stats, target, head_map_sources, weights):
+    idx = [stats.index(l, h) for l, h in head_map_sources]
+    w = np.asarray(weights)
+    g = stats.gram
+    return w @ g[np.ix_(idx, idx)] @ w - 2 * w @ g[target, idx] + g[target, target]
+
+
+def test_head_map_modes_respect_their_source_rules(stats):
+    plan = build_plan(["3-4"], 6)
+    argmax = calibrate_head_maps(stats, plan, "argmax")
+    assert all(src[0][0] == 2 for src in argmax[4].sources)
+    anywhere = calibrate_head_maps(stats, plan, "argmax-any")
+    assert all(src[0][0] in (0, 1, 2) for src in anywhere[4].sources)
+    mix = calibrate_head_maps(stats, plan, "calibrated")
+    for layer in (3, 4):
+        head_map = mix[layer]
+        assert head_map.width == 4
+        for head, (sources, weights) in enumerate(zip(head_map.sources, head_map.weights)):
+            assert all(l in (0, 1, 2) for l, _ in sources)
+            assert min(weights) >= 0 and sum(weights) == pytest.approx(1.0)
+            # The fitted mixture is never worse than its best single source (a vertex of the simplex).
+            target = stats.index(layer, head)
+            single = anywhere[layer].sources[head]
+            assert _residual(stats, target, sources, weights) <= _residual(stats, target, single, (1.0,)) + 1e-9
+    assert calibrate_head_maps(stats, plan, "identity") == {}
+
+
+def test_convert_with_a_mixture_head_map_passes_check(tiny_llama_with_tokenizer, tmp_path):
+    import json
+
+    from tests.helpers import run_cli
+
+    out = tmp_path / "mix"
+    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3-4", "--head-map", "mix", "--calib-tokens", "512", "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity PASSED" in result.output
+    manifest = json.loads((out / "sa_manifest.json").read_text())
+    assert manifest["head_map"]["mode"] == "mix" and manifest["head_map"]["calibration"]["tokens"] == 512
+    assert len(manifest["plan"]["head_maps"]["3"]["sources"][0]) == 4
+
+
+def test_head_maps_need_a_tokenizer(tiny_llama, tmp_path):
+    from tests.helpers import leftovers, run_cli
+
+    result = run_cli("convert", tiny_llama, "--span", "3", "--head-map", "calibrated", "-o", tmp_path / "o", "--no-check")
+    assert result.exit_code == 2 and "no tokenizer" in result.stderr
+    assert leftovers(tmp_path / "o") == []

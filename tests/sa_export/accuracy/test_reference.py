@@ -1,0 +1,77 @@
+import torch
+
+from sa_export.core.plan import HeadMap, SharingPlan, build_plan
+from sa_export.accuracy.reference import shared_attention
+from tests.conftest import _tiny_config
+
+
+def _model():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = _tiny_config("llama")
+    config._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@torch.no_grad()
+def test_without_a_plan_the_patched_model_is_the_eager_model():
+    model = _model()
+    ids = torch.randint(0, 256, (2, 11))
+    base = model(ids).logits
+    with shared_attention(model, None):
+        patched = model(ids).logits
+    assert torch.equal(base, patched)
+    assert model.config._attn_implementation == "eager"  # restored
+
+
+@torch.no_grad()
+def test_shared_layer_computes_anchor_probs_times_its_own_values():
+    model = _model()
+    ids = torch.randint(0, 256, (1, 9))
+    plan = build_plan(["3"], 6)
+    captured = {}
+    layer3 = model.model.layers[3].self_attn
+
+    def grab(module, args, kwargs, output):
+        captured["out"] = output[0]
+        captured["probs"] = output[1]
+
+    def grab_v(module, args, output):
+        captured["v"] = output
+
+    h1 = layer3.register_forward_hook(grab, with_kwargs=True)
+    h2 = layer3.v_proj.register_forward_hook(grab_v)
+    with shared_attention(model, plan):
+        sa_logits = model(ids).logits
+    h1.remove(), h2.remove()
+    base_logits = model(ids).logits
+    assert not torch.allclose(sa_logits, base_logits)
+
+    # Recompute layer 3's context by hand from the anchor's (layer 2's) probabilities.
+    anchor_probs = {}
+
+    def grab_anchor(module, args, output):
+        anchor_probs["p"] = output[1]
+
+    hook = model.model.layers[2].self_attn.register_forward_hook(grab_anchor)
+    with shared_attention(model, plan):
+        model(ids)
+    hook.remove()
+    assert torch.equal(captured["probs"], anchor_probs["p"])
+    v = captured["v"].view(1, 9, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+    context = (anchor_probs["p"] @ v).transpose(1, 2).reshape(1, 9, 64)
+    assert torch.allclose(layer3.o_proj(context), captured["out"], atol=1e-6)
+
+
+@torch.no_grad()
+def test_head_map_permutes_anchor_heads():
+    model = _model()
+    ids = torch.randint(0, 256, (1, 7))
+    identity = SharingPlan(6, {3: 2})
+    swapped = SharingPlan(6, {3: 2}, {3: HeadMap.from_anchor_heads(2, (1, 0, 3, 2))})
+    with shared_attention(model, identity):
+        a = model(ids).logits
+    with shared_attention(model, swapped):
+        b = model(ids).logits
+    assert not torch.allclose(a, b)

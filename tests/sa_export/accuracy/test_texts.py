@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from sa_export.core.errors import UsageError
+from sa_export.accuracy.texts import split_texts
+from tests.conftest import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(256)
+
+
+def _random_words(n, seed=0):
+    return np.random.default_rng(seed).integers(3, 253, n).tolist()
+
+
+def _write(path, words):
+    path.write_text(" ".join(f"w{w}" for w in words))
+    return path
+
+
+def test_one_file_gives_disjoint_head_and_tail(tokenizer, tmp_path):
+    text = _write(tmp_path / "t.txt", _random_words(3000))
+    evaluation, calibration = split_texts(tokenizer, text, text, 1000, 1000)
+    assert len(evaluation.ids) == 1000 and len(calibration.ids) == 1000
+    assert "tokens 0-1000" in evaluation.source and "tokens 2000-3000" in calibration.source
+
+
+def test_overlapping_files_are_refused(tokenizer, tmp_path):
+    words = _random_words(2000)
+    a = _write(tmp_path / "a.txt", words)
+    b = _write(tmp_path / "b.txt", words[500:1500])
+    with pytest.raises(UsageError, match="overlap"):
+        split_texts(tokenizer, a, b, 2000, 1000)
+
+
+def test_too_short_a_single_file_is_refused(tokenizer, tmp_path):
+    text = _write(tmp_path / "t.txt", range(3, 203))
+    with pytest.raises(UsageError, match="too few"):
+        split_texts(tokenizer, text, text, 150, 1000)

@@ -1,0 +1,86 @@
+import json
+
+from sa_export.core.manifest import CacheInfo, KVSavings, LayerCache, Manifest, ModelFacts, SourceInfo
+from sa_export.core.plan import SharingPlan
+from sa_export.stages.bench import decode_step_cost, qk_projection_bytes
+from tests.helpers import run_cli
+
+
+def _bench(out, tmp_path, *options):
+    """Run `bench` on OUT with a private baseline cache; the exit code is checked, the JSON returned."""
+    result = run_cli(
+        "bench", out, "--prefill-tokens", "8", "--prefill-repeats", "1", "--min-seconds", "0",
+        "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options,
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    return result, json.loads((tmp_path / "b.json").read_text())
+
+
+def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    result, data = _bench(converted_tiny_llama, tmp_path, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2")
+    assert [(r["context"], r["batch"]) for r in data["decode"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    for row in data["decode"]:
+        assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
+        assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5
+        assert row["steps"] == 2  # --repeats, with no --min-seconds to extend it
+    assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
+    assert data["weight_bytes"]["sa"] > 0 and data["weight_bytes"]["base"] > 0  # files of two exporters
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+    assert "decomposed" in data["sa"]["graph"] and "convert --exporter genai" in result.output
+
+
+def test_bench_same_export_baseline_is_the_decomposed_graph(converted_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    _, data = _bench(converted_tiny_llama, tmp_path, "--baseline", "same-export", "--contexts", "16", "--batches", "1", "--repeats", "1")
+    assert "decomposed" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+
+
+def test_bench_of_a_fused_graph_runs_against_the_builders_graph(genai_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    result, data = _bench(genai_tiny_llama, tmp_path, "--contexts", "16,64", "--batches", "1", "--repeats", "2")
+    assert data["sa_graph_kind"] == "fused"
+    assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
+    assert "TensorScatter" in data["sa"]["graph"]
+    assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
+    assert data["weight_bytes"]["sa"] < data["weight_bytes"]["base"]  # the same graph less Q/K projections
+    assert "convert --exporter genai" not in result.output
+
+
+def test_short_steps_are_sampled_until_min_seconds(genai_tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    _, data = _bench(genai_tiny_llama, tmp_path, "--contexts", "16", "--batches", "1", "--repeats", "2", "--min-seconds", "0.3")
+    row = data["decode"][0]
+    # A tiny model's step takes about a millisecond: 0.3 s holds many more than 2 pairs.
+    assert row["steps"] > 10 and row["steps"] * (row["t_base_ms"] + row["t_sa_ms"]) / 1000 < 5
+
+
+def test_bench_refuses_a_missing_baseline_directory(converted_tiny_llama, tmp_path):
+    result = run_cli("bench", converted_tiny_llama, "--baseline", tmp_path / "nope")
+    assert result.exit_code == 2 and "no such directory" in result.stderr
+
+
+def _layer(n: int, k_cache: bool) -> LayerCache:
+    key = f"past_key_values.{n}.key" if k_cache else None
+    return LayerCache(n, key, key and f"present.{n}.key", f"past_key_values.{n}.value", f"present.{n}.value")
+
+
+_LAYERS = (_layer(0, True), _layer(1, False))
+MANIFEST = Manifest(
+    tool={}, source=SourceInfo("tiny", "hf", "/nowhere"), num_layers=2, model=ModelFacts(4, 64, 100),
+    plan=SharingPlan(2, {1: 0}),
+    cache=CacheInfo(2, 16, "float32", "", "concat", KVSavings.of(list(_LAYERS), 2, 16, "float32"), _LAYERS),
+    io={}, precision="fp32", target="cpu", exporter="dynamo", opset=18, eos_token_ids=(), files={},
+)
+
+
+def test_decode_cost_grows_with_context_and_batch():
+    small, large = decode_step_cost(MANIFEST, 1000, 10, 1), decode_step_cost(MANIFEST, 1000, 100, 2)
+    assert small.bytes == 1000 + 10 * 384 and large.bytes == 1000 + 2 * 100 * 384  # 3 tensors x 2 heads x 16 x 4 B
+    assert large.flops > small.flops
+
+
+def test_removed_projection_bytes_count_q_and_k_of_shared_layers():
+    # One shared layer: hidden 64 x (4 query + 2 key heads) x head dim 16, fp32.
+    assert qk_projection_bytes(MANIFEST) == 64 * 6 * 16 * 4
