@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from sa_export import __version__
-from sa_export.core.errors import SAExportError
+from sa_export.core.errors import SAExportError, Terminated
 from sa_export.core.progress import console
+from sa_export.core.signals import signals_as_interrupts
 from targets.profiles import target_names
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
@@ -19,7 +22,6 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
 def _quiet_libraries() -> None:
     """Keep third-party chatter (tracer warnings, transformers notices) out of the user's terminal."""
     import logging
-    import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -30,18 +32,32 @@ def _quiet_libraries() -> None:
 
 
 def handle_errors(func):
-    """Turn sa-export errors into one line on stderr and the documented exit code."""
+    """Turn every failure into one line on stderr and the documented exit code.
+
+    SIGTERM and SIGHUP unwind like Ctrl-C (temporary output removed): exit 128 + signal.
+    An unexpected exception prints its type and message; SA_EXPORT_DEBUG=1 shows the traceback.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with signals_as_interrupts():
+                return func(*args, **kwargs)
         except SAExportError as exc:
             console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
             sys.exit(exc.exit_code)
+        except Terminated as exc:
+            console.print(f"[red]terminated[/red] by {signal.Signals(exc.signum).name}: nothing was written")
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]: nothing was written")
             sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("SA_EXPORT_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {message} (SA_EXPORT_DEBUG=1 shows the traceback)", soft_wrap=True)
+            sys.exit(EXIT_CHECK_FAILED)
 
     return wrapper
 

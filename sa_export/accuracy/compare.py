@@ -9,6 +9,8 @@ import dataclasses
 
 import numpy as np
 
+from sa_export.core.errors import CheckFailed
+
 _REL_EPS = 1e-6
 
 
@@ -27,7 +29,7 @@ class OutputComparison:
     @classmethod
     def of(cls, name: str, actual: np.ndarray, expected: np.ndarray, atol: float | None, min_cosine: float | None = None) -> OutputComparison:
         if actual.shape != expected.shape:
-            raise ValueError(f"{name}: shape {actual.shape} does not match the reference {expected.shape}")
+            raise CheckFailed(f"parity FAILED: {name} has shape {actual.shape}, the PyTorch reference {expected.shape}")
         actual = actual.astype(np.float64)
         expected = expected.astype(np.float64)
         diff = np.abs(actual - expected)

@@ -15,6 +15,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
 
+from sa_export.core.errors import EnvironmentProblem, UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
 IMPLEMENTATION = "sa_reference"
@@ -81,14 +82,18 @@ def _register() -> None:
         AttentionInterface.register(IMPLEMENTATION, shared_attention_forward)
         AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
         _registered = True
-    assert IMPLEMENTATION in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise EnvironmentProblem(f"the installed transformers did not register the {IMPLEMENTATION!r} attention mask; use the pinned transformers")
 
 
 def attention_modules(model) -> list:
     """Self-attention modules: they carry their layer index (every supported architecture does)."""
     modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
     if len(modules) != model.config.num_hidden_layers:
-        raise RuntimeError(f"found {len(modules)} attention modules for {model.config.num_hidden_layers} layers")
+        raise UsageError(
+            f"found {len(modules)} attention modules with a layer index for {model.config.num_hidden_layers} layers; "
+            f"the SA reference does not know this {model.config.model_type} layout"
+        )
     return modules
 
 

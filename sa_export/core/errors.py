@@ -51,3 +51,16 @@ class EngineBuildError(SAExportError):
     """TensorRT could not build an engine."""
 
     exit_code = 1
+
+
+class DiskFull(UsageError):
+    """The output's file system has no room (or a size limit) for what the command writes."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM, SIGHUP) arrived: unwinds like Ctrl-C, so that every
+    `finally` removes its temporary work. Exit status 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)

@@ -148,6 +148,8 @@ def validate(request: ConvertRequest) -> _Validated:
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
     exporter = get_exporter(request.exporter)
+    if precision not in exporter.precisions:
+        raise UsageError(f"--exporter {exporter.name} builds {', '.join(exporter.precisions)} graphs; got --precision {precision}")
     request = dataclasses.replace(request, precision=precision, target=target.name, opset=exporter.resolve_opset(request.opset))
     exporter.refuse(config, target, source.kind)
     return _Validated(request, source, reference, config, target, exporter)
@@ -174,7 +176,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
         raise UsageError(f"--reference has {config.num_hidden_layers} layers but the ONNX graph has {num_layers}")
 
     hf_model = tokenizer = None
-    with atomic_directory(out, request.overwrite) as tmp:
+    with atomic_directory(out, request.overwrite, lambda: _output_estimate(reference or source)) as tmp:
         if reference is not None:
             hf_model, tokenizer = load_reference(reference, request.allow_pickle, timings)
         calibration = None
@@ -214,6 +216,14 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 sample = SAMPLE_PROMPT + "".join(SAModel(tmp).generate(SAMPLE_PROMPT, max_new_tokens=20))
         timings["total"] = round(time.perf_counter() - started, 3)
     return ConvertResult(out.absolute(), plan, rewrite, manifest, parity, timings, sample, target_report)
+
+
+def _output_estimate(source: ModelSource) -> int:
+    """Bytes a convert writes at its peak: the export and the saved model side by side, each
+    about the size of the source's weights."""
+    root = source.path if source.path.is_dir() else source.path.parent
+    weights = sum(p.stat().st_size for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".onnx", ".data", ".gguf"))
+    return 2 * weights
 
 
 def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, reference: ModelSource, kinds):

@@ -1,6 +1,10 @@
+import errno
+import os
+
 import pytest
 
 from sa_export.core.atomic import atomic_directory
+from sa_export.core.errors import DiskFull, UsageError
 from tests.helpers import leftovers
 
 
@@ -26,3 +30,48 @@ def test_failed_overwrite_keeps_the_old_directory(tmp_path):
         (tmp / "new").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new"]
     assert leftovers(out) == [out]
+
+
+def test_an_out_that_appears_meanwhile_is_kept_and_the_new_work_removed(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="appeared while this run worked"):
+        with atomic_directory(out) as tmp:
+            (tmp / "mine").write_text("mine")
+            out.mkdir()  # another process finished first
+            (out / "theirs").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    assert leftovers(out) == [out]
+
+
+def test_an_empty_out_that_appears_meanwhile_is_not_replaced_either(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="appeared"):
+        with atomic_directory(out) as tmp:
+            (tmp / "mine").write_text("mine")
+            out.mkdir()
+    assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_inside_becomes_one_line_naming_out_and_the_space_needed(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(DiskFull) as caught:
+        with atomic_directory(out, needed_bytes=lambda: 3 << 20) as tmp:
+            (tmp / "part").write_bytes(b"x" * 10)
+            raise RuntimeError("save failed") from OSError(errno.ENOSPC, "No space left on device")
+    message = str(caught.value)
+    assert str(out) in message and "about 3.0 MiB needed" in message and "\n" not in message
+    assert leftovers(out) == []
+
+
+def test_an_unwritable_parent_is_one_line(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if os.access(parent, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(UsageError, match="cannot write"):
+            with atomic_directory(parent / "out"):
+                pass
+    finally:
+        parent.chmod(0o700)
