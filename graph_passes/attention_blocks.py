@@ -16,10 +16,9 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from sa_export.core.cache_names import PAST_RE, PRESENT_RE, past_name, present_name
 from sa_export.core.errors import AttentionPatternError
 
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
 
 # Ops that sit between the Softmax and the probs @ V MatMul without changing values.
 _PASSTHROUGH = {"Cast", "Identity", "Dropout"}
@@ -117,7 +116,7 @@ def _cache_names(
         name = value.name or ""
         match = PRESENT_RE.match(name)
         if match and match.group(2) == kind and name in graph_outputs:
-            past = f"past_key_values.{match.group(1)}.{kind}"
+            past = past_name(int(match.group(1)), kind)
             return int(match.group(1)), past if past in graph_inputs else None
         match = PAST_RE.match(name)
         if match and match.group(2) == kind and name in graph_inputs:
@@ -184,8 +183,8 @@ def find_attention_blocks(graph: ir.Graph) -> list[AttentionBlock]:
             context_matmul=context_matmul,
             past_key=key[1],
             past_value=value[1],
-            present_key=f"present.{layer}.key" if f"present.{layer}.key" in outputs else None,
-            present_value=f"present.{layer}.value" if f"present.{layer}.value" in outputs else None,
+            present_key=present_name(layer, "key") if present_name(layer, "key") in outputs else None,
+            present_value=present_name(layer, "value") if present_name(layer, "value") in outputs else None,
         )
     return [blocks[k] for k in sorted(blocks)]
 

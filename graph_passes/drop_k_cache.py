@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from sa_export.core.cache_names import past_name, present_name
 from sa_export.core.errors import AttentionPatternError
 from sa_export.core.plan import SharingPlan
 
@@ -23,11 +24,11 @@ class DropKCachePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         shared = set(self.plan.shared_layers)
-        present = [v for v in graph.outputs if v.name in {f"present.{n}.key" for n in shared}]
+        present = [v for v in graph.outputs if v.name in {present_name(n, "key") for n in shared}]
         for value in present:
             graph.outputs.remove(value)
         RemoveUnusedNodesPass()(model)
-        past = [v for v in graph.inputs if v.name in {f"past_key_values.{n}.key" for n in shared}]
+        past = [v for v in graph.inputs if v.name in {past_name(n, "key") for n in shared}]
         inputs = {v.name: v for v in graph.inputs}
         for value in past:
             _read_shape_from_value_cache(value, inputs.get(value.name.replace(".key", ".value")))

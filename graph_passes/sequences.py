@@ -26,6 +26,7 @@ from graph_passes.narrow_projections import (
 from graph_passes.share_gqa import ShareGqaPass, find_gqa_layers, is_gqa_graph
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 from graph_passes.unfuse_attention import UnfuseAttentionPass
+from sa_export.core.cache_names import past_name
 from sa_export.core.errors import AttentionPatternError, SAExportError
 from sa_export.core.plan import SharingPlan
 
@@ -63,7 +64,7 @@ class SharingSequence(ir.passes.PassManager):
         ensure_full_io_types(model, self._io_before)
         inputs = {v.name for v in model.graph.inputs}
         for layer in self.plan.shared_layers:
-            if f"past_key_values.{layer}.key" in inputs:
+            if past_name(layer, "key") in inputs:
                 raise AttentionPatternError(layer, "the shared layer still has its K cache after the rewrite")
         remaining = set(map(id, model.graph))
         for block in self._shared_blocks:

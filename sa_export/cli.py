@@ -256,20 +256,7 @@ def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tok
             accept_unknown_config_keys=accept_unknown_config_keys,
         )
     )
-    click.echo(f"eval text     {result.evaluation.source} (windows of {result.context})")
-    if result.calibration is not None:
-        click.echo(f"calib text    {result.calibration.source}")
-    click.echo(f"plan          {result.plan.describe()}, head map {result.head_map}")
-    click.echo(f"base ppl      {result.base_ppl:.3f}")
-    click.echo(f"SA ppl        {result.sa_ppl:.3f}")
-    click.echo(
-        f"delta         {result.delta:+.3f} ({100 * (result.sa_ppl / result.base_ppl - 1):+.1f}%) "
-        f"for {100 * result.kv_fraction_saved:.1f}% less KV cache"
-    )
-    for task, sides in result.tasks.items():
-        for metric in sorted(sides.get("base", {})):
-            if "stderr" not in metric:
-                click.echo(f"{task} {metric:12s} base {sides['base'][metric]:.4f}  SA {sides['sa'].get(metric, float('nan')):.4f}")
+    click.echo("\n".join(result.lines()))
     _write_json(json_file, result.to_json())
 
 
@@ -298,20 +285,7 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
             accept_unknown_config_keys=accept_unknown_config_keys,
         )
     )
-    click.echo(f"{result.out}: similarity.json, similarity.png ({result.stats.num_layers} x {result.stats.num_layers} layers)")
-    click.echo(f"calibration: {result.calibration_source}, {result.stats.tokens} tokens")
-    click.echo(f"spans of {result.span_length} layers, most similar to their anchor first:")
-    for candidate in result.ranking[:10]:
-        click.echo(f"  {str(candidate.span):>7}  anchor {candidate.anchor:>3}  similarity {candidate.similarity:.3f}")
-    if result.searched:
-        base = result.searched[0].base_ppl
-        click.echo(f"perplexity search on calibration text (base {base:.2f}):")
-        for candidate in result.searched[:3]:
-            click.echo(
-                f"  {str(candidate.span):>7}  anchor {candidate.anchor:>3}  ppl {candidate.ppl:.2f} ({candidate.ppl_delta:+.2f})  "
-                f"KV cache -{100 * candidate.kv_fraction_saved:.1f}%"
-            )
-        click.echo(f"apply the best: {result.command}")
+    click.echo("\n".join(result.lines()))
 
 
 def _int_list(text: str) -> list[int]:
@@ -351,31 +325,13 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
     a memory-bound decode step next to each. The default baseline is the fastest graph
     ONNX Runtime runs for the unmodified model; convert with --exporter genai for the SA
     graph that keeps that speed."""
-    from sa_export.stages.bench import run_bench, save_plot
+    from sa_export.stages.bench import bench_lines, run_bench, save_plot
     from sa_export.core.progress import progress_bar
 
     contexts, batches = _int_list(contexts), _int_list(batches)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
         result = run_bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats)
-    click.echo(f"SA:       {result['sa']['graph']} ({result['sa']['dir']})")
-    click.echo(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
-    kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]
-    click.echo(f"KV cache: {kv['base']:,} -> {kv['sa']:,} B/token; weights {weights['base']:,} -> {weights['sa']:,} B")
-    click.echo(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
-    for row in result["decode"]:
-        ratio = row["ratio_measured_to_ideal"]
-        click.echo(
-            f"{row['context']:>8} {row['batch']:>5} {row['t_base_ms']:>9.2f} {row['t_sa_ms']:>9.2f} {row['time_ratio_sa_to_base']:>8.3f} "
-            f"{100 * row['measured_saving']:>8.1f}% {100 * row['ideal_saving']:>6.1f}% {ratio if ratio is not None else float('nan'):>10.2f} "
-            f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
-        )
-    prefill = result["prefill"]
-    click.echo(f"prefill {prefill['tokens']} tokens: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
-    slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
-    click.echo(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
-    if result["sa_graph_kind"] != "fused":
-        click.echo("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
-    click.echo(f"peak RSS of this process: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    click.echo("\n".join(bench_lines(result)))
     plot_file = plot_file or Path(out) / "bench.png"
     save_plot(result["decode"], plot_file, result["model"])
     click.echo(f"plot: {plot_file}")

@@ -13,7 +13,7 @@ from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_m
 from sa_export.core.errors import UsageError
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.core.atomic import write_json_atomic
-from sa_export.core.plan import Span, build_plan
+from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.texts import split_texts
 
@@ -67,6 +67,25 @@ class AnalysisResult:
     calibration_source: str
     command: str | None
 
+    def lines(self) -> list[str]:
+        """What `analyze` prints."""
+        lines: list[str] = []
+        lines.append(f"{self.out}: similarity.json, similarity.png ({self.stats.num_layers} x {self.stats.num_layers} layers)")
+        lines.append(f"calibration: {self.calibration_source}, {self.stats.tokens} tokens")
+        lines.append(f"spans of {self.span_length} layers, most similar to their anchor first:")
+        for candidate in self.ranking[:10]:
+            lines.append(f"  {str(candidate.span):>7}  anchor {candidate.anchor:>3}  similarity {candidate.similarity:.3f}")
+        if self.searched:
+            base = self.searched[0].base_ppl
+            lines.append(f"perplexity search on calibration text (base {base:.2f}):")
+            for candidate in self.searched[:3]:
+                lines.append(
+                    f"  {str(candidate.span):>7}  anchor {candidate.anchor:>3}  ppl {candidate.ppl:.2f} ({candidate.ppl_delta:+.2f})  "
+                    f"KV cache -{100 * candidate.kv_fraction_saved:.1f}%"
+                )
+            lines.append(f"apply the best: {self.command}")
+        return lines
+
 
 def rank_spans(similarity: np.ndarray, length: int) -> list[SpanCandidate]:
     """Every contiguous span of ``length`` layers with its default anchor, most similar first."""
@@ -76,7 +95,7 @@ def rank_spans(similarity: np.ndarray, length: int) -> list[SpanCandidate]:
         span = Span(start, start + length - 1)
         anchor = start - 1
         score = float(np.mean([similarity[anchor, layer] for layer in span.layers]))
-        candidates.append(SpanCandidate(span, anchor, score, kv_fraction_saved=length / (2 * layers)))
+        candidates.append(SpanCandidate(span, anchor, score, kv_fraction_saved=kv_fraction_saved(length, layers)))
     return sorted(candidates, key=lambda c: -c.similarity)
 
 

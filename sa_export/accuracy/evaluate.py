@@ -54,6 +54,25 @@ class EvalResult:
     def delta(self) -> float:
         return self.sa_ppl - self.base_ppl
 
+    def lines(self) -> list[str]:
+        """What `eval` prints."""
+        lines: list[str] = []
+        lines.append(f"eval text     {self.evaluation.source} (windows of {self.context})")
+        if self.calibration is not None:
+            lines.append(f"calib text    {self.calibration.source}")
+        lines.append(f"plan          {self.plan.describe()}, head map {self.head_map}")
+        lines.append(f"base ppl      {self.base_ppl:.3f}")
+        lines.append(f"SA ppl        {self.sa_ppl:.3f}")
+        lines.append(
+            f"delta         {self.delta:+.3f} ({100 * (self.sa_ppl / self.base_ppl - 1):+.1f}%) "
+            f"for {100 * self.kv_fraction_saved:.1f}% less KV cache"
+        )
+        for task, sides in self.tasks.items():
+            for metric in sorted(sides.get("base", {})):
+                if "stderr" not in metric:
+                    lines.append(f"{task} {metric:12s} base {sides['base'][metric]:.4f}  SA {sides['sa'].get(metric, float('nan')):.4f}")
+        return lines
+
     def to_json(self) -> dict:
         return {
             "model": self.model,
@@ -132,7 +151,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
 
         with step(f"lm-evaluation-harness: {', '.join(request.tasks)} (base and SA)"):
             tasks = run_tasks(hf_model, tokenizer, plan, list(request.tasks), request.tasks_path, request.tasks_limit)
-    saved = len(plan.shared_layers) / (2 * plan.num_layers)
+    saved = plan.kv_fraction_saved
     used_calibration = request.head_map != "identity"
     return EvalResult(
         source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from sa_export.core.errors import DiskFull, UsageError
+from sa_export.core.signals import raise_if_terminated
 
 # Errors that mean "this path cannot take the bytes": full, over quota, read-only, or over a file-size limit.
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -123,6 +124,7 @@ def atomic_directory(out: Path, overwrite: bool = False, needed_bytes=None):
             if cause is not None:
                 raise disk_error(cause, out, _tree_bytes(tmp), needed_bytes() if needed_bytes else None) from None
             raise
+        raise_if_terminated()
         _move_into_place(tmp, out, overwrite)
     finally:
         if tmp.exists():

@@ -105,6 +105,11 @@ class SharingPlan:
             layers.update(head_map.layers)
         return tuple(sorted(layers))
 
+    @property
+    def kv_fraction_saved(self) -> float:
+        """Share of the KV cache that sharing removes: one K cache of every shared layer (all layers alike)."""
+        return kv_fraction_saved(len(self.anchors), self.num_layers)
+
     def is_shared(self, layer: int) -> bool:
         return layer in self.anchors
 
@@ -155,6 +160,10 @@ class SharingPlan:
             width = max(m.width for m in mapped)
             parts.append(f"head maps on {len(mapped)} layers ({width} source head{'s' if width > 1 else ''} each)")
         return "; ".join(parts)
+
+
+def kv_fraction_saved(shared_layers: int, num_layers: int) -> float:
+    return shared_layers / (2 * num_layers)
 
 
 def mixture_matrix(head_maps: Sequence[HeadMap], sources: Sequence[int], heads: int, dtype) -> np.ndarray:

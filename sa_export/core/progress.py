@@ -7,6 +7,8 @@ import time
 
 from rich.console import Console
 
+from sa_export.core.signals import raise_if_terminated
+
 console = Console(stderr=True, highlight=False)
 
 
@@ -16,6 +18,7 @@ def step(title: str, timings: dict[str, float] | None = None, key: str | None = 
     start = time.perf_counter()
     with console.status(f"{title} ..."):
         yield
+    raise_if_terminated()
     elapsed = time.perf_counter() - start
     if timings is not None:
         timings[key or title] = round(elapsed, 3)

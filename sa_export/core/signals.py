@@ -14,15 +14,25 @@ import signal
 from sa_export.core.errors import Terminated
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []
 
 
 def _raise_terminated(signum, frame):
+    _received.append(signum)
     raise Terminated(signum)
+
+
+def raise_if_terminated() -> None:
+    """Raise again for a signal whose exception a library caught and dropped: called at step
+    boundaries and before output is moved into place."""
+    if _received:
+        raise Terminated(_received[-1])
 
 
 @contextlib.contextmanager
 def signals_as_interrupts():
     """Within the block, SIGTERM and SIGHUP raise Terminated (a KeyboardInterrupt)."""
+    _received.clear()
     previous = {}
     for sig in HANDLED:
         try:

@@ -290,3 +290,28 @@ def run_bench(
         "prefill": prefill,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def bench_lines(result: dict) -> list[str]:
+    """The table `bench` prints, from its JSON."""
+    lines: list[str] = []
+    lines.append(f"SA:       {result['sa']['graph']} ({result['sa']['dir']})")
+    lines.append(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
+    kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]
+    lines.append(f"KV cache: {kv['base']:,} -> {kv['sa']:,} B/token; weights {weights['base']:,} -> {weights['sa']:,} B")
+    lines.append(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
+    for row in result["decode"]:
+        ratio = row["ratio_measured_to_ideal"]
+        lines.append(
+            f"{row['context']:>8} {row['batch']:>5} {row['t_base_ms']:>9.2f} {row['t_sa_ms']:>9.2f} {row['time_ratio_sa_to_base']:>8.3f} "
+            f"{100 * row['measured_saving']:>8.1f}% {100 * row['ideal_saving']:>6.1f}% {ratio if ratio is not None else float('nan'):>10.2f} "
+            f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
+        )
+    prefill = result["prefill"]
+    lines.append(f"prefill {prefill['tokens']} tokens: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
+    slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
+    lines.append(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
+    if result["sa_graph_kind"] != "fused":
+        lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
+    lines.append(f"peak RSS of this process: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return lines

@@ -120,3 +120,19 @@ def test_shape_reads_of_a_dropped_k_cache_move_to_its_v_cache(exported):
     names = {v.name for v in model.graph.inputs}
     assert not any(name.endswith(".key") for name in names if name != "past_key_values.0.key")
     assert all(v.name.startswith("past_key_values") or v.name in ("input_ids", "attention_mask", "position_ids") for v in model.graph.inputs)
+
+
+def test_a_rewrite_that_loses_an_output_shape_fails_its_postcondition(exported):
+    from graph_passes.contracts import ensure_full_io_types, io_types
+
+    model = ir.load(exported)
+    before = io_types(model)
+    model.graph.outputs[1].shape = None
+    with pytest.raises(AttentionPatternError, match="present.0.key.*lost its shape"):
+        ensure_full_io_types(model, before)
+
+
+def test_the_decomposed_sa_graph_passes_onnx_full_check(converted_tiny_llama):
+    import onnx
+
+    onnx.checker.check_model(str(converted_tiny_llama / "model.onnx"), full_check=True)

@@ -122,3 +122,16 @@ def test_a_model_without_tokenizer_files_is_refused_before_the_builder_runs(tiny
 
     result = run_cli("convert", tiny_llama, "--span", "3-4", "--exporter", "genai", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "tokenizer files" in result.stderr
+
+
+def test_every_input_and_output_of_the_gqa_sa_graph_keeps_type_and_shape(genai_tiny_llama):
+    """What onnx.checker's full check requires of graph inputs and outputs, the shared layers'
+    presents included. (The full check itself also rejects the builder's unshared graph: it uses
+    ONNX Runtime's SimplifiedLayerNormalization in the ONNX domain, which ONNX does not define.)"""
+    graph = onnx.load(genai_tiny_llama / "model.onnx", load_external_data=False).graph
+    for value in [*graph.input, *graph.output]:
+        tensor = value.type.tensor_type
+        assert tensor.elem_type != 0 and tensor.HasField("shape"), value.name
+    present = next(o for o in graph.output if o.name == "present.3.value")
+    dims = present.type.tensor_type.shape.dim
+    assert len(dims) == 4 and (dims[1].dim_value, dims[3].dim_value) == (2, 16)  # 2 KV heads of 16
