@@ -1,7 +1,10 @@
 """Will the target's TensorRT parse this graph? Checked before anything is built.
 
-The data below follows onnx-tensorrt's operator support matrix for TensorRT 10
-(opsets 9-20, default ONNX domain only) and 11 (up to opset 22).
+The data follows onnx-tensorrt's operator support matrix (docs/operators.md) and the
+TensorRT release notes: the parser imports opsets 9-20 up to TensorRT 10.12, 9-24
+from 10.13 and 9-25 from 11.5; Attention from 10.14 (4-D Q/K/V, no past inputs);
+RotaryEmbedding, RMSNormalization and TensorScatter (4-D cache and update, axis -2)
+from 10.15. Only the default ONNX domain.
 """
 
 from __future__ import annotations
@@ -15,15 +18,23 @@ from sa_export.core.errors import UsageError
 from targets.profiles import TargetProfile
 from targets.shapes import Profile
 
-OPSET_RANGE = {10: (9, 20), 11: (9, 22)}
+# (first TensorRT version, highest ONNX opset its parser imports), newest last.
+MAX_OPSET = (((10, 0), 20), ((10, 13), 24), ((11, 5), 25))
+# ONNX ops the parser imports only from a given TensorRT version.
+OPS_SINCE = {
+    "Attention": (10, 14),
+    "RMSNormalization": (10, 15),
+    "RotaryEmbedding": (10, 15),
+    "TensorScatter": (10, 15),
+}
 # Standard ONNX ops the TensorRT ONNX parser does not implement.
 UNSUPPORTED_OPS = frozenset(
     {
-        "Attention", "Bernoulli", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor",
+        "Bernoulli", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor",
         "BlackmanWindow", "CenterCropPad", "Col2Im", "Compress", "ConcatFromSequence", "DFT", "Det",
         "DynamicQuantizeLinear", "HammingWindow", "HannWindow", "ImageDecoder", "MatMulInteger",
         "MelWeightMatrix", "Multinomial", "Optional", "OptionalGetElement", "OptionalHasElement",
-        "RegexFullMatch", "RMSNormalization", "RotaryEmbedding", "STFT", "SequenceAt", "SequenceConstruct",
+        "RegexFullMatch", "STFT", "SequenceAt", "SequenceConstruct",
         "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength", "SequenceMap", "SplitToSequence",
         "StringConcat", "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique",
     }
@@ -41,13 +52,19 @@ class CompatibilityReport:
         return not self.problems
 
 
-def _major(target: TargetProfile) -> int:
-    return int(target.tensorrt.split(".")[0])
+def max_opset(version: tuple[int, int]) -> int:
+    return max(opset for since, opset in MAX_OPSET if version >= since)
+
+
+def parses(op_type: str, version: tuple[int, int]) -> bool:
+    """Whether TensorRT ``version``'s ONNX parser imports the standard op ``op_type``."""
+    return op_type not in UNSUPPORTED_OPS and version >= OPS_SINCE.get(op_type, (0, 0))
 
 
 def check_compatibility(model: ir.Model, target: TargetProfile, profiles: list[Profile]) -> CompatibilityReport:
     problems: list[str] = []
-    low, high = OPSET_RANGE.get(_major(target), OPSET_RANGE[10])
+    version = target.tensorrt_version
+    low, high = 9, max_opset(version)
     opset = model.opset_imports.get("", None)
     if opset is None or not low <= opset <= high:
         problems.append(f"opset {opset} is outside TensorRT {target.tensorrt}'s range {low}-{high}")
@@ -57,6 +74,9 @@ def check_compatibility(model: ir.Model, target: TargetProfile, profiles: list[P
             problems.append(f"{where}: domain {node.domain!r} is runtime-specific (re-export without ORT fusions)")
         elif node.op_type in UNSUPPORTED_OPS:
             problems.append(f"{where}: TensorRT's ONNX parser does not support {node.op_type}")
+        elif not parses(node.op_type, version):
+            since = ".".join(map(str, OPS_SINCE[node.op_type]))
+            problems.append(f"{where}: TensorRT {target.tensorrt}'s ONNX parser does not import {node.op_type} (from {since})")
         for value in node.outputs:
             if value.dtype in UNSUPPORTED_DTYPES:
                 problems.append(f"{where}: output {value.name!r} has dtype {value.dtype.name}, which TensorRT does not take")

@@ -1,5 +1,14 @@
 """Deployment targets as data: one frozen profile per device, in a registry.
 
+Software versions (checked against NVIDIA's documentation, November 2026):
+- JetPack 7.2 (Jetson Linux 39.2) runs on Jetson Orin and Thor with CUDA 13.2 and
+  TensorRT 10.16; the Orin profiles assume it. TensorRT 11.4.1 supports JetPack 7.2.2+
+  on AGX Orin and Thor only, so the Orin profiles stay on 10.16.
+- JetPack 6.2 (Jetson Linux 36.4) ships TensorRT 10.3 and CUDA 12.6; the ``-jp6``
+  profiles keep that line for devices still on it.
+- Desktop and data-centre GPUs: TensorRT 11.5 (CUDA 13), which takes only strongly
+  typed networks.
+
 Memory figures: Jetson modules share DRAM between the CPU and GPU, so ``usable_gib``
 is what is left to one TensorRT process after JetPack, the OS and a headless desktop
 (an assumption stated here, not measured on each device); desktop GPUs use the
@@ -28,6 +37,13 @@ class TargetProfile:
     max_context: int
     max_prefill: int  # query tokens of the prefill optimization profile
     builds_on_device: bool  # engines must be built on the device itself (Jetson)
+    jetpack: str | None = None  # the JetPack release the profile assumes (Jetson)
+    cuda: str | None = None
+
+    @property
+    def tensorrt_version(self) -> tuple[int, int]:
+        major, minor = self.tensorrt.split(".")[:2]
+        return int(major), int(minor)
 
     @property
     def uses_tensorrt(self) -> bool:
@@ -39,14 +55,23 @@ class TargetProfile:
         return self.tensorrt is not None and int(self.tensorrt.split(".")[0]) >= 11
 
 
-def _jetson(name: str, memory: float, usable: float, workspace: int, batch: int, context: int, prefill: int, what: str) -> TargetProfile:
+# JetPack release -> (TensorRT, CUDA) it ships for Jetson Orin.
+JETPACK = {"7.2": ("10.16", "13.2"), "6.2": ("10.3", "12.6")}
+
+
+def _jetson(
+    name: str, memory: float, usable: float, workspace: int, batch: int, context: int, prefill: int, what: str, jetpack: str = "7.2"
+) -> TargetProfile:
+    tensorrt, cuda = JETPACK[jetpack]
     return TargetProfile(
         name=name,
-        description=f"NVIDIA Jetson {what} (JetPack 6)",
+        description=f"NVIDIA Jetson {what} (JetPack {jetpack})",
         gpu_arch="sm_87",
         memory_gib=memory,
         usable_gib=usable,
-        tensorrt="10.3",
+        tensorrt=tensorrt,
+        jetpack=jetpack,
+        cuda=cuda,
         precisions=("fp32", "fp16"),
         default_precision="fp16",
         workspace_mib=workspace,
@@ -57,7 +82,7 @@ def _jetson(name: str, memory: float, usable: float, workspace: int, batch: int,
     )
 
 
-def _desktop(name: str, arch: str, memory: float, what: str, trt: str = "11.4") -> TargetProfile:
+def _desktop(name: str, arch: str, memory: float, what: str, trt: str = "11.5") -> TargetProfile:
     return TargetProfile(
         name=name,
         description=what,
@@ -65,6 +90,7 @@ def _desktop(name: str, arch: str, memory: float, what: str, trt: str = "11.4") 
         memory_gib=memory,
         usable_gib=memory - 1.5,
         tensorrt=trt,
+        cuda="13",
         precisions=("fp32", "fp16"),
         default_precision="fp16",
         workspace_mib=4096,
@@ -82,6 +108,9 @@ PROFILES: dict[str, TargetProfile] = {
         _jetson("jetson-orin-agx-32gb", 32, 27, 4096, 4, 8192, 2048, "AGX Orin 32GB"),
         _jetson("jetson-orin-nx-16gb", 16, 13, 2048, 2, 8192, 1024, "Orin NX 16GB"),
         _jetson("jetson-orin-nano-8gb", 8, 6, 1024, 1, 4096, 512, "Orin Nano 8GB"),
+        _jetson("jetson-orin-agx-64gb-jp6", 64, 56, 4096, 4, 8192, 2048, "AGX Orin 64GB", jetpack="6.2"),
+        _jetson("jetson-orin-nx-16gb-jp6", 16, 13, 2048, 2, 8192, 1024, "Orin NX 16GB", jetpack="6.2"),
+        _jetson("jetson-orin-nano-8gb-jp6", 8, 6, 1024, 1, 4096, 512, "Orin Nano 8GB", jetpack="6.2"),
         _desktop("desktop-ampere", "sm_86", 24, "Ampere desktop GPU (RTX 30 series, 24 GB class)"),
         _desktop("desktop-ada", "sm_89", 24, "Ada desktop GPU (RTX 40 series, 24 GB class)"),
         _desktop("hopper", "sm_90", 80, "Hopper data-centre GPU (H100 80 GB)"),
@@ -104,7 +133,7 @@ PROFILES: dict[str, TargetProfile] = {
 }
 
 # `jetson-orin` names the smallest Orin: where memory fit decides whether a model runs at all.
-ALIASES = {"jetson-orin": "jetson-orin-nano-8gb"}
+ALIASES = {"jetson-orin": "jetson-orin-nano-8gb", "jetson-orin-jp6": "jetson-orin-nano-8gb-jp6"}
 
 
 def target_names() -> list[str]:

@@ -148,10 +148,10 @@ def validate(request: ConvertRequest) -> _Validated:
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
     exporter = get_exporter(request.exporter)
+    exporter.refuse(config, target, source.kind)
     if precision not in exporter.precisions:
         raise UsageError(f"--exporter {exporter.name} builds {', '.join(exporter.precisions)} graphs; got --precision {precision}")
     request = dataclasses.replace(request, precision=precision, target=target.name, opset=exporter.resolve_opset(request.opset))
-    exporter.refuse(config, target, source.kind)
     return _Validated(request, source, reference, config, target, exporter)
 
 

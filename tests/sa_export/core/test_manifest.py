@@ -1,0 +1,52 @@
+"""The manifest: one typed reader that validates, one atomic writer, the JSON runtimes read."""
+
+import json
+
+import pytest
+
+from sa_export.core.manifest import MANIFEST_NAME, Manifest, ManifestError
+
+
+def test_a_converted_manifest_round_trips_unchanged(converted_tiny_llama, tmp_path):
+    data = json.loads((converted_tiny_llama / MANIFEST_NAME).read_text())
+    manifest = Manifest.read(converted_tiny_llama)
+    assert manifest.to_json() == data
+    manifest.write(tmp_path)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text()) == data
+
+
+def test_typed_fields_agree_with_the_json(converted_tiny_llama):
+    manifest = Manifest.read(converted_tiny_llama)
+    assert manifest.plan.shared_layers == (3, 4)
+    assert [layer.has_key for layer in manifest.layout] == [True, True, True, False, False, True]
+    assert manifest.cache.savings.bytes_per_token_saved == 2 * manifest.cache.num_kv_heads * manifest.cache.head_dim * 4
+    assert manifest.has_position_ids and manifest.exporter == "dynamo"
+
+
+@pytest.mark.parametrize("field", ["cache", "plan", "io", "files", "precision"])
+def test_a_missing_field_is_one_line_naming_it(field, converted_tiny_llama, tmp_path):
+    data = json.loads((converted_tiny_llama / MANIFEST_NAME).read_text())
+    del data[field]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=f"lacks the field '{field}'"):
+        Manifest.read(tmp_path)
+
+
+def test_another_format_and_bad_json_are_refused(converted_tiny_llama, tmp_path):
+    data = json.loads((converted_tiny_llama / MANIFEST_NAME).read_text())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**data, "format": 2}))
+    with pytest.raises(ManifestError, match="format 2"):
+        Manifest.read(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.read(tmp_path)
+
+
+def test_a_changed_artifact_is_refused(converted_tiny_llama, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(converted_tiny_llama, copy)
+    (copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(ManifestError, match="sha256"):
+        Manifest.read(copy).verify_artifacts(copy)

@@ -1,0 +1,44 @@
+"""Exporters as data: what each declares, and what callers are refused by asking it."""
+
+import pytest
+
+from sa_export.core.errors import UsageError
+from sa_export.export import DECOMPOSED, DEFAULT_EXPORTER, EXPORTERS, GROUP_QUERY_ATTENTION, exporter_of_manifest, get_exporter
+from targets.profiles import get_target
+
+
+def test_each_exporter_declares_its_family_precisions_and_targets():
+    dynamo, genai = EXPORTERS["dynamo"], EXPORTERS["genai"]
+    assert (dynamo.graph_family, dynamo.serves_tensorrt, dynamo.has_position_ids) == (DECOMPOSED, True, True)
+    assert (genai.graph_family, genai.serves_tensorrt, genai.has_position_ids) == (GROUP_QUERY_ATTENTION, False, False)
+    assert "fp16" in dynamo.precisions and genai.precisions == ("fp32",)
+    assert DEFAULT_EXPORTER in EXPORTERS
+
+
+def test_opsets_are_the_exporters_to_choose():
+    assert get_exporter("dynamo").resolve_opset(None) == 18 and get_exporter("dynamo").resolve_opset(23) == 23
+    assert get_exporter("dynamo").attention(23) == "sdpa" and get_exporter("dynamo").attention(18) == "eager"
+    with pytest.raises(UsageError, match="--opset applies to --exporter dynamo"):
+        get_exporter("genai").resolve_opset(23)
+
+
+def test_removed_and_unknown_exporters_are_refused_with_the_reason():
+    with pytest.raises(UsageError, match="transformers<4.58"):
+        get_exporter("optimum")
+    with pytest.raises(UsageError, match="unknown exporter"):
+        get_exporter("tflite")
+
+
+def test_manifests_of_a_removed_exporter_map_to_the_same_family():
+    assert exporter_of_manifest("optimum").graph_family == DECOMPOSED
+    assert exporter_of_manifest(None).name == DEFAULT_EXPORTER  # before the exporter was recorded
+    assert exporter_of_manifest("genai").name == "genai"
+
+
+def test_the_builder_refuses_tensorrt_targets_and_onnx_inputs():
+    genai = get_exporter("genai")
+    with pytest.raises(UsageError, match="--target cpu"):
+        genai.refuse(None, get_target("jetson-orin"), "hf")
+    with pytest.raises(UsageError, match="--target cpu"):
+        genai.refuse(None, get_target("cpu"), "onnx")
+    get_exporter("dynamo").refuse(None, get_target("jetson-orin"), "onnx")  # takes both
