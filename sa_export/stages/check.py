@@ -72,5 +72,5 @@ def raise_on_failure(report: ParityReport | None, target=None) -> None:
         fit = target.memory
         raise CheckFailed(
             f"batch {fit.batch} x {fit.context} tokens does not fit {fit.target} even with SA; "
-            f"the largest context that fits is {fit.max_context(fit.kv_per_token_sa):,} tokens"
+            f"the largest context that fits is {fit.max_context(sa=True):,} tokens"
         )

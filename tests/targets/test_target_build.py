@@ -71,10 +71,23 @@ def test_fp16_model_runs_scores_and_softmax_in_fp32(jetson_out):
     assert manifest["parity"]["passed"] and manifest["parity"]["tolerance"] == "fp16"
 
 
-def test_memory_fit_reports_both_models(jetson_out):
-    memory = json.loads((jetson_out / "sa_manifest.json").read_text())["target_build"]["memory"]
-    assert memory["max_context_sa"] > memory["max_context_base"] > 0
-    assert memory["total_bytes_sa"] < memory["total_bytes_base"]
+def test_memory_fit_reports_both_models_with_what_sa_adds(jetson_out):
+    manifest = json.loads((jetson_out / "sa_manifest.json").read_text())
+    memory, savings = manifest["target_build"]["memory"], manifest["cache"]["savings"]
+    # One anchor (2) holds its fp16 probabilities [1, 4 heads, 512, 512] while layers 3-4 read them.
+    assert memory["sa_probability_bytes"] == 1 * 4 * 512 * 512 * 2
+    kv_saved = memory["batch"] * memory["context"] * savings["bytes_per_token_saved"]
+    assert memory["total_bytes_sa"] == memory["total_bytes_base"] - kv_saved + memory["sa_probability_bytes"]
+    assert memory["max_context_base"] > 0 and memory["max_context_sa"] > 0
+
+
+def test_live_probability_tensors_count_anchors_held_at_once():
+    from sa_export.core.plan import build_plan
+    from targets.memory import live_probability_tensors
+
+    assert live_probability_tensors(build_plan(["3-4"], 6)) == 1
+    assert live_probability_tensors(build_plan(["2-3", "5-6"], 8)) == 1  # anchor 1 is done before anchor 4 starts
+    assert live_probability_tensors(build_plan(["3-4", "6-7"], 8, (2, 1))) == 2  # anchor 1 is held across anchor 2's span
 
 
 def test_a_context_that_does_not_fit_exits_1(tiny_llama_with_tokenizer, tmp_path):
