@@ -7,6 +7,7 @@ from graph_passes.apply import RewriteReport, apply_sharing_plan, initializer_by
 from graph_passes.attention_blocks import AttentionBlock, cache_layers, find_attention_blocks
 from graph_passes.drop_k_cache import DropKCachePass
 from graph_passes.fp32_softmax import Fp32SoftmaxPass
+from graph_passes.in_place_cache import InPlaceCachePass, writes_caches_in_place
 from graph_passes.sequences import DECOMPOSED, GROUP_QUERY_ATTENTION, graph_family, run_sequence, sharing_sequence
 from graph_passes.share_gqa import ShareGqaPass
 from graph_passes.share_probabilities import ShareProbabilitiesPass
@@ -17,6 +18,7 @@ __all__ = [
     "AttentionBlock",
     "DropKCachePass",
     "Fp32SoftmaxPass",
+    "InPlaceCachePass",
     "RewriteReport",
     "ShareGqaPass",
     "ShareProbabilitiesPass",
@@ -28,4 +30,5 @@ __all__ = [
     "recorded_plan",
     "run_sequence",
     "sharing_sequence",
+    "writes_caches_in_place",
 ]

@@ -47,10 +47,11 @@ def recorded_plan(model: ir.Model) -> SharingPlan | None:
     return SharingPlan.from_json(json.loads(text)) if text else None
 
 
-def apply_sharing_plan(model: ir.Model, plan: SharingPlan, precision: str = "fp32") -> RewriteReport:
+def apply_sharing_plan(model: ir.Model, plan: SharingPlan, precision: str = "fp32", in_place_cache: bool = False) -> RewriteReport:
     """Rewrite ``model`` in place so that the plan's shared layers reuse their anchors' probabilities.
 
     An empty plan runs the same sequence (the bench baseline: unfused, fp32 scores), sharing nothing.
+    ``in_place_cache``: caches become fixed-capacity buffers written by TensorScatter (TensorRT >= 10.15).
     """
     graph = model.graph
     nodes_before = list(graph)
@@ -62,7 +63,7 @@ def apply_sharing_plan(model: ir.Model, plan: SharingPlan, precision: str = "fp3
         raise PlanError(
             f"this graph was already converted with another plan ({previous.describe()}); convert the original export instead"
         )
-    result = run_sequence(sharing_sequence(graph_family(graph), plan, precision), model)
+    result = run_sequence(sharing_sequence(graph_family(graph), plan, precision, in_place_cache), model)
     remaining = set(map(id, graph))
     if plan.anchors:
         model.metadata_props[PLAN_METADATA_KEY] = json.dumps(plan.to_json(), sort_keys=True)

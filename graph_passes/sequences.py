@@ -17,6 +17,7 @@ from graph_passes.attention_blocks import find_attention_blocks, refuse_fused_at
 from graph_passes.contracts import ensure_full_io_types, io_types, require_cache_for
 from graph_passes.drop_k_cache import DropKCachePass
 from graph_passes.fp32_softmax import Fp32SoftmaxPass
+from graph_passes.in_place_cache import InPlaceCachePass
 from graph_passes.narrow_projections import (
     NarrowInterleavedProjectionsPass,
     NarrowSlicedProjectionsPass,
@@ -99,8 +100,9 @@ class _RequireAttentionPerLayer(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, False)
 
 
-def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32") -> SharingSequence:
-    """The passes that apply ``plan`` to a graph of ``family`` in ``precision``."""
+def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32", in_place_cache: bool = False) -> SharingSequence:
+    """The passes that apply ``plan`` to a graph of ``family`` in ``precision``; with
+    ``in_place_cache`` (decomposed family) the caches become buffers written by TensorScatter."""
     if family == GROUP_QUERY_ATTENTION:
         return SharingSequence([ShareGqaPass(plan), RemoveUnusedNodesPass()], plan)
     passes: list[ir.passes.PassBase] = [_RequireDecomposedAttention(), UnfuseAttentionPass(), _RequireAttentionPerLayer()]
@@ -117,6 +119,8 @@ def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32") ->
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),
     ]
+    if in_place_cache:
+        passes += [InPlaceCachePass(), RemoveUnusedNodesPass()]
     return SharingSequence(passes, plan)
 
 

@@ -41,6 +41,12 @@ class TargetProfile:
     cuda: str | None = None
 
     @property
+    def writes_caches_in_place(self) -> bool:
+        """TensorRT 10.15+ imports TensorScatter as an in-place KV-cache update: caches become
+        fixed-capacity buffers instead of a concatenation at every step."""
+        return self.tensorrt is not None and self.tensorrt_version >= (10, 15)
+
+    @property
     def tensorrt_version(self) -> tuple[int, int]:
         major, minor = self.tensorrt.split(".")[:2]
         return int(major), int(minor)

@@ -37,12 +37,17 @@ def profiles_for(manifest: Manifest, max_batch: int, max_context: int, max_prefi
     prefill_opt = min(128, max_prefill)
     prefill = {n: ShapeRange((1, 1), (opt_batch, prefill_opt), (max_batch, max_prefill)) for n in token_inputs}
     prefill["attention_mask"] = ShapeRange((1, 1), (opt_batch, prefill_opt), (max_batch, max_prefill))
-    for name in past_inputs:
-        prefill[name] = ShapeRange((1, kv, 0, head_dim), (opt_batch, kv, 0, head_dim), (max_batch, kv, 0, head_dim))
     decode_opt = max_context // 2
     decode = {n: ShapeRange((1, 1), (opt_batch, 1), (max_batch, 1)) for n in token_inputs}
     decode["attention_mask"] = ShapeRange((1, 2), (opt_batch, decode_opt + 1), (max_batch, max_context))
+    if manifest.cache.buffer == "shared":
+        # In-place buffers hold the capacity in every step; the mask says how much is filled.
+        capacity = manifest.cache.max_length or max_context
+        for name in past_inputs:
+            prefill[name] = decode[name] = ShapeRange((1, kv, capacity, head_dim), (opt_batch, kv, capacity, head_dim), (max_batch, kv, capacity, head_dim))
+        return [Profile("prefill", prefill), Profile("decode", decode)]
     for name in past_inputs:
+        prefill[name] = ShapeRange((1, kv, 0, head_dim), (opt_batch, kv, 0, head_dim), (max_batch, kv, 0, head_dim))
         decode[name] = ShapeRange((1, kv, 1, head_dim), (opt_batch, kv, decode_opt, head_dim), (max_batch, kv, max_context - 1, head_dim))
     return [Profile("prefill", prefill), Profile("decode", decode)]
 

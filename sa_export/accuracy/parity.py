@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from sa_export.accuracy.compare import FP32_TOLERANCE, OutputComparison, ParityReport, Tolerance, greedy_flips
-from sa_export.core.plan import SharingPlan
 from sa_export.accuracy.reference import shared_attention
+from sa_export.core.plan import SharingPlan
+from sa_export.export import GROUP_QUERY_ATTENTION, exporter_of_manifest
 from sa_export.runtime import SAModel, position_ids_from_mask
 
 PROMPTS = (
@@ -100,7 +101,7 @@ def run_parity(
     matches = total = 0
     flips = []
     cases = parity_cases(tokenizer, hf_model.config.vocab_size)
-    if sa_model.shared_buffer:
+    if exporter_of_manifest(sa_model.manifest.exporter).graph_family == GROUP_QUERY_ATTENTION:
         # GroupQueryAttention reads a row's tokens as the first seqlens_k + 1 positions
         # (right-aligned prompts are not its contract), so these graphs are checked on unpadded rows.
         cases = [case for case in cases if case.attention_mask.all()]

@@ -35,7 +35,7 @@ class TRTModel(ManifestModel):
         self.profile = None
 
     def forward(self, input_ids, attention_mask, cache):
-        past = next(iter(cache.values())).shape[2] if cache else 0
+        past = attention_mask.shape[1] - input_ids.shape[1]  # in-place buffers hold their capacity: ask the mask
         profile = 0 if past == 0 else 1  # prefill, decode (targets.shapes order)
         if profile == 1 and input_ids.shape[1] != 1:
             raise EngineBuildError("the engine's decode profile takes one token per step after the prefill")

@@ -186,8 +186,10 @@ def convert(request: ConvertRequest) -> ConvertResult:
         if graph_model is None:
             with step(f"exporting to ONNX with {job.exporter.describe(options)}", timings, "export"):
                 graph_model = job.exporter.export(reference, options, tmp / "export", hf_model)
-        with step(f"rewriting the graph: {plan.describe()}", timings, "passes"):
-            rewrite = apply_sharing_plan(graph_model, plan, request.precision)
+        in_place = target.writes_caches_in_place
+        what = plan.describe() + ("; caches written in place (TensorScatter)" if in_place else "")
+        with step(f"rewriting the graph: {what}", timings, "passes"):
+            rewrite = apply_sharing_plan(graph_model, plan, request.precision, in_place)
         with step("saving model.onnx", timings, "save"):
             files = save_onnx(graph_model, tmp)
             shutil.rmtree(tmp / "export", ignore_errors=True)
@@ -197,7 +199,11 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 files += sorted(set(p.name for p in tmp.iterdir()) - before)
         info = source_info(source, config, reference, request.reference, request.accept_unknown_config_keys)
         head_map = {"mode": request.head_map, "calibration": calibration.to_json() if calibration else None}
-        manifest = describe(graph_model.graph, plan, info, config, files, tmp, request.precision, target.name, job.exporter.name, head_map)
+        capacity = None
+        if in_place:  # the buffers hold the planned context, never more than the model's positions
+            limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+            capacity = min(request.max_context or target.max_context, limit or (1 << 62))
+        manifest = describe(graph_model.graph, plan, info, config, files, tmp, request.precision, target.name, job.exporter.name, head_map, capacity)
         manifest.write(tmp)
         # A graph the target's TensorRT cannot take fails before the (longer) parity check.
         profiles = target_profiles(manifest, graph_model, target, request.max_batch, request.max_context) if target.uses_tensorrt else None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graph_passes import GROUP_QUERY_ATTENTION, cache_layers, graph_family
+from graph_passes import GROUP_QUERY_ATTENTION, cache_layers, graph_family, writes_caches_in_place
 from sa_export import __version__
 from sa_export.core.cache_names import PAST_RE, present_name
 from sa_export.core.errors import UsageError
@@ -32,8 +32,9 @@ def cache_layout(graph: ir.Graph, num_layers: int) -> tuple[LayerCache, ...]:
     return tuple(layout)
 
 
-def cache_info(graph: ir.Graph, num_layers: int, max_position_embeddings: int | None) -> CacheInfo:
-    """KV heads, head dim and dtype from the first value-cache input; the buffer scheme from the graph family."""
+def cache_info(graph: ir.Graph, num_layers: int, capacity: int | None) -> CacheInfo:
+    """KV heads, head dim and dtype from the first value-cache input; the buffer scheme from the graph:
+    in-place buffers of ``capacity`` positions (GroupQueryAttention, or TensorScatter writes), else concatenation."""
     layout = cache_layout(graph, num_layers)
     first = next(layer.value_input for layer in layout if layer.value_input)
     value = next(v for v in graph.inputs if v.name == first)
@@ -42,9 +43,9 @@ def cache_info(graph: ir.Graph, num_layers: int, max_position_embeddings: int | 
         raise UsageError(f"cache input {value.name} has shape {shape}; expected [batch, kv_heads, past, head_dim]")
     kv_heads, head_dim, dtype = shape[1], shape[3], ONNX_DTYPES.get(value.dtype, str(value.dtype))
     savings = KVSavings.of(list(layout), kv_heads, head_dim, dtype)
-    if graph_family(graph) == GROUP_QUERY_ATTENTION:
+    if graph_family(graph) == GROUP_QUERY_ATTENTION or writes_caches_in_place(graph):
         # Bind each present to its past's buffer; the graph writes the new rows.
-        return CacheInfo(kv_heads, head_dim, dtype, "[batch, num_kv_heads, max_length, head_dim]", "shared", savings, layout, max_position_embeddings)
+        return CacheInfo(kv_heads, head_dim, dtype, "[batch, num_kv_heads, max_length, head_dim]", "shared", savings, layout, capacity)
     return CacheInfo(kv_heads, head_dim, dtype, "[batch, num_kv_heads, past_sequence_length, head_dim]", "concat", savings, layout)
 
 
@@ -72,9 +73,10 @@ def source_info(source: ModelSource, config, reference: ModelSource | None, refe
 
 def describe(
     graph: ir.Graph, plan: SharingPlan, source: SourceInfo, config, files: list[str], out_dir: Path,
-    precision: str, target: str, exporter: str, head_map: dict | None = None,
+    precision: str, target: str, exporter: str, head_map: dict | None = None, capacity: int | None = None,
 ) -> Manifest:
-    """The manifest of the graph saved in ``out_dir`` as ``files``."""
+    """The manifest of the graph saved in ``out_dir`` as ``files``; ``capacity``: the positions of an
+    in-place cache buffer (default: the model's max positions)."""
     model = None
     if config is not None:
         model = ModelFacts(config.num_attention_heads, config.hidden_size, config.vocab_size, getattr(config, "max_position_embeddings", None))
@@ -84,7 +86,7 @@ def describe(
         num_layers=plan.num_layers,
         model=model,
         plan=plan,
-        cache=cache_info(graph, plan.num_layers, model.max_position_embeddings if model else None),
+        cache=cache_info(graph, plan.num_layers, capacity or (model.max_position_embeddings if model else None)),
         io={v.name: ONNX_DTYPES.get(v.dtype, str(v.dtype).lower()) for v in [*graph.inputs, *graph.outputs]},
         precision=precision,
         target=target,

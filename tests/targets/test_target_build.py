@@ -128,3 +128,18 @@ def test_engine_build_and_tensorrt_parity(tiny_llama_with_tokenizer, tmp_path):
     assert (out / "model.engine").is_file()
     check = run_cli("check", out, "--backend", "trt")
     assert check.exit_code == 0, check.output + check.stderr
+
+
+def test_a_tensorrt_10_15_target_gets_in_place_caches_and_jetpack_6_the_concat_graph(jetson_out, tiny_llama_with_tokenizer, tmp_path):
+    manifest = json.loads((jetson_out / "sa_manifest.json").read_text())
+    assert manifest["cache"]["buffer"] == "shared" and manifest["cache"]["max_length"] == 256  # the tiny model's positions
+    graph = onnx.load(jetson_out / "model.onnx").graph
+    caches = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    assert not [n for n in graph.node if n.op_type == "Concat" and set(n.input) & caches]
+    assert sum(n.op_type == "TensorScatter" for n in graph.node) == len(caches)
+    older = tmp_path / "jp6"
+    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3-4", "--target", "jetson-orin-jp6", "-o", older, "--no-check")
+    assert result.exit_code == 0, result.output + result.stderr
+    graph = onnx.load(older / "model.onnx").graph
+    assert not [n for n in graph.node if n.op_type == "TensorScatter"]
+    assert json.loads((older / "sa_manifest.json").read_text())["cache"]["buffer"] == "concat"
