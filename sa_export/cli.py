@@ -362,6 +362,30 @@ def targets():
         click.echo(f"alias: {alias} -> {name}")
 
 
+@main.command(name="gpu-check")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model to convert (HF directory or alias).")
+@click.option("--span", "spans", multiple=True, default=("20-28",), show_default=True, metavar="A-B", help="Layers to share.")
+@click.option("--target", type=click.Choice(target_names()), default="hopper", show_default=True, help="A target whose engine is built here.")
+@click.option("--contexts", default="512,2048,8192", show_default=True, help="Contexts of the decode timing.")
+@click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Timed decode steps per model and context.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("gpu-check"), show_default=True, help="Where the engines and gpu_check.json go.")
+@click.option("--overwrite", is_flag=True, help="Replace earlier results in OUT.")
+@handle_errors
+def gpu_check_command(model, spans, target, contexts, steps, out, overwrite):
+    """On a machine with an NVIDIA GPU and TensorRT: build the unshared and the SA engine, check
+    both against PyTorch (TensorRT parity) and time a decode step of each at several contexts,
+    writing OUT/gpu_check.json. Exit 1 when parity fails, 3 without a GPU or TensorRT."""
+    from sa_export.core.errors import CheckFailed
+    from sa_export.stages.gpu_check import GpuCheckRequest, gpu_check
+
+    report = gpu_check(GpuCheckRequest(model, tuple(spans), target, out, tuple(_int_list(contexts)), steps, overwrite))
+    for row in report["decode"]:
+        click.echo(f"context {row['context']:>6}: base {row['t_base_ms']:.3f} ms, SA {row['t_sa_ms']:.3f} ms, SA/base {row['time_ratio_sa_to_base']:.3f}")
+    click.echo(f"TensorRT parity: base {report['base']['trt_parity']['passed']}, SA {report['sa']['trt_parity']['passed']}; {out / 'gpu_check.json'}")
+    if not report["passed"]:
+        raise CheckFailed("TensorRT parity failed; see gpu_check.json")
+
+
 @main.command(name="build-engine")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @handle_errors

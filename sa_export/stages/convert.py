@@ -47,6 +47,7 @@ class ConvertRequest:
     exporter: str = DEFAULT_EXPORTER
     opset: int | None = None
     accept_unknown_config_keys: bool = False
+    unshared: bool = False  # the same pipeline without sharing: the baseline engine of gpu-check
 
     def export_options(self) -> ExportOptions:
         return ExportOptions(self.precision or "fp32", self.opset, self.allow_pickle, self.accept_unknown_config_keys)
@@ -134,6 +135,8 @@ class _Validated:
 
 def validate(request: ConvertRequest) -> _Validated:
     refuse_existing(Path(request.out), request.overwrite)
+    if request.unshared and request.spans:
+        raise UsageError("an unshared conversion takes no --span")
     for span in request.spans:
         Span.parse(span)  # fail on a malformed span before loading anything
     source = resolve_model(request.model)
@@ -171,7 +174,10 @@ def convert(request: ConvertRequest) -> ConvertResult:
         graph_model = None
         num_layers = config.num_hidden_layers
     kinds = getattr(config, "layer_types", None) if config is not None else None
-    plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force)
+    if request.unshared:
+        plan = SharingPlan(num_layers, {})
+    else:
+        plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force)
     if config is not None and config.num_hidden_layers != num_layers:
         raise UsageError(f"--reference has {config.num_hidden_layers} layers but the ONNX graph has {num_layers}")
 
