@@ -341,23 +341,18 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
 @main.command()
 @handle_errors
 def targets():
-    """List the deployment targets (`jetson-orin` is an alias of jetson-orin-nano-8gb)."""
+    """List the deployment targets with the JetPack, TensorRT and CUDA each assumes (`jetson-orin` is an alias of jetson-orin-nano-8gb)."""
+    from rich.console import Console
     from rich.table import Table
 
-    from targets.profiles import ALIASES, PROFILES
+    from targets.profiles import ALIASES, TABLE_COLUMNS, table_rows
 
     table = Table(title="sa-export targets")
-    for column in ("target", "GPU", "memory", "usable", "TensorRT", "precisions", "default", "workspace", "batch", "context", "builds"):
+    for column in TABLE_COLUMNS:
         table.add_column(column)
-    for p in PROFILES.values():
-        table.add_row(
-            p.name, p.gpu_arch or "-", f"{p.memory_gib:g} GiB" if p.memory_gib else "host", f"{p.usable_gib:g} GiB" if p.usable_gib else "-",
-            p.tensorrt or "-", ",".join(p.precisions), p.default_precision, f"{p.workspace_mib} MiB" if p.workspace_mib else "-",
-            str(p.max_batch), str(p.max_context), "on device" if p.builds_on_device else "here",
-        )
-    from rich.console import Console
-
-    Console(width=160).print(table)
+    for row in table_rows():
+        table.add_row(*row)
+    Console(width=180).print(table)
     for alias, name in ALIASES.items():
         click.echo(f"alias: {alias} -> {name}")
 

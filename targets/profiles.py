@@ -142,6 +142,21 @@ PROFILES: dict[str, TargetProfile] = {
 ALIASES = {"jetson-orin": "jetson-orin-nano-8gb", "jetson-orin-jp6": "jetson-orin-nano-8gb-jp6"}
 
 
+TABLE_COLUMNS = ("target", "GPU", "memory", "usable", "JetPack", "TensorRT", "CUDA", "precisions", "default", "workspace", "batch", "context", "builds")
+
+
+def table_rows() -> list[tuple[str, ...]]:
+    """One row per profile, for `sa-export targets`."""
+    return [
+        (
+            p.name, p.gpu_arch or "-", f"{p.memory_gib:g} GiB" if p.memory_gib else "host", f"{p.usable_gib:g} GiB" if p.usable_gib else "-",
+            p.jetpack or "-", p.tensorrt or "-", p.cuda or "-", ",".join(p.precisions), p.default_precision,
+            f"{p.workspace_mib} MiB" if p.workspace_mib else "-", str(p.max_batch), str(p.max_context), "on device" if p.builds_on_device else "here",
+        )
+        for p in PROFILES.values()
+    ]
+
+
 def target_names() -> list[str]:
     return [*PROFILES, *ALIASES]
 
