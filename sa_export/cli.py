@@ -192,16 +192,7 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept
     from sa_export.stages.check import check as run_check, raise_on_failure
 
     report = run_check(out, reference, decode_steps, allow_pickle, backend, accept_unknown_config_keys)
-    for comparison in report.comparisons:
-        if comparison.name.endswith("logits"):
-            mark = "ok " if comparison.passed else "BAD"
-            click.echo(
-                f"{mark} {comparison.name:40s} max abs {comparison.max_abs:.2e}  mean abs {comparison.mean_abs:.2e}  "
-                f"max rel {comparison.max_rel:.2e}"
-            )
-    worst = report.worst("present")
-    click.echo(f"worst cache output: {worst.name} max abs {worst.max_abs:.2e}")
-    click.echo(report.summary_line())
+    click.echo("\n".join(report.lines()))
     _write_json(json_file, report.to_json())
     raise_on_failure(report)
 
@@ -215,15 +206,9 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept
 @handle_errors
 def generate(out, prompt, max_new_tokens, backend, chat):
     """Greedy generation from OUT (no PyTorch needed); tokens stream as they come."""
-    from sa_export.runtime import chat_prompt, generate_text, load_tokenizer, open_model
+    from sa_export.runtime import stream_generation
 
-    model = open_model(out, backend)
-    tokenizer = load_tokenizer(out)  # fails before printing anything when there is none
-    if chat:
-        prompt = chat_prompt(out, prompt)
-    else:
-        click.echo(prompt, nl=False)
-    for piece in generate_text(model, tokenizer, prompt, max_new_tokens):
+    for piece in stream_generation(out, prompt, max_new_tokens, backend, chat):
         click.echo(piece, nl=False)
     click.echo()
 

@@ -132,6 +132,16 @@ class ParityReport:
     def passed(self) -> bool:
         return all(c.passed for c in self.comparisons) and self.decision_agreement >= self.tolerance.min_greedy_agreement
 
+    def lines(self) -> list[str]:
+        """What `check` prints: each logits comparison, the worst cache output, the verdict."""
+        lines = [
+            f"{'ok ' if c.passed else 'BAD'} {c.name:40s} max abs {c.max_abs:.2e}  mean abs {c.mean_abs:.2e}  max rel {c.max_rel:.2e}"
+            for c in self.comparisons
+            if c.name.endswith("logits")
+        ]
+        worst = self.worst("present")
+        return [*lines, f"worst cache output: {worst.name} max abs {worst.max_abs:.2e}", self.summary_line()]
+
     def worst(self, prefix: str = "") -> OutputComparison:
         return max((c for c in self.comparisons if c.name.startswith(prefix) or prefix in c.name), key=lambda c: c.max_abs)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sa_export.runtime.base import ManifestModel, position_ids_from_mask
 from sa_export.runtime.onnxruntime_backend import SAModel
-from sa_export.runtime.text import chat_prompt, generate_text, load_tokenizer
+from sa_export.runtime.text import chat_prompt, generate_text, load_tokenizer, stream_generation
 
 BACKENDS = ("ort", "trt")
 
@@ -20,4 +20,4 @@ def open_model(out_dir: str | Path, backend: str = "ort") -> ManifestModel:
     return SAModel(out_dir)
 
 
-__all__ = ["BACKENDS", "ManifestModel", "SAModel", "chat_prompt", "generate_text", "load_tokenizer", "open_model", "position_ids_from_mask"]
+__all__ = ["BACKENDS", "ManifestModel", "SAModel", "chat_prompt", "generate_text", "load_tokenizer", "open_model", "position_ids_from_mask", "stream_generation"]

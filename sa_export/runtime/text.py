@@ -70,3 +70,16 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> It
             emitted = text
         input_ids = np.asarray([[token]], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+
+
+def stream_generation(out_dir: str | Path, prompt: str, max_new_tokens: int = 64, backend: str = "ort", chat: bool = False) -> Iterator[str]:
+    """`generate`: the prompt as given (or nothing, with the chat template), then the text as it decodes."""
+    from sa_export.runtime import open_model
+
+    model = open_model(out_dir, backend)
+    tokenizer = load_tokenizer(out_dir)  # fails before anything is printed when there is none
+    if chat:
+        prompt = chat_prompt(out_dir, prompt)
+    else:
+        yield prompt
+    yield from generate_text(model, tokenizer, prompt, max_new_tokens)

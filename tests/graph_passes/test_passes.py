@@ -136,3 +136,11 @@ def test_the_decomposed_sa_graph_passes_onnx_full_check(converted_tiny_llama):
     import onnx
 
     onnx.checker.check_model(str(converted_tiny_llama / "model.onnx"), full_check=True)
+
+
+def test_the_baseline_runs_the_same_sequence_and_reports_honestly(exported):
+    """An empty plan on an opset-18 fp32 export has nothing to unfuse, share or narrow."""
+    model = ir.load(exported)
+    report = apply_sharing_plan(model, SharingPlan(6, {}))
+    assert report.modified is False and report.nodes_before == report.nodes_after
+    assert report.weight_bytes_removed == 0

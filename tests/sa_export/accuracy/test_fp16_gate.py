@@ -2,10 +2,10 @@
 
 import shutil
 
-import numpy as np
 import onnx_ir as ir
 import pytest
 
+from sa_export.benchmarks.fp16_defects import scale_present
 from sa_export.core.manifest import Manifest
 from sa_export.hf.models import ModelSource, load_reference
 from sa_export.stages.check import check_directory
@@ -30,22 +30,9 @@ def _broken_copy(out, tmp_path, edit):
     return broken
 
 
-def _scale_output(graph: ir.Graph, name: str, factor: float) -> None:
-    """Multiply a present output by ``factor``: the cache handed to the next step is wrong."""
-    present = next(v for v in graph.outputs if v.name == name)
-    factor_value = ir.Value(name=f"{name}.factor", const_value=ir.tensor(np.array(factor, np.float16)))
-    graph.register_initializer(factor_value)
-    scaled = ir.node("Mul", [present, factor_value])
-    graph.insert_after(present.producer(), scaled)
-    index = list(graph.outputs).index(present)
-    present.name, scaled.outputs[0].name = f"{name}.raw", name
-    scaled.outputs[0].type, scaled.outputs[0].shape = present.type, present.shape
-    graph.outputs[index] = scaled.outputs[0]
-
-
 @pytest.mark.parametrize("factor", [0.5, 0.0])
 def test_a_corrupted_cache_fails_the_fp16_gate(factor, fp16_out, tiny_llama_with_tokenizer, tmp_path):
-    broken = _broken_copy(fp16_out, tmp_path, lambda graph: _scale_output(graph, "present.2.value", factor))
+    broken = _broken_copy(fp16_out, tmp_path, lambda graph: scale_present(graph, "present.2.value", factor))
     hf_model, tokenizer = load_reference(ModelSource("hf", tiny_llama_with_tokenizer, "tiny"))
     report, _ = check_directory(broken, hf_model, tokenizer, 16)
     assert not report.passed and report.tolerance.name == "fp16"
