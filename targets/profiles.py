@@ -6,8 +6,8 @@ Software versions (checked against NVIDIA's documentation, November 2026):
   on AGX Orin and Thor only, so the Orin profiles stay on 10.16.
 - JetPack 6.2 (Jetson Linux 36.4) ships TensorRT 10.3 and CUDA 12.6; the ``-jp6``
   profiles keep that line for devices still on it.
-- Desktop and data-centre GPUs: TensorRT 11.5 (CUDA 13), which takes only strongly
-  typed networks.
+- Desktop and data-centre GPUs: TensorRT 11.4, the newest on PyPI (`pip install
+  tensorrt`; NVIDIA's GitHub also tags 11.5), which takes only strongly typed networks.
 
 Memory figures: Jetson modules share DRAM between the CPU and GPU, so ``usable_gib``
 is what is left to one TensorRT process after JetPack, the OS and a headless desktop
@@ -88,7 +88,7 @@ def _jetson(
     )
 
 
-def _desktop(name: str, arch: str, memory: float, what: str, trt: str = "11.5") -> TargetProfile:
+def _desktop(name: str, arch: str, memory: float, what: str, trt: str = "11.4") -> TargetProfile:
     return TargetProfile(
         name=name,
         description=what,
