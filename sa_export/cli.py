@@ -122,6 +122,10 @@ def head_map_option(default: str = "identity"):
 
 
 calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
+prefill_chunk_option = click.option(
+    "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,
+    help="Feed prompts in chunks of at most this many tokens (0: whole): bounds the attention probabilities a prefill holds.",
+)
 calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")
 
 
@@ -186,12 +190,13 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin reference weights.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the parity report here.")
 @accept_keys_option
+@prefill_chunk_option
 @handle_errors
-def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept_unknown_config_keys):
+def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept_unknown_config_keys, prefill_chunk):
     """Check OUT against the PyTorch SA reference; writes OUT/parity.json. Exit 1 when out of tolerance."""
     from sa_export.stages.check import check as run_check, raise_on_failure
 
-    report = run_check(out, reference, decode_steps, allow_pickle, backend, accept_unknown_config_keys)
+    report = run_check(out, reference, decode_steps, allow_pickle, backend, accept_unknown_config_keys, prefill_chunk or None)
     click.echo("\n".join(report.lines()))
     _write_json(json_file, report.to_json())
     raise_on_failure(report)
@@ -203,12 +208,13 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept
 @click.option("--max-new-tokens", type=click.IntRange(1, 8192), default=64, show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime, or the TensorRT engine in OUT.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
+@prefill_chunk_option
 @handle_errors
-def generate(out, prompt, max_new_tokens, backend, chat):
+def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk):
     """Greedy generation from OUT (no PyTorch needed); tokens stream as they come."""
     from sa_export.runtime import stream_generation
 
-    for piece in stream_generation(out, prompt, max_new_tokens, backend, chat):
+    for piece in stream_generation(out, prompt, max_new_tokens, backend, chat, prefill_chunk or None):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -303,8 +309,9 @@ def _int_list(text: str) -> list[int]:
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Decode time vs context plot (default: OUT/bench.png).")
+@prefill_chunk_option
 @handle_errors
-def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, threads, json_file, plot_file):
+def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, threads, json_file, plot_file, prefill_chunk):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side in one process (interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. The default baseline is the fastest graph
@@ -315,7 +322,7 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
 
     contexts, batches = _int_list(contexts), _int_list(batches)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
-        result = run_bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats)
+        result = run_bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats, prefill_chunk or None)
     click.echo("\n".join(bench_lines(result)))
     plot_file = plot_file or Path(out) / "bench.png"
     save_plot(result["decode"], plot_file, result["model"])

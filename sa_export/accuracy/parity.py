@@ -93,6 +93,7 @@ def run_parity(
     decode_steps: int = 32,
     tolerance: Tolerance = FP32_TOLERANCE,
     progress=None,
+    prefill_chunk: int | None = None,
 ) -> ParityReport:
     from transformers import DynamicCache
 
@@ -108,7 +109,8 @@ def run_parity(
     for case in cases:
         cache = DynamicCache()  # full history, as the ONNX graph keeps it
         ref_logits, cache = reference.forward(case.input_ids, case.attention_mask, cache)
-        ort_logits, ort_cache, outputs = sa_model.forward(case.input_ids, case.attention_mask, sa_model.empty_cache(len(case.input_ids), case.input_ids.shape[1] + decode_steps))
+        empty = sa_model.empty_cache(len(case.input_ids), case.input_ids.shape[1] + decode_steps)
+        ort_logits, ort_cache, outputs = sa_model.prefill(case.input_ids, case.attention_mask, empty, prefill_chunk)
         real = case.attention_mask.astype(bool)  # padded positions carry no meaning
         comparisons.append(OutputComparison.of(f"{case.name}/prefill/logits", ort_logits[real], ref_logits[real], tolerance.logits_atol, tolerance.min_cosine))
         for layer in sa_model.layout:

@@ -14,6 +14,9 @@ from sa_export.core.errors import UsageError
 from sa_export.core.manifest import LayerCache, Manifest
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Prompt tokens per forward call. Bounds what a prefill materializes per layer:
+# probabilities of [batch, heads, chunk, context] instead of [batch, heads, prompt, prompt].
+DEFAULT_PREFILL_CHUNK = 512
 
 
 def position_ids_from_mask(attention_mask: np.ndarray, query_length: int) -> np.ndarray:
@@ -59,3 +62,19 @@ class ManifestModel:
 
     def next_cache(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {past: outputs[present] for layer in self.layout for past, present in layer.pairs()}
+
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray], chunk: int | None = DEFAULT_PREFILL_CHUNK
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Feed the new tokens in chunks of at most ``chunk`` (None: one call); the logits of
+        every new token, the cache after the last chunk and that chunk's outputs."""
+        length = input_ids.shape[1]
+        past = attention_mask.shape[1] - length
+        if chunk is None or chunk >= length:
+            return self.forward(input_ids, attention_mask, cache)
+        logits = []
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            step_logits, cache, outputs = self.forward(input_ids[:, start:end], attention_mask[:, : past + end], cache)
+            logits.append(step_logits)
+        return np.concatenate(logits, axis=1), cache, outputs

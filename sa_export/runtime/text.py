@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sa_export.core.errors import EnvironmentProblem, UsageError
+from sa_export.runtime.base import DEFAULT_PREFILL_CHUNK
 
 
 def load_tokenizer(out_dir: str | Path):
@@ -47,8 +48,9 @@ def chat_prompt(out_dir: str | Path, user_message: str) -> str:
     )
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> Iterator[str]:
-    """Greedy generation with any model that has empty_cache/forward; yields text as it decodes cleanly."""
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> Iterator[str]:
+    """Greedy generation with any model that has empty_cache/prefill/forward; the prompt goes in
+    chunks of ``prefill_chunk`` tokens; yields text as it decodes cleanly."""
     prompt_ids = tokenizer.encode(prompt).ids
     eos = set(model.manifest.eos_token_ids)
     input_ids = np.asarray([prompt_ids], dtype=np.int64)
@@ -58,8 +60,11 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> It
     # Decode prompt + generated together: word-boundary spaces live in different
     # places for different tokenizers, and only the whole sequence decodes them right.
     emitted = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    for _ in range(max_new_tokens):
-        logits, cache, _ = model.forward(input_ids, mask, cache)
+    for index in range(max_new_tokens):
+        if index == 0:
+            logits, cache, _ = model.prefill(input_ids, mask, cache, prefill_chunk)
+        else:
+            logits, cache, _ = model.forward(input_ids, mask, cache)
         token = int(np.argmax(logits[0, -1]))
         if token in eos:
             break
@@ -72,7 +77,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> It
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
 
 
-def stream_generation(out_dir: str | Path, prompt: str, max_new_tokens: int = 64, backend: str = "ort", chat: bool = False) -> Iterator[str]:
+def stream_generation(
+    out_dir: str | Path, prompt: str, max_new_tokens: int = 64, backend: str = "ort", chat: bool = False,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[str]:
     """`generate`: the prompt as given (or nothing, with the chat template), then the text as it decodes."""
     from sa_export.runtime import open_model
 
@@ -82,4 +90,4 @@ def stream_generation(out_dir: str | Path, prompt: str, max_new_tokens: int = 64
         prompt = chat_prompt(out_dir, prompt)
     else:
         yield prompt
-    yield from generate_text(model, tokenizer, prompt, max_new_tokens)
+    yield from generate_text(model, tokenizer, prompt, max_new_tokens, prefill_chunk)

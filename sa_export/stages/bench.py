@@ -181,15 +181,23 @@ def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, mi
     return rows
 
 
-def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int) -> dict:
+def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: int | None = None) -> dict:
+    """Prompt of ``tokens`` through each model, both in chunks of ``chunk`` (None: one call)."""
     ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
     mask = np.ones_like(ids)
+
+    def timed(model: SAModel) -> float:
+        cache = model.empty_cache(1, tokens)
+        start = time.perf_counter()
+        model.prefill(ids, mask, cache, chunk)
+        return time.perf_counter() - start
+
     t_sa, t_base = [], []
     for i in range(repeats):
-        pair = _timed_pair(i, lambda: _timed(sa, ids, mask, sa.empty_cache(1, tokens)), lambda: _timed(base, ids, mask, base.empty_cache(1, tokens)))
+        pair = _timed_pair(i, lambda: timed(sa), lambda: timed(base))
         t_sa.append(pair[0])
         t_base.append(pair[1])
-    return {"tokens": tokens, "t_base_ms": 1000 * statistics.median(t_base), "t_sa_ms": 1000 * statistics.median(t_sa)}
+    return {"tokens": tokens, "chunk": chunk, "t_base_ms": 1000 * statistics.median(t_base), "t_sa_ms": 1000 * statistics.median(t_sa)}
 
 
 def graph_description(manifest: Manifest) -> str:
@@ -259,7 +267,7 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
 
 def run_bench(
     out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None,
-    progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None,
+    progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
 ) -> dict:
     """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory."""
     manifest = Manifest.read(out_dir)
@@ -274,7 +282,7 @@ def run_bench(
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
     sa, base = SAModel(out_dir, threads, spin=False), SAModel(base_path, threads, spin=False)
     rows = bench_decode(sa, base, contexts, batches, repeats, min_seconds, progress)
-    prefill = bench_prefill(sa, base, prefill_tokens, prefill_repeats or repeats)
+    prefill = bench_prefill(sa, base, prefill_tokens, prefill_repeats or repeats, prefill_chunk)
     savings = manifest.cache.savings
     return {
         "model": manifest.source.model,
@@ -308,7 +316,8 @@ def bench_lines(result: dict) -> list[str]:
             f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
         )
     prefill = result["prefill"]
-    lines.append(f"prefill {prefill['tokens']} tokens: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
+    chunks = f" in chunks of {prefill['chunk']}" if prefill.get("chunk") else ""
+    lines.append(f"prefill {prefill['tokens']} tokens{chunks}: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
     slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
     lines.append(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
     if result["sa_graph_kind"] != "fused":

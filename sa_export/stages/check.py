@@ -15,7 +15,8 @@ PARITY_NAME = "parity.json"
 
 
 def check_directory(
-    out_dir: Path, hf_model, tokenizer, decode_steps: int, timings: dict | None = None, backend: str = "ort"
+    out_dir: Path, hf_model, tokenizer, decode_steps: int, timings: dict | None = None, backend: str = "ort",
+    prefill_chunk: int | None = None,
 ) -> tuple[ParityReport, Manifest]:
     """Run parity on an OUT directory, write parity.json and the manifest's summary."""
     from sa_export.accuracy.parity import run_parity
@@ -26,7 +27,7 @@ def check_directory(
     tolerance = TOLERANCES[manifest.precision]
     runtime = "TensorRT" if backend == "trt" else "ONNX Runtime"
     with step(f"parity: {runtime} {manifest.precision} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
-        report = run_parity(open_model(out_dir, backend), hf_model, manifest.plan, tokenizer, decode_steps, tolerance)
+        report = run_parity(open_model(out_dir, backend), hf_model, manifest.plan, tokenizer, decode_steps, tolerance, prefill_chunk=prefill_chunk)
     write_json_atomic(Path(out_dir) / PARITY_NAME, report.to_json())
     manifest = manifest.replace(parity=report.summary_json())
     manifest.write(out_dir)
@@ -50,7 +51,7 @@ def manifest_source(manifest: Manifest) -> ModelSource:
 
 def check(
     out_dir: Path, reference: str | None = None, decode_steps: int = 32, allow_pickle: bool = False, backend: str = "ort",
-    accept_unknown_config_keys: bool = False,
+    accept_unknown_config_keys: bool = False, prefill_chunk: int | None = None,
 ) -> ParityReport:
     if backend == "trt":
         from sa_export.runtime.tensorrt_backend import TRTModel
@@ -60,7 +61,7 @@ def check(
     source = resolve_model(reference) if reference is not None else manifest_source(manifest)
     load_config(source, accept_unknown_config_keys or bool(manifest.source.accepted_unknown_config_keys))
     hf_model, tokenizer = load_reference(source, allow_pickle)
-    report, _ = check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend)
+    report, _ = check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend, prefill_chunk=prefill_chunk)
     return report
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from sa_export.core.errors import UsageError
 from sa_export.runtime import SAModel, position_ids_from_mask
+from tests.helpers import run_cli
 
 
 def test_positions_skip_left_padding():
@@ -86,3 +87,27 @@ def test_shared_buffer_refuses_a_non_contiguous_cache(genai_tiny_llama):
     cache["past_key_values.3.value"] = cache["past_key_values.3.value"][:, :, ::2]
     with pytest.raises(UsageError, match="C-contiguous"):
         model.forward(np.array([[5, 6, 7]]), np.ones((1, 3), np.int64), cache)
+
+
+@pytest.mark.parametrize("which", ["converted_tiny_llama", "genai_tiny_llama"])
+def test_chunked_prefill_gives_the_logits_of_one_call(which, request):
+    from sa_export.runtime import SAModel
+
+    model = SAModel(request.getfixturevalue(which))
+    ids = np.random.default_rng(3).integers(3, 100, (1, 11))
+    mask = np.ones_like(ids)
+    whole, _, whole_out = model.prefill(ids, mask, model.empty_cache(1, 16), None)
+    chunked, cache, chunked_out = model.prefill(ids, mask, model.empty_cache(1, 16), 4)
+    assert chunked.shape == whole.shape == (1, 11, whole.shape[-1])
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    for name in whole_out:
+        if name.startswith("present."):
+            np.testing.assert_allclose(chunked_out[name], whole_out[name], atol=1e-5)
+    # and decoding goes on from the chunked cache
+    step, _, _ = model.forward(ids[:, -1:], np.ones((1, 12), np.int64), cache)
+    assert step.shape == (1, 1, whole.shape[-1])
+
+
+def test_check_with_chunked_prefill_passes(converted_tiny_llama):
+    result = run_cli("check", converted_tiny_llama, "--prefill-chunk", "2", "--decode-steps", "4")
+    assert result.exit_code == 0, result.output + result.stderr
