@@ -316,7 +316,7 @@ def bench_lines(result: dict) -> list[str]:
             f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
         )
     prefill = result["prefill"]
-    chunks = f" in chunks of {prefill['chunk']}" if prefill.get("chunk") else ""
+    chunks = f" in chunks of {prefill['chunk']}" if prefill.get("chunk") and prefill["chunk"] < prefill["tokens"] else ""
     lines.append(f"prefill {prefill['tokens']} tokens{chunks}: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
     slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
     lines.append(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
