@@ -14,6 +14,7 @@ from sa_export import __version__
 from sa_export.core.errors import SAExportError, Terminated
 from sa_export.core.progress import console
 from sa_export.core.signals import signals_as_interrupts
+from sa_export.export import DEFAULT_EXPORTER, EXPORTERS, REMOVED_EXPORTERS
 from targets.profiles import target_names
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
@@ -139,7 +140,7 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
 @click.option(
-    "--exporter", type=click.Choice(["dynamo", "genai", "optimum"]), default="dynamo", show_default=True,
+    "--exporter", type=click.Choice([*EXPORTERS, *REMOVED_EXPORTERS]), default=DEFAULT_EXPORTER, show_default=True,
     help="dynamo: torch.onnx's dynamo exporter, decomposed attention, for every target; "
     "genai: onnxruntime-genai's builder, the fastest ONNX Runtime CPU graph (GroupQueryAttention, "
     "in-place cache buffers), --target cpu only. optimum was removed (it needs transformers<4.58).",
