@@ -14,7 +14,7 @@ from sa_export.runtime.base import ManifestModel
 class SAModel(ManifestModel):
     """An ONNX Runtime session over an OUT directory, with the manifest's cache layout."""
 
-    def __init__(self, out_dir: str | Path, threads: int | None = None, spin: bool = True):
+    def __init__(self, out_dir: str | Path, threads: int | None = None, spin: bool = True, arena: bool = True):
         import onnxruntime as ort
 
         super().__init__(out_dir)
@@ -22,6 +22,7 @@ class SAModel(ManifestModel):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = arena  # off: memory goes back between calls of changing shapes
         if not spin:
             # Idle pool threads otherwise spin for a while after each run; two sessions in
             # one process (bench) would then take each other's cores.
