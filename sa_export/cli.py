@@ -305,14 +305,15 @@ def _int_list(text: str) -> list[int]:
     "--min-seconds", type=click.FloatRange(0), default=3.0, show_default=True,
     help="Keep timing each decode point until this much time has passed: short steps are noisy and get more samples.",
 )
-@click.option("--prefill-tokens", type=click.IntRange(1), default=512, show_default=True, help="Prompt length of the prefill timing.")
-@click.option("--prefill-repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed prefills per model.")
+@click.option("--prefill-tokens", default="512,2048,8192", show_default=True, help="Prompt lengths of the prefill timing.")
+@click.option("--prefill-repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed prefills per model and length.")
+@click.option("--prefill-memory/--no-prefill-memory", default=True, show_default=True, help="Peak RSS of each model's prefill, each in its own process.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Decode time vs context plot (default: OUT/bench.png).")
 @prefill_chunk_option
 @handle_errors
-def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, threads, json_file, plot_file, prefill_chunk):
+def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, threads, json_file, plot_file, prefill_chunk):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side in one process (interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. The default baseline is the fastest graph
@@ -321,12 +322,14 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
     from sa_export.stages.bench import bench_lines, run_bench, save_plot
     from sa_export.core.progress import progress_bar
 
-    contexts, batches = _int_list(contexts), _int_list(batches)
+    contexts, batches, prefill_tokens = _int_list(contexts), _int_list(batches), _int_list(prefill_tokens)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
-        result = run_bench(out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats, prefill_chunk or None)
+        result = run_bench(
+            out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats, prefill_chunk or None, prefill_memory
+        )
     click.echo("\n".join(bench_lines(result)))
     plot_file = plot_file or Path(out) / "bench.png"
-    save_plot(result["decode"], plot_file, result["model"])
+    save_plot(result["decode"], plot_file, result["model"], result["prefill"])
     click.echo(f"plot: {plot_file}")
     _write_json(json_file, result)
 

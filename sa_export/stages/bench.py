@@ -28,6 +28,7 @@ from sa_export.core.errors import UsageError
 from sa_export.core.manifest import MANIFEST_NAME, Manifest
 from sa_export.export import exporter_of_manifest, get_exporter
 from sa_export.runtime import SAModel
+from sa_export.stages.prefill import prefill_lines, prefill_rows
 
 WARMUP_PAIRS = 3
 MAX_PAIRS = 400  # bounds --min-seconds on a tiny model whose steps take microseconds
@@ -181,25 +182,6 @@ def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, mi
     return rows
 
 
-def bench_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: int | None = None) -> dict:
-    """Prompt of ``tokens`` through each model, both in chunks of ``chunk`` (None: one call)."""
-    ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
-    mask = np.ones_like(ids)
-
-    def timed(model: SAModel) -> float:
-        cache = model.empty_cache(1, tokens)
-        start = time.perf_counter()
-        model.prefill(ids, mask, cache, chunk)
-        return time.perf_counter() - start
-
-    t_sa, t_base = [], []
-    for i in range(repeats):
-        pair = _timed_pair(i, lambda: timed(sa), lambda: timed(base))
-        t_sa.append(pair[0])
-        t_base.append(pair[1])
-    return {"tokens": tokens, "chunk": chunk, "t_base_ms": 1000 * statistics.median(t_base), "t_sa_ms": 1000 * statistics.median(t_sa)}
-
-
 def graph_description(manifest: Manifest) -> str:
     """Which graph a side ran, in words, for the table and the JSON."""
     exporter = manifest.exporter or "optimum"  # manifests before the exporter was recorded
@@ -241,14 +223,17 @@ def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path
     return target
 
 
-def save_plot(rows: list[dict], path: Path, title: str) -> None:
-    """Decode time against context, one line per model and batch (rows as in the JSON)."""
+def save_plot(rows: list[dict], path: Path, title: str, prefill: list[dict] | None = None) -> None:
+    """Decode time against context, one line per model and batch; with prefill rows, a second
+    panel with prefill time and each model's peak memory against prompt length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    panels = 2 if prefill else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 5), squeeze=False)
+    ax = axes[0][0]
     for batch in sorted({r["batch"] for r in rows}):
         selected = [r for r in rows if r["batch"] == batch]
         contexts = [r["context"] for r in selected]
@@ -260,15 +245,34 @@ def save_plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
+    if prefill:
+        ax = axes[0][1]
+        tokens = [r["tokens"] for r in prefill]
+        ax.plot(tokens, [r["t_base_ms"] for r in prefill], "o--", color="tab:blue", label="baseline prefill")
+        ax.plot(tokens, [r["t_sa_ms"] for r in prefill], "o-", color="tab:orange", label="SA prefill")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt (tokens)")
+        ax.set_ylabel("prefill (ms, median)")
+        ax.set_title("prefill time, and peak memory of each model in its own process")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left")
+        if "peak_rss_sa_bytes" in prefill[0]:
+            memory = ax.twinx()
+            memory.plot(tokens, [r["peak_rss_base_bytes"] / 2**30 for r in prefill], "s--", color="tab:green", label="baseline peak RSS")
+            memory.plot(tokens, [r["peak_rss_sa_bytes"] / 2**30 for r in prefill], "s-", color="tab:red", label="SA peak RSS")
+            memory.set_ylabel("peak RSS (GiB)")
+            memory.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def run_bench(
-    out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens: int, threads: int | None,
+    out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens, threads: int | None,
     progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
+    prefill_memory: bool = True,
 ) -> dict:
+    """``prefill_tokens``: prompt lengths (an int or several)."""
     """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory."""
     manifest = Manifest.read(out_dir)
     if str(baseline) in (FASTEST, SAME_EXPORT):
@@ -282,7 +286,8 @@ def run_bench(
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
     sa, base = SAModel(out_dir, threads, spin=False), SAModel(base_path, threads, spin=False)
     rows = bench_decode(sa, base, contexts, batches, repeats, min_seconds, progress)
-    prefill = bench_prefill(sa, base, prefill_tokens, prefill_repeats or repeats, prefill_chunk)
+    lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
+    prefill = prefill_rows(sa, base, lengths, prefill_repeats or repeats, prefill_chunk, _timed_pair, prefill_memory, threads)
     savings = manifest.cache.savings
     return {
         "model": manifest.source.model,
@@ -315,12 +320,10 @@ def bench_lines(result: dict) -> list[str]:
             f"{100 * row['measured_saving']:>8.1f}% {100 * row['ideal_saving']:>6.1f}% {ratio if ratio is not None else float('nan'):>10.2f} "
             f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
         )
-    prefill = result["prefill"]
-    chunks = f" in chunks of {prefill['chunk']}" if prefill.get("chunk") and prefill["chunk"] < prefill["tokens"] else ""
-    lines.append(f"prefill {prefill['tokens']} tokens{chunks}: base {prefill['t_base_ms']:.1f} ms, SA {prefill['t_sa_ms']:.1f} ms")
+    lines += prefill_lines(result["prefill"])
     slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
     lines.append(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
     if result["sa_graph_kind"] != "fused":
         lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
-    lines.append(f"peak RSS of this process: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    lines.append(f"peak RSS of this process (both models): {result['peak_rss_bytes'] / 2**30:.2f} GiB")
     return lines

@@ -9,7 +9,7 @@ from tests.helpers import run_cli
 def _bench(out, tmp_path, *options):
     """Run `bench` on OUT with a private baseline cache; the exit code is checked, the JSON returned."""
     result = run_cli(
-        "bench", out, "--prefill-tokens", "8", "--prefill-repeats", "1", "--min-seconds", "0",
+        "bench", out, "--prefill-tokens", "8", "--prefill-repeats", "1", "--no-prefill-memory", "--min-seconds", "0",
         "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options,
     )
     assert result.exit_code == 0, result.output + result.stderr
@@ -18,8 +18,11 @@ def _bench(out, tmp_path, *options):
 
 def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
-    result, data = _bench(converted_tiny_llama, tmp_path, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2")
+    result, data = _bench(converted_tiny_llama, tmp_path, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2", "--prefill-tokens", "8,24", "--prefill-memory")
     assert [(r["context"], r["batch"]) for r in data["decode"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    assert [r["tokens"] for r in data["prefill"]] == [8, 24]
+    for row in data["prefill"]:
+        assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and row["peak_rss_sa_bytes"] > 0 and row["peak_rss_base_bytes"] > 0
     for row in data["decode"]:
         assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
         assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5

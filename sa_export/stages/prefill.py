@@ -1,0 +1,91 @@
+"""Prefill in `bench`: time of each model side by side, and peak memory of each in its own process.
+
+Time is measured in the bench process, interleaved with the other model (as decode is).
+Memory cannot be: one process's peak RSS covers both models, so each model runs the same
+prompt (then 4 decode steps) in a fresh Python process that reports its own peak.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from sa_export.runtime import SAModel
+
+_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from sa_export.runtime import SAModel
+out, tokens, chunk, arena, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4] == "1", int(sys.argv[5]) or None
+model = SAModel(out, threads, spin=False, arena=arena)
+ids = np.random.default_rng(0).integers(0, 100, (1, tokens))
+mask = np.ones_like(ids)
+cache = model.empty_cache(1, tokens + 4)
+start = time.perf_counter()
+logits, cache, _ = model.prefill(ids, mask, cache, chunk)
+prefill_s = time.perf_counter() - start
+for _ in range(4):
+    mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
+    logits, cache, _ = model.forward(logits[:, -1:].argmax(-1), mask, cache)
+print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def peak_memory(out_dir: str | Path, tokens: int, chunk: int | None, arena: bool = True, threads: int | None = None) -> dict:
+    """Peak RSS and prefill time of ``tokens`` through OUT, in a process of its own."""
+    command = [sys.executable, "-c", _CHILD, str(out_dir), str(tokens), str(chunk or 0), "1" if arena else "0", str(threads or 0)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: int | None, timed_pair: Callable) -> dict:
+    """Median prefill time of each model, interleaved, both in chunks of ``chunk`` (None: one call)."""
+    ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
+    mask = np.ones_like(ids)
+
+    def timed(model: SAModel) -> float:
+        cache = model.empty_cache(1, tokens)
+        start = time.perf_counter()
+        model.prefill(ids, mask, cache, chunk)
+        return time.perf_counter() - start
+
+    t_sa, t_base = [], []
+    for i in range(repeats):
+        pair = timed_pair(i, lambda: timed(sa), lambda: timed(base))
+        t_sa.append(pair[0])
+        t_base.append(pair[1])
+    base_ms, sa_ms = 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa)
+    return {"tokens": tokens, "chunk": chunk, "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms}
+
+
+def prefill_rows(
+    sa: SAModel, base: SAModel, lengths, repeats: int, chunk: int | None, timed_pair: Callable, memory: bool, threads: int | None
+) -> list[dict]:
+    """One row per prompt length: interleaved times, and with ``memory`` each model's own peak RSS."""
+    rows = []
+    for tokens in lengths:
+        row = time_prefill(sa, base, tokens, repeats, chunk, timed_pair)
+        if memory:
+            row["peak_rss_sa_bytes"] = peak_memory(sa.out_dir, tokens, chunk, threads=threads)["peak_rss_bytes"]
+            row["peak_rss_base_bytes"] = peak_memory(base.out_dir, tokens, chunk, threads=threads)["peak_rss_bytes"]
+        rows.append(row)
+    return rows
+
+
+def prefill_lines(rows: list[dict]) -> list[str]:
+    lines = [f"{'prefill':>8} {'chunk':>6} {'base ms':>10} {'SA ms':>10} {'SA/base':>8} {'base peak GiB':>14} {'SA peak GiB':>12}"]
+    for row in rows:
+        peaks = (
+            f"{row['peak_rss_base_bytes'] / 2**30:>14.2f} {row['peak_rss_sa_bytes'] / 2**30:>12.2f}" if "peak_rss_sa_bytes" in row else f"{'-':>14} {'-':>12}"
+        )
+        lines.append(
+            f"{row['tokens']:>8} {row['chunk'] or '-':>6} {row['t_base_ms']:>10.1f} {row['t_sa_ms']:>10.1f} {row['time_ratio_sa_to_base']:>8.3f} {peaks}"
+        )
+    return lines
