@@ -34,6 +34,10 @@ class TRTModel(ManifestModel):
         self.runner.activate()
         self.profile = None
 
+    def empty_cache(self, batch: int, capacity: int | None = None) -> dict[str, np.ndarray]:
+        """In-place buffers hold exactly the capacity the engine's profiles fix (the manifest's max_length)."""
+        return super().empty_cache(batch, self.max_length if self.shared_buffer else capacity)
+
     def forward(self, input_ids, attention_mask, cache):
         past = attention_mask.shape[1] - input_ids.shape[1]  # in-place buffers hold their capacity: ask the mask
         profile = 0 if past == 0 else 1  # prefill, decode (targets.shapes order)
