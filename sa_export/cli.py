@@ -14,7 +14,7 @@ from sa_export import __version__
 from sa_export.core.errors import SAExportError, Terminated
 from sa_export.core.progress import console
 from sa_export.core.signals import signals_as_interrupts
-from sa_export.export import DEFAULT_EXPORTER, EXPORTERS, REMOVED_EXPORTERS
+from sa_export.export import AUTO, EXPORTERS, REMOVED_EXPORTERS
 from targets.profiles import target_names
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
@@ -140,10 +140,11 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
 @click.option(
-    "--exporter", type=click.Choice([*EXPORTERS, *REMOVED_EXPORTERS]), default=DEFAULT_EXPORTER, show_default=True,
-    help="dynamo: torch.onnx's dynamo exporter, decomposed attention, for every target; "
-    "genai: onnxruntime-genai's builder, the fastest ONNX Runtime CPU graph (GroupQueryAttention, "
-    "in-place cache buffers), --target cpu only. optimum was removed (it needs transformers<4.58).",
+    "--exporter", type=click.Choice([AUTO, *EXPORTERS, *REMOVED_EXPORTERS]), default=AUTO, show_default=True,
+    help="auto: the fastest graph the target and model allow, and why (genai on --target cpu for Llama/Qwen2 "
+    "models with a tokenizer, else dynamo); dynamo: torch.onnx's dynamo exporter, decomposed attention, for every "
+    "target; genai: onnxruntime-genai's builder, ONNX Runtime's fastest CPU graph (GroupQueryAttention, in-place "
+    "cache buffers), --target cpu only. optimum was removed (it needs transformers<4.58).",
 )
 @click.option("--opset", type=click.Choice(["18", "23"]), default=None, help="Opset for --exporter dynamo; 23 exports SDPA as the ONNX Attention op. [default: 18]")
 @click.option("--max-batch", type=click.IntRange(1), help="Largest batch for the engine profiles and memory fit [default: the target's].")

@@ -112,7 +112,7 @@ def converted_tiny_llama(tiny_llama_with_tokenizer, tmp_path_factory) -> Path:
     from sa_export.stages.convert import ConvertRequest, convert
 
     out = tmp_path_factory.mktemp("converted") / "llama-sa"
-    convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out))
+    convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out, exporter="dynamo"))
     return out
 
 

@@ -14,7 +14,8 @@ from sa_export.export.dynamo import DynamoExporter
 from sa_export.export.genai import GenaiExporter
 
 EXPORTERS: dict[str, Exporter] = {exporter.name: exporter for exporter in (DynamoExporter(), GenaiExporter())}
-DEFAULT_EXPORTER = "dynamo"
+DEFAULT_EXPORTER = "dynamo"  # the graph family every target takes (and of manifests that name no exporter)
+AUTO = "auto"  # convert's default: the fastest graph the target and model allow
 REMOVED_EXPORTERS = {
     "optimum": "optimum-onnx (newest release 0.1.0) requires transformers<4.58 and cannot read checkpoints saved by "
     "transformers 5; use the default --exporter dynamo (the same decomposed graph family)",
@@ -29,6 +30,33 @@ def get_exporter(name: str) -> Exporter:
     return EXPORTERS[name]
 
 
+def choose_exporter(config, target, source, precision: str) -> tuple[Exporter, str]:
+    """For --exporter auto: the fastest graph the target and the model allow, and why.
+
+    ONNX Runtime targets get the builder's GroupQueryAttention graph where the builder and
+    the GQA rewrite both serve the model; everything else the decomposed dynamo graph.
+    """
+    import importlib.util
+
+    fast, default = EXPORTERS["genai"], EXPORTERS[DEFAULT_EXPORTER]
+    if target.uses_tensorrt:
+        return default, f"TensorRT targets take the decomposed graph ({target.name})"
+    try:
+        fast.refuse(config, target, source.kind)
+    except UsageError as exc:
+        return default, str(exc).removeprefix("--exporter genai: ")
+    if config is None or config.model_type not in fast.rewritable:
+        kind = config.model_type if config is not None else "this model"
+        return default, f"the GroupQueryAttention rewrite handles the builder's packed QKV of {', '.join(fast.rewritable)}, not {kind}"
+    if precision not in fast.precisions:
+        return default, f"the builder's CPU graph is {'/'.join(fast.precisions)}; --precision {precision} takes the decomposed graph"
+    if not any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return default, "the builder needs the model's tokenizer files, and the model has none"
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return default, "onnxruntime-genai is not installed"
+    return fast, "the fastest graph ONNX Runtime runs (GroupQueryAttention, cache written in place)"
+
+
 def exporter_of_manifest(name: str | None) -> Exporter:
     """The exporter that made a manifest's graph family; a removed one maps to the default,
     which makes the same family (manifests before the exporter was recorded were optimum's)."""
@@ -37,6 +65,6 @@ def exporter_of_manifest(name: str | None) -> Exporter:
 
 
 __all__ = [
-    "DECOMPOSED", "DEFAULT_EXPORTER", "EXPORTERS", "GROUP_QUERY_ATTENTION", "REMOVED_EXPORTERS",
-    "ExportOptions", "Exporter", "exporter_of_manifest", "get_exporter",
+    "AUTO", "DECOMPOSED", "DEFAULT_EXPORTER", "EXPORTERS", "GROUP_QUERY_ATTENTION", "REMOVED_EXPORTERS",
+    "ExportOptions", "Exporter", "choose_exporter", "exporter_of_manifest", "get_exporter",
 ]

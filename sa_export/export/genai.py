@@ -62,6 +62,8 @@ class GenaiExporter(Exporter):
     precisions = tuple(BUILDER_PRECISIONS)
     serves_tensorrt = False
     has_position_ids = False
+    # Architectures whose builder graph the GQA sharing rewrite handles (packed QKV).
+    rewritable = ("llama", "qwen2")
     unsupported = {
         "gemma3_text": "onnxruntime-genai 0.18's builder fails on Gemma 3 under transformers 5 (it reads one rope_type, "
         "and transformers 5 keeps one RoPE setting per layer type: KeyError 'rope_type'); use the default exporter",

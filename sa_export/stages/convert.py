@@ -13,8 +13,8 @@ from sa_export.core.atomic import atomic_directory, refuse_existing
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import Manifest
 from sa_export.core.plan import SharingPlan, Span, build_plan
-from sa_export.core.progress import step
-from sa_export.export import DEFAULT_EXPORTER, Exporter, ExportOptions, get_exporter
+from sa_export.core.progress import console, step
+from sa_export.export import AUTO, DEFAULT_EXPORTER as DYNAMO, Exporter, ExportOptions, choose_exporter, get_exporter
 from sa_export.export.onnx_io import load_onnx, save_onnx
 from sa_export.hf.models import ModelSource, load_config, load_reference, resolve_model
 from sa_export.stages.check import check_directory
@@ -44,7 +44,7 @@ class ConvertRequest:
     calib_tokens: int = 4096
     max_batch: int | None = None  # None: the target's
     max_context: int | None = None  # None: the target's; given: exit 1 when it does not fit
-    exporter: str = DEFAULT_EXPORTER
+    exporter: str = AUTO  # the fastest graph the target and model allow
     opset: int | None = None
     accept_unknown_config_keys: bool = False
     unshared: bool = False  # the same pipeline without sharing: the baseline engine of gpu-check
@@ -131,6 +131,7 @@ class _Validated:
     config: object
     target: TargetProfile
     exporter: Exporter
+    why: str | None = None
 
 
 def validate(request: ConvertRequest) -> _Validated:
@@ -150,12 +151,18 @@ def validate(request: ConvertRequest) -> _Validated:
     precision = request.precision or target.default_precision
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
-    exporter = get_exporter(request.exporter)
+    why = None  # the reason of an automatic choice, said when the export starts
+    if request.exporter == AUTO and (source.kind != "hf" or request.opset is not None):
+        exporter = get_exporter(DYNAMO)  # an ONNX input is not exported; --opset asks for the dynamo export
+    elif request.exporter == AUTO:
+        exporter, why = choose_exporter(config, target, source, precision)
+    else:
+        exporter = get_exporter(request.exporter)
     exporter.refuse(config, target, source.kind)
     if precision not in exporter.precisions:
         raise UsageError(f"--exporter {exporter.name} builds {', '.join(exporter.precisions)} graphs; got --precision {precision}")
-    request = dataclasses.replace(request, precision=precision, target=target.name, opset=exporter.resolve_opset(request.opset))
-    return _Validated(request, source, reference, config, target, exporter)
+    request = dataclasses.replace(request, precision=precision, target=target.name, exporter=exporter.name, opset=exporter.resolve_opset(request.opset))
+    return _Validated(request, source, reference, config, target, exporter, why)
 
 
 def convert(request: ConvertRequest) -> ConvertResult:
@@ -190,6 +197,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
             plan, calibration = _calibrate(hf_model, tokenizer, plan, request, reference, kinds)
         options = request.export_options()
         if graph_model is None:
+            if job.why:
+                console.print(f"[green]✓[/green] exporter {job.exporter.name}: {job.why}", soft_wrap=True)
             with step(f"exporting to ONNX with {job.exporter.describe(options)}", timings, "export"):
                 graph_model = job.exporter.export(reference, options, tmp / "export", hf_model)
         in_place = target.writes_caches_in_place

@@ -42,3 +42,23 @@ def test_the_builder_refuses_tensorrt_targets_and_onnx_inputs():
     with pytest.raises(UsageError, match="--target cpu"):
         genai.refuse(None, get_target("cpu"), "onnx")
     get_exporter("dynamo").refuse(None, get_target("jetson-orin"), "onnx")  # takes both
+
+
+def test_auto_picks_the_builders_graph_where_it_serves_and_says_why(tiny_models, tiny_llama_with_tokenizer):
+    from sa_export.export import choose_exporter
+    from sa_export.hf.models import load_config, resolve_model
+
+    def choice(path, target="cpu", precision="fp32"):
+        source = resolve_model(str(path))
+        exporter, why = choose_exporter(load_config(source), get_target(target), source, precision)
+        return exporter.name, why
+
+    assert choice(tiny_llama_with_tokenizer) == ("genai", "the fastest graph ONNX Runtime runs (GroupQueryAttention, cache written in place)")
+    assert choice(tiny_llama_with_tokenizer, "jetson-orin")[0] == "dynamo"
+    assert choice(tiny_llama_with_tokenizer, precision="fp16") == ("dynamo", "the builder's CPU graph is fp32; --precision fp16 takes the decomposed graph")
+    name, why = choice(tiny_models["llama"])  # no tokenizer files
+    assert name == "dynamo" and "tokenizer" in why
+    name, why = choice(tiny_models["mistral"])
+    assert name == "dynamo" and "sliding window" in why
+    name, why = choice(tiny_models["gpt2"])
+    assert name == "dynamo" and "packed QKV" in why
