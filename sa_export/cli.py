@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from sa_export import __version__
 from sa_export.core.errors import SAExportError, Terminated
@@ -45,7 +46,7 @@ def handle_errors(func):
             with signals_as_interrupts():
                 return func(*args, **kwargs)
         except SAExportError as exc:
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             sys.exit(exc.exit_code)
         except Terminated as exc:
             console.print(f"[red]terminated[/red] by {signal.Signals(exc.signum).name}: nothing was written")
@@ -57,7 +58,7 @@ def handle_errors(func):
             if os.environ.get("SA_EXPORT_DEBUG"):
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {message} (SA_EXPORT_DEBUG=1 shows the traceback)", soft_wrap=True)
+            console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(message)} (SA_EXPORT_DEBUG=1 shows the traceback)", soft_wrap=True)
             sys.exit(EXIT_CHECK_FAILED)
 
     return wrapper

@@ -2,7 +2,8 @@
 
 Time is measured in the bench process, interleaved with the other model (as decode is).
 Memory cannot be: one process's peak RSS covers both models, so each model runs the same
-prompt (then 4 decode steps) in a fresh Python process that reports its own peak.
+prompt (then up to 4 decode steps, as its positions allow) in a fresh Python process that
+reports its own peak.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sa_export.core.errors import UsageError
 from sa_export.runtime import SAModel
 
 _CHILD = """
@@ -27,11 +29,12 @@ out, tokens, chunk, arena, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv
 model = SAModel(out, threads, spin=False, arena=arena)
 ids = np.random.default_rng(0).integers(0, 100, (1, tokens))
 mask = np.ones_like(ids)
-cache = model.empty_cache(1, tokens + 4)
+steps = max(0, min(4, model.max_length - tokens)) if model.shared_buffer and model.max_length else 4
+cache = model.empty_cache(1, tokens + steps)
 start = time.perf_counter()
 logits, cache, _ = model.prefill(ids, mask, cache, chunk)
 prefill_s = time.perf_counter() - start
-for _ in range(4):
+for _ in range(steps):
     mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
     logits, cache, _ = model.forward(logits[:, -1:].argmax(-1), mask, cache)
 print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -41,7 +44,10 @@ print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": resource
 def peak_memory(out_dir: str | Path, tokens: int, chunk: int | None, arena: bool = True, threads: int | None = None) -> dict:
     """Peak RSS and prefill time of ``tokens`` through OUT, in a process of its own."""
     command = [sys.executable, "-c", _CHILD, str(out_dir), str(tokens), str(chunk or 0), "1" if arena else "0", str(threads or 0)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UsageError(f"the prefill of {tokens} tokens through {out_dir} failed in its own process: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

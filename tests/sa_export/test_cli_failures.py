@@ -88,10 +88,11 @@ TYPED_ERRORS = {
     errors.CheckFailed("out of tolerance"): 1,
     errors.EngineBuildError("no engine"): 1,
     ValueError("an unexpected one"): 1,
+    errors.UsageError("a message with [brackets] stays as it is"): 2,
 }
 
 
-@pytest.mark.parametrize("error", TYPED_ERRORS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("error", TYPED_ERRORS, ids=lambda e: f"{type(e).__name__}-{str(e)[:12]}")
 def test_every_error_type_reaches_the_user_as_one_line(error, tiny_llama, tmp_path, monkeypatch):
     def fail(request):
         raise error
