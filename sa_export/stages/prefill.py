@@ -37,7 +37,17 @@ prefill_s = time.perf_counter() - start
 for _ in range(steps):
     mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
     logits, cache, _ = model.forward(logits[:, -1:].argmax(-1), mask, cache)
-print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+def peak_rss():
+    # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's,
+    # which Linux carries into a child across fork and exec.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": peak_rss()}))
 """
 
 
