@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
-from graph_passes.attention_blocks import find_attention_blocks, refuse_fused_attention
+from graph_passes.attention_blocks import cache_layers, find_attention_blocks, refuse_fused_attention
 from graph_passes.contracts import ensure_full_io_types, io_types, require_cache_for
 from graph_passes.drop_k_cache import DropKCachePass
 from graph_passes.fp32_softmax import Fp32SoftmaxPass
@@ -88,8 +88,6 @@ class _RequireAttentionPerLayer(ir.passes.InPlacePass):
     """Precondition of sharing on the decomposed family: one attention block per cached layer."""
 
     def requires(self, model: ir.Model) -> None:
-        from graph_passes.attention_blocks import cache_layers
-
         layers = cache_layers(model.graph)
         found = [b.layer for b in find_attention_blocks(model.graph)]
         if found != sorted(layers):

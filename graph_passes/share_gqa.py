@@ -251,10 +251,7 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     layers = find_gqa_layers(graph)
     if len({(layer.num_heads, layer.kv_num_heads) for layer in layers.values()}) > 1:
         raise PlanError("the GroupQueryAttention layers differ in head counts; convert with the default exporter")
-    sources = set()
-    for layer, anchor in plan.anchors.items():
-        head_map = plan.head_map(layer)
-        sources.update(head_map.layers if head_map else (anchor,))
+    sources = {source for layer in plan.anchors for source in plan.sources_of(layer)}
     probs = {source: _with_probabilities_output(graph, layers[source]) for source in sorted(sources)}
     positions = _cache_positions(graph, layers[min(plan.anchors)])
     # Per run of consecutive shared layers (every source of the run precedes it): each

@@ -29,7 +29,7 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
             if layer not in blocks:
                 raise AttentionPatternError(layer, "no attention block found for this shared layer")
             head_map = self.plan.head_map(layer)
-            for source in head_map.layers if head_map else (anchor,):
+            for source in self.plan.sources_of(layer):
                 if source not in blocks:
                     raise AttentionPatternError(source, f"layer {layer} reads this layer's probabilities, but it has no attention block (is it shared itself?)")
             context = blocks[layer].context_matmul

@@ -96,9 +96,8 @@ class MemoryFit:
 def live_probability_tensors(plan: SharingPlan) -> int:
     """The most anchor probability tensors alive at once: each lives from its layer to its last reader."""
     last_reader: dict[int, int] = {}
-    for layer, anchor in plan.anchors.items():
-        head_map = plan.head_map(layer)
-        for source in head_map.layers if head_map else (anchor,):
+    for layer in plan.anchors:
+        for source in plan.sources_of(layer):
             last_reader[source] = max(last_reader.get(source, layer), layer)
     return max((sum(1 for s, end in last_reader.items() if s <= layer < end) for layer in range(plan.num_layers)), default=0)
 

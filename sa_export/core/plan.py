@@ -120,6 +120,11 @@ class SharingPlan:
             return None
         return head_map
 
+    def sources_of(self, layer: int) -> tuple[int, ...]:
+        """The layers whose probabilities shared ``layer`` reads: its head map's sources, or its anchor."""
+        head_map = self.head_map(layer)
+        return head_map.layers if head_map else (self.anchors[layer],)
+
     def with_head_maps(self, head_maps: Mapping[int, HeadMap]) -> SharingPlan:
         for layer, head_map in head_maps.items():
             bad = [l for l in head_map.layers if l >= layer or l in self.anchors]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sa_export.core.errors import UsageError
 from sa_export.export.base import DECOMPOSED, GROUP_QUERY_ATTENTION, Exporter, ExportOptions
 from sa_export.export.dynamo import DynamoExporter
-from sa_export.export.genai import GenaiExporter
+from sa_export.export.genai import GenaiExporter, builder_installed, has_tokenizer_files
 
 EXPORTERS: dict[str, Exporter] = {exporter.name: exporter for exporter in (DynamoExporter(), GenaiExporter())}
 DEFAULT_EXPORTER = "dynamo"  # the graph family every target takes (and of manifests that name no exporter)
@@ -36,8 +36,6 @@ def choose_exporter(config, target, source, precision: str) -> tuple[Exporter, s
     ONNX Runtime targets get the builder's GroupQueryAttention graph where the builder and
     the GQA rewrite both serve the model; everything else the decomposed dynamo graph.
     """
-    import importlib.util
-
     fast, default = EXPORTERS["genai"], EXPORTERS[DEFAULT_EXPORTER]
     if target.uses_tensorrt:
         return default, f"TensorRT targets take the decomposed graph ({target.name})"
@@ -50,9 +48,9 @@ def choose_exporter(config, target, source, precision: str) -> tuple[Exporter, s
         return default, f"the GroupQueryAttention rewrite handles the builder's packed QKV of {', '.join(fast.rewritable)}, not {kind}"
     if precision not in fast.precisions:
         return default, f"the builder's CPU graph is {'/'.join(fast.precisions)}; --precision {precision} takes the decomposed graph"
-    if not any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    if not has_tokenizer_files(source.path):
         return default, "the builder needs the model's tokenizer files, and the model has none"
-    if importlib.util.find_spec("onnxruntime_genai") is None:
+    if not builder_installed():
         return default, "onnxruntime-genai is not installed"
     return fast, "the fastest graph ONNX Runtime runs (GroupQueryAttention, cache written in place)"
 

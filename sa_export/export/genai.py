@@ -24,13 +24,22 @@ from sa_export.hf.models import ModelSource, load_config
 BUILDER_PRECISIONS = {"fp32": "fp32"}  # the builder's CPU precisions sa-export can check
 
 
+def builder_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def has_tokenizer_files(hf_dir: Path) -> bool:
+    """The builder writes the model's tokenizer into its output and fails without these."""
+    return any((Path(hf_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def export_genai(hf_dir: Path, export_dir: Path, precision: str) -> Path:
     """Build the GroupQueryAttention graph with onnxruntime-genai's builder, in a subprocess."""
-    if importlib.util.find_spec("onnxruntime_genai") is None:
+    if not builder_installed():
         raise EnvironmentProblem("--exporter genai needs onnxruntime-genai: pip install onnxruntime-genai==0.18.0")
     if precision not in BUILDER_PRECISIONS:
         raise UsageError(f"--exporter genai builds {', '.join(BUILDER_PRECISIONS)} graphs for the CPU; got --precision {precision}")
-    if not any((Path(hf_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    if not has_tokenizer_files(hf_dir):
         raise UsageError(f"--exporter genai: onnxruntime-genai's builder needs the model's tokenizer files, and {hf_dir} has none")
     command = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",

@@ -13,7 +13,7 @@ import numpy as np
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import LayerCache, Manifest
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}  # manifest dtype names
 # Prompt tokens per forward call. Bounds what a prefill materializes per layer:
 # probabilities of [batch, heads, chunk, context] instead of [batch, heads, prompt, prompt].
 DEFAULT_PREFILL_CHUNK = 512
@@ -35,7 +35,7 @@ class ManifestModel:
         self.manifest = Manifest.read(self.out_dir)
         self.layout: tuple[LayerCache, ...] = self.manifest.layout
         cache = self.manifest.cache
-        self.cache_dtype = _NUMPY_DTYPES[cache.dtype]
+        self.cache_dtype = NUMPY_DTYPES[cache.dtype]
         self.num_kv_heads = cache.num_kv_heads
         self.head_dim = cache.head_dim
 

@@ -16,14 +16,19 @@ PARITY_NAME = "parity.json"
 
 def check_directory(
     out_dir: Path, hf_model, tokenizer, decode_steps: int, timings: dict | None = None, backend: str = "ort",
-    prefill_chunk: int | None = None,
+    prefill_chunk: int | None = None, manifest: Manifest | None = None,
 ) -> tuple[ParityReport, Manifest]:
-    """Run parity on an OUT directory, write parity.json and the manifest's summary."""
+    """Run parity on an OUT directory, write parity.json and the manifest's summary.
+
+    ``manifest``: the one the caller has just written, or read and verified; by default it
+    is read and its artifacts verified here.
+    """
     from sa_export.accuracy.parity import run_parity
     from sa_export.runtime import open_model
 
-    manifest = Manifest.read(out_dir)
-    manifest.verify_artifacts(out_dir)
+    if manifest is None:
+        manifest = Manifest.read(out_dir)
+        manifest.verify_artifacts(out_dir)
     tolerance = TOLERANCES[manifest.precision]
     runtime = "TensorRT" if backend == "trt" else "ONNX Runtime"
     with step(f"parity: {runtime} {manifest.precision} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
@@ -58,10 +63,11 @@ def check(
 
         TRTModel(out_dir)  # missing TensorRT or engine: say so before loading PyTorch
     manifest = Manifest.read(out_dir)
+    manifest.verify_artifacts(out_dir)  # before PyTorch loads
     source = resolve_model(reference) if reference is not None else manifest_source(manifest)
     load_config(source, accept_unknown_config_keys or bool(manifest.source.accepted_unknown_config_keys))
     hf_model, tokenizer = load_reference(source, allow_pickle)
-    report, _ = check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend, prefill_chunk=prefill_chunk)
+    report, _ = check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend, prefill_chunk=prefill_chunk, manifest=manifest)
     return report
 
 

@@ -225,7 +225,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
 
         parity = None
         if request.check:
-            parity, manifest = check_directory(tmp, hf_model, tokenizer, request.decode_steps, timings)
+            parity, manifest = check_directory(tmp, hf_model, tokenizer, request.decode_steps, timings, manifest=manifest)
         target_report = None
         if profiles is not None:
             target_report, manifest = prepare_target(tmp, manifest, files, graph_model, target, request.max_batch, request.max_context, profiles, timings)

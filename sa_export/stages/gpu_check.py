@@ -25,7 +25,6 @@ from sa_export.core.manifest import Manifest
 from sa_export.core.progress import step
 
 DEFAULT_CONTEXTS = (512, 2048, 8192)
-_NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +60,7 @@ def decode_step_ms(out_dir: Path, context: int, steps: int) -> float:
     """Median time of one decode step at ``context`` positions, all tensors on the device."""
     from polygraphy import cuda
 
+    from sa_export.runtime.base import NUMPY_DTYPES
     from targets.engine import ENGINE_NAME, import_tensorrt
 
     trt = import_tensorrt()
@@ -69,9 +69,9 @@ def decode_step_ms(out_dir: Path, context: int, steps: int) -> float:
     engine = runtime.deserialize_cuda_engine((Path(out_dir) / ENGINE_NAME).read_bytes())
     if engine is None:
         raise EnvironmentProblem(f"TensorRT could not load {Path(out_dir) / ENGINE_NAME} on this GPU")
-    context_ = engine.create_execution_context()
+    execution = engine.create_execution_context()
     stream = cuda.Stream()
-    context_.set_optimization_profile_async(1, stream.ptr)  # decode (targets.shapes order)
+    execution.set_optimization_profile_async(1, stream.ptr)  # decode (targets.shapes order)
     cache = manifest.cache
     in_place = cache.buffer == "shared"
     past_length = context if in_place else context - 1
@@ -85,31 +85,31 @@ def decode_step_ms(out_dir: Path, context: int, steps: int) -> float:
     inputs = _input_names(engine, trt)
     for name, dtype in manifest.io.items():
         if name in host and name in inputs:
-            array = cuda.DeviceArray(shape=host[name].shape, dtype=_NUMPY[dtype])
-            array.copy_from(np.ascontiguousarray(host[name].astype(_NUMPY[dtype])), stream)
-            context_.set_input_shape(name, host[name].shape)
-            context_.set_tensor_address(name, array.ptr)
+            array = cuda.DeviceArray(shape=host[name].shape, dtype=NUMPY_DTYPES[dtype])
+            array.copy_from(np.ascontiguousarray(host[name].astype(NUMPY_DTYPES[dtype])), stream)
+            execution.set_input_shape(name, host[name].shape)
+            execution.set_tensor_address(name, array.ptr)
             buffers.append(array)
     for layer in manifest.layout:
         for past, present in layer.pairs():
             shape = (1, cache.num_kv_heads, past_length, cache.head_dim)
-            past_buffer = cuda.DeviceArray(shape=shape, dtype=_NUMPY[cache.dtype])
-            context_.set_input_shape(past, shape)
-            context_.set_tensor_address(past, past_buffer.ptr)
+            past_buffer = cuda.DeviceArray(shape=shape, dtype=NUMPY_DTYPES[cache.dtype])
+            execution.set_input_shape(past, shape)
+            execution.set_tensor_address(past, past_buffer.ptr)
             buffers.append(past_buffer)
             if in_place:
-                context_.set_tensor_address(present, past_buffer.ptr)  # the same buffer, written in place
+                execution.set_tensor_address(present, past_buffer.ptr)  # the same buffer, written in place
             else:
-                present_buffer = cuda.DeviceArray(shape=(1, cache.num_kv_heads, context, cache.head_dim), dtype=_NUMPY[cache.dtype])
-                context_.set_tensor_address(present, present_buffer.ptr)
+                present_buffer = cuda.DeviceArray(shape=(1, cache.num_kv_heads, context, cache.head_dim), dtype=NUMPY_DTYPES[cache.dtype])
+                execution.set_tensor_address(present, present_buffer.ptr)
                 buffers.append(present_buffer)
-    logits = cuda.DeviceArray(shape=(1, 1, manifest.model.vocab_size), dtype=_NUMPY[manifest.io["logits"]])
-    context_.set_tensor_address("logits", logits.ptr)
+    logits = cuda.DeviceArray(shape=(1, 1, manifest.model.vocab_size), dtype=NUMPY_DTYPES[manifest.io["logits"]])
+    execution.set_tensor_address("logits", logits.ptr)
     buffers.append(logits)
     times = []
     for index in range(steps + 5):
         started = time.perf_counter()
-        if not context_.execute_async_v3(stream.ptr):
+        if not execution.execute_async_v3(stream.ptr):
             raise EnvironmentProblem(f"TensorRT could not run {out_dir} at context {context}")
         stream.synchronize()
         if index >= 5:  # warm-up steps
