@@ -1,7 +1,7 @@
 """Shared attention on GroupQueryAttention graphs (ONNX Runtime's fused attention).
 
 The graph is the one onnxruntime-genai's model builder makes: per layer a packed QKV
-MatMul feeding com.microsoft GroupQueryAttention with rotary, past and present cache
+MatMul (MatMulNBits in the builder's int4 graph) feeding com.microsoft GroupQueryAttention with rotary, past and present cache
 in one buffer of max_length positions (``past_present_share_buffer``). The rewrite
 keeps that speed:
 
@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.initializers import add_initializer
+from graph_passes.projections import column_slice, is_projection, projection_width
 from sa_export.core.errors import AttentionPatternError, PlanError
 from sa_export.core.plan import HeadMap, SharingPlan, mixture_matrix
 
@@ -83,11 +84,11 @@ def find_gqa_layers(graph: ir.Graph) -> dict[int, GqaLayer]:
         bias = None
         if qkv is not None and qkv.op_type == "Add" and qkv.inputs[1].const_value is not None:
             bias, qkv = qkv, qkv.inputs[0].producer()
-        if qkv is None or qkv.op_type != "MatMul" or qkv.inputs[1].const_value is None:
+        if qkv is None or not is_projection(qkv):
             raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} is not fed by a packed QKV MatMul with constant weights{_UNSUPPORTED}")
         num_heads = node.attributes["num_heads"].as_int()
         kv_num_heads = node.attributes["kv_num_heads"].as_int()
-        width = qkv.inputs[1].const_value.shape[-1]
+        width = projection_width(qkv)
         layers[layer] = GqaLayer(layer, node, qkv, bias, num_heads, kv_num_heads, width // (num_heads + 2 * kv_num_heads))
     return layers
 
@@ -164,9 +165,7 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     gqa = layer.node
     b = _Builder(graph, gqa, f"sa.layer{layer.layer}")
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
-    weight = layer.qkv.inputs[1].const_value.numpy()
-    v_weight = np.ascontiguousarray(weight[..., (n + kv) * d :])
-    v = b.op("MatMul", [layer.qkv.inputs[0], b.const("v_proj.weight", v_weight)], "v_proj")
+    v = column_slice(b.graph, b.before, layer.qkv, (n + kv) * d, (n + 2 * kv) * d, f"{b.prefix}.v_proj")
     if layer.bias is not None:
         v_bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., (n + kv) * d :])
         v = b.op("Add", [v, b.const("v_proj.bias", v_bias)], "v_proj_bias")

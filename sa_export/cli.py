@@ -139,7 +139,10 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @calib_option
 @calib_tokens_option
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None, help="fp16 keeps scores, Softmax and norms in fp32. [default: the target's]")
+@click.option(
+    "--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
+    help="fp16 keeps scores, Softmax and norms in fp32; int4 (--target cpu) is the builder's 4-bit weight graph. [default: the target's]",
+)
 @click.option(
     "--exporter", type=click.Choice([AUTO, *EXPORTERS, *REMOVED_EXPORTERS]), default=AUTO, show_default=True,
     help="auto: the fastest graph the target and model allow, and why (genai on --target cpu for Llama/Qwen2 "

@@ -28,6 +28,15 @@ def itemsize(dtype: str) -> int:
     return ITEMSIZE[dtype]
 
 
+# The activation (and cache) dtype of each --precision: int4 quantizes weights only.
+ACTIVATION_DTYPE = {"fp32": "float32", "fp16": "float16", "int4": "float32"}
+
+
 def precision_itemsize(precision: str) -> int:
-    """Bytes per activation element at a --precision (fp32, fp16)."""
-    return itemsize(precision.replace("fp", "float"))
+    """Bytes per activation element at a --precision (fp32, fp16, int4)."""
+    return itemsize(ACTIVATION_DTYPE[precision])
+
+
+# Bytes a projection weight takes per parameter at each --precision: int4 is the builder's
+# MatMulNBits layout, 4 bits plus an fp32 scale per block of 32 (symmetric: no zero points).
+WEIGHT_BYTES_PER_PARAMETER = {"fp32": 4.0, "fp16": 2.0, "int4": 0.5 + 4 / 32}

@@ -37,22 +37,32 @@ def choose_exporter(config, target, source, precision: str) -> tuple[Exporter, s
     the GQA rewrite both serve the model; everything else the decomposed dynamo graph.
     """
     fast, default = EXPORTERS["genai"], EXPORTERS[DEFAULT_EXPORTER]
+    reason = _why_not_fast(fast, config, target, source, precision)
+    if reason is None:
+        return fast, "the fastest graph ONNX Runtime runs (GroupQueryAttention, cache written in place)"
+    if precision not in default.precisions:
+        raise UsageError(f"--precision {precision} is onnxruntime-genai's builder graph, which cannot serve here: {reason}")
+    return default, reason
+
+
+def _why_not_fast(fast: Exporter, config, target, source, precision: str) -> str | None:
+    """Why the builder's graph cannot serve this conversion; None when it can."""
     if target.uses_tensorrt:
-        return default, f"TensorRT targets take the decomposed graph ({target.name})"
+        return f"TensorRT targets take the decomposed graph ({target.name})"
     try:
         fast.refuse(config, target, source.kind)
     except UsageError as exc:
-        return default, str(exc).removeprefix("--exporter genai: ")
+        return str(exc).removeprefix("--exporter genai: ")
     if config is None or config.model_type not in fast.rewritable:
         kind = config.model_type if config is not None else "this model"
-        return default, f"the GroupQueryAttention rewrite handles the builder's packed QKV of {', '.join(fast.rewritable)}, not {kind}"
+        return f"the GroupQueryAttention rewrite handles the builder's packed QKV of {', '.join(fast.rewritable)}, not {kind}"
     if precision not in fast.precisions:
-        return default, f"the builder's CPU graph is {'/'.join(fast.precisions)}; --precision {precision} takes the decomposed graph"
+        return f"the builder's CPU graph is {'/'.join(fast.precisions)}; --precision {precision} takes the decomposed graph"
     if not has_tokenizer_files(source.path):
-        return default, "the builder needs the model's tokenizer files, and the model has none"
+        return "the builder needs the model's tokenizer files, and the model has none"
     if not builder_installed():
-        return default, "onnxruntime-genai is not installed"
-    return fast, "the fastest graph ONNX Runtime runs (GroupQueryAttention, cache written in place)"
+        return "onnxruntime-genai is not installed"
+    return None
 
 
 def exporter_of_manifest(name: str | None) -> Exporter:

@@ -21,7 +21,10 @@ from sa_export.export.base import GROUP_QUERY_ATTENTION, Exporter, ExportOptions
 from sa_export.export.onnx_io import load_onnx
 from sa_export.hf.models import ModelSource, load_config
 
-BUILDER_PRECISIONS = {"fp32": "fp32"}  # the builder's CPU precisions sa-export can check
+# The builder's CPU precisions sa-export can check. int4 is its default int4 graph:
+# MatMulNBits weights (4 bits, blocks of 32, symmetric, accuracy_level 4 = int8 activations
+# inside the MatMul) and a block-quantized embedding; what ONNX Runtime users ship.
+BUILDER_PRECISIONS = {"fp32": "fp32", "int4": "int4"}
 
 
 def builder_installed() -> bool:

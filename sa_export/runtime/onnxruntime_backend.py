@@ -14,7 +14,8 @@ from sa_export.runtime.base import ManifestModel
 class SAModel(ManifestModel):
     """An ONNX Runtime session over an OUT directory, with the manifest's cache layout."""
 
-    def __init__(self, out_dir: str | Path, threads: int | None = None, spin: bool = True, arena: bool = True):
+    def __init__(self, out_dir: str | Path, threads: int | None = None, spin: bool = True, arena: bool = True, graph: bytes | None = None):
+        """``graph``: a variant of OUT's model (serialized, weights still in OUT's external data) to run instead."""
         import onnxruntime as ort
 
         super().__init__(out_dir)
@@ -27,8 +28,10 @@ class SAModel(ManifestModel):
             # Idle pool threads otherwise spin for a while after each run; two sessions in
             # one process (bench) would then take each other's cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if graph is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.out_dir))
         self.session = ort.InferenceSession(
-            str(self.out_dir / self.manifest.model_file), options, providers=["CPUExecutionProvider"]
+            graph if graph is not None else str(self.out_dir / self.manifest.model_file), options, providers=["CPUExecutionProvider"]
         )
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.cache_pairs = [pair for layer in self.layout for pair in layer.pairs()]

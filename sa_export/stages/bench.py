@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sa_export.core.cache_names import WEIGHT_BYTES_PER_PARAMETER
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import MANIFEST_NAME, Manifest
 from sa_export.export import exporter_of_manifest, get_exporter
@@ -57,7 +58,7 @@ def decode_step_cost(manifest: Manifest, weight_bytes: int, context: int, batch:
     cache = manifest.cache
     per_token = cache.savings.bytes_per_token_sa
     attention_layers = sum(1 for layer in cache.layers if layer.has_key)
-    flops = batch * (2 * weight_bytes / cache.itemsize + 2 * _num_heads(manifest) * cache.head_dim * context * (attention_layers + manifest.num_layers))
+    flops = batch * (2 * weight_bytes / WEIGHT_BYTES_PER_PARAMETER[manifest.precision] + 2 * _num_heads(manifest) * cache.head_dim * context * (attention_layers + manifest.num_layers))
     return StepCost(weight_bytes, batch * context * per_token, flops)
 
 
@@ -67,7 +68,7 @@ def qk_projection_bytes(manifest: Manifest) -> int:
     shared = sum(1 for layer in cache.layers if not layer.has_key)
     heads = _num_heads(manifest)
     hidden = manifest.model.hidden_size if manifest.model else heads * cache.head_dim
-    return shared * hidden * (heads + cache.num_kv_heads) * cache.head_dim * cache.itemsize
+    return int(shared * hidden * (heads + cache.num_kv_heads) * cache.head_dim * WEIGHT_BYTES_PER_PARAMETER[manifest.precision])
 
 
 def weight_bytes(out_dir: Path, manifest: Manifest) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from sa_export.accuracy.compare import TOLERANCES, ParityReport
+from sa_export.accuracy.compare import FP32_TOLERANCE, QUANTIZED_PRECISIONS, TOLERANCES, ParityReport
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.errors import CheckFailed, ParityError, UsageError
 from sa_export.core.manifest import Manifest
@@ -30,9 +31,22 @@ def check_directory(
         manifest = Manifest.read(out_dir)
         manifest.verify_artifacts(out_dir)
     tolerance = TOLERANCES[manifest.precision]
+    if manifest.precision in QUANTIZED_PRECISIONS:
+        from sa_export.accuracy.quantized import load_graph_weights
+
+        with step(f"reference weights: the {manifest.precision} graph's own, dequantized", timings, "dequantize"):
+            load_graph_weights(hf_model, Path(out_dir) / manifest.model_file, manifest.plan)
     runtime = "TensorRT" if backend == "trt" else "ONNX Runtime"
     with step(f"parity: {runtime} {manifest.precision} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
         report = run_parity(open_model(out_dir, backend), hf_model, manifest.plan, tokenizer, decode_steps, tolerance, prefill_chunk=prefill_chunk)
+    if manifest.precision in QUANTIZED_PRECISIONS and backend == "ort":
+        from sa_export.accuracy.quantized import exact_arithmetic_graph
+        from sa_export.runtime import SAModel
+
+        with step("parity of the same graph with fp32 accumulation (MatMulNBits accuracy_level 1)", timings, "check_exact"):
+            exact_model = SAModel(out_dir, graph=exact_arithmetic_graph(Path(out_dir) / manifest.model_file))
+            exact = run_parity(exact_model, hf_model, manifest.plan, tokenizer, decode_steps, FP32_TOLERANCE, prefill_chunk=prefill_chunk)
+        report = dataclasses.replace(report, exact=exact)
     write_json_atomic(Path(out_dir) / PARITY_NAME, report.to_json())
     manifest = manifest.replace(parity=report.summary_json())
     manifest.write(out_dir)

@@ -135,3 +135,33 @@ def test_every_input_and_output_of_the_gqa_sa_graph_keeps_type_and_shape(genai_t
     present = next(o for o in graph.output if o.name == "present.3.value")
     dims = present.type.tensor_type.shape.dim
     assert len(dims) == 4 and (dims[1].dim_value, dims[3].dim_value) == (2, 16)  # 2 KV heads of 16
+
+
+def test_int4_graph_keeps_the_v_rows_of_the_quantized_projection(tiny_llama_with_tokenizer, tmp_path):
+    """The builder's int4 graph: shared layers keep the V rows of the packed MatMulNBits
+    (weights, scales) bit for bit; parity passes with fp32 accumulation at the fp32 gate."""
+    import numpy as np
+
+    from sa_export.stages.convert import ConvertRequest, convert
+
+    out = tmp_path / "out"
+    result = convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out, precision="int4"))
+    assert result.manifest.exporter == "genai" and result.manifest.precision == "int4"
+    assert result.parity.passed and result.parity.exact is not None, result.parity.summary_line()
+    assert result.parity.exact.logits_max_abs < 1e-3
+    model = onnx.load(out / "model.onnx")
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    nbits = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    for layer in (3, 4):
+        node = nbits[f"sa.layer{layer}.v_proj"]
+        assert {a.name: a.i for a in node.attribute}["N"] == 2 * 16  # 2 KV heads of 16
+        assert not any(f"layers.{layer}.attn.qkv_proj" in name for name in weights)
+    # The anchor keeps its packed rows; a shared layer's V rows equal the anchor-shaped layout's tail.
+    anchor_q = weights["model.layers.2.attn.qkv_proj.MatMul.weight_Q4"]
+    assert anchor_q.shape[0] == (4 + 2 * 2) * 16
+    unshared = tmp_path / "base"
+    convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=(), unshared=True, out=unshared, precision="int4", check=False))
+    base = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(unshared / "model.onnx").graph.initializer}
+    for suffix in ("Q4", "scales"):
+        packed = base[f"model.layers.3.attn.qkv_proj.MatMul.weight_{suffix}"]
+        np.testing.assert_array_equal(weights[f"sa.layer3.v_proj.weight_{'Q' if suffix == 'Q4' else 'scales'}"], packed[(4 + 2) * 16 :])

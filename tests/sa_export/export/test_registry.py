@@ -11,7 +11,7 @@ def test_each_exporter_declares_its_family_precisions_and_targets():
     dynamo, genai = EXPORTERS["dynamo"], EXPORTERS["genai"]
     assert (dynamo.graph_family, dynamo.serves_tensorrt, dynamo.has_position_ids) == (DECOMPOSED, True, True)
     assert (genai.graph_family, genai.serves_tensorrt, genai.has_position_ids) == (GROUP_QUERY_ATTENTION, False, False)
-    assert "fp16" in dynamo.precisions and genai.precisions == ("fp32",)
+    assert "fp16" in dynamo.precisions and genai.precisions == ("fp32", "int4")
     assert DEFAULT_EXPORTER in EXPORTERS
 
 
@@ -55,7 +55,10 @@ def test_auto_picks_the_builders_graph_where_it_serves_and_says_why(tiny_models,
 
     assert choice(tiny_llama_with_tokenizer) == ("genai", "the fastest graph ONNX Runtime runs (GroupQueryAttention, cache written in place)")
     assert choice(tiny_llama_with_tokenizer, "jetson-orin")[0] == "dynamo"
-    assert choice(tiny_llama_with_tokenizer, precision="fp16") == ("dynamo", "the builder's CPU graph is fp32; --precision fp16 takes the decomposed graph")
+    assert choice(tiny_llama_with_tokenizer, precision="fp16") == ("dynamo", "the builder's CPU graph is fp32/int4; --precision fp16 takes the decomposed graph")
+    assert choice(tiny_llama_with_tokenizer, precision="int4")[0] == "genai"
+    with pytest.raises(UsageError, match="--precision int4 is onnxruntime-genai's builder graph.*packed QKV"):
+        choice(tiny_models["gpt2"], precision="int4")
     name, why = choice(tiny_models["llama"])  # no tokenizer files
     assert name == "dynamo" and "tokenizer" in why
     name, why = choice(tiny_models["mistral"])
