@@ -64,17 +64,23 @@ class ManifestModel:
         return {past: outputs[present] for layer in self.layout for past, present in layer.pairs()}
 
     def prefill(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray], chunk: int | None = DEFAULT_PREFILL_CHUNK
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray], chunk: int | None = DEFAULT_PREFILL_CHUNK,
+        all_logits: bool = True,
     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Feed the new tokens in chunks of at most ``chunk`` (None: one call); the logits of
-        every new token, the cache after the last chunk and that chunk's outputs."""
+        every new token (``all_logits``) or of the last one only, the cache after the last
+        chunk and that chunk's outputs.
+
+        Generation needs only the last token's logits; keeping every chunk's would hold
+        [batch, prompt, vocab] (1.5 GiB for 8,000 tokens of a 49k vocabulary)."""
         length = input_ids.shape[1]
         past = attention_mask.shape[1] - length
         if chunk is None or chunk >= length:
-            return self.forward(input_ids, attention_mask, cache)
+            logits, cache, outputs = self.forward(input_ids, attention_mask, cache)
+            return (logits if all_logits else logits[:, -1:].copy()), cache, outputs
         logits = []
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             step_logits, cache, outputs = self.forward(input_ids[:, start:end], attention_mask[:, : past + end], cache)
-            logits.append(step_logits)
+            logits = [*logits, step_logits] if all_logits else [step_logits[:, -1:].copy()]
         return np.concatenate(logits, axis=1), cache, outputs

@@ -62,7 +62,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, prefi
     emitted = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     for index in range(max_new_tokens):
         if index == 0:
-            logits, cache, _ = model.prefill(input_ids, mask, cache, prefill_chunk)
+            logits, cache, _ = model.prefill(input_ids, mask, cache, prefill_chunk, all_logits=False)
         else:
             logits, cache, _ = model.forward(input_ids, mask, cache)
         token = int(np.argmax(logits[0, -1]))

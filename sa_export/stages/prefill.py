@@ -32,7 +32,7 @@ mask = np.ones_like(ids)
 steps = max(0, min(4, model.max_length - tokens)) if model.shared_buffer and model.max_length else 4
 cache = model.empty_cache(1, tokens + steps)
 start = time.perf_counter()
-logits, cache, _ = model.prefill(ids, mask, cache, chunk)
+logits, cache, _ = model.prefill(ids, mask, cache, chunk, all_logits=False)
 prefill_s = time.perf_counter() - start
 for _ in range(steps):
     mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
@@ -69,7 +69,7 @@ def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: i
     def timed(model: SAModel) -> float:
         cache = model.empty_cache(1, tokens)
         start = time.perf_counter()
-        model.prefill(ids, mask, cache, chunk)
+        model.prefill(ids, mask, cache, chunk, all_logits=False)
         return time.perf_counter() - start
 
     t_sa, t_base = [], []

@@ -106,6 +106,11 @@ def test_chunked_prefill_gives_the_logits_of_one_call(which, request):
     # and decoding goes on from the chunked cache
     step, _, _ = model.forward(ids[:, -1:], np.ones((1, 12), np.int64), cache)
     assert step.shape == (1, 1, whole.shape[-1])
+    # generation keeps only the last token's logits, chunked or not
+    for chunk in (4, None):
+        last, _, _ = model.prefill(ids, mask, model.empty_cache(1, 16), chunk, all_logits=False)
+        assert last.shape == (1, 1, whole.shape[-1])
+        np.testing.assert_allclose(last[0, 0], whole[0, -1], atol=1e-5)
 
 
 def test_check_with_chunked_prefill_passes(converted_tiny_llama):
