@@ -118,6 +118,7 @@ def head_map_option(default: str = "identity"):
         help=(
             "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
             "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
+            "mix-anchor (the same over the anchor's heads only), "
             f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
         ),
     )
@@ -139,10 +140,8 @@ calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), d
 @calib_option
 @calib_tokens_option
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
-@click.option(
-    "--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
-    help="fp16 keeps scores, Softmax and norms in fp32; int4 (--target cpu) is the builder's 4-bit weight graph. [default: the target's]",
-)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
+              help="fp16 keeps scores, Softmax and norms in fp32; int4 (--target cpu): the builder's 4-bit weight graph. [default: the target's]")
 @click.option(
     "--exporter", type=click.Choice([AUTO, *EXPORTERS, *REMOVED_EXPORTERS]), default=AUTO, show_default=True,
     help="auto: the fastest graph the target and model allow, and why (genai on --target cpu for Llama/Qwen2 "
@@ -231,6 +230,7 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk):
 @anchor_option
 @head_map_option()
 @click.option("--text", "text_file", type=click.Path(), help="Evaluation text (default: English news text shipped with gensim).")
+@click.option("--other-text", help="Also evaluate on this text of another domain; none skips it. [default: torch.nn.Module's Python source]")
 @calib_option
 @click.option("--max-tokens", type=click.IntRange(2), default=4096, show_default=True, help="Tokens of text to evaluate.")
 @calib_tokens_option
@@ -238,11 +238,13 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk):
 @click.option("--tasks", help="Comma-separated lm-evaluation-harness tasks to run on the base and SA models (local data only).")
 @click.option("--tasks-path", type=click.Path(exists=True, file_okay=False), help="Directory of extra task YAMLs (for local task data).")
 @click.option("--tasks-limit", type=click.IntRange(1), help="Evaluate at most this many documents per task.")
+@click.option("--precision", type=click.Choice(["fp32", "int4"]), default="fp32", show_default=True,
+              help="int4: both models hold the weights of onnxruntime-genai's int4 graph (dequantized).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write base_ppl, sa_ppl, eval_tokens, calib_tokens... as JSON.")
 @force_option
 @accept_keys_option
 @handle_errors
-def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, json_file, force, accept_unknown_config_keys):
+def eval_command(model, spans, anchors, head_map, text_file, other_text, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, precision, json_file, force, accept_unknown_config_keys):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.accuracy.evaluate import EvalRequest, evaluate
 
@@ -250,7 +252,7 @@ def eval_command(model, spans, anchors, head_map, text_file, calib_file, max_tok
         EvalRequest(
             model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,
             tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else (), tasks_path=tasks_path, tasks_limit=tasks_limit,
-            accept_unknown_config_keys=accept_unknown_config_keys,
+            accept_unknown_config_keys=accept_unknown_config_keys, precision=precision, other_text=other_text,
         )
     )
     click.echo("\n".join(result.lines()))

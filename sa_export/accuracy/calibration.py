@@ -6,7 +6,9 @@ averaged over chunks (the paper's isotropy measure). Head maps need nothing else
   argmax      each shared head reads the anchor head most similar to its own map;
   argmax-any  ... the most similar head of any earlier unshared layer of its kind;
   mix         a convex mixture of the TOP_K most similar such heads, fitted by least
-              squares on the calibration maps (in the graph: Gather + weighted sum).
+              squares on the calibration maps (in the graph: Gather + weighted sum);
+  mix-anchor  the same mixture over the anchor's heads only: no other layer has to
+              emit its probabilities, so it costs a decode step almost nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
-HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "calibrated")
+HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "calibrated")
 # What `--head-map calibrated` means: the mode that measured best (see README, `analyze`).
 CALIBRATED_DEFAULT = "mix"
 TOP_K = 4
@@ -106,7 +108,7 @@ def calibrate_head_maps(
     heads = stats.num_heads
     maps: dict[int, HeadMap] = {}
     for layer, anchor in sorted(plan.anchors.items()):
-        if mode == "argmax":
+        if mode in ("argmax", "mix-anchor"):
             candidates = [anchor]
         else:
             candidates = [

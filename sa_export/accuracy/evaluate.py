@@ -12,7 +12,7 @@ from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
 from sa_export.core.progress import progress_bar, step
-from sa_export.accuracy.texts import TokenText, split_texts
+from sa_export.accuracy.texts import TokenText, other_domain_tokens, split_texts
 from sa_export.accuracy.reference import shared_attention
 
 @torch.no_grad()
@@ -45,6 +45,8 @@ class EvalResult:
     context: int
     kv_fraction_saved: float
     tasks: dict = dataclasses.field(default_factory=dict)
+    precision: str = "fp32"
+    other: dict | None = None  # the same on text of another domain: source, base_ppl, sa_ppl
 
     @property
     def eval_tokens(self) -> int:
@@ -61,12 +63,21 @@ class EvalResult:
         if self.calibration is not None:
             lines.append(f"calib text    {self.calibration.source}")
         lines.append(f"plan          {self.plan.describe()}, head map {self.head_map}")
+        if self.precision != "fp32":
+            lines.append(f"weights       {self.precision}: the builder's {self.precision} graph's, dequantized (both models)")
         lines.append(f"base ppl      {self.base_ppl:.3f}")
         lines.append(f"SA ppl        {self.sa_ppl:.3f}")
         lines.append(
             f"delta         {self.delta:+.3f} ({100 * (self.sa_ppl / self.base_ppl - 1):+.1f}%) "
             f"for {100 * self.kv_fraction_saved:.1f}% less KV cache"
         )
+        if self.other is not None:
+            other = self.other
+            lines.append(f"other domain  {other['source']}")
+            lines.append(
+                f"              base ppl {other['base_ppl']:.3f}, SA ppl {other['sa_ppl']:.3f}, "
+                f"delta {other['sa_ppl'] - other['base_ppl']:+.3f} ({100 * (other['sa_ppl'] / other['base_ppl'] - 1):+.1f}%)"
+            )
         for task, sides in self.tasks.items():
             for metric in sorted(sides.get("base", {})):
                 if "stderr" not in metric:
@@ -90,6 +101,8 @@ class EvalResult:
             "calib_text": self.calibration.source if self.calibration else None,
             "kv_fraction_saved": self.kv_fraction_saved,
             "tasks": self.tasks,
+            "precision": self.precision,
+            "other_domain": self.other,
         }
 
 
@@ -109,6 +122,8 @@ class EvalRequest:
     tasks_path: str | None = None
     tasks_limit: int | None = None
     accept_unknown_config_keys: bool = False
+    precision: str = "fp32"  # int4: the weights of the builder's int4 graph, dequantized
+    other_text: str | None = None  # another domain's text; "none": skip (default: Python source)
 
 
 def load_for_reference(model: str, accept_unknown_config_keys: bool = False):
@@ -139,12 +154,20 @@ def evaluate(request: EvalRequest) -> EvalResult:
     evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, request.calib_tokens)
     if len(evaluation.ids) < 2:
         raise UsageError("the evaluation text has fewer than 2 tokens")
+    if request.precision != "fp32":
+        _load_quantized_weights(source, hf_model, request)
     plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
     ids = evaluation.ids
     with step(f"perplexity of the base model on {len(ids)} tokens"):
         base = perplexity(hf_model, ids, request.context)
     with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"):
         sa = perplexity(hf_model, ids, request.context, plan)
+    other = None
+    if (request.other_text or "").lower() != "none":
+        text = other_domain_tokens(tokenizer, request.other_text, request.max_tokens)
+        with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens)"):
+            other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context),
+                     "sa_ppl": perplexity(hf_model, text.ids, request.context, plan)}
     tasks = {}
     if request.tasks:
         from sa_export.accuracy.tasks import run_tasks
@@ -155,5 +178,26 @@ def evaluate(request: EvalRequest) -> EvalResult:
     used_calibration = request.head_map != "identity"
     return EvalResult(
         source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,
-        request.context, saved, tasks,
+        request.context, saved, tasks, request.precision, other,
     )
+
+
+def _load_quantized_weights(source, hf_model, request: EvalRequest) -> None:
+    """Give ``hf_model`` the weights of the unshared graph the builder makes at the requested
+    precision, so that both perplexities are those of the quantized model (its weights;
+    the int8 activations of ONNX Runtime's accuracy_level 4 are not modelled)."""
+    import tempfile
+    from pathlib import Path
+
+    from sa_export.accuracy.quantized import load_graph_weights
+    from sa_export.export import ExportOptions, get_exporter
+
+    exporter = get_exporter("genai")
+    if request.precision not in exporter.precisions:
+        raise UsageError(f"eval --precision {request.precision}: the builder's graphs are {', '.join(exporter.precisions)}")
+    options = ExportOptions(request.precision, accept_unknown_config_keys=request.accept_unknown_config_keys)
+    with tempfile.TemporaryDirectory(prefix="sa-export-eval-") as work:
+        with step(f"the builder's {request.precision} weights ({exporter.describe(options)})"):
+            graph = Path(work) / "export"
+            exporter.export(source, options, graph)
+            load_graph_weights(hf_model, graph / "model.onnx", SharingPlan(hf_model.config.num_hidden_layers, {}))

@@ -10,6 +10,9 @@ from sa_export.core.resources import package_file
 
 # English news text available offline: the Lee background corpus that the gensim wheel ships.
 DEFAULT_TEXT = ("gensim", "test/test_data/lee_background.cor")
+# Text of another domain, to check that what was fitted on news holds elsewhere: the
+# Python source of torch.nn.Module (code and its docstrings), which the pinned torch ships.
+OTHER_DOMAIN_TEXT = ("torch", "nn/modules/module.py")
 # Two texts overlap when they share any run of this many tokens.
 OVERLAP_WINDOW = 32
 
@@ -20,6 +23,21 @@ def default_text_path() -> Path:
     if path is None:
         raise EnvironmentProblem(f"the default text comes with {package}: pip install {package}, or pass --text/--calib FILE")
     return path
+
+
+def other_domain_text_path() -> Path:
+    package, relative = OTHER_DOMAIN_TEXT
+    path = package_file(package, relative)
+    if path is None:
+        raise EnvironmentProblem(f"the other-domain text comes with {package}; pass --other-text FILE")
+    return path
+
+
+def other_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> TokenText:
+    """The first ``max_tokens`` tokens of the other-domain text (default: torch.nn.Module's source)."""
+    text, file = read_text(path or other_domain_text_path())
+    ids = tokenizer(text)["input_ids"][:max_tokens]
+    return TokenText(ids, f"{file} tokens 0-{len(ids)}")
 
 
 def read_text(path: str | Path | None) -> tuple[str, Path]:

@@ -1,9 +1,10 @@
 """Perplexity of SA spans on the demo model, per head-map mode, side by side in one run.
 
-    python -m sa_export.benchmarks.head_maps [--model smollm2-135m] [--json FILE]
+    python -m sa_export.benchmarks.head_maps [--model smollm2-135m] [--other-text FILE] [--json FILE]
 
 Calibration text and evaluation text come from disjoint parts of the default text
-(checked by sa_export.accuracy.texts). The attention statistics are collected once and every
+(checked by sa_export.accuracy.texts); every mode is also evaluated on text of another
+domain (by default Python source), which calibration never sees. The attention statistics are collected once and every
 plan is calibrated from them, exactly as `eval --head-map` does for a single plan.
 """
 
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.core.plan import build_plan
-from sa_export.accuracy.texts import split_texts
+from sa_export.accuracy.texts import other_domain_tokens, split_texts
 
 SPANS = ("15-18", "20-28", "23-26", "26-29")
-MODES = ("identity", "argmax", "argmax-any", "mix")
+MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor")
 
 
 def main() -> None:
@@ -28,32 +30,40 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--other-text", help="Text of another domain (default: torch.nn.Module's Python source).")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
 
     _, config, model, tokenizer = load_for_reference(args.model)
     evaluation, calibration = split_texts(tokenizer, None, None, args.eval_tokens, args.calib_tokens)
+    texts = {"calib-domain": evaluation, "other-domain": other_domain_tokens(tokenizer, args.other_text, args.eval_tokens)}
+    started = time.perf_counter()
     stats = collect_statistics(model, calibration.ids)
-    base = perplexity(model, evaluation.ids, 1024)
-    print(f"eval:  {evaluation.source}\ncalib: {calibration.source}\nbase ppl {base:.2f}\n")
+    base = {name: perplexity(model, text.ids, 1024) for name, text in texts.items()}
+    print(f"calib: {calibration.source}")
+    for name, text in texts.items():
+        print(f"{name}: {text.source}, base ppl {base[name]:.2f}")
     modes = args.modes.split(",")
-    print(f"{'span':>7} " + " ".join(f"{m:>16}" for m in modes) + "   penalty kept by mix")
+    print(f"\n{'span':>7} {'text':>12} " + " ".join(f"{m:>16}" for m in modes) + "   penalty / identity's")
     rows = []
     for span in args.spans.split(","):
         plan = build_plan([span], config.num_hidden_layers)
-        row = {"span": span, "base_ppl": base}
-        for mode in modes:
-            mapped = plan.with_head_maps(calibrate_head_maps(stats, plan, mode))
-            row[mode] = perplexity(model, evaluation.ids, 1024, mapped)
-        rows.append(row)
-        cells = " ".join(f"{row[m]:8.2f} ({row[m] - base:+6.2f})" for m in modes)
-        kept = ""
-        if "identity" in row and "mix" in row:
-            kept = f"   {(row['mix'] - base) / (row['identity'] - base):.2f}"
-        print(f"{span:>7} {cells}{kept}", flush=True)
+        mapped = {mode: plan.with_head_maps(calibrate_head_maps(stats, plan, mode)) for mode in modes}
+        for name, text in texts.items():
+            row = {"span": span, "text": name, "base_ppl": base[name]}
+            for mode in modes:
+                row[mode] = perplexity(model, text.ids, 1024, mapped[mode])
+            penalty = {mode: row[mode] - base[name] for mode in modes}
+            if "identity" in penalty and penalty["identity"] > 0:
+                row["penalty_ratio"] = {mode: penalty[mode] / penalty["identity"] for mode in modes}
+            rows.append(row)
+            cells = " ".join(f"{row[m]:8.2f} ({penalty[m]:+6.2f})" for m in modes)
+            ratios = " ".join(f"{m} {r:.2f}" for m, r in row.get("penalty_ratio", {}).items() if m != "identity")
+            print(f"{span:>7} {name:>12} {cells}   {ratios}", flush=True)
+    print(f"\n{time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"eval": evaluation.to_json(), "calib": calibration.to_json(), "rows": rows}, handle, indent=2)
+            json.dump({"calib": calibration.to_json(), "texts": {k: v.to_json() for k, v in texts.items()}, "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":
