@@ -206,24 +206,23 @@ def _consecutive_runs(layers: list[int]) -> list[list[int]]:
 
 
 def _mixed_for_run(b: _Builder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value) -> dict[int, ir.Value]:
-    """Padded probabilities of every mapped layer of one run of shared layers, from one MatMul.
+    """Padded probabilities of every mapped layer of one run of shared layers.
 
-    The sources' probabilities are stacked once and multiplied by the [layers * heads,
-    sources * heads] matrix of all the run's head maps: the stacked sources are read once
-    for the run, not once per layer.
+    The sources' probabilities are stacked and padded to the buffer once for the run (the
+    sources are fewer than the run's layers); each layer multiplies them by its [heads,
+    sources * heads] mixture, whose output is already in the layer's shape: nothing of the
+    size of the probabilities is split or padded per layer.
     """
     sources = sorted({source for head_map in head_maps.values() for source in head_map.layers})
     stacked = b.op("Concat", [probs[s] for s in sources], "stack_sources", axis=1) if len(sources) > 1 else probs[sources[0]]
     dtype = probs[sources[0]].dtype.numpy() if probs[sources[0]].dtype is not None else np.float32
-    matrix = mixture_matrix(list(head_maps.values()), sources, heads, dtype)
-    flat = b.op("Reshape", [stacked, b.const("flat_shape", np.array([0, len(sources) * heads, -1], np.int64))], "flatten_sources")
-    mixed = b.op("MatMul", [b.const("head_mixture", matrix), flat], "mix_heads")
-    query_and_keys = b.op("Shape", [probs[sources[0]]], "probs_seq_dims", start=2)
-    shape = b.op("Concat", [b.const("mixed_lead", np.array([0, len(matrix)], np.int64)), query_and_keys], "mixed_shape", axis=0)
-    padded = b.op("Pad", [b.op("Reshape", [mixed, shape], "unflatten"), pads], "probs_to_buffer")
-    split = ir.node("Split", [padded], attributes={"axis": 1, "num_outputs": len(head_maps)}, num_outputs=len(head_maps), name=f"{b.prefix}.split_layers")
-    b.graph.insert_before(b.before, split)
-    return dict(zip(head_maps, split.outputs))
+    padded = b.op("Pad", [stacked, pads], "sources_to_buffer")
+    flat = b.op("Reshape", [padded, b.const("flat_shape", np.array([0, len(sources) * heads, -1], np.int64))], "flatten_sources")
+    mixed = {}
+    for layer, head_map in head_maps.items():
+        matrix = mixture_matrix([head_map], sources, heads, dtype)
+        mixed[layer] = b.op("MatMul", [b.const(f"layer{layer}.head_mixture", matrix), flat], f"layer{layer}.mix_heads")
+    return mixed  # [B, heads, S * buffer]: the grouping Reshape gives [B, kv, rep, S, buffer]
 
 
 class ShareGqaPass(ir.passes.InPlacePass):

@@ -118,7 +118,7 @@ def head_map_option(default: str = "identity"):
         help=(
             "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
             "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
-            "mix-anchor (the same over the anchor's heads only), "
+            "mix-anchor (the same over the anchor's heads only), mix-few (over the anchor and one more layer), "
             f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
         ),
     )

@@ -8,12 +8,15 @@ averaged over chunks (the paper's isotropy measure). Head maps need nothing else
   mix         a convex mixture of the TOP_K most similar such heads, fitted by least
               squares on the calibration maps (in the graph: Gather + weighted sum);
   mix-anchor  the same mixture over the anchor's heads only: no other layer has to
-              emit its probabilities, so it costs a decode step almost nothing.
+              emit its probabilities, so it costs a decode step almost nothing;
+  mix-few     the mixture over the heads of the anchors and of the one layer the free
+              mixture leans on most: one extra layer emits probabilities.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import torch
@@ -21,9 +24,10 @@ import torch
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
-HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "calibrated")
+HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated")
+EXTRA_SOURCE_LAYERS = 1  # mix-few: layers besides the anchors whose heads the maps may read
 # What `--head-map calibrated` means: the mode that measured best (see README, `analyze`).
-CALIBRATED_DEFAULT = "mix"
+CALIBRATED_DEFAULT = "mix-few"
 TOP_K = 4
 CHUNK_TOKENS = 256
 
@@ -105,6 +109,10 @@ def calibrate_head_maps(
         raise UsageError(f"unknown head map mode {mode!r}; choose one of {', '.join(HEAD_MAP_MODES)}")
     if mode == "identity":
         return {}
+    allowed = None  # every earlier unshared layer of the shared layer's kind
+    if mode == "mix-few":
+        allowed = set(plan.anchors.values()) | set(_most_used_layers(calibrate_head_maps(stats, plan, "mix", layer_kinds), plan))
+        mode = "mix"
     heads = stats.num_heads
     maps: dict[int, HeadMap] = {}
     for layer, anchor in sorted(plan.anchors.items()):
@@ -113,7 +121,7 @@ def calibrate_head_maps(
         else:
             candidates = [
                 l for l in range(layer)
-                if not plan.is_shared(l) and (layer_kinds is None or layer_kinds[l] == layer_kinds[layer])
+                if not plan.is_shared(l) and (layer_kinds is None or layer_kinds[l] == layer_kinds[layer]) and (allowed is None or l in allowed)
             ]
         columns = [stats.index(l, g) for l in candidates for g in range(heads)]
         pairs = [(l, g) for l in candidates for g in range(heads)]
@@ -133,3 +141,14 @@ def calibrate_head_maps(
             weights.append(tuple(float(x) for x in w))
         maps[layer] = HeadMap(tuple(sources), tuple(weights))
     return maps
+
+
+def _most_used_layers(maps: dict[int, HeadMap], plan: SharingPlan) -> list[int]:
+    """The EXTRA_SOURCE_LAYERS non-anchor layers carrying the most mixture weight in ``maps``."""
+    mass: Counter = Counter()
+    for head_map in maps.values():
+        for sources, weights in zip(head_map.sources, head_map.weights):
+            for (layer, _), weight in zip(sources, weights):
+                mass[layer] += weight
+    anchors = set(plan.anchors.values())
+    return [layer for layer, _ in mass.most_common() if layer not in anchors][:EXTRA_SOURCE_LAYERS]

@@ -31,6 +31,10 @@ def test_head_map_modes_respect_their_source_rules(stats):
     plan = build_plan(["3-4"], 6)
     argmax = calibrate_head_maps(stats, plan, "argmax")
     assert all(src[0][0] == 2 for src in argmax[4].sources)
+    # mix-anchor reads the anchor only; mix-few the anchor and one more layer, the same for every shared layer
+    assert {l for hm in calibrate_head_maps(stats, plan, "mix-anchor").values() for src in hm.sources for l, _ in src} == {2}
+    few = {l for hm in calibrate_head_maps(stats, plan, "mix-few").values() for src in hm.sources for l, _ in src}
+    assert len(few) <= 2 and few <= {0, 1, 2}
     anywhere = calibrate_head_maps(stats, plan, "argmax-any")
     assert all(src[0][0] in (0, 1, 2) for src in anywhere[4].sources)
     mix = calibrate_head_maps(stats, plan, "calibrated")
