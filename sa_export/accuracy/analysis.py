@@ -15,7 +15,8 @@ from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
-from sa_export.accuracy.texts import split_texts
+from sa_export.accuracy.frontier import recommend, save_plot, search_frontier
+from sa_export.accuracy.texts import TokenText, other_domain_tokens, split_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,12 @@ class AnalyzeRequest:
     search_tokens: int = 2048
     overwrite: bool = False
     accept_unknown_config_keys: bool = False
+    frontier: bool = False  # search plans of 1..max_shared layers per mode (sa_export.accuracy.frontier)
+    max_shared: int = 8
+    max_penalty: float | None = None
+    other_text: str | None = None
+    frontier_modes: tuple[str, ...] = ("identity", "calibrated")
+    eval_tokens: int = 2048  # of each frontier evaluation text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +73,14 @@ class AnalysisResult:
     span_length: int
     calibration_source: str
     command: str | None
+    frontier: list = dataclasses.field(default_factory=list)  # FrontierPoint
+    frontier_timing: dict | None = None
 
     def lines(self) -> list[str]:
         """What `analyze` prints."""
         lines: list[str] = []
+        if self.frontier:
+            return self._frontier_lines()
         lines.append(f"{self.out}: similarity.json, similarity.png ({self.stats.num_layers} x {self.stats.num_layers} layers)")
         lines.append(f"calibration: {self.calibration_source}, {self.stats.tokens} tokens")
         lines.append(f"spans of {self.span_length} layers, most similar to their anchor first:")
@@ -84,6 +95,21 @@ class AnalysisResult:
                     f"KV cache -{100 * candidate.kv_fraction_saved:.1f}%"
                 )
             lines.append(f"apply the best: {self.command}")
+        return lines
+
+
+    def _frontier_lines(self) -> list[str]:
+        first = self.frontier[0]
+        texts = list(first.ppl)
+        lines = [f"{self.out}: frontier.json, frontier.png, similarity.json, similarity.png",
+                 f"base ppl: " + ", ".join(f"{t} {first.base_ppl[t]:.2f}" for t in texts)]
+        lines.append(f"{'mode':>10} {'KV saved':>8}  " + "  ".join(f"{t + ' penalty':>20}" for t in texts) + "  spans")
+        for point in self.frontier:
+            cells = "  ".join(f"{100 * point.penalty(t):>+19.1f}%" for t in texts)
+            lines.append(f"{point.mode:>10} {100 * point.kv_fraction_saved:>7.1f}%  {cells}  {' '.join(point.spans)}")
+        timing = self.frontier_timing or {}
+        lines.append(f"search took {timing.get('seconds', 0):.0f} s on {timing.get('device', 'cpu')}")
+        lines.append(f"apply: {self.command}" if self.command else "no point asked for (--kv-saving F or --max-penalty P picks one)")
         return lines
 
 
@@ -155,7 +181,14 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
 
     searched: list[SpanCandidate] = []
     command = None
-    if request.share is not None or request.kv_saving is not None:
+    points, timing, chosen = [], None, None
+    if request.frontier:
+        points, timing = _frontier(request, source, config, hf_model, tokenizer, stats, calibration)
+        chosen = recommend(points, request.kv_saving, request.max_penalty)
+        if (request.kv_saving is not None or request.max_penalty is not None) and chosen is None:
+            raise UsageError("no plan on the frontier meets the request; raise --max-shared or --max-penalty")
+        command = chosen.command(request.model) if chosen else None
+    elif request.share is not None or request.kv_saving is not None:
         ids = calibration.ids[: request.search_tokens]
         with step(f"base perplexity on {len(ids)} calibration tokens"):
             base = perplexity(hf_model, ids, 1024)
@@ -193,4 +226,25 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
                 "convert_command": command,
             },
         )
-    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command)
+        if request.frontier:
+            write_json_atomic(tmp / "frontier.json", {
+                "model": source.name, "calibration": calibration.to_json(), "timing": timing,
+                "points": [p.to_json() for p in points], "recommended": chosen.to_json() if chosen else None, "convert_command": command,
+            })
+            save_plot(points, list(points[0].ppl), tmp / "frontier.png", f"{source.name}: perplexity penalty vs KV cache saved")
+    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command, points, timing)
+
+
+def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stats, calibration):
+    """Frontier points on held-out text of the calibration's domain and on another domain's."""
+    if request.share is not None:
+        raise UsageError("--frontier searches every number of shared layers; pick a point with --kv-saving or --max-penalty, not --share")
+    import torch
+
+    if torch.cuda.is_available():  # the search is hundreds of forward passes: use the GPU where there is one
+        hf_model.to("cuda")
+    # Held-out text of the calibration's domain (the head of its file) and text of another domain.
+    evaluation, _ = split_texts(tokenizer, request.calib_file, request.calib_file, request.eval_tokens, request.calib_tokens)
+    texts = {"calib-domain": evaluation, "other-domain": other_domain_tokens(tokenizer, request.other_text, request.eval_tokens)}
+    search = TokenText(calibration.ids[: request.search_tokens], calibration.source)
+    return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared)

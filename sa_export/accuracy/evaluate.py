@@ -22,11 +22,11 @@ def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | No
     total = 0
     with shared_attention(model, plan):
         for start in range(0, len(token_ids) - 1, context):
-            window = torch.tensor([token_ids[start : start + context]])
+            window = torch.tensor([token_ids[start : start + context]], device=model.device)
             if window.shape[1] < 2:
                 break
             logits = model(input_ids=window).logits[0, :-1].float()
-            targets = window[0, 1:]
+            targets = window[0, 1:].to(logits.device)
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
             total_nll += float(nll)
             total += len(targets)

@@ -58,11 +58,11 @@ def mix_probs(stored: dict[int, torch.Tensor], head_map: HeadMap) -> torch.Tenso
     layers = head_map.layers
     stacked = torch.cat([stored[layer] for layer in layers], dim=1)
     heads = stored[layers[0]].shape[1]
-    index = torch.tensor([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources])
+    index = torch.tensor([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources], device=stacked.device)
     picked = stacked[:, index]  # [batch, heads, k, q, kv]
     if head_map.width == 1:
         return picked[:, :, 0]
-    weights = torch.tensor(head_map.weights, dtype=picked.dtype)[None, :, :, None, None]
+    weights = torch.tensor(head_map.weights, dtype=picked.dtype, device=picked.device)[None, :, :, None, None]
     return (picked * weights).sum(2)
 
 

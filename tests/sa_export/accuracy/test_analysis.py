@@ -30,3 +30,38 @@ def test_analyze_refuses_an_impossible_saving(tiny_llama_with_tokenizer, tmp_pat
     result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "a", "--kv-saving", "0.7")
     assert result.exit_code == 2 and "at most half" in result.stderr
     assert leftovers(tmp_path / "a") == []
+
+
+def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_with_tokenizer, tmp_path):
+    """Plans of 1..2 shared layers per mode, on both texts; --kv-saving picks one whose command converts and passes check."""
+    import shlex
+
+    from sa_export.accuracy.frontier import spans_of
+
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(600)))
+    calib = tmp_path / "calib.txt"  # held-out head (evaluation) and tail (calibration) share no passage
+    calib.write_text(" ".join([*(f"w{(i * 7) % 250 + 3}" for i in range(2100)), *(f"w{(i * 11) % 240 + 5}" for i in range(600))]))
+    out = tmp_path / "analysis"
+    result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "2", "--kv-saving", "0.15",
+                     "--calib", calib, "--calib-tokens", "512", "--other-text", other)
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((out / "frontier.json").read_text())
+    points = data["points"]
+    assert [(p["mode"], len(p["shared_layers"])) for p in points] == [("identity", 1), ("identity", 2), ("calibrated", 1), ("calibrated", 2)]
+    for point in points:
+        assert set(point["penalty"]) == {"calib-domain", "other-domain"} and point["spans"] == spans_of(point["shared_layers"])
+        assert point["kv_fraction_saved"] == len(point["shared_layers"]) / 12
+    assert data["recommended"]["kv_fraction_saved"] >= 0.15 and data["timing"]["seconds"] > 0
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    command = data["convert_command"]
+    assert command in result.output and command.startswith("sa-export convert ")
+    args = shlex.split(command)[2:]
+    converted = run_cli("convert", *args, "-o", tmp_path / "sa", "--calib", calib, "--calib-tokens", "512")
+    assert converted.exit_code == 0, converted.output + converted.stderr
+
+
+def test_spans_group_consecutive_layers():
+    from sa_export.accuracy.frontier import spans_of
+
+    assert spans_of([9, 3, 4, 7, 8]) == ["3-4", "7-9"]

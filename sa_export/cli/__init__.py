@@ -1,74 +1,18 @@
-"""The sa-export command line. Thin click commands; only this module maps errors to exit codes."""
+"""The sa-export command line. Thin click commands; errors become exit codes in cli.options."""
 
 from __future__ import annotations
 
-import functools
-import os
-import signal
-import sys
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from sa_export import __version__
-from sa_export.core.errors import SAExportError, Terminated
-from sa_export.core.progress import console
-from sa_export.core.signals import signals_as_interrupts
+from sa_export.cli.options import (
+    quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_option, force_option,
+    handle_errors, head_map_option, prefill_chunk_option, span_option,
+)
 from sa_export.export import AUTO, EXPORTERS, REMOVED_EXPORTERS
 from targets.profiles import target_names
-
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party chatter (tracer warnings, transformers notices) out of the user's terminal."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "torch.onnx", "onnxscript", "onnx_ir", "onnxruntime"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def handle_errors(func):
-    """Turn every failure into one line on stderr and the documented exit code.
-
-    SIGTERM and SIGHUP unwind like Ctrl-C (temporary output removed): exit 128 + signal.
-    An unexpected exception prints its type and message; SA_EXPORT_DEBUG=1 shows the traceback.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            with signals_as_interrupts():
-                return func(*args, **kwargs)
-        except SAExportError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            sys.exit(exc.exit_code)
-        except Terminated as exc:
-            console.print(f"[red]terminated[/red] by {signal.Signals(exc.signum).name}: nothing was written")
-            sys.exit(128 + exc.signum)
-        except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]: nothing was written")
-            sys.exit(130)
-        except Exception as exc:
-            if os.environ.get("SA_EXPORT_DEBUG"):
-                raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(message)} (SA_EXPORT_DEBUG=1 shows the traceback)", soft_wrap=True)
-            sys.exit(EXIT_CHECK_FAILED)
-
-    return wrapper
-
-
-def _write_json(path: str | None, data: dict) -> None:
-    if path:
-        from sa_export.core.atomic import write_json_atomic
-
-        write_json_atomic(Path(path), data)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,57 +23,7 @@ def main():
 
     Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 missing environment (package, GPU).
     """
-    _quiet_libraries()
-
-
-span_option = click.option(
-    "--span",
-    "spans",
-    multiple=True,
-    required=True,
-    metavar="A-B",
-    help="Layers A..B (inclusive) reuse the probabilities of the last unshared layer before A. Repeatable.",
-)
-anchor_option = click.option(
-    "--anchor",
-    "anchors",
-    multiple=True,
-    type=int,
-    metavar="N",
-    help="Anchor layer instead of the default (once for all spans, or once per span).",
-)
-force_option = click.option("--force", is_flag=True, help="Share across layers whose attention differs in kind.")
-accept_keys_option = click.option(
-    "--accept-unknown-config-keys",
-    is_flag=True,
-    help="Use a config.json that sets keys the installed transformers does not know (typically saved by a newer "
-    "release) as if they were absent. Without it such a config is refused: the model built would differ from yours.",
-)
-
-
-def head_map_option(default: str = "identity"):
-    from sa_export.accuracy.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
-
-    return click.option(
-        "--head-map",
-        type=click.Choice(HEAD_MAP_MODES),
-        default=default,
-        show_default=True,
-        help=(
-            "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
-            "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
-            "mix-anchor (the same over the anchor's heads only), mix-few (over the anchor and one more layer), "
-            f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
-        ),
-    )
-
-
-calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
-prefill_chunk_option = click.option(
-    "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,
-    help="Feed prompts in chunks of at most this many tokens (0: whole): bounds the attention probabilities a prefill holds.",
-)
-calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")
+    quiet_libraries()
 
 
 @main.command()
@@ -183,7 +77,7 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
     )
     result = run_convert(request)
     click.echo("\n".join(result.lines()))
-    _write_json(json_file, result.summary_json())
+    write_json(json_file, result.summary_json())
     raise_on_failure(result.parity, result.target)
 
 
@@ -203,7 +97,7 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept
 
     report = run_check(out, reference, decode_steps, allow_pickle, backend, accept_unknown_config_keys, prefill_chunk or None)
     click.echo("\n".join(report.lines()))
-    _write_json(json_file, report.to_json())
+    write_json(json_file, report.to_json())
     raise_on_failure(report)
 
 
@@ -256,7 +150,7 @@ def eval_command(model, spans, anchors, head_map, text_file, other_text, calib_f
         )
     )
     click.echo("\n".join(result.lines()))
-    _write_json(json_file, result.to_json())
+    write_json(json_file, result.to_json())
 
 
 @main.command()
@@ -268,10 +162,15 @@ def eval_command(model, spans, anchors, head_map, text_file, other_text, calib_f
 @click.option("--kv-saving", type=float, help="Or: the KV-cache fraction to save (0-0.5); sets the span length.")
 @head_map_option()
 @click.option("--candidates", type=click.IntRange(1), default=6, show_default=True, help="Most similar spans to evaluate by perplexity.")
+@click.option("--frontier", is_flag=True, help="Search plans of 1..--max-shared layers (several spans, each with its anchor) per head-map mode; "
+              "writes frontier.json and frontier.png (penalty vs KV saved, on held-out news and on code). --kv-saving or --max-penalty picks a point.")
+@click.option("--max-shared", type=click.IntRange(1), default=8, show_default=True, help="Frontier: most layers to share.")
+@click.option("--max-penalty", type=click.FloatRange(0), help="Frontier: the largest saving whose perplexity penalty (e.g. 0.04 = +4%) holds on both texts.")
+@click.option("--other-text", help="Frontier: text of another domain. [default: torch.nn.Module's Python source]")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @accept_keys_option
 @handle_errors
-def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, overwrite, accept_unknown_config_keys):
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, max_penalty, other_text, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
     from sa_export.accuracy.analysis import AnalyzeRequest, analyze as run_analyze
@@ -281,7 +180,8 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
     result = run_analyze(
         AnalyzeRequest(
             model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,
-            accept_unknown_config_keys=accept_unknown_config_keys,
+            accept_unknown_config_keys=accept_unknown_config_keys, frontier=frontier, max_shared=max_shared,
+            max_penalty=max_penalty, other_text=other_text,
         )
     )
     click.echo("\n".join(result.lines()))
@@ -338,7 +238,7 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
     plot_file = plot_file or Path(out) / "bench.png"
     save_plot(result["decode"], plot_file, result["model"], result["prefill"])
     click.echo(f"plot: {plot_file}")
-    _write_json(json_file, result)
+    write_json(json_file, result)
 
 
 @main.command()
@@ -392,7 +292,3 @@ def build_engine_command(out):
     from sa_export.stages.target import build_engine_for
 
     click.echo(f"engine: {build_engine_for(out)}")
-
-
-if __name__ == "__main__":
-    main()

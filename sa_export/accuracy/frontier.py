@@ -1,0 +1,147 @@
+"""The accuracy frontier: for each number of shared layers, the cheapest plan found and
+its perplexity penalty, per head-map mode, on held-out text of the calibration's domain
+and on text of another domain.
+
+The search is greedy and practical on a CPU: every layer is first shared alone (with
+its previous layer as anchor) and its penalty measured on calibration text; the plan of
+k shared layers takes the k cheapest, grouped into spans of consecutive layers, each
+with the last unshared layer before it as anchor. Only those plans are then measured on
+both evaluation texts, which the search never reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_maps
+from sa_export.accuracy.evaluate import perplexity
+from sa_export.accuracy.texts import TokenText
+from sa_export.core.errors import UsageError
+from sa_export.core.plan import SharingPlan, build_plan
+from sa_export.core.progress import progress_bar
+
+WINDOW = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierPoint:
+    mode: str
+    shared_layers: tuple[int, ...]
+    spans: tuple[str, ...]
+    kv_fraction_saved: float
+    kv_bytes_saved_per_token: int
+    ppl: dict[str, float]  # text name -> SA perplexity
+    base_ppl: dict[str, float]
+
+    def penalty(self, text: str) -> float:
+        """Relative perplexity penalty: SA / base - 1."""
+        return self.ppl[text] / self.base_ppl[text] - 1
+
+    @property
+    def worst_penalty(self) -> float:
+        return max(self.penalty(text) for text in self.ppl)
+
+    def command(self, model: str) -> str:
+        spans = " ".join(f"--span {span}" for span in self.spans)
+        head_map = f" --head-map {self.mode}" if self.mode != "identity" else ""
+        return f"sa-export convert {model} {spans}{head_map}"
+
+    def to_json(self) -> dict:
+        return {
+            "mode": self.mode, "shared_layers": list(self.shared_layers), "spans": list(self.spans),
+            "kv_fraction_saved": self.kv_fraction_saved, "kv_bytes_saved_per_token": self.kv_bytes_saved_per_token,
+            "ppl": self.ppl, "base_ppl": self.base_ppl, "penalty": {text: self.penalty(text) for text in self.ppl},
+        }
+
+
+def spans_of(layers: list[int]) -> list[str]:
+    """Maximal runs of consecutive layers, as --span arguments."""
+    spans: list[list[int]] = []
+    for layer in sorted(layers):
+        if spans and spans[-1][-1] == layer - 1:
+            spans[-1].append(layer)
+        else:
+            spans.append([layer])
+    return [f"{run[0]}-{run[-1]}" for run in spans]
+
+
+def _plan(layers: list[int], num_layers: int, stats: AttentionStatistics, mode: str, kinds) -> SharingPlan:
+    plan = build_plan(spans_of(layers), num_layers, (), kinds)
+    return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, kinds))
+
+
+def search_frontier(
+    hf_model, config, stats: AttentionStatistics, search: TokenText, texts: dict[str, TokenText], modes: list[str], max_shared: int,
+) -> tuple[list[FrontierPoint], dict]:
+    """Frontier points for k = 1..max_shared shared layers in each mode, and how long it took."""
+    num_layers = config.num_hidden_layers
+    if not 1 <= max_shared < num_layers // 2 + 1:
+        raise UsageError(f"--max-shared {max_shared} is out of range: share 1-{num_layers // 2} of {num_layers} layers")
+    kinds = getattr(config, "layer_types", None)
+    heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.finfo(next(hf_model.parameters()).dtype).bits // 8
+    started = time.perf_counter()
+    base_search = perplexity(hf_model, search.ids, WINDOW)
+    base = {name: perplexity(hf_model, text.ids, WINDOW) for name, text in texts.items()}
+    # Every layer that can be shared alone: its previous layer is of its kind.
+    singles = [layer for layer in range(1, num_layers) if kinds is None or kinds[layer] == kinds[layer - 1]]
+    points: list[FrontierPoint] = []
+    for mode in modes:
+        cost = {}
+        with progress_bar(f"frontier ({mode}): each layer shared alone, on {len(search.ids)} calibration tokens", unit="layer") as advance:
+            for number, layer in enumerate(singles):
+                cost[layer] = perplexity(hf_model, search.ids, WINDOW, _plan([layer], num_layers, stats, mode, kinds)) - base_search
+                advance(number + 1, len(singles))
+        order = sorted(singles, key=lambda layer: cost[layer])
+        with progress_bar(f"frontier ({mode}): plans of 1-{max_shared} layers on {', '.join(texts)}", unit="plan") as advance:
+            for k in range(1, max_shared + 1):
+                layers = sorted(order[:k])
+                plan = _plan(layers, num_layers, stats, mode, kinds)
+                ppl = {name: perplexity(hf_model, text.ids, WINDOW, plan) for name, text in texts.items()}
+                points.append(FrontierPoint(
+                    mode, tuple(layers), tuple(spans_of(layers)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
+                ))
+                advance(k, max_shared)
+    timing = {"seconds": round(time.perf_counter() - started, 1), "device": str(next(hf_model.parameters()).device)}
+    return points, timing
+
+
+def recommend(points: list[FrontierPoint], kv_saving: float | None, max_penalty: float | None) -> FrontierPoint | None:
+    """The point a user asks for: the least worst-text penalty saving at least ``kv_saving``,
+    or the largest saving whose penalty is at most ``max_penalty`` on every text."""
+    if kv_saving is not None:
+        enough = [p for p in points if p.kv_fraction_saved >= kv_saving - 1e-9]
+        if not enough:
+            return None
+        least = min(p.kv_fraction_saved for p in enough)
+        return min((p for p in enough if p.kv_fraction_saved == least), key=lambda p: p.worst_penalty)
+    if max_penalty is not None:
+        within = [p for p in points if p.worst_penalty <= max_penalty]
+        return max(within, key=lambda p: (p.kv_fraction_saved, -p.worst_penalty)) if within else None
+    return None
+
+
+def save_plot(points: list[FrontierPoint], texts: list[str], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    for axis, text in zip(axes[0], texts):
+        for mode in dict.fromkeys(p.mode for p in points):
+            mine = sorted((p for p in points if p.mode == mode), key=lambda p: p.kv_fraction_saved)
+            axis.plot([100 * p.kv_fraction_saved for p in mine], [100 * p.penalty(text) for p in mine], marker="o", label=mode)
+        axis.set_xlabel("KV cache saved (%)")
+        axis.set_ylabel("perplexity penalty (%)")
+        axis.set_title(text)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

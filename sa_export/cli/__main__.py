@@ -1,0 +1,3 @@
+from sa_export.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""What every sa-export command shares: how errors become exit codes, and common options."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from sa_export.core.errors import SAExportError, Terminated
+from sa_export.core.progress import console
+from sa_export.core.signals import signals_as_interrupts
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter (tracer warnings, transformers notices) out of the user's terminal."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "torch.onnx", "onnxscript", "onnx_ir", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handle_errors(func):
+    """Turn every failure into one line on stderr and the documented exit code.
+
+    SIGTERM and SIGHUP unwind like Ctrl-C (temporary output removed): exit 128 + signal.
+    An unexpected exception prints its type and message; SA_EXPORT_DEBUG=1 shows the traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            with signals_as_interrupts():
+                return func(*args, **kwargs)
+        except SAExportError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except Terminated as exc:
+            console.print(f"[red]terminated[/red] by {signal.Signals(exc.signum).name}: nothing was written")
+            sys.exit(128 + exc.signum)
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]: nothing was written")
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("SA_EXPORT_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(message)} (SA_EXPORT_DEBUG=1 shows the traceback)", soft_wrap=True)
+            sys.exit(EXIT_CHECK_FAILED)
+
+    return wrapper
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        from sa_export.core.atomic import write_json_atomic
+
+        write_json_atomic(Path(path), data)
+
+
+span_option = click.option(
+    "--span",
+    "spans",
+    multiple=True,
+    required=True,
+    metavar="A-B",
+    help="Layers A..B (inclusive) reuse the probabilities of the last unshared layer before A. Repeatable.",
+)
+anchor_option = click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    type=int,
+    metavar="N",
+    help="Anchor layer instead of the default (once for all spans, or once per span).",
+)
+force_option = click.option("--force", is_flag=True, help="Share across layers whose attention differs in kind.")
+accept_keys_option = click.option(
+    "--accept-unknown-config-keys",
+    is_flag=True,
+    help="Use a config.json that sets keys the installed transformers does not know (typically saved by a newer "
+    "release) as if they were absent. Without it such a config is refused: the model built would differ from yours.",
+)
+
+
+def head_map_option(default: str = "identity"):
+    from sa_export.accuracy.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
+
+    return click.option(
+        "--head-map",
+        type=click.Choice(HEAD_MAP_MODES),
+        default=default,
+        show_default=True,
+        help=(
+            "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
+            "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
+            "mix-anchor (the same over the anchor's heads only), mix-few (over the anchor and one more layer), "
+            f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
+        ),
+    )
+
+
+calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
+prefill_chunk_option = click.option(
+    "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,
+    help="Feed prompts in chunks of at most this many tokens (0: whole): bounds the attention probabilities a prefill holds.",
+)
+calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")
