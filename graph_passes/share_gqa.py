@@ -28,7 +28,7 @@ import onnx_ir as ir
 from graph_passes.initializers import add_initializer
 from graph_passes.projections import column_slice, is_projection, projection_width
 from sa_export.core.errors import AttentionPatternError, PlanError
-from sa_export.core.plan import HeadMap, SharingPlan, mixture_matrix
+from sa_export.core.plan import HeadMap, SharingPlan, consecutive_runs, mixture_matrix
 
 GQA = "GroupQueryAttention"
 MS_DOMAIN = "com.microsoft"
@@ -195,16 +195,6 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
         graph.inputs.remove(past_key)
 
 
-def _consecutive_runs(layers: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for layer in sorted(layers):
-        if runs and runs[-1][-1] == layer - 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return runs
-
-
 def _mixed_for_run(b: _Builder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value) -> dict[int, ir.Value]:
     """Padded probabilities of every mapped layer of one run of shared layers.
 
@@ -254,7 +244,7 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     positions = _cache_positions(graph, layers[min(plan.anchors)])
     # Per run of consecutive shared layers (every source of the run precedes it): each
     # anchor's probabilities are padded once, and all head maps mixed by one MatMul.
-    for run in _consecutive_runs(list(plan.anchors)):
+    for run in consecutive_runs(list(plan.anchors)):
         b = _Builder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
         head_maps = {layer: plan.head_map(layer) for layer in run if plan.head_map(layer) is not None}
         padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, positions.pads) if head_maps else {}

@@ -17,20 +17,20 @@ OTHER_DOMAIN_TEXT = ("torch", "nn/modules/module.py")
 OVERLAP_WINDOW = 32
 
 
-def default_text_path() -> Path:
-    package, relative = DEFAULT_TEXT
+def _packaged_text(what: str, location: tuple[str, str], option: str) -> Path:
+    package, relative = location
     path = package_file(package, relative)
     if path is None:
-        raise EnvironmentProblem(f"the default text comes with {package}: pip install {package}, or pass --text/--calib FILE")
+        raise EnvironmentProblem(f"the {what} comes with {package}: pip install {package}, or pass {option} FILE")
     return path
+
+
+def default_text_path() -> Path:
+    return _packaged_text("default text", DEFAULT_TEXT, "--text/--calib")
 
 
 def other_domain_text_path() -> Path:
-    package, relative = OTHER_DOMAIN_TEXT
-    path = package_file(package, relative)
-    if path is None:
-        raise EnvironmentProblem(f"the other-domain text comes with {package}; pass --other-text FILE")
-    return path
+    return _packaged_text("other-domain text", OTHER_DOMAIN_TEXT, "--other-text")
 
 
 def other_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> TokenText:

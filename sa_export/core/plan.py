@@ -182,6 +182,17 @@ def mixture_matrix(head_maps: Sequence[HeadMap], sources: Sequence[int], heads: 
     return matrix
 
 
+def consecutive_runs(layers: Sequence[int]) -> list[list[int]]:
+    """Maximal runs of consecutive layers, in order: [3, 4, 7, 8, 9] -> [[3, 4], [7, 8, 9]]."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and runs[-1][-1] == layer - 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
 def _compact(layers: Sequence[int]) -> str:
     return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 

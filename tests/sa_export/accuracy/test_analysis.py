@@ -65,3 +65,15 @@ def test_spans_group_consecutive_layers():
     from sa_export.accuracy.frontier import spans_of
 
     assert spans_of([9, 3, 4, 7, 8]) == ["3-4", "7-9"]
+
+
+def test_recommend_reads_a_saving_at_a_tenth_of_a_percent_and_a_penalty_on_every_text():
+    from sa_export.accuracy.frontier import FrontierPoint, recommend
+
+    def point(mode, k, news, code):
+        return FrontierPoint(mode, tuple(range(k)), (), k / 60, 0, {"news": news, "code": code}, {"news": 10.0, "code": 5.0})
+
+    points = [point("identity", 4, 11.0, 6.0), point("calibrated", 4, 10.5, 5.5), point("calibrated", 5, 10.2, 5.1), point("calibrated", 6, 10.1, 6.0)]
+    assert recommend(points, 0.067, None) is points[1]  # 4 of 60 caches: 6.67%, asked as 6.7%
+    assert recommend(points, None, 0.05) is points[2]  # the largest saving within +5% on both texts
+    assert recommend(points, 0.2, None) is None and recommend(points, None, 0.001) is None
