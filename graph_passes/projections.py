@@ -21,6 +21,11 @@ MATMUL_NBITS = "MatMulNBits"
 _A, _B, _SCALES, _ZERO_POINTS, _G_IDX, _BIAS = range(6)
 
 
+def attribute_values(node: ir.Node) -> dict:
+    """A node's attributes as plain Python values."""
+    return {key: attr.value for key, attr in node.attributes.items()}
+
+
 def is_matmul_nbits(node: ir.Node) -> bool:
     return node.op_type == MATMUL_NBITS and node.domain == MS_DOMAIN
 
@@ -71,8 +76,7 @@ def column_slice(graph: ir.Graph, before: ir.Node, node: ir.Node, start: int, st
         narrow_inputs.append(add_initializer(graph, f"{name}.{suffixes[position]}", _rows(value.const_value.numpy(), rows, start, stop)))
     while narrow_inputs[-1] is None:
         narrow_inputs.pop()
-    attributes = {key: attr.value for key, attr in node.attributes.items()}
-    attributes["N"] = stop - start
+    attributes = {**attribute_values(node), "N": stop - start}
     new = ir.node(MATMUL_NBITS, narrow_inputs, attributes=attributes, domain=MS_DOMAIN, name=name)
     graph.insert_before(before, new)
     return new.outputs[0]

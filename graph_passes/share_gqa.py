@@ -1,8 +1,9 @@
 """Shared attention on GroupQueryAttention graphs (ONNX Runtime's fused attention).
 
 The graph is the one onnxruntime-genai's model builder makes: per layer a packed QKV
-MatMul (MatMulNBits in the builder's int4 graph) feeding com.microsoft GroupQueryAttention with rotary, past and present cache
-in one buffer of max_length positions (``past_present_share_buffer``). The rewrite
+MatMul (MatMulNBits in the builder's int4 graph) feeding com.microsoft GroupQueryAttention
+with rotary, past and present cache in one buffer of max_length positions
+(``past_present_share_buffer``). The rewrite
 keeps that speed:
 
 * an anchor's GQA also emits its post-softmax probabilities (``qk_output=2``, output 3);
@@ -26,12 +27,11 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.initializers import add_initializer
-from graph_passes.projections import column_slice, is_projection, projection_width
+from graph_passes.projections import MS_DOMAIN, column_slice, is_projection, projection_width
 from sa_export.core.errors import AttentionPatternError, PlanError
 from sa_export.core.plan import HeadMap, SharingPlan, consecutive_runs, mixture_matrix
 
 GQA = "GroupQueryAttention"
-MS_DOMAIN = "com.microsoft"
 QK_OUTPUT_SOFTMAX = 2  # GQA's qk_output mode for post-softmax probabilities
 TENSOR_SCATTER_OPSET = 24
 _CACHE_RE = re.compile(r"^(?:past_key_values|present)\.(\d+)\.(?:key|value)$")
@@ -243,7 +243,7 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     probs = {source: _with_probabilities_output(graph, layers[source]) for source in sorted(sources)}
     positions = _cache_positions(graph, layers[min(plan.anchors)])
     # Per run of consecutive shared layers (every source of the run precedes it): each
-    # anchor's probabilities are padded once, and all head maps mixed by one MatMul.
+    # source's probabilities are padded once for the run, and each mapped layer mixes them.
     for run in consecutive_runs(list(plan.anchors)):
         b = _Builder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
         head_maps = {layer: plan.head_map(layer) for layer in run if plan.head_map(layer) is not None}

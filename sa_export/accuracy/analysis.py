@@ -97,7 +97,6 @@ class AnalysisResult:
             lines.append(f"apply the best: {self.command}")
         return lines
 
-
     def _frontier_lines(self) -> list[str]:
         first = self.frontier[0]
         texts = list(first.ppl)

@@ -198,6 +198,6 @@ def _load_quantized_weights(source, hf_model, request: EvalRequest) -> None:
     options = ExportOptions(request.precision, accept_unknown_config_keys=request.accept_unknown_config_keys)
     with tempfile.TemporaryDirectory(prefix="sa-export-eval-") as work:
         with step(f"the builder's {request.precision} weights ({exporter.describe(options)})"):
-            graph = Path(work) / "export"
-            exporter.export(source, options, graph)
-            load_graph_weights(hf_model, graph / "model.onnx", SharingPlan(hf_model.config.num_hidden_layers, {}))
+            export_dir = Path(work) / "export"
+            model = exporter.export(source, options, export_dir)  # loaded once, by the exporter
+            load_graph_weights(hf_model, model.graph, SharingPlan(hf_model.config.num_hidden_layers, {}), export_dir)

@@ -17,10 +17,10 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from graph_passes.projections import MS_DOMAIN, attribute_values, is_matmul_nbits
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import SharingPlan
 
-MS_DOMAIN = "com.microsoft"
 # The builder's node names (onnxruntime-genai 0.18) and the SA rewrite's V projection.
 _LAYER_PROJECTION = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul_Q4$")
 _SHARED_V = re.compile(r"^sa\.layer(\d+)\.v_proj$")
@@ -62,7 +62,7 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 
 def dequantize_matmul_nbits(node: ir.Node) -> np.ndarray:
     """The weight of a MatMulNBits node as a Linear layer holds it: [N, K]."""
-    attrs = {key: attr.value for key, attr in node.attributes.items()}
+    attrs = attribute_values(node)
     inputs = list(node.inputs) + [None] * 6
     if inputs[4] is not None:
         raise UsageError(f"{node.name!r} reorders its input by g_idx; sa-export checks the builder's RTN int4 graph")
@@ -71,7 +71,7 @@ def dequantize_matmul_nbits(node: ir.Node) -> np.ndarray:
 
 def dequantize_gather(node: ir.Node) -> np.ndarray:
     """The embedding table of a GatherBlockQuantized node (quantized along its rows): [vocab, hidden]."""
-    attrs = {key: attr.value for key, attr in node.attributes.items()}
+    attrs = attribute_values(node)
     if attrs.get("quantize_axis", 1) != 1 or attrs.get("gather_axis", 0) != 0:
         raise UsageError(f"{node.name!r} is not a row-quantized embedding")
     data = node.inputs[0]
@@ -89,12 +89,10 @@ def graph_weights(graph: ir.Graph, config) -> dict[str, np.ndarray]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     weights: dict[str, np.ndarray] = {}
     for node in graph:
-        if node.domain != MS_DOMAIN:
-            continue
-        if node.op_type == "GatherBlockQuantized":
+        if node.op_type == "GatherBlockQuantized" and node.domain == MS_DOMAIN:
             weights["model.embed_tokens.weight"] = dequantize_gather(node)
             continue
-        if node.op_type != "MatMulNBits":
+        if not is_matmul_nbits(node):
             continue
         name = node.name or ""
         if name == _LM_HEAD:
@@ -128,14 +126,14 @@ def exact_arithmetic_graph(onnx_path: Path) -> bytes:
     return model.SerializeToString()
 
 
-def load_graph_weights(hf_model, onnx_path: Path, plan: SharingPlan) -> int:
+def load_graph_weights(hf_model, graph: ir.Graph, plan: SharingPlan, where: str | Path) -> int:
     """Put the graph's dequantized weights into ``hf_model``; the number of tensors loaded.
 
     Every Linear layer must be found, except the Q/K projections of shared layers, which the
     SA graph no longer holds and the reference does not use. The embedding is loaded when
-    the graph quantizes it (a full-precision table is the model's own).
+    the graph quantizes it (a full-precision table is the model's own). ``where`` names the
+    graph's file in errors.
     """
-    graph = ir.load(str(onnx_path)).graph
     weights = graph_weights(graph, hf_model.config)
     parameters = dict(hf_model.named_parameters(remove_duplicate=False))
     unused = {f"model.layers.{layer}.self_attn.{qk}_proj.weight" for layer in plan.shared_layers for qk in "qk"}
@@ -145,7 +143,7 @@ def load_graph_weights(hf_model, onnx_path: Path, plan: SharingPlan) -> int:
     unknown = sorted(set(weights) - set(parameters))
     if missing or unknown:
         what = f"no quantized weight for {', '.join(missing[:3])}" if missing else f"weights for unknown parameters {', '.join(unknown[:3])}"
-        raise UsageError(f"the quantized graph {onnx_path} does not map onto {hf_model.config.model_type}: {what}")
+        raise UsageError(f"the quantized graph {where} does not map onto {hf_model.config.model_type}: {what}")
     with torch.no_grad():
         for name, weight in weights.items():
             parameter = parameters[name]

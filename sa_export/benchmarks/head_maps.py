@@ -4,8 +4,9 @@
 
 Calibration text and evaluation text come from disjoint parts of the default text
 (checked by sa_export.accuracy.texts); every mode is also evaluated on text of another
-domain (by default Python source), which calibration never sees. The attention statistics are collected once and every
-plan is calibrated from them, exactly as `eval --head-map` does for a single plan.
+domain (by default Python source), which calibration never sees. The attention statistics
+are collected once and every plan is calibrated from them, exactly as `eval --head-map`
+does for a single plan.
 """
 
 from __future__ import annotations

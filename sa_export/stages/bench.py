@@ -273,8 +273,8 @@ def run_bench(
     progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
     prefill_memory: bool = True,
 ) -> dict:
-    """``prefill_tokens``: prompt lengths (an int or several)."""
-    """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory."""
+    """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory; ``prefill_tokens``: prompt
+    lengths (an int or several)."""
     manifest = Manifest.read(out_dir)
     if str(baseline) in (FASTEST, SAME_EXPORT):
         base_path = baseline_dir(Path(out_dir), manifest, str(baseline))

@@ -33,9 +33,11 @@ def check_directory(
     tolerance = TOLERANCES[manifest.precision]
     if manifest.precision in QUANTIZED_PRECISIONS:
         from sa_export.accuracy.quantized import load_graph_weights
+        from sa_export.export.onnx_io import load_onnx
 
+        graph_file = Path(out_dir) / manifest.model_file
         with step(f"reference weights: the {manifest.precision} graph's own, dequantized", timings, "dequantize"):
-            load_graph_weights(hf_model, Path(out_dir) / manifest.model_file, manifest.plan)
+            load_graph_weights(hf_model, load_onnx(graph_file).graph, manifest.plan, graph_file)
     runtime = "TensorRT" if backend == "trt" else "ONNX Runtime"
     with step(f"parity: {runtime} {manifest.precision} vs PyTorch SA reference ({decode_steps} decode steps)", timings, "check"):
         report = run_parity(open_model(out_dir, backend), hf_model, manifest.plan, tokenizer, decode_steps, tolerance, prefill_chunk=prefill_chunk)
