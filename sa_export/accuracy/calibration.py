@@ -11,6 +11,8 @@ averaged over chunks (the paper's isotropy measure). Head maps need nothing else
               emit its probabilities, so it costs a decode step almost nothing;
   mix-few     the mixture over the heads of the anchors and of the one layer the free
               mixture leans on most: one extra layer emits probabilities.
+``fit`` (sa_export.accuracy.distill) starts from mix-few and fits the weights on the
+model's output; it needs the model, not only these statistics.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
-HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated")
+HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated", "fit")
+FITTED_MODES = ("fit",)  # fitted by distillation through the model (distill.py), from FIT_START's maps
+FIT_START = "mix-few"
 EXTRA_SOURCE_LAYERS = 1  # mix-few: layers besides the anchors whose heads the maps may read
 # What `--head-map calibrated` means: the accurate mode that is never slower at decode (README).
 CALIBRATED_DEFAULT = "mix-few"
@@ -107,6 +111,8 @@ def calibrate_head_maps(
         mode = CALIBRATED_DEFAULT
     if mode not in HEAD_MAP_MODES:
         raise UsageError(f"unknown head map mode {mode!r}; choose one of {', '.join(HEAD_MAP_MODES)}")
+    if mode in FITTED_MODES:
+        raise UsageError(f"--head-map {mode} is fitted through the model (convert and eval); here choose a mode fitted from the statistics")
     if mode == "identity":
         return {}
     allowed = None  # every earlier unshared layer of the shared layer's kind

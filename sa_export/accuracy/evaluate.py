@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
+from sa_export.accuracy.calibration import FIT_START, FITTED_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
+from sa_export.accuracy.distill import FIT_STEPS, fit_head_maps
 from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
@@ -138,13 +139,21 @@ def load_for_reference(model: str, accept_unknown_config_keys: bool = False):
     return source, config, hf_model, tokenizer
 
 
-def calibrated_plan(hf_model, plan: SharingPlan, mode: str, calibration: TokenText, layer_kinds=None) -> SharingPlan:
-    """The plan with head maps calibrated on ``calibration`` (unchanged for identity)."""
-    if mode == "identity":
+def calibrated_plan(
+    hf_model, plan: SharingPlan, mode: str, calibration: TokenText, layer_kinds=None, stats: AttentionStatistics | None = None
+) -> SharingPlan:
+    """The plan with head maps calibrated on ``calibration`` (unchanged for identity);
+    ``stats``, when given, are that text's attention statistics, collected before."""
+    if mode == "identity" or not plan.anchors:
         return plan
-    with progress_bar("calibrating head maps", unit="chunk") as advance:
-        stats = collect_statistics(hf_model, calibration.ids, progress=advance)
-    return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, layer_kinds))
+    if stats is None:
+        with progress_bar("calibrating head maps", unit="chunk") as advance:
+            stats = collect_statistics(hf_model, calibration.ids, progress=advance)
+    if mode not in FITTED_MODES:
+        return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, layer_kinds))
+    start = calibrate_head_maps(stats, plan, FIT_START, layer_kinds)
+    with progress_bar(f"fitting head maps on the model's output ({FIT_STEPS} steps)", unit="step") as advance:
+        return plan.with_head_maps(fit_head_maps(hf_model, plan, calibration.ids, start, progress=advance))
 
 
 def evaluate(request: EvalRequest) -> EvalResult:

@@ -47,28 +47,33 @@ def shared_attention_forward(module, query, key, value, attention_mask, *args, *
     if head_map is None:
         probs = state.probs[state.plan.anchors[layer]]
     else:
-        probs = mix_probs(state.probs, head_map)
+        probs = mix_probs(state.probs, head_map, state.weights.get(layer))
     values = _repeat_kv(value, query.shape[1] // value.shape[1])
     output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
     return output, probs
 
 
-def mix_probs(stored: dict[int, torch.Tensor], head_map: HeadMap) -> torch.Tensor:
-    """The same computation as the graph's Concat / Gather / weighted ReduceSum."""
+def mix_probs(stored: dict[int, torch.Tensor], head_map: HeadMap, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The same computation as the graph's Concat / Gather / mixture MatMul.
+
+    ``weights`` ([heads, width], e.g. being fitted) replace the head map's own.
+    """
     layers = head_map.layers
     stacked = torch.cat([stored[layer] for layer in layers], dim=1)
     heads = stored[layers[0]].shape[1]
     index = torch.tensor([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources], device=stacked.device)
     picked = stacked[:, index]  # [batch, heads, k, q, kv]
-    if head_map.width == 1:
+    if head_map.width == 1 and weights is None:
         return picked[:, :, 0]
-    weights = torch.tensor(head_map.weights, dtype=picked.dtype, device=picked.device)[None, :, :, None, None]
-    return (picked * weights).sum(2)
+    if weights is None:
+        weights = torch.tensor(head_map.weights, device=picked.device)
+    return (picked * weights.to(picked.dtype)[None, :, :, None, None]).sum(2)
 
 
 class _SharingState:
-    def __init__(self, plan: SharingPlan):
+    def __init__(self, plan: SharingPlan, weights: dict[int, torch.Tensor] | None = None):
         self.plan = plan
+        self.weights = weights or {}
         self.anchor_layers = set(plan.anchor_layers)
         self.probs: dict[int, torch.Tensor] = {}
 
@@ -98,12 +103,15 @@ def attention_modules(model) -> list:
 
 
 @contextlib.contextmanager
-def shared_attention(model, plan: SharingPlan | None):
-    """Run ``model`` with the plan applied inside the block (plain eager when plan is None)."""
+def shared_attention(model, plan: SharingPlan | None, weights: dict[int, torch.Tensor] | None = None):
+    """Run ``model`` with the plan applied inside the block (plain eager when plan is None).
+
+    ``weights``: per shared layer, [heads, width] tensors that replace its head map's weights.
+    """
     _register()
     modules = attention_modules(model)
     previous = model.config._attn_implementation
-    state = _SharingState(plan) if plan is not None else None
+    state = _SharingState(plan, weights) if plan is not None else None
     for module in modules:
         module._sa_state = state
     model.config._attn_implementation = IMPLEMENTATION

@@ -15,13 +15,13 @@ import argparse
 import json
 import time
 
-from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
-from sa_export.accuracy.evaluate import load_for_reference, perplexity
+from sa_export.accuracy.calibration import collect_statistics
+from sa_export.accuracy.evaluate import calibrated_plan, load_for_reference, perplexity
 from sa_export.core.plan import build_plan
 from sa_export.accuracy.texts import other_domain_tokens, split_texts
 
 SPANS = ("15-18", "20-28", "23-26", "26-29")
-MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor")
+MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "mix-few", "fit")
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     rows = []
     for span in args.spans.split(","):
         plan = build_plan([span], config.num_hidden_layers)
-        mapped = {mode: plan.with_head_maps(calibrate_head_maps(stats, plan, mode)) for mode in modes}
+        mapped = {mode: calibrated_plan(model, plan, mode, calibration, stats=stats) for mode in modes}
         for name, text in texts.items():
             row = {"span": span, "text": name, "base_ppl": base[name]}
             for mode in modes:

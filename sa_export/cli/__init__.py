@@ -160,7 +160,7 @@ def eval_command(model, spans, anchors, head_map, text_file, other_text, calib_f
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-analysis).")
 @click.option("--share", type=int, help="Search spans of this many layers by perplexity and recommend the best.")
 @click.option("--kv-saving", type=float, help="Or: the KV-cache fraction to save (0-0.5); sets the span length.")
-@head_map_option()
+@head_map_option(fitted=False)
 @click.option("--candidates", type=click.IntRange(1), default=6, show_default=True, help="Most similar spans to evaluate by perplexity.")
 @click.option("--frontier", is_flag=True, help="Search plans of 1..--max-shared layers (several spans, each with its anchor) per head-map mode; "
               "writes frontier.json and frontier.png (penalty vs KV saved, on held-out news and on code). --kv-saving or --max-penalty picks a point.")

@@ -93,19 +93,23 @@ accept_keys_option = click.option(
 )
 
 
-def head_map_option(default: str = "identity"):
-    from sa_export.accuracy.calibration import CALIBRATED_DEFAULT, HEAD_MAP_MODES
+def head_map_option(default: str = "identity", fitted: bool = True):
+    """--head-map; ``fitted=False`` leaves out the modes fitted through the model (too slow to search with)."""
+    from sa_export.accuracy.calibration import CALIBRATED_DEFAULT, FITTED_MODES, HEAD_MAP_MODES
 
     return click.option(
         "--head-map",
-        type=click.Choice(HEAD_MAP_MODES),
+        type=click.Choice([mode for mode in HEAD_MAP_MODES if fitted or mode not in FITTED_MODES]),
         default=default,
         show_default=True,
         help=(
             "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
             "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
             "mix-anchor (the same over the anchor's heads only), mix-few (over the anchor and one more layer), "
-            f"calibrated (= {CALIBRATED_DEFAULT}). All but identity are fitted on calibration text."
+            f"calibrated (= {CALIBRATED_DEFAULT})"
+            + (", fit (mix-few's layers, every head, weights fitted on the model's output by distillation: the most "
+               "accurate, minutes on a CPU)" if fitted else "")
+            + ". All but identity are fitted on calibration text."
         ),
     )
 

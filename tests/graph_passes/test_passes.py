@@ -70,20 +70,16 @@ def _run(path, feeds):
     return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})))
 
 
-def test_head_map_becomes_one_gather_and_matches_the_reference(exported, tiny_llama, tmp_path):
-    """The graph and the PyTorch reference apply the same head map."""
+def _graph_and_reference_logits(exported, tiny_llama, tmp_path, plan: SharingPlan):
+    """Logits of the rewritten graph (ONNX Runtime) and of the PyTorch reference, on one prompt."""
     import torch
 
     from sa_export.hf.models import ModelSource, load_hf_model
     from sa_export.accuracy.reference import shared_attention
 
-    plan = SharingPlan(6, {3: 2, 4: 2}, {3: HeadMap.from_anchor_heads(2, (1, 0, 3, 2))})
     model = ir.load(exported)
     apply_sharing_plan(model, plan)
-    gathers = [n for n in model.graph if n.op_type == "Gather" and n.name.startswith("sa.")]
-    assert len(gathers) == 1 and gathers[0].attributes["axis"].value == 1
     ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data")
-
     ids = np.random.default_rng(0).integers(0, 256, (1, 10))
     feeds = {
         "input_ids": ids,
@@ -91,14 +87,34 @@ def test_head_map_becomes_one_gather_and_matches_the_reference(exported, tiny_ll
         "position_ids": np.arange(10)[None],
         **{f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 16), np.float32) for i in range(6) for k in ("key", "value")},
     }
-    onnx_logits = _run(tmp_path / "m.onnx", feeds)["logits"]
     hf = load_hf_model(ModelSource("hf", tiny_llama, "tiny"))
     with torch.no_grad(), shared_attention(hf, plan):
         ref = hf(torch.from_numpy(ids)).logits.numpy()
-    with torch.no_grad(), shared_attention(hf, SharingPlan(6, {3: 2, 4: 2})):
+    with torch.no_grad(), shared_attention(hf, SharingPlan(6, dict(plan.anchors))):
         identity = hf(torch.from_numpy(ids)).logits.numpy()
+    return model, _run(tmp_path / "m.onnx", feeds)["logits"], ref, identity
+
+
+def test_head_map_becomes_one_gather_and_matches_the_reference(exported, tiny_llama, tmp_path):
+    """The graph and the PyTorch reference apply the same head map."""
+    plan = SharingPlan(6, {3: 2, 4: 2}, {3: HeadMap.from_anchor_heads(2, (1, 0, 3, 2))})
+    model, onnx_logits, ref, identity = _graph_and_reference_logits(exported, tiny_llama, tmp_path, plan)
+    gathers = [n for n in model.graph if n.op_type == "Gather" and n.name.startswith("sa.")]
+    assert len(gathers) == 1 and gathers[0].attributes["axis"].value == 1
     assert np.abs(onnx_logits - ref).max() < 1e-4
     assert np.abs(identity - ref).max() > 1e-3  # the map matters
+
+
+def test_a_fitted_head_map_with_gains_matches_the_reference(exported, tiny_llama, tmp_path):
+    """``fit``'s maps read every head of their layers, with weights that need not sum to 1."""
+    rng = np.random.default_rng(2)
+    sources = tuple((layer, head) for layer in (1, 2) for head in range(4))
+    weights = tuple(tuple(float(w) for w in rng.uniform(0.0, 0.3, len(sources))) for _ in range(4))
+    assert any(abs(sum(row) - 1) > 0.1 for row in weights)
+    plan = SharingPlan(6, {3: 2, 4: 2}, {3: HeadMap((sources,) * 4, weights)})
+    _, onnx_logits, ref, identity = _graph_and_reference_logits(exported, tiny_llama, tmp_path, plan)
+    assert np.abs(onnx_logits - ref).max() < 1e-4
+    assert np.abs(identity - ref).max() > 1e-3
 
 
 def test_group_query_attention_without_packed_qkv_is_refused_naming_the_layer():

@@ -51,18 +51,26 @@ def test_head_map_modes_respect_their_source_rules(stats):
     assert calibrate_head_maps(stats, plan, "identity") == {}
 
 
-def test_convert_with_a_mixture_head_map_passes_check(tiny_llama_with_tokenizer, tmp_path):
+@pytest.mark.parametrize("mode", ["mix", "fit"])
+def test_convert_with_a_mixture_head_map_passes_check(mode, tiny_llama_with_tokenizer, tmp_path):
     import json
 
     from tests.helpers import run_cli
 
-    out = tmp_path / "mix"
-    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3-4", "--head-map", "mix", "--calib-tokens", "512", "-o", out)
+    out = tmp_path / mode
+    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3-4", "--head-map", mode, "--calib-tokens", "512", "-o", out)
     assert result.exit_code == 0, result.output + result.stderr
     assert "parity PASSED" in result.output
     manifest = json.loads((out / "sa_manifest.json").read_text())
-    assert manifest["head_map"]["mode"] == "mix" and manifest["head_map"]["calibration"]["tokens"] == 512
-    assert len(manifest["plan"]["head_maps"]["3"]["sources"][0]) == 4
+    assert manifest["head_map"]["mode"] == mode and manifest["head_map"]["calibration"]["tokens"] == 512
+    assert len(manifest["plan"]["head_maps"]["3"]["sources"][0]) % 4 == 0
+
+
+def test_fit_is_refused_where_only_statistics_are_at_hand(stats):
+    from sa_export.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="fitted through the model"):
+        calibrate_head_maps(stats, build_plan(["3-4"], 6), "fit")
 
 
 def test_head_maps_need_a_tokenizer(tiny_llama, tmp_path):

@@ -1,0 +1,121 @@
+"""Head maps fitted on what the model outputs, not only on how alike the maps look.
+
+``fit`` starts from the ``mix-few`` maps and keeps their source layers (so the graph, and
+its cost at decode, is the same), but lets every head of a shared layer read every head
+of those layers, with a gain: head h reads ``g_h * sum_k softmax(a_h)_k * P_k``. The
+weights are fitted by gradient descent on the KL divergence from the base model's
+next-token distribution to the SA model's, on calibration text (distillation: the base
+model is the teacher, so no label of the text is fitted).
+
+It is a few hundred numbers per shared layer; a refit of each shared layer's output
+projection, with tens of thousands, fitted the calibration text and lost on text of another
+domain. Every fourth chunk of the calibration text is held out; the maps kept are those
+with the least divergence there, among the start and every VALIDATE_EVERY steps (so the
+fit never returns maps worse, on text it did not fit, than the ones it started from).
+The benchmark (``python -m sa_export.benchmarks.head_maps``) judges the fit on both domains.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sa_export.accuracy.reference import shared_attention
+from sa_export.core.errors import UsageError
+from sa_export.core.plan import HeadMap, SharingPlan
+
+FIT_STEPS = 60
+FIT_CHUNKS_PER_STEP = 4
+FIT_CHUNK_TOKENS = 256
+FIT_LEARNING_RATE = 0.2
+WEIGHT_FLOOR = 0.01  # every source starts with a little weight, so that the fit can move to it
+SEED = 0
+HOLD_OUT_EVERY = 4  # every fourth chunk validates, when there are at least this many
+VALIDATE_EVERY = 10
+
+
+class _FittedMaps(torch.nn.Module):
+    """Per shared layer: [heads, sources] mixture logits and [heads] log gains."""
+
+    def __init__(self, start: dict[int, HeadMap], heads: int):
+        super().__init__()
+        self.sources: dict[int, tuple[tuple[int, int], ...]] = {}
+        self.logits = torch.nn.ParameterDict()
+        self.log_gains = torch.nn.ParameterDict()
+        for layer, head_map in sorted(start.items()):
+            sources = tuple((source, head) for source in head_map.layers for head in range(heads))
+            weights = torch.full((head_map.num_heads, len(sources)), WEIGHT_FLOOR, dtype=torch.float64)
+            for head, (pairs, start_weights) in enumerate(zip(head_map.sources, head_map.weights)):
+                for pair, weight in zip(pairs, start_weights):
+                    weights[head, sources.index(pair)] += weight
+            self.sources[layer] = sources
+            self.logits[str(layer)] = torch.nn.Parameter(torch.log(weights / weights.sum(1, keepdim=True)).float())
+            self.log_gains[str(layer)] = torch.nn.Parameter(torch.zeros(head_map.num_heads, 1))
+
+    def weights(self) -> dict[int, torch.Tensor]:
+        """[heads, sources] weights of every layer: the mixture times the head's gain."""
+        return {layer: torch.softmax(self.logits[str(layer)], 1) * torch.exp(self.log_gains[str(layer)]) for layer in self.sources}
+
+    def head_maps(self) -> dict[int, HeadMap]:
+        maps = {}
+        for layer, weights in self.weights().items():
+            rows = weights.detach().double().tolist()
+            maps[layer] = HeadMap(tuple(self.sources[layer] for _ in rows), tuple(tuple(row) for row in rows))
+        return maps
+
+
+def fit_head_maps(
+    model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None
+) -> dict[int, HeadMap]:
+    """Maps for ``plan``'s shared layers, fitted from ``start`` by distillation on ``token_ids``."""
+    chunks = [token_ids[i : i + FIT_CHUNK_TOKENS] for i in range(0, len(token_ids) - FIT_CHUNK_TOKENS + 1, FIT_CHUNK_TOKENS)]
+    if not chunks:
+        raise UsageError(f"head map fit: the calibration text needs at least {FIT_CHUNK_TOKENS} tokens")
+    if not start:
+        return {}
+    held = set(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else set()
+    held_out = [chunks[i] for i in sorted(held)] or chunks  # too short to hold any out: validate on all
+    training = [chunk for i, chunk in enumerate(chunks) if i not in held]
+    fitted = _FittedMaps(start, next(iter(start.values())).num_heads).to(model.device)
+    structure = plan.with_head_maps(fitted.head_maps())  # the sources; weights come from ``fitted``
+    optimizer = torch.optim.Adam(fitted.parameters(), lr=FIT_LEARNING_RATE)
+    generator = torch.Generator().manual_seed(SEED)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:  # gradients only for the maps
+        parameter.requires_grad_(False)
+    try:
+        best = (_divergence(model, plan.with_head_maps(start), held_out), start)
+        for number in range(1, steps + 1):
+            optimizer.zero_grad()
+            for index in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist():
+                ids = torch.tensor([training[index]], device=model.device)
+                with torch.no_grad():
+                    teacher = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                with shared_attention(model, structure, weights=fitted.weights()):
+                    student = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                (_kl(teacher, student) / min(FIT_CHUNKS_PER_STEP, len(training))).backward()
+            optimizer.step()
+            if number % VALIDATE_EVERY == 0 or number == steps:
+                maps = fitted.head_maps()
+                best = min(best, (_divergence(model, plan.with_head_maps(maps), held_out), maps), key=lambda pair: pair[0])
+            if progress is not None:
+                progress(number, steps)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    return best[1]
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), both log-probabilities."""
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _divergence(model, plan: SharingPlan, chunks: list[list[int]]) -> float:
+    total = 0.0
+    for chunk in chunks:
+        ids = torch.tensor([chunk], device=model.device)
+        teacher = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        with shared_attention(model, plan):
+            total += float(_kl(teacher, torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)))
+    return total / len(chunks)

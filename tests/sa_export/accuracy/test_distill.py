@@ -1,0 +1,73 @@
+import numpy as np
+import torch
+
+from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
+from sa_export.accuracy.distill import FIT_CHUNK_TOKENS, fit_head_maps
+from sa_export.accuracy.reference import shared_attention
+from sa_export.core.plan import HeadMap, build_plan
+from tests.sa_export.accuracy.test_reference import _model
+
+
+@torch.no_grad()
+def _divergence(model, plan, ids) -> float:
+    """Mean KL from the base model's next-token distribution to the SA model's."""
+    teacher = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    with shared_attention(model, plan):
+        student = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    return float((teacher.exp() * (teacher - student)).sum(-1).mean())
+
+
+def _peaked_model():
+    """The tiny random model with larger Q/K weights: peaked maps that differ from layer to
+    layer, so that which map a shared layer reads matters (at init they are almost uniform)."""
+    model = _model()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def test_fit_finds_the_heads_that_a_shared_layer_should_read():
+    """Layers 3 and 4 get the anchor's Q/K weights, so each head's own map is close to the
+    anchor's same head. Started from a wrong permutation, the fit moves there."""
+    model = _peaked_model()
+    with torch.no_grad():
+        for layer in (3, 4):
+            for name in ("q_proj", "k_proj"):
+                getattr(model.model.layers[layer].self_attn, name).weight.copy_(getattr(model.model.layers[2].self_attn, name).weight)
+    ids = np.random.default_rng(0).integers(0, 256, 4 * FIT_CHUNK_TOKENS).tolist()
+    plan = build_plan(["3-4"], 6)
+    start = {layer: HeadMap.from_anchor_heads(2, [(head + 2) % 4 for head in range(4)]) for layer in (3, 4)}
+    fitted = fit_head_maps(model, plan, ids, start, steps=20)
+    assert sorted(fitted) == [3, 4]
+    for head_map in fitted.values():
+        assert head_map.sources[0] == ((2, 0), (2, 1), (2, 2), (2, 3))  # every head of the start's layers
+        assert min(min(weights) for weights in head_map.weights) >= 0
+        assert [max(range(4), key=weights.__getitem__) for weights in head_map.weights] == [0, 1, 2, 3]
+    held_out = torch.tensor([np.random.default_rng(1).integers(0, 256, FIT_CHUNK_TOKENS).tolist()])
+    before = _divergence(model, plan.with_head_maps(start), held_out)
+    after = _divergence(model, plan.with_head_maps(fitted), held_out)
+    assert after < 0.5 * before, (before, after)
+    assert all(parameter.requires_grad for parameter in model.parameters())  # the model is left as it was
+
+
+def test_fit_needs_a_chunk_of_text():
+    import pytest
+
+    from sa_export.core.errors import UsageError
+
+    model = _model()
+    plan = build_plan(["3"], 6)
+    with pytest.raises(UsageError, match="at least"):
+        fit_head_maps(model, plan, list(range(10)), {}, steps=1)
+
+
+def test_the_fit_keeps_the_start_where_it_is_better_on_held_out_text():
+    """At init the tiny model's maps are almost uniform: the start is as good as it gets, and
+    steps of the learning rate's size only add noise; the held-out chunk keeps the start."""
+    model = _model()
+    ids = np.random.default_rng(0).integers(0, 256, 4 * FIT_CHUNK_TOKENS).tolist()
+    plan = build_plan(["3-4"], 6)
+    start = calibrate_head_maps(collect_statistics(model, ids, chunk_tokens=64), plan, "mix-few")
+    assert fit_head_maps(model, plan, ids, start, steps=10) == start
