@@ -31,6 +31,7 @@ WEIGHT_FLOOR = 0.01  # every source starts with a little weight, so that the fit
 SEED = 0
 HOLD_OUT_EVERY = 4  # every fourth chunk validates, when there are at least this many
 VALIDATE_EVERY = 10
+TEACHER_CACHE_BYTES = 1 << 30  # the base model's log-probabilities are kept when they fit in this
 
 
 class _FittedMaps(torch.nn.Module):
@@ -72,9 +73,10 @@ def fit_head_maps(
         raise UsageError(f"head map fit: the calibration text needs at least {FIT_CHUNK_TOKENS} tokens")
     if not start:
         return {}
-    held = set(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else set()
-    held_out = [chunks[i] for i in sorted(held)] or chunks  # too short to hold any out: validate on all
-    training = [chunk for i, chunk in enumerate(chunks) if i not in held]
+    held_out = list(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else []
+    training = [i for i in range(len(chunks)) if i not in held_out]
+    held_out = held_out or training  # too short to hold any out: validate on all
+    teacher = _Teacher(model, chunks)
     fitted = _FittedMaps(start, next(iter(start.values())).num_heads).to(model.device)
     structure = plan.with_head_maps(fitted.head_maps())  # the sources; weights come from ``fitted``
     optimizer = torch.optim.Adam(fitted.parameters(), lr=FIT_LEARNING_RATE)
@@ -83,20 +85,18 @@ def fit_head_maps(
     for parameter in trainable:  # gradients only for the maps
         parameter.requires_grad_(False)
     try:
-        best = (_divergence(model, plan.with_head_maps(start), held_out), start)
+        best = (_divergence(teacher, plan.with_head_maps(start), held_out), start)
         for number in range(1, steps + 1):
             optimizer.zero_grad()
-            for index in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist():
-                ids = torch.tensor([training[index]], device=model.device)
-                with torch.no_grad():
-                    teacher = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist()]
+            for index in picked:
                 with shared_attention(model, structure, weights=fitted.weights()):
-                    student = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-                (_kl(teacher, student) / min(FIT_CHUNKS_PER_STEP, len(training))).backward()
+                    student = teacher.student(index)
+                (_kl(teacher(index), student) / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
                 maps = fitted.head_maps()
-                best = min(best, (_divergence(model, plan.with_head_maps(maps), held_out), maps), key=lambda pair: pair[0])
+                best = min(best, (_divergence(teacher, plan.with_head_maps(maps), held_out), maps), key=lambda pair: pair[0])
             if progress is not None:
                 progress(number, steps)
     finally:
@@ -105,17 +105,39 @@ def fit_head_maps(
     return best[1]
 
 
+class _Teacher:
+    """The base model's next-token log-probabilities on each chunk: computed once and kept
+    (fp16) when all of them fit in TEACHER_CACHE_BYTES, else computed again at each use."""
+
+    def __init__(self, model, chunks: list[list[int]]):
+        self.model, self.chunks = model, chunks
+        first = self._log_probs(0)
+        self.kept = None
+        if first.numel() * 2 * len(chunks) <= TEACHER_CACHE_BYTES:
+            self.kept = [first.half()] + [self._log_probs(i).half() for i in range(1, len(chunks))]
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return self.kept[index].float() if self.kept is not None else self._log_probs(index)
+
+    def student(self, index: int) -> torch.Tensor:
+        """The same chunk through the model as it runs now (inside shared_attention: the SA model)."""
+        ids = torch.tensor([self.chunks[index]], device=self.model.device)
+        return torch.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
+
+    @torch.no_grad()
+    def _log_probs(self, index: int) -> torch.Tensor:
+        return self.student(index)
+
+
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student), both log-probabilities."""
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
 @torch.no_grad()
-def _divergence(model, plan: SharingPlan, chunks: list[list[int]]) -> float:
+def _divergence(teacher: _Teacher, plan: SharingPlan, chunks: list[int]) -> float:
     total = 0.0
-    for chunk in chunks:
-        ids = torch.tensor([chunk], device=model.device)
-        teacher = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        with shared_attention(model, plan):
-            total += float(_kl(teacher, torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)))
+    for index in chunks:
+        with shared_attention(teacher.model, plan):
+            total += float(_kl(teacher(index), teacher.student(index)))
     return total / len(chunks)
