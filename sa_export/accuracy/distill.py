@@ -90,9 +90,10 @@ def fit_head_maps(
             optimizer.zero_grad()
             picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist()]
             for index in picked:
+                base = teacher(index)
                 with shared_attention(model, structure, weights=fitted.weights()):
                     student = teacher.student(index)
-                (_kl(teacher(index), student) / len(picked)).backward()
+                (_kl(base, student) / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
                 maps = fitted.head_maps()
@@ -138,6 +139,7 @@ def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 def _divergence(teacher: _Teacher, plan: SharingPlan, chunks: list[int]) -> float:
     total = 0.0
     for index in chunks:
+        base = teacher(index)  # outside the block: recomputed, it must be the base model's
         with shared_attention(teacher.model, plan):
-            total += float(_kl(teacher(index), teacher.student(index)))
+            total += float(_kl(base, teacher.student(index)))
     return total / len(chunks)

@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
+from sa_export.accuracy import distill
 from sa_export.accuracy.distill import FIT_CHUNK_TOKENS, fit_head_maps
 from sa_export.accuracy.reference import shared_attention
 from sa_export.core.plan import HeadMap, build_plan
@@ -28,9 +30,12 @@ def _peaked_model():
     return model
 
 
-def test_fit_finds_the_heads_that_a_shared_layer_should_read():
+@pytest.mark.parametrize("teacher_kept", [True, False], ids=["teacher-kept", "teacher-recomputed"])
+def test_fit_finds_the_heads_that_a_shared_layer_should_read(teacher_kept, monkeypatch):
     """Layers 3 and 4 get the anchor's Q/K weights, so each head's own map is close to the
     anchor's same head. Started from a wrong permutation, the fit moves there."""
+    if not teacher_kept:
+        monkeypatch.setattr(distill, "TEACHER_CACHE_BYTES", 0)
     model = _peaked_model()
     with torch.no_grad():
         for layer in (3, 4):
@@ -53,8 +58,6 @@ def test_fit_finds_the_heads_that_a_shared_layer_should_read():
 
 
 def test_fit_needs_a_chunk_of_text():
-    import pytest
-
     from sa_export.core.errors import UsageError
 
     model = _model()
