@@ -140,7 +140,8 @@ def load_for_reference(model: str, accept_unknown_config_keys: bool = False):
 
 
 def calibrated_plan(
-    hf_model, plan: SharingPlan, mode: str, calibration: TokenText, layer_kinds=None, stats: AttentionStatistics | None = None
+    hf_model, plan: SharingPlan, mode: str, calibration: TokenText, layer_kinds=None, stats: AttentionStatistics | None = None,
+    fit_steps: int = FIT_STEPS,
 ) -> SharingPlan:
     """The plan with head maps calibrated on ``calibration`` (unchanged for identity);
     ``stats``, when given, are that text's attention statistics, collected before."""
@@ -152,8 +153,8 @@ def calibrated_plan(
     if mode not in FITTED_MODES:
         return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, layer_kinds))
     start = calibrate_head_maps(stats, plan, FIT_START, layer_kinds)
-    with progress_bar(f"fitting head maps on the model's output ({FIT_STEPS} steps)", unit="step") as advance:
-        return plan.with_head_maps(fit_head_maps(hf_model, plan, calibration.ids, start, progress=advance))
+    with progress_bar(f"fitting head maps on the model's output ({fit_steps} steps)", unit="step") as advance:
+        return plan.with_head_maps(fit_head_maps(hf_model, plan, calibration.ids, start, fit_steps, progress=advance))
 
 
 def evaluate(request: EvalRequest) -> EvalResult:

@@ -1,6 +1,6 @@
 """Perplexity of SA spans on the demo model, per head-map mode, side by side in one run.
 
-    python -m sa_export.benchmarks.head_maps [--model smollm2-135m] [--other-text FILE] [--json FILE]
+    python -m sa_export.benchmarks.head_maps [--model smollm2-135m] [--spans A-B,...] [--modes M,...] [--fit-steps N] [--other-text FILE] [--json FILE]
 
 Calibration text and evaluation text come from disjoint parts of the default text
 (checked by sa_export.accuracy.texts); every mode is also evaluated on text of another
@@ -16,6 +16,7 @@ import json
 import time
 
 from sa_export.accuracy.calibration import collect_statistics
+from sa_export.accuracy.distill import FIT_STEPS
 from sa_export.accuracy.evaluate import calibrated_plan, load_for_reference, perplexity
 from sa_export.core.plan import build_plan
 from sa_export.accuracy.texts import other_domain_tokens, split_texts
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--fit-steps", type=int, default=FIT_STEPS, help="Steps of the fit mode's distillation.")
     parser.add_argument("--other-text", help="Text of another domain (default: torch.nn.Module's Python source).")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
     rows = []
     for span in args.spans.split(","):
         plan = build_plan([span], config.num_hidden_layers)
-        mapped = {mode: calibrated_plan(model, plan, mode, calibration, stats=stats) for mode in modes}
+        mapped = {mode: calibrated_plan(model, plan, mode, calibration, stats=stats, fit_steps=args.fit_steps) for mode in modes}
         for name, text in texts.items():
             row = {"span": span, "text": name, "base_ppl": base[name]}
             for mode in modes:
