@@ -92,7 +92,7 @@ def fit_head_maps(
             for index in picked:
                 base = teacher(index)
                 with shared_attention(model, structure, weights=fitted.weights()):
-                    student = teacher.student(index)
+                    student = teacher.log_probs(index)
                 (_kl(base, student) / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
@@ -107,27 +107,30 @@ def fit_head_maps(
 
 
 class _Teacher:
-    """The base model's next-token log-probabilities on each chunk: computed once and kept
-    (fp16) when all of them fit in TEACHER_CACHE_BYTES, else computed again at each use."""
+    """The model's next-token log-probabilities on each calibration chunk.
+
+    Called, it gives the base model's: computed once and kept (fp16) when all of them fit
+    in TEACHER_CACHE_BYTES, else computed again at each use (outside any SA block).
+    ``log_probs`` runs the model as it is now: inside ``shared_attention``, the SA model.
+    """
 
     def __init__(self, model, chunks: list[list[int]]):
         self.model, self.chunks = model, chunks
-        first = self._log_probs(0)
+        first = self._base(0)
         self.kept = None
         if first.numel() * 2 * len(chunks) <= TEACHER_CACHE_BYTES:
-            self.kept = [first.half()] + [self._log_probs(i).half() for i in range(1, len(chunks))]
+            self.kept = [first.half()] + [self._base(i).half() for i in range(1, len(chunks))]
 
     def __call__(self, index: int) -> torch.Tensor:
-        return self.kept[index].float() if self.kept is not None else self._log_probs(index)
+        return self.kept[index].float() if self.kept is not None else self._base(index)
 
-    def student(self, index: int) -> torch.Tensor:
-        """The same chunk through the model as it runs now (inside shared_attention: the SA model)."""
+    def log_probs(self, index: int) -> torch.Tensor:
         ids = torch.tensor([self.chunks[index]], device=self.model.device)
         return torch.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
 
     @torch.no_grad()
-    def _log_probs(self, index: int) -> torch.Tensor:
-        return self.student(index)
+    def _base(self, index: int) -> torch.Tensor:
+        return self.log_probs(index)
 
 
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -141,5 +144,5 @@ def _divergence(teacher: _Teacher, plan: SharingPlan, chunks: list[int]) -> floa
     for index in chunks:
         base = teacher(index)  # outside the block: recomputed, it must be the base model's
         with shared_attention(teacher.model, plan):
-            total += float(_kl(base, teacher.student(index)))
+            total += float(_kl(base, teacher.log_probs(index)))
     return total / len(chunks)
