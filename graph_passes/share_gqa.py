@@ -21,76 +21,17 @@ rather than sliced (a copy of the whole cache per layer and token).
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.initializers import add_initializer
-from graph_passes.projections import MS_DOMAIN, column_slice, is_projection, projection_width
-from sa_export.core.errors import AttentionPatternError, PlanError
+from graph_passes.gqa_phases import PhasedAnchor, anchor_by_phase, if_by_phase, recompute_attention
+from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder, find_gqa_layers, is_gqa_graph
+from graph_passes.projections import MS_DOMAIN, column_slice
+from sa_export.core.errors import PlanError
 from sa_export.core.plan import HeadMap, SharingPlan, consecutive_runs, mixture_matrix
 
-GQA = "GroupQueryAttention"
-QK_OUTPUT_SOFTMAX = 2  # GQA's qk_output mode for post-softmax probabilities
 TENSOR_SCATTER_OPSET = 24
-_CACHE_RE = re.compile(r"^(?:past_key_values|present)\.(\d+)\.(?:key|value)$")
-
-# GQA inputs by position (com.microsoft schema).
-_QUERY, _KEY, _VALUE, _PAST_KEY, _PAST_VALUE, _SEQLENS_K, _TOTAL_LEN = range(7)
-
-
-@dataclasses.dataclass
-class GqaLayer:
-    layer: int
-    node: ir.Node
-    qkv: ir.Node  # the packed projection MatMul
-    bias: ir.Node | None  # its bias Add (Qwen2), if any
-    num_heads: int
-    kv_num_heads: int
-    head_dim: int
-
-
-def is_gqa_graph(graph: ir.Graph) -> bool:
-    return any(node.op_type == GQA and node.domain == MS_DOMAIN for node in graph)
-
-
-# The form onnxruntime-genai's builder gives Llama-style models (SmolLM2, Llama, Qwen2).
-_UNSUPPORTED = "; the rewrite handles the builder's packed QKV projection (Llama, Qwen2): use the default exporter for this model"
-
-
-def _layer_of(node: ir.Node) -> int | None:
-    """The layer whose cache the node reads or writes (past_key_values.N.* / present.N.*)."""
-    for value in [*node.inputs, *node.outputs]:
-        match = _CACHE_RE.match(value.name or "") if value is not None else None
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def find_gqa_layers(graph: ir.Graph) -> dict[int, GqaLayer]:
-    """Every GroupQueryAttention node in the builder's form (packed QKV MatMul, cache in and out), by layer."""
-    layers = {}
-    for node in graph:
-        if node.op_type != GQA or node.domain != MS_DOMAIN:
-            continue
-        layer = _layer_of(node)
-        inputs = list(node.inputs) + [None] * 7
-        if layer is None or len(node.outputs) < 3:
-            raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} reads or writes no past_key_values.N / present.N cache{_UNSUPPORTED}")
-        if inputs[_KEY] is not None or inputs[_VALUE] is not None:
-            raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} takes separate Q, K and V; only packed QKV is handled{_UNSUPPORTED}")
-        qkv = inputs[_QUERY].producer() if inputs[_QUERY] is not None else None
-        bias = None
-        if qkv is not None and qkv.op_type == "Add" and qkv.inputs[1].const_value is not None:
-            bias, qkv = qkv, qkv.inputs[0].producer()
-        if qkv is None or not is_projection(qkv):
-            raise AttentionPatternError(layer, f"{MS_DOMAIN} {GQA} {node.name!r} is not fed by a packed QKV MatMul with constant weights{_UNSUPPORTED}")
-        num_heads = node.attributes["num_heads"].as_int()
-        kv_num_heads = node.attributes["kv_num_heads"].as_int()
-        width = projection_width(qkv)
-        layers[layer] = GqaLayer(layer, node, qkv, bias, num_heads, kv_num_heads, width // (num_heads + 2 * kv_num_heads))
-    return layers
 
 
 def _with_probabilities_output(graph: ir.Graph, layer: GqaLayer) -> ir.Value:
@@ -114,21 +55,6 @@ def _with_probabilities_output(graph: ir.Graph, layer: GqaLayer) -> ir.Value:
     return probs
 
 
-class _Builder:
-    """Inserts nodes before one node (the GQA being replaced), naming them and their constants with a prefix."""
-
-    def __init__(self, graph: ir.Graph, before: ir.Node, prefix: str):
-        self.graph, self.before, self.prefix = graph, before, prefix
-
-    def const(self, name: str, array) -> ir.Value:
-        return add_initializer(self.graph, f"{self.prefix}.{name}", np.asarray(array))
-
-    def op(self, op_type: str, inputs, name: str, domain: str = "", **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes=attributes, domain=domain, name=f"{self.prefix}.{name}")
-        self.graph.insert_before(self.before, node)
-        return node.outputs[0]
-
-
 @dataclasses.dataclass(frozen=True)
 class _Positions:
     """Values every shared layer reads, computed once for the graph."""
@@ -136,19 +62,20 @@ class _Positions:
     write_indices: ir.Value  # where this step's rows go in the cache buffer, as GQA writes them
     pads: ir.Value  # widen probabilities from total_sequence_length to the buffer's max_length
     grouped_shape: ir.Value  # [0, kv, rep, S, -1]: probabilities grouped by the KV head they read
+    is_step: ir.Value  # one query row (a decode step): a scalar bool
 
 
 def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     gqa = first.node
-    b = _Builder(graph, gqa, "sa.cache")
-    seqlens_k, total = gqa.inputs[_SEQLENS_K], gqa.inputs[_TOTAL_LEN]
+    b = NodeBuilder(graph, gqa, "sa.cache")
+    seqlens_k, total = gqa.inputs[SEQLENS_K], gqa.inputs[TOTAL_LEN]
     # The sequence length of this step, from the hidden states (the QKV MatMul goes away).
     query_len = b.op("Shape", [first.qkv.inputs[0]], "query_len", start=1, end=2)
     # GQA's past length per row: seqlens_k + 1 - S, and 0 on the first prompt.
     seqlens = b.op("Cast", [seqlens_k], "seqlens_i64", to=ir.DataType.INT64)
     past = b.op("Sub", [b.op("Add", [seqlens, b.const("one", np.int64(1))], "total_per_row"), query_len], "past_per_row")
     write_indices = b.op("Max", [past, b.const("zero", np.zeros(1, np.int64))], "write_indices")
-    buffer_len = b.op("Shape", [gqa.inputs[_PAST_VALUE]], "buffer_len", start=2, end=3)
+    buffer_len = b.op("Shape", [gqa.inputs[PAST_VALUE]], "buffer_len", start=2, end=3)
     total_1d = b.op("Reshape", [total, b.const("shape1", np.array([1], np.int64))], "total_1d")
     pad_tail = b.op("Sub", [buffer_len, b.op("Cast", [total_1d], "total_i64", to=ir.DataType.INT64)], "pad_tail")
     pads = b.op("Concat", [b.const("pad_head", np.zeros(7, np.int64)), pad_tail], "probs_pads", axis=0)
@@ -157,28 +84,40 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
         "Concat", [b.const("grouped_lead", np.array([0, kv, rep], np.int64)), query_len, b.const("minus_one", np.array([-1], np.int64))],
         "grouped_shape", axis=0,
     )
-    return _Positions(write_indices, pads, grouped_shape)
+    is_one = b.op("Equal", [query_len, b.const("one_row", np.array([1], np.int64))], "is_one_row")
+    is_step = b.op("Reshape", [is_one, b.const("scalar_shape", np.zeros(0, np.int64))], "is_step")
+    return _Positions(write_indices, pads, grouped_shape, is_step)
 
 
-def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions) -> None:
-    """Replace a shared layer's attention: V only, written in place, times the padded probabilities."""
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, anchor: PhasedAnchor | None = None) -> None:
+    """Replace a shared layer's attention: V only, written in place, times the padded probabilities.
+
+    With ``anchor`` (identity maps), a step of several rows recomputes them instead (gqa_phases).
+    """
     gqa = layer.node
-    b = _Builder(graph, gqa, f"sa.layer{layer.layer}")
+    b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     v = column_slice(b.graph, b.before, layer.qkv, (n + kv) * d, (n + 2 * kv) * d, f"{b.prefix}.v_proj")
     if layer.bias is not None:
         v_bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., (n + kv) * d :])
         v = b.op("Add", [v, b.const("v_proj.bias", v_bias)], "v_proj_bias")
+    v_rows = v
     v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, kv, d], np.int64))], "v_heads")
     v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
-    present_value = b.op("TensorScatter", [gqa.inputs[_PAST_VALUE], v, positions.write_indices], "write_v_cache", axis=2)
-    # [B, kv, rep, S, T] @ [B, kv, 1, T, D]: each query head reads its KV head's cache by
-    # broadcasting (no repeated V). One row per product lets decode (S = 1) take MLAS's GEMV
-    # path, which reads V as it is; [B, kv, rep * S, T] @ [B, kv, T, D] packs V on every call.
-    v_grouped = b.op("Reshape", [present_value, b.const("v_grouped_shape", np.array([0, kv, 1, -1, d], np.int64))], "v_by_kv_head")
-    context = b.op("MatMul", [grouped, v_grouped], "probs_v")
-    context = b.op("Transpose", [context], "context_bskrd", perm=[0, 3, 1, 2, 4])
-    context = b.op("Reshape", [context, b.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
+    present_value = b.op("TensorScatter", [gqa.inputs[PAST_VALUE], v, positions.write_indices], "write_v_cache", axis=2)
+    if anchor is None:
+        context = _probs_times_values(b, layer, grouped, present_value)
+    else:
+        def prefill(branch: NodeBuilder) -> list[ir.Value]:
+            return [recompute_attention(branch, layer, anchor, v_rows, gqa.inputs[PAST_VALUE], gqa.outputs[0].dtype)]
+
+        def step(branch: NodeBuilder) -> list[ir.Value]:
+            context = _probs_times_values(branch, layer, grouped, present_value)
+            context.dtype = gqa.outputs[0].dtype
+            return [context]
+
+        context = if_by_phase(b, positions.is_step, "attention_by_phase", step, prefill, 1).outputs[0]
+        context.dtype = gqa.outputs[0].dtype
 
     output, present_key, old_present_value = gqa.outputs[:3]
     value_name = old_present_value.name
@@ -189,13 +128,26 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     present_value.type = old_present_value.type  # the same buffer: its type and shape are the past's
     present_value.shape = old_present_value.shape
     graph.outputs.remove(present_key)
-    past_key = gqa.inputs[_PAST_KEY]
+    past_key = gqa.inputs[PAST_KEY]
     graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
     if not past_key.uses():
         graph.inputs.remove(past_key)
 
 
-def _mixed_for_run(b: _Builder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value) -> dict[int, ir.Value]:
+def _probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, present_value: ir.Value) -> ir.Value:
+    """The padded, grouped probabilities times the V buffer: [B, S, heads * head_dim]."""
+    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
+    # [B, kv, rep, S, T] @ [B, kv, 1, T, D]: each query head reads its KV head's cache by
+    # broadcasting (no repeated V). One row per product lets decode (S = 1) take MLAS's GEMV
+    # path, which reads V as it is; [B, kv, rep * S, T] @ [B, kv, T, D] packs V on every call.
+    v_grouped = b.op("Reshape", [present_value, b.const("v_grouped_shape", np.array([0, kv, 1, -1, d], np.int64))], "v_by_kv_head")
+    context = b.op("MatMul", [grouped, v_grouped], "probs_v")
+    context = b.op("Transpose", [context], "context_bskrd", perm=[0, 3, 1, 2, 4])
+    context = b.op("Reshape", [context, b.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
+    return context
+
+
+def _mixed_for_run(b: NodeBuilder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value) -> dict[int, ir.Value]:
     """Padded probabilities of every mapped layer of one run of shared layers.
 
     The sources' probabilities are stacked and padded to the buffer once for the run (the
@@ -240,12 +192,19 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     if len({(layer.num_heads, layer.kv_num_heads) for layer in layers.values()}) > 1:
         raise PlanError("the GroupQueryAttention layers differ in head counts; convert with the default exporter")
     sources = {source for layer in plan.anchors for source in plan.sources_of(layer)}
+    positions = _cache_positions(graph, layers[min(sources)])
+    if not any(plan.head_map(layer) is not None for layer in plan.anchors):
+        # Identity maps: probabilities stored at decode, recomputed at prefill (gqa_phases).
+        phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, positions.grouped_shape) for source in sorted(sources)}
+        for layer, anchor in plan.anchors.items():
+            _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, phased[anchor])
+        model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)
+        return
     probs = {source: _with_probabilities_output(graph, layers[source]) for source in sorted(sources)}
-    positions = _cache_positions(graph, layers[min(plan.anchors)])
     # Per run of consecutive shared layers (every source of the run precedes it): each
     # source's probabilities are padded once for the run, and each mapped layer mixes them.
     for run in consecutive_runs(list(plan.anchors)):
-        b = _Builder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
+        b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
         head_maps = {layer: plan.head_map(layer) for layer in run if plan.head_map(layer) is not None}
         padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, positions.pads) if head_maps else {}
         anchors = {plan.anchors[layer] for layer in run if layer not in padded}

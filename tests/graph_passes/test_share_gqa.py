@@ -17,14 +17,28 @@ def _nodes_by_op(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == op_type]
 
 
+def _branches(node: onnx.NodeProto) -> dict[str, onnx.GraphProto]:
+    return {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of the graph or of its branches reads."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for branch in _branches(node).values():
+            names |= _reads(branch) | {o.name for o in branch.output}
+    return names
+
+
 def test_shared_layers_lose_their_q_k_path_and_k_cache(genai_tiny_llama):
     model = onnx.load(genai_tiny_llama / "model.onnx", load_external_data=False)
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
     gqa = _nodes_by_op(model, "GroupQueryAttention")
-    # Layers 3-4 share layer 2's probabilities: 6 layers, 4 GQA nodes left.
-    assert len(gqa) == 4
-    assert {n.output[1] for n in gqa} == {f"present.{i}.key" for i in (0, 1, 2, 5)}
+    # Layers 3-4 share layer 2's probabilities: 6 layers; the anchor's GQA is in an If.
+    assert sorted(n.output[1] for n in gqa) == [f"present.{i}.key" for i in (0, 1, 5)]
+    assert all(len(n.output) == 3 or not n.output[3] for n in gqa)
     for layer in (3, 4):
         assert f"past_key_values.{layer}.key" not in inputs and f"present.{layer}.key" not in outputs
         assert f"past_key_values.{layer}.value" in inputs and f"present.{layer}.value" in outputs
@@ -32,17 +46,35 @@ def test_shared_layers_lose_their_q_k_path_and_k_cache(genai_tiny_llama):
     scatters = _nodes_by_op(model, "TensorScatter")
     assert sorted(n.output[0] for n in scatters) == ["present.3.value", "present.4.value"]
     assert [n.input[0] for n in sorted(scatters, key=lambda n: n.output[0])] == ["past_key_values.3.value", "past_key_values.4.value"]
-    anchor = next(n for n in gqa if n.output[1] == "present.2.key")
-    assert {a.name: a.i for a in anchor.attribute}["qk_output"] == QK_OUTPUT_SOFTMAX and anchor.output[3]
-    assert all(len(n.output) == 3 or not n.output[3] for n in gqa if n is not anchor)
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 24
+
+
+def test_anchor_keeps_probabilities_at_decode_and_shared_layers_recompute_at_prefill(genai_tiny_llama):
+    """One If per anchor and shared layer: a decode step reads the stored probabilities, a
+    longer step runs GQA on the anchor's queries and K cache (nothing of the probabilities'
+    size crosses layers at prefill)."""
+    model = onnx.load(genai_tiny_llama / "model.onnx", load_external_data=False)
+    ifs = _nodes_by_op(model, "If")
+    anchor = next(n for n in ifs if "present.2.key" in n.output)
+    step, prefill = _branches(anchor)["then_branch"], _branches(anchor)["else_branch"]
+    (with_probs,) = [n for n in step.node if n.op_type == "GroupQueryAttention"]
+    (without,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
+    assert {a.name: a.i for a in with_probs.attribute}["qk_output"] == QK_OUTPUT_SOFTMAX and with_probs.output[3]
+    assert "qk_output" not in {a.name for a in without.attribute}
+    shared = [n for n in ifs if n is not anchor]
+    assert len(shared) == 2
+    for node in shared:
+        step, prefill = _branches(node)["then_branch"], _branches(node)["else_branch"]
+        assert [n.op_type for n in step.node].count("MatMul") == 1 and anchor.output[3] in _reads(step)
+        (recompute,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
+        assert recompute.input[3] == "present.2.key"  # the anchor's K cache
 
 
 def test_nothing_of_the_removed_paths_is_left(genai_tiny_llama):
     """Every node feeds another node or a graph output, and every initializer is read:
     no shape computation or weight of the removed Q/K paths lingers."""
     model = onnx.load(genai_tiny_llama / "model.onnx", load_external_data=False)
-    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    read = _reads(model.graph) | {o.name for o in model.graph.output}
     dead = [n.name for n in model.graph.node if not any(out and out in read for out in n.output)]
     assert not dead, dead
     unread = [i.name for i in model.graph.initializer if i.name not in read]
@@ -68,7 +100,7 @@ def test_plan_for_another_layer_count_is_refused(genai_tiny_llama):
 
 def test_gqa_layers_are_found_by_their_present_names(genai_tiny_llama):
     layers = find_gqa_layers(load_onnx(genai_tiny_llama / "model.onnx").graph)
-    assert sorted(layers) == [0, 1, 2, 5]
+    assert sorted(layers) == [0, 1, 5]  # the anchor's (2) is inside its If
     assert {(l.num_heads, l.kv_num_heads, l.head_dim) for l in layers.values()} == {(4, 2, 16)}
 
 

@@ -1,0 +1,104 @@
+"""Identity-mapped shared layers on GroupQueryAttention graphs, split by phase.
+
+At a decode step (one query row) a shared layer multiplies its anchor's stored
+probabilities by its own V cache, so the anchor's K cache is read once for the whole run:
+that is SA's decode saving. At prefill the same probabilities are [B, heads, chunk,
+buffer], made twice inside the anchor's GQA (its scratch and ``qk_output``), padded once
+more to the buffer and held to the run's last layer: several times what the unshared
+graph ever holds. So for a step of more than one row each shared layer instead runs GQA
+on its anchor's queries and keys (the anchor's K cache) with its own values: the
+probabilities live only inside that node, as in the unshared graph, and nothing of their
+size crosses layers. Both branches compute the same attention; the split only moves cost.
+
+An ``If`` per anchor and per shared layer picks the branch (about a microsecond per If and
+step on ONNX Runtime's CPU provider).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, GqaLayer, NodeBuilder
+from graph_passes.projections import MS_DOMAIN, attribute_values
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasedAnchor:
+    """What an anchor gives its shared layers in each phase."""
+
+    grouped_probs: ir.Value  # decode: probabilities padded to the buffer, [B, kv, rep, S, buffer]; prefill: empty
+    packed_qkv: ir.Value  # the anchor's packed Q, K, V projection (before rotary)
+    present_key: ir.Value  # the anchor's K cache buffer, this step's rows written
+    gqa_inputs: tuple  # the anchor GQA's inputs (sequence lengths, rotary caches)
+    attributes: dict  # and attributes (heads, scale, rotary)
+
+
+def if_by_phase(b: NodeBuilder, is_step: ir.Value, name: str, step: Callable, prefill: Callable, num_outputs: int) -> ir.Node:
+    """An If on ``is_step``: ``step(branch)`` and ``prefill(branch)`` build each branch's nodes and return its outputs."""
+    branches = {}
+    for key, build in (("then_branch", step), ("else_branch", prefill)):
+        branch = NodeBuilder(b.graph, None, f"{b.prefix}.{name}.{key.removesuffix('_branch')}")
+        outputs = build(branch)
+        branches[key] = ir.Graph([], outputs, nodes=branch.nodes, name=branch.prefix)
+    return b.node("If", [is_step], name, num_outputs=num_outputs, **branches)
+
+
+def _typed(values, like):
+    for value, reference in zip(values, like):
+        value.dtype, value.shape = reference.dtype, reference.shape
+    return list(values)
+
+
+def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: ir.Value, grouped_shape: ir.Value) -> PhasedAnchor:
+    """Replace the anchor's GQA with an If: with ``qk_output`` at a decode step, without at prefill."""
+    old = layer.node
+    attributes = attribute_values(old)
+    b = NodeBuilder(graph, old, f"sa.layer{layer.layer}")
+    dtype = old.outputs[0].dtype
+
+    def step(branch: NodeBuilder) -> list[ir.Value]:
+        gqa = branch.node(GQA, list(old.inputs), "gqa_with_probs", domain=MS_DOMAIN, num_outputs=4, **attributes, qk_output=QK_OUTPUT_SOFTMAX)
+        padded = branch.op("Pad", [gqa.outputs[3], pads], "probs_to_buffer")
+        grouped = branch.op("Reshape", [padded, grouped_shape], "probs_by_kv_head")
+        grouped.dtype = dtype
+        return [*_typed(gqa.outputs[:3], old.outputs), grouped]
+
+    def prefill(branch: NodeBuilder) -> list[ir.Value]:
+        gqa = branch.node(GQA, list(old.inputs), "gqa", domain=MS_DOMAIN, num_outputs=3, **attributes)
+        no_probs = branch.op("Constant", [], "no_probs", value=ir.tensor(np.zeros((1, 1, 1, 0, 1), dtype.numpy())))
+        no_probs.dtype = dtype
+        return [*_typed(gqa.outputs, old.outputs), no_probs]
+
+    node = if_by_phase(b, is_step, "anchor_by_phase", step, prefill, 4)
+    for old_output, new_output in zip(old.outputs, node.outputs[:3]):
+        name = old_output.name
+        new_output.type, new_output.shape = old_output.type, old_output.shape
+        ir.convenience.replace_all_uses_with(old_output, new_output, replace_graph_outputs=True)
+        old_output.name = None
+        new_output.name = name
+    node.outputs[3].dtype = dtype
+    inputs = tuple(old.inputs)
+    graph.remove(old, safe=True)
+    layer.node = node
+    return PhasedAnchor(node.outputs[3], inputs[QUERY], node.outputs[1], inputs, attributes)
+
+
+def recompute_attention(branch: NodeBuilder, layer: GqaLayer, anchor: PhasedAnchor, v_rows: ir.Value, past_value: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """GQA on the anchor's queries and keys with this layer's values: [B, S, heads * head_dim].
+
+    Its K cache input is the anchor's buffer with this step's rows already written, and its
+    V cache input is this layer's buffer (written in place before the If runs); GQA rewrites
+    the step's rows in its own present outputs, which are dropped.
+    """
+    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
+    axis = branch.const("last_axis", np.array([2], np.int64))
+    q = branch.op("Slice", [anchor.packed_qkv, branch.const("q_start", np.array([0], np.int64)), branch.const("q_end", np.array([n * d], np.int64)), axis], "anchor_q")
+    k = branch.op("Slice", [anchor.packed_qkv, branch.const("k_start", np.array([n * d], np.int64)), branch.const("k_end", np.array([(n + kv) * d], np.int64)), axis], "anchor_k")
+    inputs = [q, k, v_rows, anchor.present_key, past_value, *anchor.gqa_inputs[PAST_VALUE + 1 :]]
+    gqa = branch.node(GQA, inputs, "gqa_on_anchor_qk", domain=MS_DOMAIN, num_outputs=3, **anchor.attributes)
+    gqa.outputs[0].dtype = dtype
+    return gqa.outputs[0]
