@@ -16,6 +16,12 @@ keeps that speed:
 The probabilities cover ``total_sequence_length`` positions and the V buffer
 ``max_length``; they are padded with zeros to the buffer, so that V is read in place
 rather than sliced (a copy of the whole cache per layer and token).
+
+With identity head maps (the default) this holds for decode steps only: a step of several
+rows recomputes each shared layer's attention from its anchor's queries and K cache, so
+that prefill holds no more than the unshared graph (gqa_phases). Mixed maps (calibrated,
+fitted) read stored probabilities at every step: their mixture of several source layers
+has no such recomputation that costs as little.
 """
 
 from __future__ import annotations

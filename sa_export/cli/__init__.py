@@ -213,7 +213,7 @@ def _int_list(text: str) -> list[int]:
     help="Keep timing each decode point until this much time has passed: short steps are noisy and get more samples.",
 )
 @click.option("--prefill-tokens", default="512,2048,8192", show_default=True, help="Prompt lengths of the prefill timing.")
-@click.option("--prefill-repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed prefills per model and length.")
+@click.option("--prefill-repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed prefills per model and length, at least: short prompts get more, until 10 s have passed (at most 25).")
 @click.option("--prefill-memory/--no-prefill-memory", default=True, show_default=True, help="Peak RSS of each model's prefill, each in its own process.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")

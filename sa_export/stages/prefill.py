@@ -61,8 +61,15 @@ def peak_memory(out_dir: str | Path, tokens: int, chunk: int | None, arena: bool
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# A 512-token prefill varies by +-5% from call to call on a 2-core CPU: short prompts get
+# more pairs, until this much time has passed (and at most MAX_PAIRS).
+MIN_SECONDS = 10.0
+MAX_PAIRS = 25
+
+
 def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: int | None, timed_pair: Callable) -> dict:
-    """Median prefill time of each model, interleaved, both in chunks of ``chunk`` (None: one call)."""
+    """Median prefill time of each model, interleaved, both in chunks of ``chunk`` (None: one call);
+    at least ``repeats`` pairs, more for short prompts (MIN_SECONDS)."""
     ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
     mask = np.ones_like(ids)
 
@@ -73,12 +80,13 @@ def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: i
         return time.perf_counter() - start
 
     t_sa, t_base = [], []
-    for i in range(repeats):
-        pair = timed_pair(i, lambda: timed(sa), lambda: timed(base))
+    start = time.perf_counter()
+    while len(t_sa) < repeats or (time.perf_counter() - start < MIN_SECONDS and len(t_sa) < MAX_PAIRS):
+        pair = timed_pair(len(t_sa), lambda: timed(sa), lambda: timed(base))
         t_sa.append(pair[0])
         t_base.append(pair[1])
     base_ms, sa_ms = 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa)
-    return {"tokens": tokens, "chunk": chunk, "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms}
+    return {"tokens": tokens, "chunk": chunk, "pairs": len(t_sa), "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms}
 
 
 def prefill_rows(

@@ -197,3 +197,21 @@ def test_int4_graph_keeps_the_v_rows_of_the_quantized_projection(tiny_llama_with
     for suffix in ("Q4", "scales"):
         packed = base[f"model.layers.3.attn.qkv_proj.MatMul.weight_{suffix}"]
         np.testing.assert_array_equal(weights[f"sa.layer3.v_proj.weight_{'Q' if suffix == 'Q4' else 'scales'}"], packed[(4 + 2) * 16 :])
+
+
+def test_prefill_and_decode_branches_give_the_same_logits(genai_tiny_llama):
+    """Rows fed together (recomputed attention) and one by one (stored probabilities), in any
+    mix, give the logits of one call: each branch continues a cache the other wrote."""
+    import numpy as np
+
+    from sa_export.runtime import SAModel
+
+    model = SAModel(genai_tiny_llama)
+    ids = np.random.default_rng(5).integers(3, 100, (1, 11))
+    whole, _, _ = model.forward(ids, np.ones_like(ids), model.empty_cache(1, 16))
+    for steps in (((0, 5), (5, 6), (6, 7), (7, 11)), tuple((i, i + 1) for i in range(11))):
+        cache, pieces = model.empty_cache(1, 16), []
+        for lo, hi in steps:
+            logits, cache, _ = model.forward(ids[:, lo:hi], np.ones((1, hi), np.int64), cache)
+            pieces.append(logits)
+        np.testing.assert_allclose(np.concatenate(pieces, 1), whole, atol=1e-5)
