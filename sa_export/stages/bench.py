@@ -189,7 +189,11 @@ def graph_description(manifest: Manifest) -> str:
     shared = bool(manifest.plan.anchors)
     if manifest.cache.buffer == "shared":
         graph = "onnxruntime-genai builder graph: packed QKV, GroupQueryAttention with rotary, in-place cache buffers (IOBinding)"
-        sa = "; SA: anchor GQA emits its probabilities, shared layers project V only, write it in place (TensorScatter), probs @ V grouped by KV head"
+        sa = "; SA: shared layers project V only and write it in place (TensorScatter); "
+        if manifest.plan.head_maps:
+            sa += "the sources' GQA emit their probabilities, mixed per layer, @ V grouped by KV head"
+        else:
+            sa += "at a decode step the anchor's stored probabilities @ V grouped by KV head, at prefill GQA on the anchor's queries and K cache"
     else:
         graph = f"{exporter} export, decomposed attention, cache concatenated each step"
         sa = "; SA: shared layers read the anchor's softmax, Q/K removed"
