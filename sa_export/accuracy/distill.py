@@ -37,11 +37,12 @@ TEACHER_CACHE_BYTES = 1 << 30  # the base model's log-probabilities are kept whe
 class _FittedMaps(torch.nn.Module):
     """Per shared layer: [heads, sources] mixture logits and [heads] log gains."""
 
-    def __init__(self, start: dict[int, HeadMap], heads: int):
+    def __init__(self, start: dict[int, HeadMap], heads: int, temperature: bool = False):
         super().__init__()
         self.sources: dict[int, tuple[tuple[int, int], ...]] = {}
         self.logits = torch.nn.ParameterDict()
         self.log_gains = torch.nn.ParameterDict()
+        self.log_temperatures = torch.nn.ParameterDict() if temperature else None
         for layer, head_map in sorted(start.items()):
             sources = tuple((source, head) for source in head_map.layers for head in range(heads))
             weights = torch.full((head_map.num_heads, len(sources)), WEIGHT_FLOOR, dtype=torch.float64)
@@ -51,10 +52,19 @@ class _FittedMaps(torch.nn.Module):
             self.sources[layer] = sources
             self.logits[str(layer)] = torch.nn.Parameter(torch.log(weights / weights.sum(1, keepdim=True)).float())
             self.log_gains[str(layer)] = torch.nn.Parameter(torch.zeros(head_map.num_heads, 1))
+            if self.log_temperatures is not None:
+                self.log_temperatures[str(layer)] = torch.nn.Parameter(torch.zeros(head_map.num_heads))
 
     def weights(self) -> dict[int, torch.Tensor]:
         """[heads, sources] weights of every layer: the mixture times the head's gain."""
         return {layer: torch.softmax(self.logits[str(layer)], 1) * torch.exp(self.log_gains[str(layer)]) for layer in self.sources}
+
+    def temperatures(self, keep_grad: bool = False) -> dict[int, torch.Tensor] | None:
+        """[heads] log-temperatures of every layer, when fitted (else detached copies)."""
+        if self.log_temperatures is None:
+            return None
+        live = {layer: self.log_temperatures[str(layer)] for layer in self.sources}
+        return live if keep_grad else {layer: value.detach().clone() for layer, value in live.items()}
 
     def head_maps(self) -> dict[int, HeadMap]:
         maps = {}
@@ -68,16 +78,24 @@ def fit_head_maps(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None
 ) -> dict[int, HeadMap]:
     """Maps for ``plan``'s shared layers, fitted from ``start`` by distillation on ``token_ids``."""
+    return fit_maps_and_temperatures(model, plan, token_ids, start, steps, progress)[0]
+
+
+def fit_maps_and_temperatures(
+    model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False
+) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
+    """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
+    maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped)."""
     chunks = [token_ids[i : i + FIT_CHUNK_TOKENS] for i in range(0, len(token_ids) - FIT_CHUNK_TOKENS + 1, FIT_CHUNK_TOKENS)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {FIT_CHUNK_TOKENS} tokens")
     if not start:
-        return {}
+        return {}, None
     held_out = list(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else []
     training = [i for i in range(len(chunks)) if i not in held_out]
     held_out = held_out or training  # too short to hold any out: validate on all
     teacher = _Teacher(model, chunks)
-    fitted = _FittedMaps(start, next(iter(start.values())).num_heads).to(model.device)
+    fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature).to(model.device)
     structure = plan.with_head_maps(fitted.head_maps())  # the sources; weights come from ``fitted``
     optimizer = torch.optim.Adam(fitted.parameters(), lr=FIT_LEARNING_RATE)
     generator = torch.Generator().manual_seed(SEED)
@@ -85,25 +103,26 @@ def fit_head_maps(
     for parameter in trainable:  # gradients only for the maps
         parameter.requires_grad_(False)
     try:
-        best = (_divergence(teacher, plan.with_head_maps(start), held_out), start)
+        best = (_divergence(teacher, plan.with_head_maps(start), held_out), start, None)
         for number in range(1, steps + 1):
             optimizer.zero_grad()
             picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist()]
             for index in picked:
                 base = teacher(index)
-                with shared_attention(model, structure, weights=fitted.weights()):
+                with shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
                     student = teacher.log_probs(index)
                 (_kl(base, student) / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
-                maps = fitted.head_maps()
-                best = min(best, (_divergence(teacher, plan.with_head_maps(maps), held_out), maps), key=lambda pair: pair[0])
+                maps, temperatures = fitted.head_maps(), fitted.temperatures()
+                candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures), maps, temperatures)
+                best = min(best, candidate, key=lambda entry: entry[0])
             if progress is not None:
                 progress(number, steps)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
-    return best[1]
+    return best[1], best[2]
 
 
 class _Teacher:
@@ -139,10 +158,10 @@ def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _divergence(teacher: _Teacher, plan: SharingPlan, chunks: list[int]) -> float:
+def _divergence(teacher: _Teacher, plan: SharingPlan, chunks: list[int], log_temperatures: dict[int, torch.Tensor] | None = None) -> float:
     total = 0.0
     for index in chunks:
         base = teacher(index)  # outside the block: recomputed, it must be the base model's
-        with shared_attention(teacher.model, plan):
+        with shared_attention(teacher.model, plan, log_temperatures=log_temperatures):
             total += float(_kl(base, teacher.log_probs(index)))
     return total / len(chunks)

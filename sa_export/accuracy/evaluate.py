@@ -17,11 +17,12 @@ from sa_export.accuracy.texts import TokenText, other_domain_tokens, split_texts
 from sa_export.accuracy.reference import shared_attention
 
 @torch.no_grad()
-def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | None = None) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of ``context`` tokens."""
+def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | None = None, log_temperatures=None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of ``context`` tokens
+    (``log_temperatures``: see ``reference.mix_probs``)."""
     total_nll = 0.0
     total = 0
-    with shared_attention(model, plan):
+    with shared_attention(model, plan, log_temperatures=log_temperatures):
         for start in range(0, len(token_ids) - 1, context):
             window = torch.tensor([token_ids[start : start + context]], device=model.device)
             if window.shape[1] < 2:

@@ -47,16 +47,20 @@ def shared_attention_forward(module, query, key, value, attention_mask, *args, *
     if head_map is None:
         probs = state.probs[state.plan.anchors[layer]]
     else:
-        probs = mix_probs(state.probs, head_map, state.weights.get(layer))
+        probs = mix_probs(state.probs, head_map, state.weights.get(layer), state.log_temperatures.get(layer))
     values = _repeat_kv(value, query.shape[1] // value.shape[1])
     output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
     return output, probs
 
 
-def mix_probs(stored: dict[int, torch.Tensor], head_map: HeadMap, weights: torch.Tensor | None = None) -> torch.Tensor:
+def mix_probs(
+    stored: dict[int, torch.Tensor], head_map: HeadMap, weights: torch.Tensor | None = None, log_temperature: torch.Tensor | None = None
+) -> torch.Tensor:
     """The same computation as the graph's Concat / Gather / mixture MatMul.
 
     ``weights`` ([heads, width], e.g. being fitted) replace the head map's own.
+    ``log_temperature`` ([heads]; PyTorch only, no graph applies it): each head's mixture,
+    as a distribution, is raised to exp(t) and renormalized, then keeps its gain.
     """
     layers = head_map.layers
     stacked = torch.cat([stored[layer] for layer in layers], dim=1)
@@ -67,13 +71,24 @@ def mix_probs(stored: dict[int, torch.Tensor], head_map: HeadMap, weights: torch
         return picked[:, :, 0]
     if weights is None:
         weights = torch.tensor(head_map.weights, device=picked.device)
-    return (picked * weights.to(picked.dtype)[None, :, :, None, None]).sum(2)
+    mixed = (picked * weights.to(picked.dtype)[None, :, :, None, None]).sum(2)
+    return mixed if log_temperature is None else _sharpen(mixed, log_temperature)
+
+
+def _sharpen(mixed: torch.Tensor, log_temperature: torch.Tensor) -> torch.Tensor:
+    """p ** exp(t) / sum, per head, times the row's own sum (the gain); masked zeros stay zero
+    (through ``where``: 0 ** t has no gradient in t)."""
+    positive = mixed > 0
+    logs = torch.log(torch.where(positive, mixed, torch.ones_like(mixed)))
+    powered = torch.where(positive, torch.exp(torch.exp(log_temperature).to(mixed.dtype)[None, :, None, None] * logs), torch.zeros_like(mixed))
+    return powered / powered.sum(-1, keepdim=True).clamp_min(torch.finfo(mixed.dtype).tiny) * mixed.sum(-1, keepdim=True)
 
 
 class _SharingState:
-    def __init__(self, plan: SharingPlan, weights: dict[int, torch.Tensor] | None = None):
+    def __init__(self, plan: SharingPlan, weights: dict[int, torch.Tensor] | None = None, log_temperatures: dict[int, torch.Tensor] | None = None):
         self.plan = plan
         self.weights = weights or {}
+        self.log_temperatures = log_temperatures or {}
         self.anchor_layers = set(plan.anchor_layers)
         self.probs: dict[int, torch.Tensor] = {}
 
@@ -103,15 +118,18 @@ def attention_modules(model) -> list:
 
 
 @contextlib.contextmanager
-def shared_attention(model, plan: SharingPlan | None, weights: dict[int, torch.Tensor] | None = None):
+def shared_attention(
+    model, plan: SharingPlan | None, weights: dict[int, torch.Tensor] | None = None, log_temperatures: dict[int, torch.Tensor] | None = None
+):
     """Run ``model`` with the plan applied inside the block (plain eager when plan is None).
 
     ``weights``: per shared layer, [heads, width] tensors that replace its head map's weights.
+    ``log_temperatures``: per shared layer, [heads] (see ``mix_probs``).
     """
     _register()
     modules = attention_modules(model)
     previous = model.config._attn_implementation
-    state = _SharingState(plan, weights) if plan is not None else None
+    state = _SharingState(plan, weights, log_temperatures) if plan is not None else None
     for module in modules:
         module._sa_state = state
     model.config._attn_implementation = IMPLEMENTATION

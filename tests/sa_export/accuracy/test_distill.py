@@ -74,3 +74,35 @@ def test_the_fit_keeps_the_start_where_it_is_better_on_held_out_text():
     plan = build_plan(["3-4"], 6)
     start = calibrate_head_maps(collect_statistics(model, ids, chunk_tokens=64), plan, "mix-few")
     assert fit_head_maps(model, plan, ids, start, steps=10) == start
+
+
+def test_temperature_fit_finds_the_sharper_maps_of_a_scaled_query():
+    """Layer 3 gets the anchor's K weights and twice its Q weights: its maps are close to the
+    anchor's squared and renormalized (a temperature of 2), as far as its input is still the
+    anchor's (the residual stream of the tiny model changes little from layer to layer)."""
+    from sa_export.accuracy.distill import fit_maps_and_temperatures
+
+    model = _peaked_model()
+    with torch.no_grad():
+        for layer in (3,):
+            attention, anchor = model.model.layers[layer].self_attn, model.model.layers[2].self_attn
+            attention.k_proj.weight.copy_(anchor.k_proj.weight)
+            attention.q_proj.weight.copy_(2 * anchor.q_proj.weight)
+    ids = np.random.default_rng(0).integers(0, 256, 4 * FIT_CHUNK_TOKENS).tolist()
+    plan = build_plan(["3-3"], 6)
+    start = {3: HeadMap.from_anchor_heads(2, [0, 1, 2, 3])}
+    maps, log_temperatures = fit_maps_and_temperatures(model, plan, ids, start, steps=30, temperature=True)
+    assert sorted(log_temperatures) == [3]
+    temperatures = torch.exp(log_temperatures[3])
+    assert torch.all(temperatures > 1.1), temperatures  # sharper than the anchor's
+    without, none = fit_maps_and_temperatures(model, plan, ids, start, steps=30)
+    assert none is None
+    held_out = torch.tensor([np.random.default_rng(1).integers(0, 256, FIT_CHUNK_TOKENS).tolist()])
+    teacher = torch.log_softmax(model(input_ids=held_out).logits.float(), -1)
+
+    def divergence(plan, temperatures=None):
+        with torch.no_grad(), shared_attention(model, plan, log_temperatures=temperatures):
+            student = torch.log_softmax(model(input_ids=held_out).logits.float(), -1)
+        return float((teacher.exp() * (teacher - student)).sum(-1).mean())
+
+    assert divergence(plan.with_head_maps(maps), log_temperatures) < divergence(plan.with_head_maps(without))

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from sa_export.core.plan import HeadMap, SharingPlan, build_plan
@@ -75,3 +77,22 @@ def test_head_map_permutes_anchor_heads():
     with shared_attention(model, swapped):
         b = model(ids).logits
     assert not torch.allclose(a, b)
+
+
+def test_a_temperature_sharpens_each_heads_mixture_and_keeps_its_gain():
+    from sa_export.accuracy.reference import mix_probs
+    from sa_export.core.plan import HeadMap
+
+    probs = torch.softmax(torch.randn(1, 2, 3, 5), -1) * torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])  # a masked column
+    stored = {0: probs}
+    head_map = HeadMap(tuple(((0, 0), (0, 1)) for _ in range(2)), ((0.6, 0.6), (0.5, 0.25)))  # gains 1.2 and 0.75
+    plain = mix_probs(stored, head_map)
+    assert torch.allclose(mix_probs(stored, head_map, log_temperature=torch.zeros(2)), plain, atol=1e-6)
+    log_t = torch.tensor([0.0, math.log(3.0)], requires_grad=True)
+    sharp = mix_probs(stored, head_map, log_temperature=log_t)
+    assert torch.allclose(sharp.sum(-1), plain.sum(-1), atol=1e-6)  # gains kept
+    assert torch.all(sharp[..., 4] == 0)  # masked positions stay masked
+    expected = plain[:, 1] ** 3 / (plain[:, 1] ** 3).sum(-1, keepdim=True) * plain[:, 1].sum(-1, keepdim=True)
+    assert torch.allclose(sharp[:, 1], expected, atol=1e-6)
+    sharp.sum().backward()
+    assert torch.isfinite(log_t.grad).all()
