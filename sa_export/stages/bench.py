@@ -29,6 +29,7 @@ from sa_export.core.errors import UsageError
 from sa_export.core.manifest import MANIFEST_NAME, Manifest
 from sa_export.export import exporter_of_manifest, get_exporter
 from sa_export.runtime import SAModel
+from sa_export.stages.pairing import paired_times
 from sa_export.stages.prefill import prefill_lines, prefill_rows
 
 WARMUP_PAIRS = 3
@@ -131,28 +132,12 @@ class DecodeRow:
         }
 
 
-def _timed_pair(index: int, sa_step, base_step) -> tuple[float, float]:
-    """One timed step of each model, (sa, base); the order alternates with ``index`` so
-    that neither always runs on caches the other just filled."""
-    if index % 2:
-        t_sa = sa_step()
-        return t_sa, base_step()
-    t_base = base_step()
-    return sa_step(), t_base
-
-
 def _paired_steps(sa: SAModel, base: SAModel, sa_inputs, base_inputs, repeats: int, min_seconds: float):
     """Step times of both models, interleaved pair by pair, for at least ``repeats`` pairs and
     ``min_seconds``: short steps get more samples, which the noise of short steps needs."""
     for _ in range(WARMUP_PAIRS):
         _timed(sa, *sa_inputs), _timed(base, *base_inputs)
-    t_sa, t_base = [], []
-    start = time.perf_counter()
-    while len(t_sa) < repeats or (time.perf_counter() - start < min_seconds and len(t_sa) < MAX_PAIRS):
-        pair = _timed_pair(len(t_sa), lambda: _timed(sa, *sa_inputs), lambda: _timed(base, *base_inputs))
-        t_sa.append(pair[0])
-        t_base.append(pair[1])
-    return t_sa, t_base
+    return paired_times(lambda: _timed(sa, *sa_inputs), lambda: _timed(base, *base_inputs), repeats, min_seconds, MAX_PAIRS)
 
 
 def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, min_seconds: float = 0.0, progress=None) -> list[DecodeRow]:
@@ -292,7 +277,7 @@ def run_bench(
     sa, base = SAModel(out_dir, threads, spin=False), SAModel(base_path, threads, spin=False)
     rows = bench_decode(sa, base, contexts, batches, repeats, min_seconds, progress)
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
-    prefill = prefill_rows(sa, base, lengths, prefill_repeats or repeats, prefill_chunk, _timed_pair, prefill_memory, threads)
+    prefill = prefill_rows(sa, base, lengths, prefill_repeats or repeats, prefill_chunk, prefill_memory, threads)
     savings = manifest.cache.savings
     return {
         "model": manifest.source.model,

@@ -13,13 +13,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from sa_export.core.errors import UsageError
 from sa_export.runtime import SAModel
+from sa_export.stages.pairing import paired_times
 
 _CHILD = """
 import json, resource, sys, time
@@ -67,7 +67,7 @@ MIN_SECONDS = 10.0
 MAX_PAIRS = 25
 
 
-def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: int | None, timed_pair: Callable) -> dict:
+def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: int | None) -> dict:
     """Median prefill time of each model, interleaved, both in chunks of ``chunk`` (None: one call);
     at least ``repeats`` pairs, more for short prompts (MIN_SECONDS)."""
     ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
@@ -79,23 +79,18 @@ def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: i
         model.prefill(ids, mask, cache, chunk, all_logits=False)
         return time.perf_counter() - start
 
-    t_sa, t_base = [], []
-    start = time.perf_counter()
-    while len(t_sa) < repeats or (time.perf_counter() - start < MIN_SECONDS and len(t_sa) < MAX_PAIRS):
-        pair = timed_pair(len(t_sa), lambda: timed(sa), lambda: timed(base))
-        t_sa.append(pair[0])
-        t_base.append(pair[1])
+    t_sa, t_base = paired_times(lambda: timed(sa), lambda: timed(base), repeats, MIN_SECONDS, MAX_PAIRS)
     base_ms, sa_ms = 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa)
     return {"tokens": tokens, "chunk": chunk, "pairs": len(t_sa), "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms}
 
 
 def prefill_rows(
-    sa: SAModel, base: SAModel, lengths, repeats: int, chunk: int | None, timed_pair: Callable, memory: bool, threads: int | None
+    sa: SAModel, base: SAModel, lengths, repeats: int, chunk: int | None, memory: bool, threads: int | None
 ) -> list[dict]:
     """One row per prompt length: interleaved times, and with ``memory`` each model's own peak RSS."""
     rows = []
     for tokens in lengths:
-        row = time_prefill(sa, base, tokens, repeats, chunk, timed_pair)
+        row = time_prefill(sa, base, tokens, repeats, chunk)
         if memory:
             row["peak_rss_sa_bytes"] = peak_memory(sa.out_dir, tokens, chunk, threads=threads)["peak_rss_bytes"]
             row["peak_rss_base_bytes"] = peak_memory(base.out_dir, tokens, chunk, threads=threads)["peak_rss_bytes"]
