@@ -68,10 +68,11 @@ def mix_probs(
     index = torch.tensor([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources], device=stacked.device)
     picked = stacked[:, index]  # [batch, heads, k, q, kv]
     if head_map.width == 1 and weights is None:
-        return picked[:, :, 0]
-    if weights is None:
-        weights = torch.tensor(head_map.weights, device=picked.device)
-    mixed = (picked * weights.to(picked.dtype)[None, :, :, None, None]).sum(2)
+        mixed = picked[:, :, 0]
+    else:
+        if weights is None:
+            weights = torch.tensor(head_map.weights, device=picked.device)
+        mixed = (picked * weights.to(picked.dtype)[None, :, :, None, None]).sum(2)
     return mixed if log_temperature is None else _sharpen(mixed, log_temperature)
 
 

@@ -96,3 +96,9 @@ def test_a_temperature_sharpens_each_heads_mixture_and_keeps_its_gain():
     assert torch.allclose(sharp[:, 1], expected, atol=1e-6)
     sharp.sum().backward()
     assert torch.isfinite(log_t.grad).all()
+    # a map of one source per head (width 1, no weights) is sharpened too
+    single = HeadMap.from_anchor_heads(0, [1, 0])
+    squared = mix_probs(stored, single, log_temperature=torch.full((2,), math.log(2.0)))
+    borrowed = probs[:, [1, 0]]
+    expected = borrowed**2 / (borrowed**2).sum(-1, keepdim=True) * borrowed.sum(-1, keepdim=True)  # the row's mass kept
+    assert torch.allclose(squared, expected, atol=1e-6)
