@@ -78,6 +78,20 @@ def find_gqa_layers(graph: ir.Graph) -> dict[int, GqaLayer]:
     return layers
 
 
+def replace_gqa_node(graph: ir.Graph, layer: GqaLayer, new: ir.Node) -> None:
+    """``new`` (already in the graph) takes the place of the layer's GQA node: its first
+    outputs take the old outputs' names, types and uses (graph outputs included)."""
+    old = layer.node
+    for old_output, new_output in zip(old.outputs, new.outputs):
+        name = old_output.name
+        new_output.type, new_output.shape = old_output.type, old_output.shape
+        ir.convenience.replace_all_uses_with(old_output, new_output, replace_graph_outputs=True)
+        old_output.name = None
+        new_output.name = name
+    graph.remove(old, safe=True)
+    layer.node = new
+
+
 class NodeBuilder:
     """Nodes named with a prefix: inserted before one node (the GQA being replaced), or, with
     ``before`` None, kept in ``nodes`` for a branch. Constants always go to the main graph,

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.gqa_phases import PhasedAnchor, anchor_by_phase, if_by_phase, recompute_attention
-from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder, find_gqa_layers, is_gqa_graph
+from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder, find_gqa_layers, is_gqa_graph, replace_gqa_node
 from graph_passes.projections import MS_DOMAIN, column_slice
 from sa_export.core.errors import PlanError
 from sa_export.core.plan import HeadMap, SharingPlan, consecutive_runs, mixture_matrix
@@ -47,14 +47,7 @@ def _with_probabilities_output(graph: ir.Graph, layer: GqaLayer) -> ir.Value:
     attributes["qk_output"] = ir.AttrInt64("qk_output", QK_OUTPUT_SOFTMAX)
     new = ir.Node(MS_DOMAIN, GQA, list(old.inputs), attributes=list(attributes.values()), num_outputs=4, name=old.name)
     graph.insert_before(old, new)
-    for old_output, new_output in zip(old.outputs, new.outputs):
-        name = old_output.name
-        new_output.type, new_output.shape = old_output.type, old_output.shape
-        ir.convenience.replace_all_uses_with(old_output, new_output, replace_graph_outputs=True)
-        old_output.name = None
-        new_output.name = name
-    graph.remove(old, safe=True)
-    layer.node = new
+    replace_gqa_node(graph, layer, new)
     probs = new.outputs[3]
     probs.name = f"sa.layer{layer.layer}.probs"
     probs.dtype = new.outputs[0].dtype
