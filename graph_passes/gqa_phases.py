@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, GqaLayer, NodeBuilder, replace_gqa_node
 from graph_passes.projections import MS_DOMAIN, attribute_values
+from sa_export.core.plan import HeadMap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,12 @@ def _typed(values, like):
     return list(values)
 
 
-def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: ir.Value, grouped_shape: ir.Value) -> PhasedAnchor:
-    """Replace the anchor's GQA with an If: with ``qk_output`` at a decode step, without at prefill."""
+def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: ir.Value, grouped_shape: ir.Value | None) -> PhasedAnchor:
+    """Replace the anchor's GQA with an If: with ``qk_output`` at a decode step, without at prefill.
+
+    Its decode probabilities come padded and grouped by KV head, or, with ``grouped_shape``
+    None (head maps, which pick heads first), as GQA gives them: [B, heads, S, total].
+    """
     old = layer.node
     attributes = attribute_values(old)
     b = NodeBuilder(graph, old, f"sa.layer{layer.layer}")
@@ -62,6 +67,9 @@ def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: i
 
     def step(branch: NodeBuilder) -> list[ir.Value]:
         gqa = branch.node(GQA, list(old.inputs), "gqa_with_probs", domain=MS_DOMAIN, num_outputs=4, **attributes, qk_output=QK_OUTPUT_SOFTMAX)
+        if grouped_shape is None:
+            gqa.outputs[3].dtype = dtype
+            return [*_typed(gqa.outputs[:3], old.outputs), gqa.outputs[3]]
         padded = branch.op("Pad", [gqa.outputs[3], pads], "probs_to_buffer")
         grouped = branch.op("Reshape", [padded, grouped_shape], "probs_by_kv_head")
         grouped.dtype = dtype
@@ -69,7 +77,7 @@ def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: i
 
     def prefill(branch: NodeBuilder) -> list[ir.Value]:
         gqa = branch.node(GQA, list(old.inputs), "gqa", domain=MS_DOMAIN, num_outputs=3, **attributes)
-        no_probs = branch.op("Constant", [], "no_probs", value=ir.tensor(np.zeros((1, 1, 1, 0, 1), dtype.numpy())))
+        no_probs = branch.op("Constant", [], "no_probs", value=ir.tensor(np.zeros((1, 1, 1, 0, 1)[grouped_shape is None :], dtype.numpy())))
         no_probs.dtype = dtype
         return [*_typed(gqa.outputs, old.outputs), no_probs]
 
@@ -97,3 +105,63 @@ def recompute_attention(branch: NodeBuilder, layer: GqaLayer, anchor: PhasedAnch
     gqa = branch.node(GQA, inputs, "gqa_on_anchor_qk", domain=MS_DOMAIN, num_outputs=3, **anchor.attributes)
     gqa.outputs[0].dtype = dtype
     return gqa.outputs[0]
+
+
+def recompute_mapped_attention(
+    branch: NodeBuilder, layer: GqaLayer, head_map: HeadMap, sources: dict[int, PhasedAnchor], v_rows: ir.Value, present_value: ir.Value, dtype: ir.DataType
+) -> ir.Value:
+    """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
+
+    Per source layer, one GQA in multi-head form (as many KV heads as query heads) on the
+    source heads' queries, their KV heads' keys (the source's K cache) and the values of this
+    layer's KV head for each reading head. Query heads of one KV group may read keys of
+    different groups, which grouped GQA cannot express; the K and V buffers of the heads
+    read are gathered into a copy, freed after the node, [B, heads, buffer, head_dim].
+    """
+    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
+    rep = n // kv
+    axis = branch.const("last_axis", np.array([2], np.int64))
+    heads_shape = branch.const("heads_shape", np.array([0, 0, -1, d], np.int64))
+    flat = branch.const("flat_shape", np.array([0, 0, -1], np.int64))
+    v_heads = branch.op("Reshape", [v_rows, heads_shape], "own_v_heads")
+    outputs, order = [], []
+    for source in head_map.layers:
+        anchor = sources[source]
+        reading = [h for h, pairs in enumerate(head_map.sources) if pairs[0][0] == source]
+        source_heads = [head_map.sources[h][0][1] for h in reading]
+        m, tag = len(reading), f"from{source}"
+
+        def gather(value, indices, axis_, name):
+            return branch.op("Gather", [value, branch.const(f"{tag}.{name}_heads", np.array(indices, np.int64))], f"{tag}.{name}", axis=axis_)
+
+        def heads_of(start, end, name):
+            rows = branch.op("Slice", [anchor.packed_qkv, branch.const(f"{tag}.{name}_start", np.array([start], np.int64)),
+                                       branch.const(f"{tag}.{name}_end", np.array([end], np.int64)), axis], f"{tag}.{name}_rows")
+            return branch.op("Reshape", [rows, heads_shape], f"{tag}.{name}_by_head")
+
+        key_groups = [j // rep for j in source_heads]
+        value_groups = [h // rep for h in reading]
+        q = gather(heads_of(0, n * d, "q"), source_heads, 2, "q")
+        k = gather(heads_of(n * d, (n + kv) * d, "k"), key_groups, 2, "k")
+        v = gather(v_heads, value_groups, 2, "v")
+        inputs = [
+            branch.op("Reshape", [q, flat], f"{tag}.q_flat"), branch.op("Reshape", [k, flat], f"{tag}.k_flat"),
+            branch.op("Reshape", [v, flat], f"{tag}.v_flat"),
+            gather(anchor.present_key, key_groups, 1, "key_cache"), gather(present_value, value_groups, 1, "value_cache"),
+            *anchor.gqa_inputs[PAST_VALUE + 1 :],
+        ]
+        attributes = {**anchor.attributes, "num_heads": m, "kv_num_heads": m}
+        gqa = branch.node(GQA, inputs, f"{tag}.gqa", domain=MS_DOMAIN, num_outputs=3, **attributes)
+        gqa.outputs[0].dtype = dtype
+        outputs.append(gqa.outputs[0])
+        order += reading
+    context = branch.op("Concat", outputs, "sources_context", axis=2) if len(outputs) > 1 else outputs[0]
+    if order != list(range(n)):
+        by_head = branch.op("Reshape", [context, heads_shape], "context_by_source")
+        by_head = branch.op("Gather", [by_head, branch.const("head_order", np.argsort(order))], "context_by_head", axis=2)
+        context = branch.op("Reshape", [by_head, branch.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
+    gains = np.array([w[0] for w in head_map.weights], dtype.numpy())
+    if not np.all(gains == 1.0):
+        context = branch.op("Mul", [context, branch.const("head_gains", np.repeat(gains, d))], "context_gains")
+    context.dtype = dtype
+    return context

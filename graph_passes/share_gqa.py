@@ -27,11 +27,12 @@ has no such recomputation that costs as little.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.gqa_phases import PhasedAnchor, anchor_by_phase, if_by_phase, recompute_attention
+from graph_passes.gqa_phases import PhasedAnchor, anchor_by_phase, if_by_phase, recompute_attention, recompute_mapped_attention
 from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder, find_gqa_layers, is_gqa_graph, replace_gqa_node
 from graph_passes.projections import MS_DOMAIN, column_slice
 from sa_export.core.errors import PlanError
@@ -88,10 +89,11 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     return _Positions(write_indices, pads, grouped_shape, is_step)
 
 
-def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, anchor: PhasedAnchor | None = None) -> None:
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, recompute: Callable | None = None) -> None:
     """Replace a shared layer's attention: V only, written in place, times the padded probabilities.
 
-    With ``anchor`` (identity maps), a step of several rows recomputes them instead (gqa_phases).
+    With ``recompute(branch, v_rows, present_value)``, a step of several rows computes the
+    attention that way instead (gqa_phases).
     """
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
@@ -104,19 +106,17 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, kv, d], np.int64))], "v_heads")
     v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
     present_value = b.op("TensorScatter", [gqa.inputs[PAST_VALUE], v, positions.write_indices], "write_v_cache", axis=2)
-    if anchor is None:
+    dtype = gqa.outputs[0].dtype
+    if recompute is None:
         context = _probs_times_values(b, layer, grouped, present_value)
     else:
-        def prefill(branch: NodeBuilder) -> list[ir.Value]:
-            return [recompute_attention(branch, layer, anchor, v_rows, gqa.inputs[PAST_VALUE], gqa.outputs[0].dtype)]
-
         def step(branch: NodeBuilder) -> list[ir.Value]:
             context = _probs_times_values(branch, layer, grouped, present_value)
-            context.dtype = gqa.outputs[0].dtype
+            context.dtype = dtype
             return [context]
 
-        context = if_by_phase(b, positions.is_step, "attention_by_phase", step, prefill, 1).outputs[0]
-        context.dtype = gqa.outputs[0].dtype
+        context = if_by_phase(b, positions.is_step, "attention_by_phase", step, lambda branch: [recompute(branch, v_rows, present_value)], 1).outputs[0]
+        context.dtype = dtype
 
     output, present_key, old_present_value = gqa.outputs[:3]
     value_name = old_present_value.name
@@ -192,27 +192,108 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         raise PlanError("the GroupQueryAttention layers differ in head counts; convert with the default exporter")
     sources = {source for layer in plan.anchors for source in plan.sources_of(layer)}
     positions = _cache_positions(graph, layers[min(sources)])
-    if not any(plan.head_map(layer) is not None for layer in plan.anchors):
+    head_maps = {layer: plan.head_map(layer) for layer in plan.anchors if plan.head_map(layer) is not None}
+    if not head_maps:
         # Identity maps: probabilities stored at decode, recomputed at prefill (gqa_phases).
         phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, positions.grouped_shape) for source in sorted(sources)}
         for layer, anchor in plan.anchors.items():
-            _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, phased[anchor])
-        model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)
-        return
-    probs = {source: _with_probabilities_output(graph, layers[source]) for source in sorted(sources)}
+            def recompute(branch, v_rows, present_value, layer=layers[layer], anchor=phased[anchor]):
+                return recompute_attention(branch, layer, anchor, v_rows, layer.node.inputs[PAST_VALUE], layer.node.outputs[0].dtype)
+
+            _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, recompute)
+    elif all(head_map.width == 1 for head_map in head_maps.values()):
+        _share_one_source_heads(graph, layers, plan, head_maps, sorted(sources), positions)
+    else:
+        _share_mixtures(graph, layers, plan, head_maps, sorted(sources), positions)
+    model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)
+
+
+def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingPlan, head_maps: dict[int, HeadMap],
+                            sources: list[int], positions: _Positions) -> None:
+    """Head maps of one source head each (argmax modes): split by phase like identity maps.
+
+    At a decode step a run of shared layers pads its sources' probabilities once and each
+    mapped layer gathers its heads from them; at prefill each layer recomputes its heads
+    from their source layers' queries and K caches (gqa_phases.recompute_mapped_attention).
+    """
+    phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, None) for source in sources}
+    heads = layers[sources[0]].num_heads
+    for run in consecutive_runs(list(plan.anchors)):
+        b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
+
+        def step(branch: NodeBuilder, run=run) -> list[ir.Value]:
+            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, heads)
+
+        def prefill(branch: NodeBuilder, run=run) -> list[ir.Value]:
+            dtype = layers[run[0]].node.outputs[0].dtype
+            empty = branch.op("Constant", [], "no_probs", value=ir.tensor(np.zeros((1, 1, 1, 0, 1), dtype.numpy())))
+            empty.dtype = dtype
+            return [branch.op("Identity", [empty], f"layer{layer}_no_probs") for layer in run]
+
+        grouped = if_by_phase(b, positions.is_step, "probs_by_phase", step, prefill, len(run)).outputs
+        for layer, probs in zip(run, grouped):
+            gqa = layers[layer]
+            probs.dtype = gqa.node.outputs[0].dtype
+            if layer in head_maps:
+                def recompute(branch, v_rows, present_value, gqa=gqa, head_map=head_maps[layer]):
+                    return recompute_mapped_attention(branch, gqa, head_map, phased, v_rows, present_value, gqa.node.outputs[0].dtype)
+            else:
+                def recompute(branch, v_rows, present_value, gqa=gqa, anchor=phased[plan.anchors[layer]]):
+                    return recompute_attention(branch, gqa, anchor, v_rows, gqa.node.inputs[PAST_VALUE], gqa.node.outputs[0].dtype)
+            _shared_layer(graph, gqa, probs, positions, recompute)
+
+
+def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_maps: dict[int, HeadMap], phased: dict[int, PhasedAnchor],
+                      positions: _Positions, heads: int) -> list[ir.Value]:
+    """Decode step: each layer's probabilities, padded to the buffer and grouped by KV head.
+
+    Each source read by the run is padded once; a mapped layer gathers its heads (from the
+    sources stacked, when it reads several layers), which copies only [heads, buffer]
+    values per step, where a mixing MatMul would read every stacked head.
+    """
+    dtype = next(iter(phased.values())).grouped_probs.dtype.numpy()
+    reads = {layer: head_maps[layer].layers if layer in head_maps else (plan.anchors[layer],) for layer in run}
+    padded = {s: b.op("Pad", [phased[s].grouped_probs, positions.pads], f"probs{s}_to_buffer") for s in sorted({s for r in reads.values() for s in r})}
+    stacked = {}
+    grouped = {}
+    out = []
+    for layer in run:
+        if layer in head_maps:
+            head_map, layers_read = head_maps[layer], reads[layer]
+            if layers_read not in stacked:
+                stacked[layers_read] = padded[layers_read[0]] if len(layers_read) == 1 else b.op(
+                    "Concat", [padded[s] for s in layers_read], f"stack{'_'.join(map(str, layers_read))}", axis=1)
+            indices = np.array([layers_read.index(pairs[0][0]) * heads + pairs[0][1] for pairs in head_map.sources], np.int64)
+            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", indices)], f"layer{layer}_heads", axis=1)
+            gains = np.array([w[0] for w in head_map.weights], np.float32).reshape(1, heads, 1, 1)
+            if not np.all(gains == 1.0):
+                source = b.op("Mul", [source, b.const(f"layer{layer}.head_gains", gains.astype(dtype))], f"layer{layer}_gains")
+            key = layer
+        else:
+            source, key = padded[plan.anchors[layer]], plan.anchors[layer]
+        if key not in grouped:
+            grouped[key] = b.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
+        # A branch output listed twice is one value: the second layer's goes through an Identity.
+        out.append(grouped[key] if grouped[key] not in out else b.op("Identity", [grouped[key]], f"layer{layer}_probs"))
+    return out
+
+
+def _share_mixtures(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingPlan, head_maps: dict[int, HeadMap],
+                    sources: list[int], positions: _Positions) -> None:
+    """Mixtures of several source heads: stored probabilities at every step."""
+    probs = {source: _with_probabilities_output(graph, layers[source]) for source in sources}
     # Per run of consecutive shared layers (every source of the run precedes it): each
     # source's probabilities are padded once for the run, and each mapped layer mixes them.
     for run in consecutive_runs(list(plan.anchors)):
         b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
-        head_maps = {layer: plan.head_map(layer) for layer in run if plan.head_map(layer) is not None}
-        padded = _mixed_for_run(b, probs, head_maps, layers[run[0]].num_heads, positions.pads) if head_maps else {}
+        run_maps = {layer: head_maps[layer] for layer in run if layer in head_maps}
+        padded = _mixed_for_run(b, probs, run_maps, layers[run[0]].num_heads, positions.pads) if run_maps else {}
         anchors = {plan.anchors[layer] for layer in run if layer not in padded}
         by_anchor = {anchor: b.op("Pad", [probs[anchor], positions.pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
-        sources = {layer: padded[layer] if layer in padded else by_anchor[plan.anchors[layer]] for layer in run}
+        layer_sources = {layer: padded[layer] if layer in padded else by_anchor[plan.anchors[layer]] for layer in run}
         grouped = {}  # layers of one run that read the same probabilities share their grouping
-        for layer, source in sources.items():
+        for layer, source in layer_sources.items():
             if source not in grouped:
                 grouped[source] = b.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
         for layer in run:
-            _shared_layer(graph, layers[layer], grouped[sources[layer]], positions)
-    model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)
+            _shared_layer(graph, layers[layer], grouped[layer_sources[layer]], positions)

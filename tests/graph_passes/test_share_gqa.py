@@ -199,14 +199,44 @@ def test_int4_graph_keeps_the_v_rows_of_the_quantized_projection(tiny_llama_with
         np.testing.assert_array_equal(weights[f"sa.layer3.v_proj.weight_{'Q' if suffix == 'Q4' else 'scales'}"], packed[(4 + 2) * 16 :])
 
 
-def test_prefill_and_decode_branches_give_the_same_logits(genai_tiny_llama):
+@pytest.fixture(scope="module")
+def genai_tiny_llama_argmax(tiny_llama_with_tokenizer, tmp_path_factory):
+    """One source head per shared head, from two layers (argmax-any), two spans: parity-checked."""
+    from sa_export.stages.convert import ConvertRequest, convert
+
+    out = tmp_path_factory.mktemp("genai-argmax") / "out"
+    result = convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("2-3", "5-5"), out=out, exporter="genai",
+                                    head_map="argmax-any", calib_tokens=512))
+    assert result.parity.passed, result.parity.summary_line()
+    assert any(h.width == 1 and h.layers != (result.plan.anchors[l],) for l, h in result.plan.head_maps.items())
+    return out
+
+
+def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(genai_tiny_llama_argmax):
+    """Each mapped layer's prefill branch runs one multi-head GQA per layer its heads read,
+    on that layer's K cache; no GQA outside an If emits probabilities."""
+    model = onnx.load(genai_tiny_llama_argmax / "model.onnx", load_external_data=False)
+    manifest = Manifest.read(genai_tiny_llama_argmax)
+    plan = manifest.plan
+    assert not [n for n in _nodes_by_op(model, "GroupQueryAttention") if len(n.output) > 3 and n.output[3]]
+    for layer, head_map in plan.head_maps.items():
+        (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
+        recomputed = [n for n in _branches(node)["else_branch"].node if n.op_type == "GroupQueryAttention"]
+        assert len(recomputed) == len(head_map.layers)
+        for gqa in recomputed:
+            attributes = {a.name: a.i for a in gqa.attribute}
+            assert attributes["num_heads"] == attributes["kv_num_heads"]
+
+
+@pytest.mark.parametrize("fixture", ["genai_tiny_llama", "genai_tiny_llama_argmax"])
+def test_prefill_and_decode_branches_give_the_same_logits(fixture, request):
     """Rows fed together (recomputed attention) and one by one (stored probabilities), in any
     mix, give the logits of one call: each branch continues a cache the other wrote."""
     import numpy as np
 
     from sa_export.runtime import SAModel
 
-    model = SAModel(genai_tiny_llama)
+    model = SAModel(request.getfixturevalue(fixture))
     ids = np.random.default_rng(5).integers(3, 100, (1, 11))
     whole, _, _ = model.forward(ids, np.ones_like(ids), model.empty_cache(1, 16))
     for steps in (((0, 5), (5, 6), (6, 7), (7, 11)), tuple((i, i + 1) for i in range(11))):
