@@ -213,8 +213,8 @@ def genai_tiny_llama_argmax(tiny_llama_with_tokenizer, tmp_path_factory):
 
 
 def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(genai_tiny_llama_argmax):
-    """Each mapped layer's prefill branch runs one multi-head GQA per layer its heads read,
-    on that layer's K cache; no GQA outside an If emits probabilities."""
+    """Each mapped layer's prefill branch runs multi-head GQA on the layers its heads read
+    (their K caches), at most half the heads per node; no GQA outside an If emits probabilities."""
     model = onnx.load(genai_tiny_llama_argmax / "model.onnx", load_external_data=False)
     manifest = Manifest.read(genai_tiny_llama_argmax)
     plan = manifest.plan
@@ -222,10 +222,10 @@ def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(gena
     for layer, head_map in plan.head_maps.items():
         (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
         recomputed = [n for n in _branches(node)["else_branch"].node if n.op_type == "GroupQueryAttention"]
-        assert len(recomputed) == len(head_map.layers)
-        for gqa in recomputed:
-            attributes = {a.name: a.i for a in gqa.attribute}
-            assert attributes["num_heads"] == attributes["kv_num_heads"]
+        assert len(recomputed) >= len(head_map.layers)
+        heads = [{a.name: a.i for a in gqa.attribute} for gqa in recomputed]
+        assert all(h["num_heads"] == h["kv_num_heads"] <= 2 for h in heads)  # at most half of the 4 heads per node
+        assert sum(h["num_heads"] for h in heads) == 4
 
 
 @pytest.mark.parametrize("fixture", ["genai_tiny_llama", "genai_tiny_llama_argmax"])
