@@ -88,18 +88,25 @@ def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: i
     return PhasedAnchor(node.outputs[3], inputs[QUERY], node.outputs[1], inputs, attributes)
 
 
-def recompute_attention(branch: NodeBuilder, layer: GqaLayer, anchor: PhasedAnchor, v_rows: ir.Value, past_value: ir.Value, dtype: ir.DataType) -> ir.Value:
+def recompute_attention(
+    branch: NodeBuilder, layer: GqaLayer, anchor: PhasedAnchor, v_rows: ir.Value, past_value: ir.Value, dtype: ir.DataType, query_heads=None
+) -> ir.Value:
     """GQA on the anchor's queries and keys with this layer's values: [B, S, heads * head_dim].
 
     Its K cache input is the anchor's buffer with this step's rows already written, and its
     V cache input is this layer's buffer (written in place before the If runs); GQA rewrites
-    the step's rows in its own present outputs, which are dropped.
+    the step's rows in its own present outputs, which are dropped. ``query_heads[h]``: the
+    anchor head whose query head h takes, one of its own KV group (argmax-group maps).
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     # Sliced here, in each layer, not once at the anchor: held through the run, the anchor's
     # Q and K raised peak memory (an 8000-token prompt in one call: 2.53 against 2.49 GiB).
     axis = branch.const("last_axis", np.array([2], np.int64))
     q = branch.op("Slice", [anchor.packed_qkv, branch.const("q_start", np.array([0], np.int64)), branch.const("q_end", np.array([n * d], np.int64)), axis], "anchor_q")
+    if query_heads is not None:
+        q = branch.op("Reshape", [q, branch.const("q_heads_shape", np.array([0, 0, n, d], np.int64))], "anchor_q_by_head")
+        q = branch.op("Gather", [q, branch.const("query_heads", np.array(query_heads, np.int64))], "mapped_q", axis=2)
+        q = branch.op("Reshape", [q, branch.const("q_flat_shape", np.array([0, 0, n * d], np.int64))], "mapped_q_flat")
     k = branch.op("Slice", [anchor.packed_qkv, branch.const("k_start", np.array([n * d], np.int64)), branch.const("k_end", np.array([(n + kv) * d], np.int64)), axis], "anchor_k")
     inputs = [q, k, v_rows, anchor.present_key, past_value, *anchor.gqa_inputs[PAST_VALUE + 1 :]]
     gqa = branch.node(GQA, inputs, "gqa_on_anchor_qk", domain=MS_DOMAIN, num_outputs=3, **anchor.attributes)
@@ -108,11 +115,13 @@ def recompute_attention(branch: NodeBuilder, layer: GqaLayer, anchor: PhasedAnch
 
 
 def recompute_mapped_attention(
-    branch: NodeBuilder, layer: GqaLayer, head_map: HeadMap, sources: dict[int, PhasedAnchor], v_rows: ir.Value, present_value: ir.Value, dtype: ir.DataType
+    branch: NodeBuilder, layer: GqaLayer, head_map: HeadMap, sources: dict[int, PhasedAnchor], v_rows: ir.Value, present_value: ir.Value,
+    past_value: ir.Value, dtype: ir.DataType,
 ) -> ir.Value:
     """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
 
-    Per source layer, one GQA in multi-head form (as many KV heads as query heads) on the
+    When every head reads a head of its own KV group in one layer (argmax-group), that is
+    the identity recompute with the queries permuted. Otherwise, per source layer, GQA in multi-head form (as many KV heads as query heads) on the
     source heads' queries, their KV heads' keys (the source's K cache) and the values of this
     layer's KV head for each reading head. Query heads of one KV group may read keys of
     different groups, which grouped GQA cannot express; the K and V buffers of the heads
@@ -123,6 +132,12 @@ def recompute_mapped_attention(
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     rep = n // kv
+    gains = np.array([w[0] for w in head_map.weights], dtype.numpy())
+    read = [pairs[0] for pairs in head_map.sources]
+    if len(head_map.layers) == 1 and all(j // rep == h // rep for h, (_, j) in enumerate(read)):
+        # Every head reads a head of its own KV group: the anchor's K cache serves as it is.
+        context = recompute_attention(branch, layer, sources[read[0][0]], v_rows, past_value, dtype, [j for _, j in read])
+        return _with_gains(branch, context, gains, d, dtype)
     axis = branch.const("last_axis", np.array([2], np.int64))
     heads_shape = branch.const("heads_shape", np.array([0, 0, -1, d], np.int64))
     flat = branch.const("flat_shape", np.array([0, 0, -1], np.int64))
@@ -167,8 +182,11 @@ def recompute_mapped_attention(
         by_head = branch.op("Reshape", [context, heads_shape], "context_by_source")
         by_head = branch.op("Gather", [by_head, branch.const("head_order", np.argsort(order))], "context_by_head", axis=2)
         context = branch.op("Reshape", [by_head, branch.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
-    gains = np.array([w[0] for w in head_map.weights], dtype.numpy())
+    return _with_gains(branch, context, gains, d, dtype)
+
+
+def _with_gains(branch: NodeBuilder, context: ir.Value, gains: np.ndarray, head_dim: int, dtype: ir.DataType) -> ir.Value:
     if not np.all(gains == 1.0):
-        context = branch.op("Mul", [context, branch.const("head_gains", np.repeat(gains, d))], "context_gains")
+        context = branch.op("Mul", [context, branch.const("head_gains", np.repeat(gains, head_dim))], "context_gains")
     context.dtype = dtype
     return context

@@ -236,7 +236,7 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
             probs.dtype = gqa.node.outputs[0].dtype
             if layer in head_maps:
                 def recompute(branch, v_rows, present_value, gqa=gqa, head_map=head_maps[layer]):
-                    return recompute_mapped_attention(branch, gqa, head_map, phased, v_rows, present_value, gqa.node.outputs[0].dtype)
+                    return recompute_mapped_attention(branch, gqa, head_map, phased, v_rows, present_value, gqa.node.inputs[PAST_VALUE], gqa.node.outputs[0].dtype)
             else:
                 def recompute(branch, v_rows, present_value, gqa=gqa, anchor=phased[plan.anchors[layer]]):
                     return recompute_attention(branch, gqa, anchor, v_rows, gqa.node.inputs[PAST_VALUE], gqa.node.outputs[0].dtype)

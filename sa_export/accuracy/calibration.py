@@ -4,6 +4,8 @@ The statistics are inner products between the post-softmax maps of every pair of
 (layer, head), summed over calibration chunks, plus the per-chunk cosine similarity
 averaged over chunks (the paper's isotropy measure). Head maps need nothing else:
   argmax      each shared head reads the anchor head most similar to its own map;
+  argmax-group  ... among the anchor heads of its own KV group: at prefill the graph
+              recomputes it from the anchor's K cache as it is, like an identity map;
   argmax-any  ... the most similar head of any earlier unshared layer of its kind;
   mix         a convex mixture of the TOP_K most similar such heads, fitted by least
               squares on the calibration maps (in the graph: Gather + weighted sum);
@@ -26,12 +28,15 @@ import torch
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
-HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated", "fit")
+HEAD_MAP_MODES = ("identity", "argmax", "argmax-group", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated", "fit")
 FITTED_MODES = ("fit",)  # fitted by distillation through the model (distill.py), from FIT_START's maps
 FIT_START = "mix-few"
 EXTRA_SOURCE_LAYERS = 1  # mix-few: layers besides the anchors whose heads the maps may read
-# What `--head-map calibrated` means: the accurate mode that is never slower at decode (README).
-CALIBRATED_DEFAULT = "mix-few"
+# What `--head-map calibrated` means: one anchor head per shared head. Mixtures are more
+# accurate but cost more at prefill, where the GQA graph recomputes each shared head from
+# its source's queries and keys: a mixture of k heads is k attentions, or stored
+# probabilities that outgrow the unshared graph's memory (README, "Head maps").
+CALIBRATED_DEFAULT = "argmax"
 TOP_K = 4
 CHUNK_TOKENS = 256
 
@@ -44,6 +49,7 @@ class AttentionStatistics:
     cosine: np.ndarray  # [L*H, L*H] mean over chunks of cos(P_a, P_b)
     tokens: int
     chunks: int
+    group_size: int = 1  # query heads per KV head (grouped-query attention)
 
     def index(self, layer: int, head: int) -> int:
         return layer * self.num_heads + head
@@ -80,8 +86,9 @@ def collect_statistics(model, token_ids: list[int], chunk_tokens: int = CHUNK_TO
         cosine = c if cosine is None else cosine + c
         if progress is not None:
             progress(number + 1, len(chunks))
-    layers = len(out.attentions)
-    return AttentionStatistics(layers, out.attentions[0].shape[1], gram, cosine / len(chunks), sum(map(len, chunks)), len(chunks))
+    layers, heads = len(out.attentions), out.attentions[0].shape[1]
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
+    return AttentionStatistics(layers, heads, gram, cosine / len(chunks), sum(map(len, chunks)), len(chunks), heads // kv_heads)
 
 
 def _simplex_least_squares(gram: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -122,7 +129,7 @@ def calibrate_head_maps(
     heads = stats.num_heads
     maps: dict[int, HeadMap] = {}
     for layer, anchor in sorted(plan.anchors.items()):
-        if mode in ("argmax", "mix-anchor"):
+        if mode in ("argmax", "argmax-group", "mix-anchor"):
             candidates = [anchor]
         else:
             candidates = [
@@ -135,7 +142,10 @@ def calibrate_head_maps(
         for head in range(heads):
             target = stats.index(layer, head)
             similarity = stats.cosine[target, columns]
-            if mode in ("argmax", "argmax-any"):
+            if mode == "argmax-group":
+                group = head // stats.group_size
+                similarity = np.where([g // stats.group_size == group for _, g in pairs], similarity, -np.inf)
+            if mode in ("argmax", "argmax-group", "argmax-any"):
                 best = int(np.argmax(similarity))
                 sources.append((pairs[best],))
                 weights.append((1.0,))

@@ -104,13 +104,13 @@ def test_gqa_layers_are_found_by_their_present_names(genai_tiny_llama):
     assert {(l.num_heads, l.kv_num_heads, l.head_dim) for l in layers.values()} == {(4, 2, 16)}
 
 
-def test_calibrated_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokenizer, tmp_path):
+def test_mixed_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokenizer, tmp_path):
     """Mixtures of several source heads (Concat and one mixing MatMul over GQA probabilities), two spans."""
     from sa_export.stages.convert import ConvertRequest, convert
 
     result = convert(
         ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("2-3", "5-5"), out=tmp_path / "out", exporter="genai",
-                       head_map="calibrated", calib_tokens=512)
+                       head_map="mix-few", calib_tokens=512)
     )
     assert result.parity.passed, result.parity.summary_line()
     assert dict(result.plan.anchors) == {2: 1, 3: 1, 5: 4} and result.plan.head_maps
@@ -199,17 +199,42 @@ def test_int4_graph_keeps_the_v_rows_of_the_quantized_projection(tiny_llama_with
         np.testing.assert_array_equal(weights[f"sa.layer3.v_proj.weight_{'Q' if suffix == 'Q4' else 'scales'}"], packed[(4 + 2) * 16 :])
 
 
+def _convert_mapped(model, tmp_path_factory, head_map: str):
+    from sa_export.stages.convert import ConvertRequest, convert
+
+    out = tmp_path_factory.mktemp(f"genai-{head_map}") / "out"
+    result = convert(ConvertRequest(model=str(model), spans=("2-3", "5-5"), out=out, exporter="genai", head_map=head_map, calib_tokens=512))
+    assert result.parity.passed, result.parity.summary_line()
+    return out, result.plan
+
+
 @pytest.fixture(scope="module")
 def genai_tiny_llama_argmax(tiny_llama_with_tokenizer, tmp_path_factory):
     """One source head per shared head, from two layers (argmax-any), two spans: parity-checked."""
-    from sa_export.stages.convert import ConvertRequest, convert
-
-    out = tmp_path_factory.mktemp("genai-argmax") / "out"
-    result = convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("2-3", "5-5"), out=out, exporter="genai",
-                                    head_map="argmax-any", calib_tokens=512))
-    assert result.parity.passed, result.parity.summary_line()
-    assert any(h.width == 1 and h.layers != (result.plan.anchors[l],) for l, h in result.plan.head_maps.items())
+    out, plan = _convert_mapped(tiny_llama_with_tokenizer, tmp_path_factory, "argmax-any")
+    assert any(h.width == 1 and h.layers != (plan.anchors[l],) for l, h in plan.head_maps.items())
     return out
+
+
+@pytest.fixture(scope="module")
+def genai_tiny_llama_argmax_group(tiny_llama_with_tokenizer, tmp_path_factory):
+    """One anchor head of its own KV group per shared head (argmax-group), two spans: parity-checked."""
+    out, plan = _convert_mapped(tiny_llama_with_tokenizer, tmp_path_factory, "argmax-group")
+    read = [pairs[0] for h in plan.head_maps.values() for pairs in h.sources]
+    assert read and any(j != h % 4 for h, (_, j) in enumerate(read))  # not all identity
+    return out
+
+
+def test_argmax_group_maps_recompute_like_identity_with_permuted_queries(genai_tiny_llama_argmax_group):
+    """No copy of a cache: one grouped GQA on the anchor's K cache, its queries gathered."""
+    model = onnx.load(genai_tiny_llama_argmax_group / "model.onnx", load_external_data=False)
+    plan = Manifest.read(genai_tiny_llama_argmax_group).plan
+    for layer, anchor in plan.anchors.items():
+        (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
+        prefill = _branches(node)["else_branch"]
+        (gqa,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
+        assert {a.name: a.i for a in gqa.attribute}["kv_num_heads"] == 2 and gqa.input[3] == f"present.{anchor}.key"
+        assert not [n for n in prefill.node if n.op_type == "Gather" and "cache" in n.name]
 
 
 def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(genai_tiny_llama_argmax):
@@ -228,7 +253,7 @@ def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(gena
         assert sum(h["num_heads"] for h in heads) == 4
 
 
-@pytest.mark.parametrize("fixture", ["genai_tiny_llama", "genai_tiny_llama_argmax"])
+@pytest.mark.parametrize("fixture", ["genai_tiny_llama", "genai_tiny_llama_argmax", "genai_tiny_llama_argmax_group"])
 def test_prefill_and_decode_branches_give_the_same_logits(fixture, request):
     """Rows fed together (recomputed attention) and one by one (stored probabilities), in any
     mix, give the logits of one call: each branch continues a cache the other wrote."""

@@ -48,7 +48,7 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads((out / "frontier.json").read_text())
     points = data["points"]
-    assert [(p["mode"], len(p["shared_layers"])) for p in points] == [("identity", 1), ("identity", 2), ("calibrated", 1), ("calibrated", 2)]
+    assert [(p["mode"], len(p["shared_layers"])) for p in points] == [("identity", 1), ("identity", 2), ("mix-few", 1), ("mix-few", 2)]
     for point in points:
         assert set(point["penalty"]) == {"calib-domain", "other-domain"} and point["spans"] == spans_of(point["shared_layers"])
         assert point["kv_fraction_saved"] == len(point["shared_layers"]) / 12
