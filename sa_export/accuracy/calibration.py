@@ -14,7 +14,8 @@ averaged over chunks (the paper's isotropy measure). Head maps need nothing else
   mix-few     the mixture over the heads of the anchors and of the one layer the free
               mixture leans on most: one extra layer emits probabilities.
 ``fit`` (sa_export.accuracy.distill) starts from mix-few and fits the weights on the
-model's output; it needs the model, not only these statistics.
+model's output, and ``argmax-out`` (sa_export.accuracy.output_maps) picks argmax's anchor
+head by the head's output error: both need the model, not only these statistics.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import torch
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
-HEAD_MAP_MODES = ("identity", "argmax", "argmax-group", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated", "fit")
-FITTED_MODES = ("fit",)  # fitted by distillation through the model (distill.py), from FIT_START's maps
+HEAD_MAP_MODES = ("identity", "argmax", "argmax-out", "argmax-group", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated", "fit")
+# Chosen through the model, not from these statistics alone: fit by distillation
+# (distill.py, from FIT_START's maps), argmax-out by each head's output error (output_maps.py).
+FITTED_MODES = ("fit", "argmax-out")
 FIT_START = "mix-few"
 EXTRA_SOURCE_LAYERS = 1  # mix-few: layers besides the anchors whose heads the maps may read
 # What `--head-map calibrated` means: one anchor head per shared head. Mixtures are more

@@ -8,6 +8,7 @@ import math
 import torch
 
 from sa_export.accuracy.calibration import FIT_START, FITTED_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
+from sa_export.accuracy.output_maps import output_errors, output_head_maps
 from sa_export.accuracy.distill import FIT_STEPS, fit_head_maps
 from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
@@ -148,6 +149,9 @@ def calibrated_plan(
     ``stats``, when given, are that text's attention statistics, collected before."""
     if mode == "identity" or not plan.anchors:
         return plan
+    if mode == "argmax-out":
+        with progress_bar("choosing anchor heads by their output error", unit="chunk") as advance:
+            return plan.with_head_maps(output_head_maps(output_errors(hf_model, plan, calibration.ids, progress=advance), plan))
     if stats is None:
         with progress_bar("calibrating head maps", unit="chunk") as advance:
             stats = collect_statistics(hf_model, calibration.ids, progress=advance)

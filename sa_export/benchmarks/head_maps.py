@@ -22,7 +22,7 @@ from sa_export.core.plan import build_plan
 from sa_export.accuracy.texts import other_domain_tokens, split_texts
 
 SPANS = ("15-18", "20-28", "23-26", "26-29")
-MODES = ("identity", "argmax", "argmax-group", "argmax-any", "mix", "mix-anchor", "mix-few", "fit")
+MODES = ("identity", "argmax", "argmax-out", "argmax-group", "argmax-any", "mix", "mix-anchor", "mix-few", "fit")
 
 
 def main() -> None:
