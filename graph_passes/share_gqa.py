@@ -17,11 +17,12 @@ The probabilities cover ``total_sequence_length`` positions and the V buffer
 ``max_length``; they are padded with zeros to the buffer, so that V is read in place
 rather than sliced (a copy of the whole cache per layer and token).
 
-With identity head maps (the default) this holds for decode steps only: a step of several
-rows recomputes each shared layer's attention from its anchor's queries and K cache, so
-that prefill holds no more than the unshared graph (gqa_phases). Mixed maps (calibrated,
-fitted) read stored probabilities at every step: their mixture of several source layers
-has no such recomputation that costs as little.
+With identity head maps (the default) and maps of one source head per head (argmax,
+which ``calibrated`` is) this holds for decode steps only: a step of several rows
+recomputes each shared layer's attention from its sources' queries and K caches, so that
+prefill holds about what the unshared graph holds (gqa_phases). Mixtures (mix*, fit)
+read stored probabilities at every step: a mixture of k source heads has no
+recomputation cheaper than k attentions.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
         b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
 
         def step(branch: NodeBuilder, run=run) -> list[ir.Value]:
-            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, heads)
+            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, heads, layers[sources[0]].kv_num_heads)
 
         def prefill(branch: NodeBuilder, run=run) -> list[ir.Value]:
             dtype = layers[run[0]].node.outputs[0].dtype
@@ -244,7 +245,7 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
 
 
 def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_maps: dict[int, HeadMap], phased: dict[int, PhasedAnchor],
-                      positions: _Positions, heads: int) -> list[ir.Value]:
+                      positions: _Positions, heads: int, kv_heads: int) -> list[ir.Value]:
     """Decode step: each layer's probabilities, padded to the buffer and grouped by KV head.
 
     Each source read by the run is padded once; a mapped layer gathers its heads (from the
@@ -263,14 +264,16 @@ def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_ma
             if layers_read not in stacked:
                 stacked[layers_read] = padded[layers_read[0]] if len(layers_read) == 1 else b.op(
                     "Concat", [padded[s] for s in layers_read], f"stack{'_'.join(map(str, layers_read))}", axis=1)
+            # Indices shaped [kv, rep]: the Gather's output is already grouped by KV head.
             indices = np.array([layers_read.index(pairs[0][0]) * heads + pairs[0][1] for pairs in head_map.sources], np.int64)
-            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", indices)], f"layer{layer}_heads", axis=1)
-            gains = np.array([w[0] for w in head_map.weights], np.float32).reshape(1, heads, 1, 1)
+            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", indices.reshape(kv_heads, -1))], f"layer{layer}_heads", axis=1)
+            gains = np.array([w[0] for w in head_map.weights], np.float32).reshape(1, kv_heads, -1, 1, 1)
             if not np.all(gains == 1.0):
                 source = b.op("Mul", [source, b.const(f"layer{layer}.head_gains", gains.astype(dtype))], f"layer{layer}_gains")
-            key = layer
+            key = ("layer", layer)
+            grouped[key] = source
         else:
-            source, key = padded[plan.anchors[layer]], plan.anchors[layer]
+            source, key = padded[plan.anchors[layer]], ("anchor", plan.anchors[layer])
         if key not in grouped:
             grouped[key] = b.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
         # A branch output listed twice is one value: the second layer's goes through an Identity.

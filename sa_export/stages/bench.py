@@ -175,8 +175,12 @@ def graph_description(manifest: Manifest) -> str:
     if manifest.cache.buffer == "shared":
         graph = "onnxruntime-genai builder graph: packed QKV, GroupQueryAttention with rotary, in-place cache buffers (IOBinding)"
         sa = "; SA: shared layers project V only and write it in place (TensorScatter); "
-        if manifest.plan.head_maps:
+        maps = [m for m in (manifest.plan.head_map(layer) for layer in manifest.plan.anchors) if m is not None]
+        if any(m.width > 1 for m in maps):
             sa += "the sources' GQA emit their probabilities, mixed per layer, @ V grouped by KV head"
+        elif maps:
+            sa += ("at a decode step each layer's heads gathered from the sources' stored probabilities @ V grouped by KV head, "
+                   "at prefill multi-head GQA on the source heads' queries and K caches")
         else:
             sa += "at a decode step the anchor's stored probabilities @ V grouped by KV head, at prefill GQA on the anchor's queries and K cache"
     else:
