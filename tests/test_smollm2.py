@@ -85,7 +85,8 @@ def test_calibrated_convert_passes_check(smollm2_available, tmp_path):
     result = run_cli("convert", "smollm2-135m", "--span", "20-28", "--head-map", "calibrated", "--exporter", "dynamo", "-o", out)
     assert result.exit_code == 0, result.output + result.stderr
     assert "parity PASSED" in result.output
-    assert json.loads((out / "sa_manifest.json").read_text())["head_map"]["mode"] == "calibrated"
+    head_map = json.loads((out / "sa_manifest.json").read_text())["head_map"]
+    assert (head_map["mode"], head_map["method"]) == ("calibrated", "argmax")
 
 
 def test_fast_runtime_graph_passes_parity_and_generates(smollm2_available, tmp_path):

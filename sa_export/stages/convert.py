@@ -214,6 +214,10 @@ def convert(request: ConvertRequest) -> ConvertResult:
                 files += sorted(set(p.name for p in tmp.iterdir()) - before)
         info = source_info(source, config, reference, request.reference, request.accept_unknown_config_keys)
         head_map = {"mode": request.head_map, "calibration": calibration.to_json() if calibration else None}
+        if request.head_map == "calibrated":
+            from sa_export.accuracy.calibration import CALIBRATED_DEFAULT
+
+            head_map["method"] = CALIBRATED_DEFAULT  # what calibrated meant for this model: it has changed before
         capacity = None
         if in_place:  # the buffers hold the planned context, never more than the model's positions
             limit = getattr(config, "max_position_embeddings", None) if config is not None else None

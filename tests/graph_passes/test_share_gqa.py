@@ -216,6 +216,13 @@ def genai_tiny_llama_argmax(tiny_llama_with_tokenizer, tmp_path_factory):
     return out
 
 
+def test_calibrated_is_argmax_and_the_manifest_says_so(tiny_llama_with_tokenizer, tmp_path_factory):
+    out, plan = _convert_mapped(tiny_llama_with_tokenizer, tmp_path_factory, "calibrated")
+    assert plan.head_maps and all(h.width == 1 and h.layers == (plan.anchors[l],) for l, h in plan.head_maps.items())
+    head_map = Manifest.read(out).head_map
+    assert (head_map["mode"], head_map["method"]) == ("calibrated", "argmax")
+
+
 @pytest.fixture(scope="module")
 def genai_tiny_llama_argmax_group(tiny_llama_with_tokenizer, tmp_path_factory):
     """One anchor head of its own KV group per shared head (argmax-group), two spans: parity-checked."""
