@@ -88,35 +88,41 @@ def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: i
     return PhasedAnchor(node.outputs[3], inputs[QUERY], node.outputs[1], inputs, attributes)
 
 
+def _columns(branch: NodeBuilder, packed: ir.Value, start: int, end: int, axis: ir.Value, name: str) -> ir.Value:
+    """Columns [start, end) of a packed QKV projection's output (``axis``: the constant 2)."""
+    bounds = [branch.const(f"{name}_{edge}", np.array([value], np.int64)) for edge, value in (("start", start), ("end", end))]
+    return branch.op("Slice", [packed, *bounds, axis], name)
+
+
 def recompute_attention(
-    branch: NodeBuilder, layer: GqaLayer, anchor: PhasedAnchor, v_rows: ir.Value, past_value: ir.Value, dtype: ir.DataType, query_heads=None
+    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, anchor: PhasedAnchor, query_heads=None
 ) -> ir.Value:
     """GQA on the anchor's queries and keys with this layer's values: [B, S, heads * head_dim].
 
     Its K cache input is the anchor's buffer with this step's rows already written, and its
-    V cache input is this layer's buffer (written in place before the If runs); GQA rewrites
-    the step's rows in its own present outputs, which are dropped. ``query_heads[h]``: the
-    anchor head whose query head h takes, one of its own KV group (argmax-group maps).
+    V cache input is this layer's buffer (written in place, as ``present_value``, before the
+    If runs); GQA rewrites the step's rows in its own present outputs, which are dropped.
+    ``query_heads[h]``: the anchor head whose query head h takes, one of its own KV group
+    (argmax-group maps).
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     # Sliced here, in each layer, not once at the anchor: held through the run, the anchor's
     # Q and K raised peak memory (an 8000-token prompt in one call: 2.53 against 2.49 GiB).
     axis = branch.const("last_axis", np.array([2], np.int64))
-    q = branch.op("Slice", [anchor.packed_qkv, branch.const("q_start", np.array([0], np.int64)), branch.const("q_end", np.array([n * d], np.int64)), axis], "anchor_q")
+    q = _columns(branch, anchor.packed_qkv, 0, n * d, axis, "anchor_q")
     if query_heads is not None:
         q = branch.op("Reshape", [q, branch.const("q_heads_shape", np.array([0, 0, n, d], np.int64))], "anchor_q_by_head")
         q = branch.op("Gather", [q, branch.const("query_heads", np.array(query_heads, np.int64))], "mapped_q", axis=2)
         q = branch.op("Reshape", [q, branch.const("q_flat_shape", np.array([0, 0, n * d], np.int64))], "mapped_q_flat")
-    k = branch.op("Slice", [anchor.packed_qkv, branch.const("k_start", np.array([n * d], np.int64)), branch.const("k_end", np.array([(n + kv) * d], np.int64)), axis], "anchor_k")
-    inputs = [q, k, v_rows, anchor.present_key, past_value, *anchor.gqa_inputs[PAST_VALUE + 1 :]]
+    k = _columns(branch, anchor.packed_qkv, n * d, (n + kv) * d, axis, "anchor_k")
+    inputs = [q, k, v_rows, anchor.present_key, layer.node.inputs[PAST_VALUE], *anchor.gqa_inputs[PAST_VALUE + 1 :]]
     gqa = branch.node(GQA, inputs, "gqa_on_anchor_qk", domain=MS_DOMAIN, num_outputs=3, **anchor.attributes)
-    gqa.outputs[0].dtype = dtype
+    gqa.outputs[0].dtype = layer.node.outputs[0].dtype
     return gqa.outputs[0]
 
 
 def recompute_mapped_attention(
-    branch: NodeBuilder, layer: GqaLayer, head_map: HeadMap, sources: dict[int, PhasedAnchor], v_rows: ir.Value, present_value: ir.Value,
-    past_value: ir.Value, dtype: ir.DataType,
+    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, head_map: HeadMap, sources: dict[int, PhasedAnchor]
 ) -> ir.Value:
     """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
 
@@ -134,16 +140,25 @@ def recompute_mapped_attention(
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     rep = n // kv
+    dtype = layer.node.outputs[0].dtype
     gains = np.array([w[0] for w in head_map.weights], dtype.numpy())
     read = [pairs[0] for pairs in head_map.sources]
     if len(head_map.layers) == 1 and all(j // rep == h // rep for h, (_, j) in enumerate(read)):
         # Every head reads a head of its own KV group: the anchor's K cache serves as it is.
-        context = recompute_attention(branch, layer, sources[read[0][0]], v_rows, past_value, dtype, [j for _, j in read])
+        context = recompute_attention(branch, layer, v_rows, present_value, sources[read[0][0]], [j for _, j in read])
         return _with_gains(branch, context, gains, d, dtype)
-    axis = branch.const("last_axis", np.array([2], np.int64))
     heads_shape = branch.const("heads_shape", np.array([0, 0, -1, d], np.int64))
     flat = branch.const("flat_shape", np.array([0, 0, -1], np.int64))
     v_heads = branch.op("Reshape", [v_rows, heads_shape], "own_v_heads")
+    # Each source's queries and keys by head, sliced once for all its nodes.
+    axis = branch.const("last_axis", np.array([2], np.int64))
+    by_head = {}
+    for source in head_map.layers:
+        packed = sources[source].packed_qkv
+        by_head[source] = [
+            branch.op("Reshape", [_columns(branch, packed, start, end, axis, f"from{source}.{name}_rows"), heads_shape], f"from{source}.{name}_by_head")
+            for name, start, end in (("q", 0, n * d), ("k", n * d, (n + kv) * d))
+        ]
     outputs, order = [], []
     most = -(-n // 2)
     pieces = []
@@ -155,22 +170,16 @@ def recompute_mapped_attention(
         source_heads = [head_map.sources[h][0][1] for h in reading]
         m = len(reading)
 
-        def gather(value, indices, axis_, name):
-            return branch.op("Gather", [value, branch.const(f"{tag}.{name}_heads", np.array(indices, np.int64))], f"{tag}.{name}", axis=axis_)
-
-        def heads_of(start, end, name):
-            rows = branch.op("Slice", [anchor.packed_qkv, branch.const(f"{tag}.{name}_start", np.array([start], np.int64)),
-                                       branch.const(f"{tag}.{name}_end", np.array([end], np.int64)), axis], f"{tag}.{name}_rows")
-            return branch.op("Reshape", [rows, heads_shape], f"{tag}.{name}_by_head")
+        def gather(value, indices, axis, name):
+            return branch.op("Gather", [value, branch.const(f"{tag}.{name}_heads", np.array(indices, np.int64))], f"{tag}.{name}", axis=axis)
 
         key_groups = [j // rep for j in source_heads]
         value_groups = [h // rep for h in reading]
-        q = gather(heads_of(0, n * d, "q"), source_heads, 2, "q")
-        k = gather(heads_of(n * d, (n + kv) * d, "k"), key_groups, 2, "k")
-        v = gather(v_heads, value_groups, 2, "v")
+        q_heads, k_heads = by_head[source]
         inputs = [
-            branch.op("Reshape", [q, flat], f"{tag}.q_flat"), branch.op("Reshape", [k, flat], f"{tag}.k_flat"),
-            branch.op("Reshape", [v, flat], f"{tag}.v_flat"),
+            branch.op("Reshape", [gather(q_heads, source_heads, 2, "q"), flat], f"{tag}.q_flat"),
+            branch.op("Reshape", [gather(k_heads, key_groups, 2, "k"), flat], f"{tag}.k_flat"),
+            branch.op("Reshape", [gather(v_heads, value_groups, 2, "v"), flat], f"{tag}.v_flat"),
             gather(anchor.present_key, key_groups, 1, "key_cache"), gather(present_value, value_groups, 1, "value_cache"),
             *anchor.gqa_inputs[PAST_VALUE + 1 :],
         ]
@@ -181,9 +190,9 @@ def recompute_mapped_attention(
         order += reading
     context = branch.op("Concat", outputs, "sources_context", axis=2) if len(outputs) > 1 else outputs[0]
     if order != list(range(n)):
-        by_head = branch.op("Reshape", [context, heads_shape], "context_by_source")
-        by_head = branch.op("Gather", [by_head, branch.const("head_order", np.argsort(order))], "context_by_head", axis=2)
-        context = branch.op("Reshape", [by_head, branch.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
+        context = branch.op("Reshape", [context, heads_shape], "context_by_source")
+        context = branch.op("Gather", [context, branch.const("head_order", np.argsort(order))], "context_by_head", axis=2)
+        context = branch.op("Reshape", [context, branch.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
     return _with_gains(branch, context, gains, d, dtype)
 
 

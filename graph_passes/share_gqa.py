@@ -28,6 +28,7 @@ recomputation cheaper than k attentions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -93,8 +94,8 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
 def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, recompute: Callable | None = None) -> None:
     """Replace a shared layer's attention: V only, written in place, times the padded probabilities.
 
-    With ``recompute(branch, v_rows, present_value)``, a step of several rows computes the
-    attention that way instead (gqa_phases).
+    With ``recompute(branch, layer, v_rows, present_value)``, a step of several rows computes
+    the attention that way instead (gqa_phases).
     """
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
@@ -116,7 +117,7 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
             context.dtype = dtype
             return [context]
 
-        context = if_by_phase(b, positions.is_step, "attention_by_phase", step, lambda branch: [recompute(branch, v_rows, present_value)], 1).outputs[0]
+        context = if_by_phase(b, positions.is_step, "attention_by_phase", step, lambda branch: [recompute(branch, layer, v_rows, present_value)], 1).outputs[0]
         context.dtype = dtype
 
     output, present_key, old_present_value = gqa.outputs[:3]
@@ -198,10 +199,7 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         # Identity maps: probabilities stored at decode, recomputed at prefill (gqa_phases).
         phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, positions.grouped_shape) for source in sorted(sources)}
         for layer, anchor in plan.anchors.items():
-            def recompute(branch, v_rows, present_value, layer=layers[layer], anchor=phased[anchor]):
-                return recompute_attention(branch, layer, anchor, v_rows, layer.node.inputs[PAST_VALUE], layer.node.outputs[0].dtype)
-
-            _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, recompute)
+            _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, functools.partial(recompute_attention, anchor=phased[anchor]))
     elif all(head_map.width == 1 for head_map in head_maps.values()):
         _share_one_source_heads(graph, layers, plan, head_maps, sorted(sources), positions)
     else:
@@ -236,11 +234,9 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
             gqa = layers[layer]
             probs.dtype = gqa.node.outputs[0].dtype
             if layer in head_maps:
-                def recompute(branch, v_rows, present_value, gqa=gqa, head_map=head_maps[layer]):
-                    return recompute_mapped_attention(branch, gqa, head_map, phased, v_rows, present_value, gqa.node.inputs[PAST_VALUE], gqa.node.outputs[0].dtype)
+                recompute = functools.partial(recompute_mapped_attention, head_map=head_maps[layer], sources=phased)
             else:
-                def recompute(branch, v_rows, present_value, gqa=gqa, anchor=phased[plan.anchors[layer]]):
-                    return recompute_attention(branch, gqa, anchor, v_rows, gqa.node.inputs[PAST_VALUE], gqa.node.outputs[0].dtype)
+                recompute = functools.partial(recompute_attention, anchor=phased[plan.anchors[layer]])
             _shared_layer(graph, gqa, probs, positions, recompute)
 
 
