@@ -73,13 +73,19 @@ class AttentionStatistics:
         )
 
 
-@torch.no_grad()
-def collect_statistics(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKENS, progress=None) -> AttentionStatistics:
-    """Run the base model (eager attention) on calibration chunks and accumulate map inner products."""
+def calibration_chunks(token_ids: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Whole chunks of ``chunk_tokens`` (or the one shorter chunk a short text has)."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids), chunk_tokens)]
     chunks = [c for c in chunks if len(c) == chunk_tokens] or chunks[:1]
     if not chunks or len(chunks[0]) < 2:
         raise UsageError("calibration text is too short: it needs at least 2 tokens")
+    return chunks
+
+
+@torch.no_grad()
+def collect_statistics(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKENS, progress=None) -> AttentionStatistics:
+    """Run the base model (eager attention) on calibration chunks and accumulate map inner products."""
+    chunks = calibration_chunks(token_ids, chunk_tokens)
     gram = cosine = None
     for number, chunk in enumerate(chunks):
         out = model(input_ids=torch.tensor([chunk]), output_attentions=True)

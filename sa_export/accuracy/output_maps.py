@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sa_export.accuracy.calibration import CHUNK_TOKENS
+from sa_export.accuracy.calibration import CHUNK_TOKENS, calibration_chunks
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
@@ -35,10 +35,7 @@ def output_errors(model, plan: SharingPlan, token_ids: list[int], chunk_tokens: 
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids), chunk_tokens)]
-    chunks = [c for c in chunks if len(c) == chunk_tokens] or chunks[:1]
-    if not chunks or len(chunks[0]) < 2:
-        raise UsageError("calibration text is too short: it needs at least 2 tokens")
+    chunks = calibration_chunks(token_ids, chunk_tokens)
     values: dict[int, torch.Tensor] = {}
     projections = _value_projections(model)
     hooks = [

@@ -104,19 +104,13 @@ def test_gqa_layers_are_found_by_their_present_names(genai_tiny_llama):
     assert {(l.num_heads, l.kv_num_heads, l.head_dim) for l in layers.values()} == {(4, 2, 16)}
 
 
-def test_mixed_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokenizer, tmp_path):
+def test_mixed_head_maps_and_two_anchors_keep_parity(tiny_llama_with_tokenizer, tmp_path_factory):
     """Mixtures of several source heads (Concat and one mixing MatMul over GQA probabilities), two spans."""
-    from sa_export.stages.convert import ConvertRequest, convert
-
-    result = convert(
-        ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=("2-3", "5-5"), out=tmp_path / "out", exporter="genai",
-                       head_map="mix-few", calib_tokens=512)
-    )
-    assert result.parity.passed, result.parity.summary_line()
-    assert dict(result.plan.anchors) == {2: 1, 3: 1, 5: 4} and result.plan.head_maps
-    model = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False)
+    out, plan = _convert_mapped(tiny_llama_with_tokenizer, tmp_path_factory, "mix-few")
+    assert dict(plan.anchors) == {2: 1, 3: 1, 5: 4} and plan.head_maps
+    model = onnx.load(out / "model.onnx", load_external_data=False)
     anchors = [n for n in _nodes_by_op(model, "GroupQueryAttention") if len(n.output) > 3 and n.output[3]]
-    sources = {source for head_map in result.plan.head_maps.values() for source in head_map.layers}
+    sources = {source for head_map in plan.head_maps.values() for source in head_map.layers}
     assert sorted(n.output[1] for n in anchors) == [f"present.{layer}.key" for layer in sorted(sources)]
 
 
