@@ -127,16 +127,14 @@ def recompute_mapped_attention(
     """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
 
     When every head reads a head of its own KV group in one layer (argmax-group), that is
-    the identity recompute with the queries permuted. Otherwise, per source layer, GQA in
-    multi-head form (as many KV heads as query heads) on the source heads' queries, their
-    KV heads' keys (the source's K cache) and the values of this layer's KV head for each
-    reading head: query heads of one KV group may read keys of different groups, which
-    grouped GQA cannot express. The K and V buffers of the heads read are gathered into
-    copies, [B, m, buffer, head_dim], freed after the node. Each node takes at most half
-    the heads, so that its copies and its [B, m, S, buffer] scratch stay below the unshared
-    layer's scratch, and two nodes keep both threads of a small CPU busy. (Measured peaks
-    move with the arena's placement: at an 8192-token prefill of SmolLM2 one node of all 9
-    heads held 26.5 MB above the baseline, halves 8.2 MB below it in the next bench.)
+    the identity recompute with the queries permuted. Otherwise query heads of one KV group
+    may read keys of different groups, which one grouped GQA cannot express: one GQA per
+    (source layer, key group, value group) pair, with one KV head (that key group of the
+    source's K cache, that value group of this layer's V cache, each gathered into a copy
+    of [B, 1, buffer, head_dim]) and as query heads the source heads read through it.
+    Copies of one group per node keep the peak below the unshared graph's: with the heads'
+    own K and V gathered in multi-head form, an 8000-token prefill of SmolLM2 in chunks of
+    512 (int4) peaked at 0.85 GiB against the baseline's 0.80, and per pair at 0.78.
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     rep = n // kv
@@ -159,39 +157,39 @@ def recompute_mapped_attention(
             branch.op("Reshape", [_columns(branch, packed, start, end, axis, f"from{source}.{name}_rows"), heads_shape], f"from{source}.{name}_by_head")
             for name, start, end in (("q", 0, n * d), ("k", n * d, (n + kv) * d))
         ]
+    # Heads of one KV group that read the same source head have the same output: each
+    # (source head, own KV group) is computed once (on SmolLM2's 20-28 argmax maps, 55 of 81).
+    slots = list(dict.fromkeys((source, j, h // rep) for h, (source, j) in enumerate(read)))
+    pairs: dict[tuple[int, int, int], list] = {}
+    for slot in slots:
+        source, j, value_group = slot
+        pairs.setdefault((source, j // rep, value_group), []).append(slot)
     outputs, order = [], []
-    most = -(-n // 2)
-    pieces = []
-    for source in head_map.layers:
-        reading = [h for h, pairs in enumerate(head_map.sources) if pairs[0][0] == source]
-        pieces += [(source, reading[i : i + most], f"from{source}" + (f".part{i // most}" if len(reading) > most else "")) for i in range(0, len(reading), most)]
-    for source, reading, tag in pieces:
-        anchor = sources[source]
-        source_heads = [head_map.sources[h][0][1] for h in reading]
-        m = len(reading)
+    for (source, key_group, value_group), piece in pairs.items():
+        tag = f"from{source}.k{key_group}v{value_group}"
 
-        def gather(value, indices, axis, name):
-            return branch.op("Gather", [value, branch.const(f"{tag}.{name}_heads", np.array(indices, np.int64))], f"{tag}.{name}", axis=axis)
+        def group(value, index, name, axis=1):
+            return branch.op("Gather", [value, branch.const(f"{tag}.{name}_index", np.array(index, np.int64))], f"{tag}.{name}", axis=axis)
 
-        key_groups = [j // rep for j in source_heads]
-        value_groups = [h // rep for h in reading]
         q_heads, k_heads = by_head[source]
         inputs = [
-            branch.op("Reshape", [gather(q_heads, source_heads, 2, "q"), flat], f"{tag}.q_flat"),
-            branch.op("Reshape", [gather(k_heads, key_groups, 2, "k"), flat], f"{tag}.k_flat"),
-            branch.op("Reshape", [gather(v_heads, value_groups, 2, "v"), flat], f"{tag}.v_flat"),
-            gather(anchor.present_key, key_groups, 1, "key_cache"), gather(present_value, value_groups, 1, "value_cache"),
-            *anchor.gqa_inputs[PAST_VALUE + 1 :],
+            branch.op("Reshape", [group(q_heads, [j for _, j, _ in piece], "q", 2), flat], f"{tag}.q_flat"),
+            branch.op("Reshape", [group(k_heads, [key_group], "k", 2), flat], f"{tag}.k_flat"),
+            branch.op("Reshape", [group(v_heads, [value_group], "v", 2), flat], f"{tag}.v_flat"),
+            group(sources[source].present_key, [key_group], "key_cache"),
+            group(present_value, [value_group], "value_cache"),
+            *sources[source].gqa_inputs[PAST_VALUE + 1 :],
         ]
-        attributes = {**anchor.attributes, "num_heads": m, "kv_num_heads": m}
+        attributes = {**sources[source].attributes, "num_heads": len(piece), "kv_num_heads": 1}
         gqa = branch.node(GQA, inputs, f"{tag}.gqa", domain=MS_DOMAIN, num_outputs=3, **attributes)
         gqa.outputs[0].dtype = dtype
         outputs.append(gqa.outputs[0])
-        order += reading
+        order += piece
     context = branch.op("Concat", outputs, "sources_context", axis=2) if len(outputs) > 1 else outputs[0]
-    if order != list(range(n)):
-        context = branch.op("Reshape", [context, heads_shape], "context_by_source")
-        context = branch.op("Gather", [context, branch.const("head_order", np.argsort(order))], "context_by_head", axis=2)
+    head_slots = [order.index((source, j, h // rep)) for h, (source, j) in enumerate(read)]
+    if head_slots != list(range(n)):
+        context = branch.op("Reshape", [context, heads_shape], "context_by_slot")
+        context = branch.op("Gather", [context, branch.const("head_slots", np.array(head_slots, np.int64))], "context_by_head", axis=2)
         context = branch.op("Reshape", [context, branch.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
     return _with_gains(branch, context, gains, d, dtype)
 

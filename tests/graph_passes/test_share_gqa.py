@@ -207,6 +207,8 @@ def genai_tiny_llama_argmax(tiny_llama_with_tokenizer, tmp_path_factory):
     """One source head per shared head, from two layers (argmax-any), two spans: parity-checked."""
     out, plan = _convert_mapped(tiny_llama_with_tokenizer, tmp_path_factory, "argmax-any")
     assert any(h.width == 1 and h.layers != (plan.anchors[l],) for l, h in plan.head_maps.items())
+    # two heads of a KV group read the same source head somewhere: their attention is computed once
+    assert any(len({(pairs[0], h // 2) for h, pairs in enumerate(m.sources)}) < 4 for m in plan.head_maps.values())
     return out
 
 
@@ -239,19 +241,20 @@ def test_argmax_group_maps_recompute_like_identity_with_permuted_queries(genai_t
 
 
 def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(genai_tiny_llama_argmax):
-    """Each mapped layer's prefill branch runs multi-head GQA on the layers its heads read
-    (their K caches), at most half the heads per node; no GQA outside an If emits probabilities."""
+    """Each mapped layer's prefill branch runs one GQA per (source layer, key group, value
+    group) pair, with one KV head and one query per source head read through it (heads of a
+    group that read the same head share it); no GQA outside an If emits probabilities."""
     model = onnx.load(genai_tiny_llama_argmax / "model.onnx", load_external_data=False)
-    manifest = Manifest.read(genai_tiny_llama_argmax)
-    plan = manifest.plan
+    plan = Manifest.read(genai_tiny_llama_argmax).plan
     assert not [n for n in _nodes_by_op(model, "GroupQueryAttention") if len(n.output) > 3 and n.output[3]]
     for layer, head_map in plan.head_maps.items():
         (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
         recomputed = [n for n in _branches(node)["else_branch"].node if n.op_type == "GroupQueryAttention"]
-        assert len(recomputed) >= len(head_map.layers)
         heads = [{a.name: a.i for a in gqa.attribute} for gqa in recomputed]
-        assert all(h["num_heads"] == h["kv_num_heads"] <= 2 for h in heads)  # at most half of the 4 heads per node
-        assert sum(h["num_heads"] for h in heads) == 4
+        assert all(h["kv_num_heads"] == 1 for h in heads)
+        slots = {(source, j, h // 2) for h, ((source, j),) in enumerate(head_map.sources)}
+        assert len(recomputed) == len({(source, j // 2, group) for source, j, group in slots})
+        assert sum(h["num_heads"] for h in heads) == len(slots)
 
 
 @pytest.mark.parametrize("fixture", ["genai_tiny_llama", "genai_tiny_llama_argmax", "genai_tiny_llama_argmax_group"])
