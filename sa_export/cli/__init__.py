@@ -215,12 +215,16 @@ def _int_list(text: str) -> list[int]:
 @click.option("--prefill-tokens", default="512,2048,8192", show_default=True, help="Prompt lengths of the prefill timing.")
 @click.option("--prefill-repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed prefills per model and length, at least: short prompts get more, until 10 s have passed (at most 25).")
 @click.option("--prefill-memory/--no-prefill-memory", default=True, show_default=True, help="Peak RSS of each model's prefill, each in its own process.")
+@click.option(
+    "--memory-runs", type=click.IntRange(1), default=3, show_default=True,
+    help="Processes per model and prompt length for the peak RSS (alternating order; the median is reported): one process's peak moves by a few percent.",
+)
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Decode time vs context plot (default: OUT/bench.png).")
 @prefill_chunk_option
 @handle_errors
-def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, threads, json_file, plot_file, prefill_chunk):
+def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs, threads, json_file, plot_file, prefill_chunk):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side in one process (interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. The default baseline is the fastest graph
@@ -232,7 +236,8 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
     contexts, batches, prefill_tokens = _int_list(contexts), _int_list(batches), _int_list(prefill_tokens)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
         result = run_bench(
-            out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats, prefill_chunk or None, prefill_memory
+            out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats, prefill_chunk or None,
+            memory_runs if prefill_memory else 0,
         )
     click.echo("\n".join(bench_lines(result)))
     plot_file = plot_file or Path(out) / "bench.png"

@@ -81,6 +81,7 @@ class ManifestModel:
         logits = []
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
+            step_logits = outputs = None  # the last chunk's logits, unless kept, go before this chunk runs
             step_logits, cache, outputs = self.forward(input_ids[:, start:end], attention_mask[:, : past + end], cache)
             logits = [*logits, step_logits] if all_logits else [step_logits[:, -1:].copy()]
         return np.concatenate(logits, axis=1), cache, outputs

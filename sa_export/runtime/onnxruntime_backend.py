@@ -10,6 +10,8 @@ import numpy as np
 from sa_export.core.errors import UsageError
 from sa_export.runtime.base import ManifestModel
 
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
 
 class SAModel(ManifestModel):
     """An ONNX Runtime session over an OUT directory, with the manifest's cache layout."""
@@ -34,6 +36,9 @@ class SAModel(ManifestModel):
             graph if graph is not None else str(self.out_dir / self.manifest.model_file), options, providers=["CPUExecutionProvider"]
         )
         self.output_names = [o.name for o in self.session.get_outputs()]
+        (logits,) = [o for o in self.session.get_outputs() if o.name == "logits"]
+        vocab, dtype = logits.shape[-1], _ORT_TYPES.get(logits.type)
+        self.logits_layout = (vocab, dtype) if isinstance(vocab, int) and dtype else None
         self.cache_pairs = [pair for layer in self.layout for pair in layer.pairs()]
 
     def forward(
@@ -58,7 +63,15 @@ class SAModel(ManifestModel):
         feeds = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for name, v in self.feeds(input_ids, attention_mask, {}).items()}
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits")  # first: get_outputs() follows the order of binding
+        if self.logits_layout:
+            # Written straight into an array of ours: an output of ONNX Runtime's would sit in
+            # its arena until the next run and be copied out ([batch, chunk, vocab] each: 100 MB
+            # for a 512-token chunk of a 49k vocabulary).
+            vocab, dtype = self.logits_layout
+            logits = np.empty((*input_ids.shape, vocab), dtype)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        else:
+            binding.bind_output("logits")  # first: get_outputs() follows the order of binding
         for past, present in self.cache_pairs:
             if not cache[past].flags.c_contiguous:  # an OrtValue over it would be a copy, and the writes lost
                 raise UsageError(f"cache buffer {past} must be C-contiguous (use empty_cache)")
@@ -66,7 +79,8 @@ class SAModel(ManifestModel):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+        if not self.logits_layout:
+            logits = binding.get_outputs()[0].numpy()
         # Presents as the reference keeps them: the filled part of each buffer (views, no copy).
         results = {"logits": logits, **{present: cache[past][:, :, :total] for past, present in self.cache_pairs}}
         return logits, cache, results

@@ -264,10 +264,11 @@ def save_plot(rows: list[dict], path: Path, title: str, prefill: list[dict] | No
 def run_bench(
     out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens, threads: int | None,
     progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
-    prefill_memory: bool = True,
+    memory_runs: int = 3,
 ) -> dict:
     """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory; ``prefill_tokens``: prompt
-    lengths (an int or several)."""
+    lengths (an int or several); ``memory_runs``: processes per model and length for the peak
+    RSS of a prefill (0: not measured)."""
     manifest = Manifest.read(out_dir)
     if str(baseline) in (FASTEST, SAME_EXPORT):
         base_path = baseline_dir(Path(out_dir), manifest, str(baseline))
@@ -281,7 +282,7 @@ def run_bench(
     sa, base = SAModel(out_dir, threads, spin=False), SAModel(base_path, threads, spin=False)
     rows = bench_decode(sa, base, contexts, batches, repeats, min_seconds, progress)
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
-    prefill = prefill_rows(sa, base, lengths, prefill_repeats or repeats, prefill_chunk, prefill_memory, threads)
+    prefill = prefill_rows(sa, base, lengths, prefill_repeats or repeats, prefill_chunk, memory_runs, threads)
     savings = manifest.cache.savings
     return {
         "model": manifest.source.model,

@@ -84,26 +84,44 @@ def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: i
     return {"tokens": tokens, "chunk": chunk, "pairs": len(t_sa), "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms}
 
 
+def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, runs: int, threads: int | None) -> dict:
+    """Median peak RSS of each model over ``runs`` processes of its own, in alternating order.
+
+    One process's peak moves by up to 5% from run to run (where ONNX Runtime's arena places
+    its blocks depends on which pool thread allocates first); the median of a few is steadier."""
+    peaks = {"sa": [], "base": []}
+    for run in range(runs):
+        for name in ("sa", "base") if run % 2 == 0 else ("base", "sa"):
+            peaks[name].append(peak_memory(sa_dir if name == "sa" else base_dir, tokens, chunk, threads=threads)["peak_rss_bytes"])
+    return {
+        "peak_rss_sa_bytes": statistics.median(peaks["sa"]),
+        "peak_rss_base_bytes": statistics.median(peaks["base"]),
+        "peak_rss_sa_runs": peaks["sa"],
+        "peak_rss_base_runs": peaks["base"],
+    }
+
+
 def prefill_rows(
-    sa: SAModel, base: SAModel, lengths, repeats: int, chunk: int | None, memory: bool, threads: int | None
+    sa: SAModel, base: SAModel, lengths, repeats: int, chunk: int | None, memory_runs: int, threads: int | None
 ) -> list[dict]:
-    """One row per prompt length: interleaved times, and with ``memory`` each model's own peak RSS."""
+    """One row per prompt length: interleaved times, and with ``memory_runs`` each model's own peak RSS."""
     rows = []
     for tokens in lengths:
         row = time_prefill(sa, base, tokens, repeats, chunk)
-        if memory:
-            row["peak_rss_sa_bytes"] = peak_memory(sa.out_dir, tokens, chunk, threads=threads)["peak_rss_bytes"]
-            row["peak_rss_base_bytes"] = peak_memory(base.out_dir, tokens, chunk, threads=threads)["peak_rss_bytes"]
+        if memory_runs:
+            row.update(peak_memories(sa.out_dir, base.out_dir, tokens, chunk, memory_runs, threads))
         rows.append(row)
     return rows
 
 
 def prefill_lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'prefill':>8} {'chunk':>6} {'base ms':>10} {'SA ms':>10} {'SA/base':>8} {'base peak GiB':>14} {'SA peak GiB':>12}"]
+    lines = [f"{'prefill':>8} {'chunk':>6} {'base ms':>10} {'SA ms':>10} {'SA/base':>8} {'base peak MB':>13} {'SA peak MB':>11} {'SA/base':>8}"]
     for row in rows:
-        peaks = (
-            f"{row['peak_rss_base_bytes'] / 2**30:>14.2f} {row['peak_rss_sa_bytes'] / 2**30:>12.2f}" if "peak_rss_sa_bytes" in row else f"{'-':>14} {'-':>12}"
-        )
+        if "peak_rss_sa_bytes" in row:
+            sa, base = row["peak_rss_sa_bytes"], row["peak_rss_base_bytes"]
+            peaks = f"{base / 2**20:>13.1f} {sa / 2**20:>11.1f} {sa / base:>8.3f}"
+        else:
+            peaks = f"{'-':>13} {'-':>11} {'-':>8}"
         lines.append(
             f"{row['tokens']:>8} {row['chunk'] or '-':>6} {row['t_base_ms']:>10.1f} {row['t_sa_ms']:>10.1f} {row['time_ratio_sa_to_base']:>8.3f} {peaks}"
         )

@@ -18,11 +18,14 @@ def _bench(out, tmp_path, *options):
 
 def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
-    result, data = _bench(converted_tiny_llama, tmp_path, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2", "--prefill-tokens", "8,24", "--prefill-memory")
+    result, data = _bench(converted_tiny_llama, tmp_path, "--contexts", "16,32", "--batches", "1,2", "--repeats", "2", "--prefill-tokens", "8,24", "--prefill-memory", "--memory-runs", "3")
     assert [(r["context"], r["batch"]) for r in data["decode"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
     assert [r["tokens"] for r in data["prefill"]] == [8, 24]
     for row in data["prefill"]:
-        assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and row["peak_rss_sa_bytes"] > 0 and row["peak_rss_base_bytes"] > 0
+        assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0
+        for model in ("sa", "base"):  # the median of three processes of its own
+            runs = row[f"peak_rss_{model}_runs"]
+            assert len(runs) == 3 and min(runs) > 0 and row[f"peak_rss_{model}_bytes"] == sorted(runs)[1]
     for row in data["decode"]:
         assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
         assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5
