@@ -158,7 +158,7 @@ def recompute_mapped_attention(
             for name, start, end in (("q", 0, n * d), ("k", n * d, (n + kv) * d))
         ]
     # Heads of one KV group that read the same source head have the same output: each
-    # (source head, own KV group) is computed once (on SmolLM2's 20-28 argmax maps, 55 of 81).
+    # (source head, own KV group) is computed once.
     slots = list(dict.fromkeys((source, j, h // rep) for h, (source, j) in enumerate(read)))
     pairs: dict[tuple[int, int, int], list] = {}
     for slot in slots:

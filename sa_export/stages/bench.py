@@ -180,7 +180,7 @@ def graph_description(manifest: Manifest) -> str:
             sa += "the sources' GQA emit their probabilities, mixed per layer, @ V grouped by KV head"
         elif maps:
             sa += ("at a decode step each layer's heads gathered from the sources' stored probabilities @ V grouped by KV head, "
-                   "at prefill multi-head GQA on the source heads' queries and K caches")
+                   "at prefill one GQA per key and value group read, on the source heads' queries and K caches")
         else:
             sa += "at a decode step the anchor's stored probabilities @ V grouped by KV head, at prefill GQA on the anchor's queries and K cache"
     else:
