@@ -148,15 +148,10 @@ def recompute_mapped_attention(
     heads_shape = branch.const("heads_shape", np.array([0, 0, -1, d], np.int64))
     flat = branch.const("flat_shape", np.array([0, 0, -1], np.int64))
     v_heads = branch.op("Reshape", [v_rows, heads_shape], "own_v_heads")
-    # Each source's queries and keys by head, sliced once for all its nodes.
-    axis = branch.const("last_axis", np.array([2], np.int64))
-    by_head = {}
-    for source in head_map.layers:
-        packed = sources[source].packed_qkv
-        by_head[source] = [
-            branch.op("Reshape", [_columns(branch, packed, start, end, axis, f"from{source}.{name}_rows"), heads_shape], f"from{source}.{name}_by_head")
-            for name, start, end in (("q", 0, n * d), ("k", n * d, (n + kv) * d))
-        ]
+    # Each source's packed Q, K, V by head: a Reshape, which ONNX Runtime aliases; each node
+    # gathers its own heads from it (slices of Q and K held through the layer's nodes
+    # would be copies).
+    by_head = {source: branch.op("Reshape", [sources[source].packed_qkv, heads_shape], f"from{source}.qkv_by_head") for source in head_map.layers}
     # Heads of one KV group that read the same source head have the same output: each
     # (source head, own KV group) is computed once.
     slots = list(dict.fromkeys((source, j, h // rep) for h, (source, j) in enumerate(read)))
@@ -171,10 +166,9 @@ def recompute_mapped_attention(
         def group(value, index, name, axis=1):
             return branch.op("Gather", [value, branch.const(f"{tag}.{name}_index", np.array(index, np.int64))], f"{tag}.{name}", axis=axis)
 
-        q_heads, k_heads = by_head[source]
         inputs = [
-            branch.op("Reshape", [group(q_heads, [j for _, j, _ in piece], "q", 2), flat], f"{tag}.q_flat"),
-            branch.op("Reshape", [group(k_heads, [key_group], "k", 2), flat], f"{tag}.k_flat"),
+            branch.op("Reshape", [group(by_head[source], [j for _, j, _ in piece], "q", 2), flat], f"{tag}.q_flat"),
+            branch.op("Reshape", [group(by_head[source], [n + key_group], "k", 2), flat], f"{tag}.k_flat"),
             branch.op("Reshape", [group(v_heads, [value_group], "v", 2), flat], f"{tag}.v_flat"),
             group(sources[source].present_key, [key_group], "key_cache"),
             group(present_value, [value_group], "value_cache"),
