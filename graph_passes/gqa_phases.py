@@ -132,9 +132,10 @@ def recompute_mapped_attention(
     (source layer, key group, value group) pair, with one KV head (that key group of the
     source's K cache, that value group of this layer's V cache, each gathered into a copy
     of [B, 1, buffer, head_dim]) and as query heads the source heads read through it.
-    Copies of one group per node keep the peak below the unshared graph's: with the heads'
-    own K and V gathered in multi-head form, an 8000-token prefill of SmolLM2 in chunks of
-    512 (int4) peaked at 0.85 GiB against the baseline's 0.80, and per pair at 0.78.
+    Copies of one group per node are what keeps the peak near the unshared graph's: with
+    each head's K and V gathered in multi-head form, an 8000-token prefill of SmolLM2 in
+    chunks of 512 (int4, `benchmarks.prefill_memory`) peaked at 0.85 GiB against the
+    baseline's 0.80; per pair, 0.78 against 0.79.
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     rep = n // kv
