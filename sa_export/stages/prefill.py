@@ -87,8 +87,8 @@ def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: i
 def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, runs: int, threads: int | None) -> dict:
     """Median peak RSS of each model over ``runs`` processes of its own, in alternating order.
 
-    One process's peak moves by up to 5% from run to run (where ONNX Runtime's arena places
-    its blocks depends on which pool thread allocates first); the median of a few is steadier."""
+    With two threads one process's peak moves by up to 5% from run to run (the SA graphs'
+    more than the builder's); the median of a few is steadier."""
     peaks = {"sa": [], "base": []}
     for run in range(runs):
         for name in ("sa", "base") if run % 2 == 0 else ("base", "sa"):
