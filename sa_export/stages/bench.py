@@ -318,6 +318,10 @@ def bench_lines(result: dict) -> list[str]:
     lines += prefill_lines(result["prefill"])
     slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
     lines.append(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
+    measured = [r for r in result["prefill"] if "peak_rss_sa_bytes" in r]
+    above = [f"{r['tokens']} tokens" for r in measured if r["peak_rss_sa_bytes"] > r["peak_rss_base_bytes"]]
+    if measured:
+        lines.append(f"SA's prefill peak RSS above the baseline's at: {', '.join(above)}" if above else "SA's prefill peak RSS is not above the baseline's at any length")
     if result["sa_graph_kind"] != "fused":
         lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
     lines.append(f"peak RSS of this process (both models): {result['peak_rss_bytes'] / 2**30:.2f} GiB")

@@ -26,6 +26,9 @@ def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_
         for model in ("sa", "base"):  # the median of three processes of its own
             runs = row[f"peak_rss_{model}_runs"]
             assert len(runs) == 3 and min(runs) > 0 and row[f"peak_rss_{model}_bytes"] == sorted(runs)[1]
+    above = [f"{r['tokens']} tokens" for r in data["prefill"] if r["peak_rss_sa_bytes"] > r["peak_rss_base_bytes"]]
+    verdict = f"SA's prefill peak RSS above the baseline's at: {', '.join(above)}" if above else "not above the baseline's at any length"
+    assert verdict in result.output
     for row in data["decode"]:
         assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
         assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5
