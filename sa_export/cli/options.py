@@ -106,8 +106,8 @@ def head_map_option(default: str = "identity", fitted: bool = True):
             "Which probabilities each shared head reads: identity (same head of the anchor), argmax (best anchor head), "
             "argmax-any (best head of any earlier unshared layer), mix (convex mixture of the best few, least squares), "
             "mix-anchor (the same over the anchor's heads only), mix-few (over the anchor and one more layer), "
-            f"calibrated (= {CALIBRATED_DEFAULT}: one attention per shared layer at prefill too, so a prefill costs about what "
-            "the unshared graph's does; the mixtures are more accurate, and on the GroupQueryAttention graph their prefill "
+            f"calibrated (= {CALIBRATED_DEFAULT}: at prefill each shared head is recomputed from its source's queries and K cache, "
+            "so a prefill costs about what the unshared graph's does; the mixtures are more accurate, and on the GroupQueryAttention graph their prefill "
             "holds stored probabilities)"
             + (", fit (mix-few's layers, every head, weights fitted on the model's output by distillation: the most "
                "accurate, minutes on a CPU)" if fitted else "")

@@ -35,8 +35,9 @@ class SAModel(ManifestModel):
         self.session = ort.InferenceSession(
             graph if graph is not None else str(self.out_dir / self.manifest.model_file), options, providers=["CPUExecutionProvider"]
         )
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        (logits,) = [o for o in self.session.get_outputs() if o.name == "logits"]
+        outputs = self.session.get_outputs()
+        self.output_names = [o.name for o in outputs]
+        (logits,) = [o for o in outputs if o.name == "logits"]
         vocab, dtype = logits.shape[-1], _ORT_TYPES.get(logits.type)
         self.logits_layout = (vocab, dtype) if isinstance(vocab, int) and dtype else None
         self.cache_pairs = [pair for layer in self.layout for pair in layer.pairs()]
