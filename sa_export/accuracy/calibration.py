@@ -148,27 +148,31 @@ def calibrate_head_maps(
                 l for l in range(layer)
                 if not plan.is_shared(l) and (layer_kinds is None or layer_kinds[l] == layer_kinds[layer]) and (allowed is None or l in allowed)
             ]
-        columns = [stats.index(l, g) for l in candidates for g in range(heads)]
         pairs = [(l, g) for l in candidates for g in range(heads)]
         sources, weights = [], []
         for head in range(heads):
-            target = stats.index(layer, head)
-            similarity = stats.cosine[target, columns]
+            allowed_pairs = pairs
             if mode == "argmax-group":
-                group = head // stats.group_size
-                similarity = np.where([g // stats.group_size == group for _, g in pairs], similarity, -np.inf)
-            if mode in ("argmax", "argmax-group", "argmax-any"):
-                best = int(np.argmax(similarity))
-                sources.append((pairs[best],))
-                weights.append((1.0,))
-                continue
-            top = np.argsort(-similarity)[:TOP_K]
-            chosen = [columns[i] for i in top]
-            w = _simplex_least_squares(stats.gram[np.ix_(chosen, chosen)], stats.gram[target, chosen])
-            sources.append(tuple(pairs[i] for i in top))
-            weights.append(tuple(float(x) for x in w))
+                allowed_pairs = [(l, g) for l, g in pairs if g // stats.group_size == head // stats.group_size]
+            head_sources, head_weights = head_sources_from(stats, (layer, head), allowed_pairs, mode)
+            sources.append(head_sources)
+            weights.append(head_weights)
         maps[layer] = HeadMap(tuple(sources), tuple(weights))
     return maps
+
+
+def head_sources_from(stats: AttentionStatistics, head: tuple[int, int], pairs: list[tuple[int, int]], mode: str):
+    """The sources and weights of one shared (layer, head) among candidate (layer, head) ``pairs``:
+    the most similar map (an argmax mode), or the least-squares convex mixture of the TOP_K most similar (a mix mode)."""
+    target = stats.index(*head)
+    columns = [stats.index(l, g) for l, g in pairs]
+    similarity = stats.cosine[target, columns]
+    if mode.startswith("argmax"):
+        return (pairs[int(np.argmax(similarity))],), (1.0,)
+    top = np.argsort(-similarity)[:TOP_K]
+    chosen = [columns[i] for i in top]
+    w = _simplex_least_squares(stats.gram[np.ix_(chosen, chosen)], stats.gram[target, chosen])
+    return tuple(pairs[i] for i in top), tuple(float(x) for x in w)
 
 
 def _most_used_layers(maps: dict[int, HeadMap], plan: SharingPlan) -> list[int]:

@@ -18,22 +18,50 @@ from sa_export.accuracy.texts import TokenText, other_domain_tokens, split_texts
 from sa_export.accuracy.reference import shared_attention
 
 @torch.no_grad()
-def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | None = None, log_temperatures=None) -> float:
+def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | None = None, log_temperatures=None, shared_heads=None) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of ``context`` tokens
-    (``log_temperatures``: see ``reference.mix_probs``)."""
+    (``log_temperatures``, ``shared_heads``: see ``reference.shared_attention``)."""
     total_nll = 0.0
     total = 0
-    with shared_attention(model, plan, log_temperatures=log_temperatures):
-        for start in range(0, len(token_ids) - 1, context):
-            window = torch.tensor([token_ids[start : start + context]], device=model.device)
-            if window.shape[1] < 2:
-                break
+    with shared_attention(model, plan, log_temperatures=log_temperatures, shared_heads=shared_heads):
+        for window in _windows(model, token_ids, context):
             logits = model(input_ids=window).logits[0, :-1].float()
             targets = window[0, 1:].to(logits.device)
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
             total_nll += float(nll)
             total += len(targets)
     return math.exp(total_nll / total)
+
+
+@torch.no_grad()
+def base_log_probs(model, token_ids: list[int], context: int) -> list[torch.Tensor]:
+    """The base model's next-token log-probabilities per window of ``context`` tokens (fp16, to hold less)."""
+    with shared_attention(model, None):
+        return [torch.log_softmax(model(input_ids=w).logits[0].float(), -1).half() for w in _windows(model, token_ids, context)]
+
+
+@torch.no_grad()
+def divergence(model, token_ids: list[int], context: int, base: list[torch.Tensor], plan: SharingPlan, shared_heads=None) -> float:
+    """Mean KL(base || SA) per token: how far the plan moves the model's next-token
+    distribution, whichever token the text has next (a perplexity change also counts
+    tokens the SA model happens to predict better, and so is noisier to rank plans by)."""
+    total, count = 0.0, 0
+    with shared_attention(model, plan, shared_heads=shared_heads):
+        for window, teacher in zip(_windows(model, token_ids, context), base):
+            student = torch.log_softmax(model(input_ids=window).logits[0].float(), -1)
+            teacher = teacher.float()
+            total += float((teacher.exp() * (teacher - student)).sum())
+            count += teacher.shape[0]
+    return total / count
+
+
+def _windows(model, token_ids: list[int], context: int):
+    """Non-overlapping windows of ``context`` tokens (of at least 2) as [1, n] tensors on the model's device."""
+    for start in range(0, len(token_ids) - 1, context):
+        window = torch.tensor([token_ids[start : start + context]], device=model.device)
+        if window.shape[1] < 2:
+            break
+        yield window
 
 
 @dataclasses.dataclass(frozen=True)

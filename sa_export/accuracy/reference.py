@@ -48,6 +48,14 @@ def shared_attention_forward(module, query, key, value, attention_mask, *args, *
         probs = state.probs[state.plan.anchors[layer]]
     else:
         probs = mix_probs(state.probs, head_map, state.weights.get(layer), state.log_temperatures.get(layer))
+    heads = state.shared_heads.get(layer)
+    if heads is not None:  # only these query heads borrow; the others attend as the model does
+        _, own = _model_eager_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
+        borrowed = torch.zeros(own.shape[1], dtype=torch.bool, device=own.device)
+        borrowed[list(heads)] = True
+        probs = torch.where(borrowed[None, :, None, None], probs.to(own.dtype), own)
+        if layer in state.anchor_layers:  # its own heads may be a later layer's sources
+            state.probs[layer] = probs
     values = _repeat_kv(value, query.shape[1] // value.shape[1])
     output = torch.matmul(probs.to(values.dtype), values).transpose(1, 2).contiguous()
     return output, probs
@@ -86,10 +94,11 @@ def _sharpen(mixed: torch.Tensor, log_temperature: torch.Tensor) -> torch.Tensor
 
 
 class _SharingState:
-    def __init__(self, plan: SharingPlan, weights: dict[int, torch.Tensor] | None = None, log_temperatures: dict[int, torch.Tensor] | None = None):
+    def __init__(self, plan: SharingPlan, weights=None, log_temperatures=None, shared_heads=None):
         self.plan = plan
         self.weights = weights or {}
         self.log_temperatures = log_temperatures or {}
+        self.shared_heads = shared_heads or {}
         self.anchor_layers = set(plan.anchor_layers)
         self.probs: dict[int, torch.Tensor] = {}
 
@@ -120,17 +129,21 @@ def attention_modules(model) -> list:
 
 @contextlib.contextmanager
 def shared_attention(
-    model, plan: SharingPlan | None, weights: dict[int, torch.Tensor] | None = None, log_temperatures: dict[int, torch.Tensor] | None = None
+    model, plan: SharingPlan | None, weights: dict[int, torch.Tensor] | None = None, log_temperatures: dict[int, torch.Tensor] | None = None,
+    shared_heads: dict[int, tuple[int, ...]] | None = None,
 ):
     """Run ``model`` with the plan applied inside the block (plain eager when plan is None).
 
     ``weights``: per shared layer, [heads, width] tensors that replace its head map's weights.
     ``log_temperatures``: per shared layer, [heads] (see ``mix_probs``).
+    ``shared_heads``: per shared layer, the query heads that borrow (PyTorch only, to measure
+    finer units of sharing than a layer, such as one KV group); the layer's other heads keep
+    their own attention. A layer not listed borrows on every head.
     """
     _register()
     modules = attention_modules(model)
     previous = model.config._attn_implementation
-    state = _SharingState(plan, weights, log_temperatures) if plan is not None else None
+    state = _SharingState(plan, weights, log_temperatures, shared_heads) if plan is not None else None
     for module in modules:
         module._sa_state = state
     model.config._attn_implementation = IMPLEMENTATION

@@ -102,3 +102,34 @@ def test_a_temperature_sharpens_each_heads_mixture_and_keeps_its_gain():
     borrowed = probs[:, [1, 0]]
     expected = borrowed**2 / (borrowed**2).sum(-1, keepdim=True) * borrowed.sum(-1, keepdim=True)  # the row's mass kept
     assert torch.allclose(squared, expected, atol=1e-6)
+
+
+@torch.no_grad()
+def test_shared_heads_borrow_only_for_the_listed_heads():
+    model = _model()
+    ids = torch.randint(0, 256, (1, 8))
+    plan = build_plan(["3"], 6)
+    seen = {}
+
+    def grab(layer):
+        def hook(module, args, output):
+            seen[layer] = output[1]
+        return hook
+
+    hooks = [model.model.layers[layer].self_attn.register_forward_hook(grab(layer)) for layer in (2, 3)]
+    model(ids)
+    own = seen[3]
+    with shared_attention(model, plan, shared_heads={3: (0, 1)}):  # KV group 0 of 2
+        partial = model(ids).logits
+    anchor, mixed = seen[2], seen[3]
+    with shared_attention(model, plan, shared_heads={3: (0, 1, 2, 3)}):
+        every_head = model(ids).logits
+    with shared_attention(model, plan):
+        whole = model(ids).logits
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(mixed[:, :2], anchor[:, :2])  # the listed heads read the anchor's
+    assert torch.equal(mixed[:, 2:], own[:, 2:])  # the others attend as the model does
+    assert not torch.equal(mixed[:, :2], own[:, :2])
+    assert torch.equal(every_head, whole)
+    assert not torch.allclose(partial, whole) and not torch.allclose(partial, model(ids).logits)

@@ -1,0 +1,131 @@
+"""Does a finer unit of sharing than a layer pay? KV groups against whole layers, side by side.
+
+    python -m sa_export.benchmarks.group_units [--mode mix] [--units 1,2,3,4] [--search-tokens 2048] [--json FILE]
+
+A KV group's K cache can go when every query head of that group borrows its
+probabilities: one group of a layer with G KV heads is 1/G of that layer's K cache. For
+the same bytes saved, k whole layers are compared with the k*G cheapest KV groups.
+
+Both searches are the frontier's (sa_export.accuracy.frontier): every unit is shared
+alone and its perplexity penalty measured on calibration text; the plan of n units takes
+the n cheapest. Head maps come from the same attention statistics in both (``--mode``),
+so only the unit differs. Each plan is then judged on held-out text of the calibration's
+domain and on text of another domain, which the search never reads. Only the PyTorch
+reference can share part of a layer (``reference.shared_attention(shared_heads=)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from sa_export.accuracy.calibration import collect_statistics, head_sources_from
+from sa_export.accuracy.evaluate import base_log_probs, divergence, load_for_reference, perplexity
+from sa_export.accuracy.texts import other_domain_tokens, split_texts
+from sa_export.core.plan import HeadMap, SharingPlan
+from sa_export.core.progress import progress_bar
+
+WINDOW = 1024
+
+
+def unit_plan(units: list[tuple[int, int | None]], stats, mode: str, num_layers: int, group_size: int):
+    """The plan and borrowed heads of ``units``: (layer, KV group), or (layer, None) for a whole layer.
+
+    Each borrowed head reads the heads of earlier layers that are not borrowed themselves
+    (a partly shared layer still computes its other heads), through the mode's map fitted
+    on the statistics; a layer's heads that are not borrowed keep their own attention.
+    The plan is built directly: ``SharingPlan.with_head_maps`` knows only whole layers."""
+    borrowed: dict[int, set[int]] = {}
+    for layer, group in units:
+        heads = range(stats.num_heads) if group is None else range(group * group_size, (group + 1) * group_size)
+        borrowed.setdefault(layer, set()).update(heads)
+    maps = {}
+    for layer, heads in borrowed.items():
+        pairs = [(l, h) for l in range(layer) for h in range(stats.num_heads) if h not in borrowed.get(l, ())]
+        # Heads the layer keeps get a placeholder map: the reference uses their own attention.
+        sources, weights = zip(*(
+            head_sources_from(stats, (layer, head), pairs, mode) if head in heads else (((layer - 1, head),) * 1, (1.0,))
+            for head in range(stats.num_heads)
+        ))
+        width = max(len(s) for s in sources)
+        sources = tuple(s + (s[-1],) * (width - len(s)) for s in sources)
+        weights = tuple(w + (0.0,) * (width - len(w)) for w in weights)
+        maps[layer] = HeadMap(sources, weights)
+    plan = SharingPlan(num_layers, {layer: layer - 1 for layer in borrowed}, maps)
+    return plan, {layer: tuple(sorted(heads)) for layer, heads in borrowed.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--mode", default="mix", choices=("mix", "argmax-any"), help="head-map mode of both searches: maps from any earlier unshared layer")
+    parser.add_argument("--units", default="1,2,3,4", help="plan sizes, in whole layers' worth of K cache")
+    parser.add_argument("--search-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--criterion", default="ppl", choices=("ppl", "kl"),
+        help="rank units by their perplexity change on the search text, or by the KL divergence from the base model's predictions",
+    )
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    _, config, model, tokenizer = load_for_reference(args.model)
+    num_layers = config.num_hidden_layers
+    evaluation, calibration = split_texts(tokenizer, None, None, args.eval_tokens, 4096)
+    texts = {"calib-domain": evaluation.ids, "other-domain": other_domain_tokens(tokenizer, None, args.eval_tokens).ids}
+    search = calibration.ids[: args.search_tokens]
+    started = time.perf_counter()
+    stats = collect_statistics(model, calibration.ids)
+    groups = config.num_key_value_heads
+    group_size = config.num_attention_heads // groups
+    base_search = perplexity(model, search, WINDOW)
+    base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
+    print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()) + f", search {base_search:.2f}")
+
+    teacher = base_log_probs(model, search, WINDOW) if args.criterion == "kl" else None
+
+    def penalty_on_search(units):
+        plan, heads = unit_plan(units, stats, args.mode, num_layers, group_size)
+        if teacher is not None:
+            return divergence(model, search, WINDOW, teacher, plan, heads)
+        return perplexity(model, search, WINDOW, plan, shared_heads=heads) / base_search - 1
+
+    candidates = {
+        "layer": [(layer, None) for layer in range(1, num_layers)],
+        "kv-group": [(layer, group) for layer in range(1, num_layers) for group in range(groups)],
+    }
+    cost: dict[str, dict] = {}
+    for unit, pool in candidates.items():
+        with progress_bar(f"each {unit} shared alone, on {len(search)} calibration tokens", unit=unit) as advance:
+            cost[unit] = {}
+            for number, candidate in enumerate(pool):
+                cost[unit][candidate] = penalty_on_search([candidate])
+                advance(number + 1, len(pool))
+    searched_s = time.perf_counter() - started
+    rows = []
+    print(f"\n{'KV saved':>8} {'unit':>9} " + " ".join(f"{name + ' penalty':>22}" for name in texts) + "  units")
+    for size in (int(n) for n in args.units.split(",")):
+        for unit, per_layer in (("layer", 1), ("kv-group", groups)):
+            chosen = sorted(sorted(cost[unit], key=cost[unit].get)[: size * per_layer])
+            plan, heads = unit_plan(chosen, stats, args.mode, num_layers, group_size)
+            ppl = {name: perplexity(model, ids, WINDOW, plan, shared_heads=heads) for name, ids in texts.items()}
+            row = {
+                "unit": unit, "kv_fraction_saved": size / (2 * num_layers), "units": [list(c) for c in chosen],
+                "ppl": ppl, "penalty": {name: ppl[name] / base[name] - 1 for name in texts},
+            }
+            rows.append(row)
+            cells = " ".join(f"{100 * row['penalty'][name]:>+21.1f}%" for name in texts)
+            label = " ".join(f"{l}" if g is None else f"{l}.{g}" for l, g in chosen)
+            print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {cells}  {label}", flush=True)
+    print(f"\nsearch {searched_s:.0f} s, total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({
+                "mode": args.mode, "criterion": args.criterion, "base": base, "base_search": base_search, "rows": rows,
+                "single_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
+            }, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
