@@ -35,9 +35,10 @@ def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | No
 
 @torch.no_grad()
 def base_log_probs(model, token_ids: list[int], context: int) -> list[torch.Tensor]:
-    """The base model's next-token log-probabilities per window of ``context`` tokens (fp16, to hold less)."""
+    """The base model's next-token log-probabilities per window of ``context`` tokens
+    (fp32: in fp16 their rounding alone is a divergence as large as a small plan's)."""
     with shared_attention(model, None):
-        return [torch.log_softmax(model(input_ids=w).logits[0].float(), -1).half() for w in _windows(model, token_ids, context)]
+        return [torch.log_softmax(model(input_ids=w).logits[0].float(), -1) for w in _windows(model, token_ids, context)]
 
 
 @torch.no_grad()
@@ -49,7 +50,6 @@ def divergence(model, token_ids: list[int], context: int, base: list[torch.Tenso
     with shared_attention(model, plan, shared_heads=shared_heads):
         for window, teacher in zip(_windows(model, token_ids, context), base):
             student = torch.log_softmax(model(input_ids=window).logits[0].float(), -1)
-            teacher = teacher.float()
             total += float((teacher.exp() * (teacher - student)).sum())
             count += teacher.shape[0]
     return total / count

@@ -68,3 +68,30 @@ def test_eval_needs_a_tokenizer(tiny_llama, tmp_path):
 def test_eval_missing_text_file(tiny_llama_with_tokenizer, tmp_path):
     result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "2", "--text", tmp_path / "none.txt")
     assert result.exit_code == 2 and "not found" in result.stderr
+
+
+def test_divergence_is_the_kl_from_the_base_models_predictions():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sa_export.accuracy.evaluate import base_log_probs, divergence
+    from sa_export.accuracy.reference import shared_attention
+    from sa_export.core.plan import SharingPlan, build_plan
+    from tests.conftest import _tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (50,)).tolist()
+    base = base_log_probs(model, ids, 32)  # windows of 32 and 18 tokens
+    assert [b.shape[0] for b in base] == [32, 18]
+    assert abs(divergence(model, ids, 32, base, SharingPlan(6, {}))) < 1e-9  # the base model itself
+    plan = build_plan(["2-4"], 6)
+    expected = []
+    with torch.no_grad(), shared_attention(model, plan):
+        for start in (0, 32):
+            student = torch.log_softmax(model(torch.tensor([ids[start : start + 32]])).logits[0], -1)
+            teacher = base[start // 32]
+            expected.append((teacher.exp() * (teacher - student)).sum(-1))
+    kl = divergence(model, ids, 32, base, plan)
+    assert kl > 1e-7  # small on random weights, but far above the base model's own (< 1e-9)
+    assert abs(kl - float(torch.cat(expected).mean())) < 1e-3 * kl
