@@ -29,7 +29,7 @@ from sa_export.core.errors import UsageError
 from sa_export.core.manifest import MANIFEST_NAME, Manifest
 from sa_export.export import exporter_of_manifest, get_exporter
 from sa_export.runtime import SAModel
-from sa_export.stages.pairing import paired_times
+from sa_export.stages.pairing import interval_text, paired_times, ratio_interval, verdict_lines
 from sa_export.stages.prefill import prefill_lines, prefill_rows
 
 WARMUP_PAIRS = 3
@@ -105,6 +105,7 @@ class DecodeRow:
     base: StepCost
     sa: StepCost
     steps: int  # timed steps per model
+    ratio_ci95: tuple[float, float] = (float("nan"), float("nan"))  # of the paired SA/base ratios' median
 
     @property
     def measured_saving(self) -> float:
@@ -127,6 +128,7 @@ class DecodeRow:
             "measured_saving": self.measured_saving,
             "ratio_measured_to_ideal": self.measured_saving / self.ideal_saving if self.ideal_saving else None,
             "time_ratio_sa_to_base": self.t_sa_ms / self.t_base_ms,
+            "time_ratio_ci95": list(self.ratio_ci95),
             "tokens_per_s_base": 1000 * self.batch / self.t_base_ms,
             "tokens_per_s_sa": 1000 * self.batch / self.t_sa_ms,
         }
@@ -159,7 +161,7 @@ def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, mi
             rows.append(
                 DecodeRow(
                     context, batch, 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa),
-                    1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost, len(t_sa),
+                    1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost, len(t_sa), ratio_interval(t_sa, t_base),
                 )
             )
             if progress is not None:
@@ -307,17 +309,17 @@ def bench_lines(result: dict) -> list[str]:
     lines.append(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
     kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]
     lines.append(f"KV cache: {kv['base']:,} -> {kv['sa']:,} B/token; weights {weights['base']:,} -> {weights['sa']:,} B")
-    lines.append(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
+    lines.append(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'95% interval':>13} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
     for row in result["decode"]:
         ratio = row["ratio_measured_to_ideal"]
         lines.append(
             f"{row['context']:>8} {row['batch']:>5} {row['t_base_ms']:>9.2f} {row['t_sa_ms']:>9.2f} {row['time_ratio_sa_to_base']:>8.3f} "
+            f"{interval_text(row.get('time_ratio_ci95')):>13} "
             f"{100 * row['measured_saving']:>8.1f}% {100 * row['ideal_saving']:>6.1f}% {ratio if ratio is not None else float('nan'):>10.2f} "
             f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
         )
+    lines += verdict_lines("decode", [(f"{r['context']}x{r['batch']}", r) for r in result["decode"]])
     lines += prefill_lines(result["prefill"])
-    slower = [f"{r['context']}x{r['batch']}" for r in result["decode"] if r["time_ratio_sa_to_base"] > 1]
-    lines.append(f"SA slower than the baseline at: {', '.join(slower)}" if slower else "SA is not slower than the baseline at any point")
     measured = [r for r in result["prefill"] if "peak_rss_sa_bytes" in r]
     above = [f"{r['tokens']} tokens" for r in measured if r["peak_rss_sa_bytes"] > r["peak_rss_base_bytes"]]
     if measured:

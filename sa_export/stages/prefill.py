@@ -19,7 +19,7 @@ import numpy as np
 
 from sa_export.core.errors import UsageError
 from sa_export.runtime import SAModel
-from sa_export.stages.pairing import paired_times
+from sa_export.stages.pairing import interval_text, paired_times, ratio_interval, verdict_lines
 
 _CHILD = """
 import json, resource, sys, time
@@ -81,7 +81,10 @@ def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: i
 
     t_sa, t_base = paired_times(lambda: timed(sa), lambda: timed(base), repeats, MIN_SECONDS, MAX_PAIRS)
     base_ms, sa_ms = 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa)
-    return {"tokens": tokens, "chunk": chunk, "pairs": len(t_sa), "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms}
+    return {
+        "tokens": tokens, "chunk": chunk, "pairs": len(t_sa), "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms,
+        "time_ratio_ci95": list(ratio_interval(t_sa, t_base)),
+    }
 
 
 def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, runs: int, threads: int | None) -> dict:
@@ -115,7 +118,7 @@ def prefill_rows(
 
 
 def prefill_lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'prefill':>8} {'chunk':>6} {'base ms':>10} {'SA ms':>10} {'SA/base':>8} {'base peak MB':>13} {'SA peak MB':>11} {'SA/base':>8}"]
+    lines = [f"{'prefill':>8} {'chunk':>6} {'base ms':>10} {'SA ms':>10} {'SA/base':>8} {'95% interval':>13} {'base peak MB':>13} {'SA peak MB':>11} {'SA/base':>8}"]
     for row in rows:
         if "peak_rss_sa_bytes" in row:
             sa, base = row["peak_rss_sa_bytes"], row["peak_rss_base_bytes"]
@@ -123,6 +126,9 @@ def prefill_lines(rows: list[dict]) -> list[str]:
         else:
             peaks = f"{'-':>13} {'-':>11} {'-':>8}"
         lines.append(
-            f"{row['tokens']:>8} {row['chunk'] or '-':>6} {row['t_base_ms']:>10.1f} {row['t_sa_ms']:>10.1f} {row['time_ratio_sa_to_base']:>8.3f} {peaks}"
+            f"{row['tokens']:>8} {row['chunk'] or '-':>6} {row['t_base_ms']:>10.1f} {row['t_sa_ms']:>10.1f} {row['time_ratio_sa_to_base']:>8.3f} "
+            f"{interval_text(row.get('time_ratio_ci95')):>13} {peaks}"
         )
+    if rows:
+        lines += verdict_lines("prefill", [(f"{row['tokens']} tokens", row) for row in rows])
     return lines
