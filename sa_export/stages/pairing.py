@@ -34,8 +34,9 @@ def ratio_interval(t_sa: list[float], t_base: list[float], confidence: float = 0
     """A distribution-free interval for the median of the paired ratios sa/base: the k-th
     smallest and k-th largest ratio, with k the largest rank at which the median lies
     between them with at least ``confidence`` (the sign test's order statistics; with
-    few pairs that is the whole range, covering less). It tells a slower SA model from
-    the noise of a loaded machine: an interval that holds 1 is no difference measured."""
+    few pairs that is the whole range, covering less). It covers the noise from one pair
+    of steps to the next; a fixed difference between two sessions of one process (where
+    each one's memory lies) is outside what pairs can see."""
     from scipy.stats import binom
 
     ratios = sorted(s / b for s, b in zip(t_sa, t_base))
@@ -55,12 +56,12 @@ def interval_text(interval) -> str:
 
 
 def verdict_lines(what: str, rows: list[tuple[str, dict]]) -> list[str]:
-    """Where SA is slower than the baseline: measurably (the whole 95% interval above 1),
-    or only in its point estimate, within the noise of the machine."""
+    """Where SA is slower than the baseline: beyond the step-to-step noise (the whole 95%
+    interval above 1), or only in its point estimate, within that noise."""
     slower = [name for name, row in rows if (row.get("time_ratio_ci95") or [0.0])[0] > 1]
     noise = [name for name, row in rows if row["time_ratio_sa_to_base"] > 1 and name not in slower]
     lines = [f"{what}: SA slower than the baseline at: {', '.join(slower)} (95% interval above 1)" if slower
-             else f"{what}: SA is not measurably slower than the baseline at any point"]
+             else f"{what}: SA is not slower than the baseline beyond step-to-step noise at any point"]
     if noise:
-        lines.append(f"{what}: SA/base above 1 within noise (95% interval holds 1) at: {', '.join(noise)}")
+        lines.append(f"{what}: SA/base above 1 within step-to-step noise (95% interval holds 1) at: {', '.join(noise)}")
     return lines

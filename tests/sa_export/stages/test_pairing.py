@@ -44,6 +44,6 @@ def test_verdict_tells_a_measured_slowdown_from_noise():
     ]
     assert verdict_lines("decode", rows) == [
         "decode: SA slower than the baseline at: 2048x1 (95% interval above 1)",
-        "decode: SA/base above 1 within noise (95% interval holds 1) at: 256x1",
+        "decode: SA/base above 1 within step-to-step noise (95% interval holds 1) at: 256x1",
     ]
-    assert verdict_lines("decode", rows[2:]) == ["decode: SA is not measurably slower than the baseline at any point"]
+    assert verdict_lines("decode", rows[2:]) == ["decode: SA is not slower than the baseline beyond step-to-step noise at any point"]
