@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 
 def timed_pair(index: int, sa_call: Callable[[], float], base_call: Callable[[], float]) -> tuple[float, float]:
     """One timed call of each model, (sa, base); the order alternates with ``index`` so
@@ -30,22 +32,19 @@ def paired_times(
     return t_sa, t_base
 
 
-def ratio_interval(t_sa: list[float], t_base: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free interval for the median of the paired ratios sa/base: the k-th
-    smallest and k-th largest ratio, with k the largest rank at which the median lies
-    between them with at least ``confidence`` (the sign test's order statistics; with
-    few pairs that is the whole range, covering less). It covers the noise from one pair
-    of steps to the next; a fixed difference between two sessions of one process (where
-    each one's memory lies) is outside what pairs can see."""
-    from scipy.stats import binom
-
-    ratios = sorted(s / b for s, b in zip(t_sa, t_base))
-    n = len(ratios)
-    alpha = 1 - confidence
-    k = 1
-    while k < n / 2 and 2 * binom.cdf(k, n, 0.5) <= alpha:  # rank k + 1 still covers
-        k += 1
-    return ratios[k - 1], ratios[n - k]
+def ratio_interval(t_sa: list[float], t_base: list[float], confidence: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A bootstrap interval for median(sa) / median(base), the ratio the table prints:
+    whole pairs are resampled (so that what the two steps of a pair share stays together),
+    and the central ``confidence`` of the resampled ratios is kept (seeded: the same times
+    give the same interval). It covers the noise from one pair of steps to the next; a fixed
+    difference between two sessions of one process (where each one's memory lies, which
+    was created first) is outside what pairs can see."""
+    sa, base = np.asarray(t_sa, float), np.asarray(t_base, float)
+    picks = np.random.default_rng(0).integers(0, len(sa), (resamples, len(sa)))
+    ratios = np.median(sa[picks], axis=1) / np.median(base[picks], axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def interval_text(interval) -> str:

@@ -21,17 +21,21 @@ def test_pairs_alternate_their_order_and_stop_at_the_bounds():
     assert len(t_sa) == 7
 
 
-def test_ratio_interval_takes_the_sign_tests_order_statistics():
+def test_ratio_interval_brackets_the_ratio_of_medians():
+    import random
+
     from sa_export.stages.pairing import ratio_interval
 
-    base = [1.0] * 20
-    sa = [0.9 + 0.01 * i for i in range(20)]  # ratios 0.90 .. 1.09, shuffled below
-    order = [7, 3, 19, 0, 12, 5, 16, 1, 9, 14, 2, 18, 6, 11, 4, 17, 8, 13, 10, 15]
-    low, high = ratio_interval([sa[i] for i in order], base)
-    assert (round(low, 4), round(high, 4)) == (0.95, 1.04)  # ranks 6 and 15 of 20: 95.9% coverage
-    assert ratio_interval([1.1, 1.2, 1.3], [1.0] * 3) == (1.1, 1.3)  # few pairs: the whole range
-    low, high = ratio_interval([2.0 + 0.001 * i for i in range(40)], [1.0] * 40)
-    assert 2.0 < low < high < 2.039  # all slower: the interval lies above 1
+    noise = random.Random(0)
+    base = [1.0 + noise.gauss(0, 0.05) for _ in range(200)]
+    slower = [1.03 * b + noise.gauss(0, 0.01) for b in base]  # 3% slower, pair by pair
+    low, high = ratio_interval(slower, base)
+    assert 1.0 < low < 1.03 < high < 1.06
+    assert ratio_interval(slower, base) == (low, high)  # seeded
+    same = [b * (1 + noise.gauss(0, 0.05)) for b in base]  # no difference, much noise
+    low, high = ratio_interval(same, base)
+    assert low < 1.0 < high
+    assert ratio_interval([1.1, 1.2], [1.0, 1.0]) == (1.1, 1.2)  # two pairs: within their range
 
 
 def test_verdict_tells_a_measured_slowdown_from_noise():
