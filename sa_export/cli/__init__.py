@@ -227,7 +227,9 @@ def _int_list(text: str) -> list[int]:
 def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs, threads, json_file, plot_file, prefill_chunk):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side in one process (interleaved, medians), with the ideal saving of
-    a memory-bound decode step next to each. The default baseline is the fastest graph
+    a memory-bound decode step next to each. Each SA/base time ratio comes with a 95%
+    bootstrap interval over the pairs of steps, and the last lines name the points where
+    SA is slower beyond that noise. The default baseline is the fastest graph
     ONNX Runtime runs for the unmodified model; convert with --exporter genai for the SA
     graph that keeps that speed."""
     from sa_export.stages.bench import bench_lines, run_bench, save_plot
