@@ -44,8 +44,9 @@ def base_log_probs(model, token_ids: list[int], context: int) -> list[torch.Tens
 @torch.no_grad()
 def divergence(model, token_ids: list[int], context: int, base: list[torch.Tensor], plan: SharingPlan, shared_heads=None) -> float:
     """Mean KL(base || SA) per token: how far the plan moves the model's next-token
-    distribution, whichever token the text has next (a perplexity change also counts
-    tokens the SA model happens to predict better, and so is noisier to rank plans by)."""
+    distribution, whichever token the text has next (a perplexity change can also fall,
+    where the SA model happens to predict the text better). benchmarks.group_units ranks
+    plans by either."""
     total, count = 0.0, 0
     with shared_attention(model, plan, shared_heads=shared_heads):
         for window, teacher in zip(_windows(model, token_ids, context), base):

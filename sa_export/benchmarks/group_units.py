@@ -1,14 +1,15 @@
 """Does a finer unit of sharing than a layer pay? KV groups against whole layers, side by side.
 
-    python -m sa_export.benchmarks.group_units [--mode mix] [--units 1,2,3,4] [--search-tokens 2048] [--json FILE]
+    python -m sa_export.benchmarks.group_units [--mode mix] [--criterion ppl|kl] [--units 1,2,3,4] [--search-tokens 2048] [--json FILE]
 
 A KV group's K cache can go when every query head of that group borrows its
 probabilities: one group of a layer with G KV heads is 1/G of that layer's K cache. For
 the same bytes saved, k whole layers are compared with the k*G cheapest KV groups.
 
 Both searches are the frontier's (sa_export.accuracy.frontier): every unit is shared
-alone and its perplexity penalty measured on calibration text; the plan of n units takes
-the n cheapest. Head maps come from the same attention statistics in both (``--mode``),
+alone and its cost measured on calibration text (the perplexity change, or with
+``--criterion kl`` the divergence from the base model's predictions); the plan of n units
+takes the n cheapest. Head maps come from the same attention statistics in both (``--mode``),
 so only the unit differs. Each plan is then judged on held-out text of the calibration's
 domain and on text of another domain, which the search never reads. Only the PyTorch
 reference can share part of a layer (``reference.shared_attention(shared_heads=)``).
