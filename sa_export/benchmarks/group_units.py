@@ -46,7 +46,7 @@ def unit_plan(units: list[tuple[int, int | None]], stats, mode: str, num_layers:
         pairs = [(l, h) for l in range(layer) for h in range(stats.num_heads) if h not in borrowed.get(l, ())]
         # Heads the layer keeps get a placeholder map: the reference uses their own attention.
         sources, weights = zip(*(
-            head_sources_from(stats, (layer, head), pairs, mode) if head in heads else (((layer - 1, head),) * 1, (1.0,))
+            head_sources_from(stats, (layer, head), pairs, mode) if head in heads else (((layer - 1, head),), (1.0,))
             for head in range(stats.num_heads)
         ))
         width = max(len(s) for s in sources)

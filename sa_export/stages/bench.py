@@ -105,7 +105,7 @@ class DecodeRow:
     base: StepCost
     sa: StepCost
     steps: int  # timed steps per model
-    ratio_ci95: tuple[float, float] = (float("nan"), float("nan"))  # bootstrap interval of t_sa_ms / t_base_ms
+    ratio_ci95: tuple[float, float]  # bootstrap interval of t_sa_ms / t_base_ms
 
     @property
     def measured_saving(self) -> float:

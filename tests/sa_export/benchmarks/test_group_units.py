@@ -4,12 +4,12 @@ from sa_export.accuracy.calibration import AttentionStatistics
 from sa_export.benchmarks.group_units import unit_plan
 
 
-def _stats(layers=5, heads=4, group_size=2):
-    rng = np.random.default_rng(0)
-    maps = rng.random((layers * heads, 40))
+def _stats(maps=None, layers=5, heads=4, group_size=2):
+    """Statistics of ``maps`` ([layers * heads, positions]; random by default), as one chunk."""
+    maps = np.random.default_rng(0).random((layers * heads, 40)) if maps is None else maps
     gram = maps @ maps.T
     norms = np.sqrt(np.diag(gram))
-    return AttentionStatistics(layers, heads, gram, gram / norms[:, None] / norms[None, :], 40, 1, group_size)
+    return AttentionStatistics(layers, heads, gram, gram / norms[:, None] / norms[None, :], maps.shape[1], 1, group_size)
 
 
 def test_borrowed_heads_read_only_heads_that_are_not_borrowed():
@@ -28,9 +28,7 @@ def test_a_partly_shared_layer_keeps_serving_its_own_heads_as_sources():
     rng = np.random.default_rng(1)
     maps = rng.random((5 * 4, 40))
     maps[4 * 4 + 0] = maps[2 * 4 + 0]  # head 0 of layer 4 attends exactly as head 0 of layer 2
-    gram = maps @ maps.T
-    norms = np.sqrt(np.diag(gram))
-    stats = AttentionStatistics(5, 4, gram, gram / norms[:, None] / norms[None, :], 40, 1, 2)
+    stats = _stats(maps)
     plan, _ = unit_plan([(2, 1), (4, 0)], stats, "argmax-any", 5, 2)
     assert plan.head_maps[4].sources[0] == ((2, 0),)  # layer 2 lends group 1 only: head 0 is its own
     plan, _ = unit_plan([(2, 0), (4, 0)], stats, "argmax-any", 5, 2)

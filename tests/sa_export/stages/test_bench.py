@@ -33,7 +33,7 @@ def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_
         assert {"context", "batch", "t_base_ms", "t_sa_ms", "measured_saving", "ideal_saving"} <= set(row)
         assert row["t_base_ms"] > 0 and row["t_sa_ms"] > 0 and 0 < row["ideal_saving"] < 0.5
         assert row["steps"] == 2  # --repeats, with no --min-seconds to extend it
-        low, high = row["time_ratio_ci95"]  # two pairs: the interval is both ratios
+        low, high = row["time_ratio_ci95"]  # a bootstrap over the two pairs
         assert 0 < low <= high and f"{low:.3f}-{high:.3f}" in result.output
     assert "decode: SA" in result.output and "prefill: SA" in result.output
     assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
