@@ -226,7 +226,7 @@ def _int_list(text: str) -> list[int]:
 @handle_errors
 def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs, threads, json_file, plot_file, prefill_chunk):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
-    measured side by side in one process (interleaved, medians), with the ideal saving of
+    measured side by side, each model in a process of its own (steps interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. Each SA/base time ratio comes with a 95%
     bootstrap interval over the pairs of steps, and the last lines name the points where
     SA is slower beyond that noise. The default baseline is the fastest graph

@@ -1,7 +1,8 @@
 """`bench`: the SA model against its baseline (same weights, no sharing), side by side.
 
-Both models run in one process, interleaved step by step, several repetitions, and
-the medians are compared, because this machine is noisy. Next to each measured
+Each model runs in a process of its own (two sessions in one process do not run at one
+speed), the steps interleaved pair by pair, several repetitions, and the medians are
+compared, because this machine is noisy. Next to each measured
 saving the analytic model of a decode step prints the ideal one: a decode step is
 memory-bound, so its ideal time is proportional to the bytes it reads (weights plus
 the KV cache at that context).
@@ -17,20 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import resource
 import statistics
-import time
 from pathlib import Path
-
-import numpy as np
 
 from sa_export.core.cache_names import WEIGHT_BYTES_PER_PARAMETER
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import MANIFEST_NAME, Manifest
 from sa_export.export import exporter_of_manifest, get_exporter
-from sa_export.runtime import SAModel
 from sa_export.stages.pairing import interval_text, paired_times, ratio_interval, verdict_lines
 from sa_export.stages.prefill import prefill_lines, prefill_rows
+from sa_export.stages.timing_worker import TimedPair
 
 WARMUP_PAIRS = 3
 MAX_PAIRS = 400  # bounds --min-seconds on a tiny model whose steps take microseconds
@@ -77,24 +74,6 @@ def weight_bytes(out_dir: Path, manifest: Manifest) -> int:
     return sum((out_dir / name).stat().st_size for name in manifest.files if name.startswith(manifest.model_file))
 
 
-def _decode_inputs(model: SAModel, batch: int, context: int, rng: np.random.Generator):
-    """A decode step at ``context`` positions: context - 1 cached, one new token.
-    Shared-buffer models get buffers of exactly ``context`` positions, as generate allocates."""
-    cache = model.empty_cache(batch, context)
-    length = context if model.shared_buffer else context - 1
-    for name in cache:
-        cache[name] = rng.standard_normal((batch, model.num_kv_heads, length, model.head_dim)).astype(model.cache_dtype)
-    ids = rng.integers(0, 100, (batch, 1))
-    mask = np.ones((batch, context), np.int64)
-    return ids, mask, cache
-
-
-def _timed(model: SAModel, ids, mask, cache) -> float:
-    start = time.perf_counter()
-    model.forward(ids, mask, cache)
-    return time.perf_counter() - start
-
-
 @dataclasses.dataclass(frozen=True)
 class DecodeRow:
     context: int
@@ -134,30 +113,29 @@ class DecodeRow:
         }
 
 
-def _paired_steps(sa: SAModel, base: SAModel, sa_inputs, base_inputs, repeats: int, min_seconds: float):
+def _paired_steps(pair: TimedPair, repeats: int, min_seconds: float):
     """Step times of both models, interleaved pair by pair, for at least ``repeats`` pairs and
     ``min_seconds``: short steps get more samples, which the noise of short steps needs."""
     for _ in range(WARMUP_PAIRS):
-        _timed(sa, *sa_inputs), _timed(base, *base_inputs)
-    return paired_times(lambda: _timed(sa, *sa_inputs), lambda: _timed(base, *base_inputs), repeats, min_seconds, MAX_PAIRS)
+        pair.sa.step(), pair.base.step()
+    return paired_times(pair.sa.step, pair.base.step, repeats, min_seconds, MAX_PAIRS)
 
 
-def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, min_seconds: float = 0.0, progress=None) -> list[DecodeRow]:
-    rng = np.random.default_rng(0)
+def bench_decode(pair: TimedPair, sa_manifest: Manifest, base_manifest: Manifest, contexts, batches, repeats: int, min_seconds: float = 0.0, progress=None) -> list[DecodeRow]:
     # The ideal is the same model with and without sharing: the baseline's weights, less the
     # Q/K projections the SA model drops (the two graphs may come from different exporters,
     # whose files differ in more than that).
-    base_weights = weight_bytes(base.out_dir, base.manifest)
-    sa_weights = base_weights - qk_projection_bytes(sa.manifest)
+    base_weights = weight_bytes(pair.base.out_dir, base_manifest)
+    sa_weights = base_weights - qk_projection_bytes(sa_manifest)
     rows = []
     total = len(contexts) * len(batches)
     for context in contexts:
         for batch in batches:
-            sa_inputs = _decode_inputs(sa, batch, context, rng)
-            base_inputs = _decode_inputs(base, batch, context, rng)
-            t_sa, t_base = _paired_steps(sa, base, sa_inputs, base_inputs, repeats, min_seconds)
-            sa_cost = decode_step_cost(sa.manifest, sa_weights, context, batch)
-            base_cost = decode_step_cost(base.manifest, base_weights, context, batch)
+            # Each side's own random inputs, as before: a decode step's time does not depend on the values.
+            pair.load("decode", (batch, context, 2 * len(rows)), (batch, context, 2 * len(rows) + 1))
+            t_sa, t_base = _paired_steps(pair, repeats, min_seconds)
+            sa_cost = decode_step_cost(sa_manifest, sa_weights, context, batch)
+            base_cost = decode_step_cost(base_manifest, base_weights, context, batch)
             rows.append(
                 DecodeRow(
                     context, batch, 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa),
@@ -166,7 +144,6 @@ def bench_decode(sa: SAModel, base: SAModel, contexts, batches, repeats: int, mi
             )
             if progress is not None:
                 progress(len(rows), total)
-            del sa_inputs, base_inputs
     return rows
 
 
@@ -281,16 +258,17 @@ def run_bench(
     base_manifest = Manifest.read(base_path)
     if base_manifest.num_layers != manifest.num_layers or base_manifest.cache.head_dim != manifest.cache.head_dim:
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
-    sa, base = SAModel(out_dir, threads, spin=False), SAModel(base_path, threads, spin=False)
-    rows = bench_decode(sa, base, contexts, batches, repeats, min_seconds, progress)
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
-    prefill = prefill_rows(sa, base, lengths, prefill_repeats or repeats, prefill_chunk, memory_runs, threads)
+    with TimedPair(out_dir, base_path, threads) as pair:
+        rows = bench_decode(pair, manifest, base_manifest, contexts, batches, repeats, min_seconds, progress)
+        prefill = prefill_rows(pair, lengths, prefill_repeats or repeats, prefill_chunk, memory_runs, threads)
+    graph_kind = "fused" if manifest.cache.buffer == "shared" else "decomposed"
     savings = manifest.cache.savings
     return {
         "model": manifest.source.model,
         "sa": {"dir": str(out_dir), "graph": graph_description(manifest)},
         "baseline": {"dir": str(base_path), "graph": graph_description(base_manifest)},
-        "sa_graph_kind": "fused" if sa.shared_buffer else "decomposed",
+        "sa_graph_kind": graph_kind,
         "threads": threads,
         "repeats": repeats,
         "min_seconds": min_seconds,
@@ -298,7 +276,8 @@ def run_bench(
         "weight_bytes": {"base": weight_bytes(base_path, base_manifest), "sa": weight_bytes(Path(out_dir), manifest)},
         "decode": [r.to_json() for r in rows],
         "prefill": prefill,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # Each timing process holds one model: the decode caches of the largest point and the prefills.
+        "timing_peak_rss_bytes": pair.peak_rss,
     }
 
 
@@ -326,5 +305,7 @@ def bench_lines(result: dict) -> list[str]:
         lines.append(f"SA's prefill peak RSS above the baseline's at: {', '.join(above)}" if above else "SA's prefill peak RSS is not above the baseline's at any length")
     if result["sa_graph_kind"] != "fused":
         lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
-    lines.append(f"peak RSS of this process (both models): {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    peaks = result.get("timing_peak_rss_bytes") or {}
+    if peaks.get("sa") and peaks.get("base"):
+        lines.append(f"peak RSS of the timing processes (one model each): SA {peaks['sa'] / 2**30:.2f} GiB, baseline {peaks['base'] / 2**30:.2f} GiB")
     return lines

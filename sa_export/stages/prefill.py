@@ -1,9 +1,9 @@
 """Prefill in `bench`: time of each model side by side, and peak memory of each in its own process.
 
-Time is measured in the bench process, interleaved with the other model (as decode is).
-Memory cannot be: one process's peak RSS covers both models, so each model runs the same
-prompt (then up to 4 decode steps, as its positions allow) in a fresh Python process that
-reports its own peak.
+Time is measured in the two timing processes of `bench`, one model each, the prefills
+interleaved (as decode steps are). Peak memory needs a fresh process per run: each timing
+process has also held the decode caches, so each model runs the same prompt (then up to 4
+decode steps, as its positions allow) in a new Python process that reports its own peak.
 """
 
 from __future__ import annotations
@@ -12,19 +12,17 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
 from sa_export.core.errors import UsageError
-from sa_export.runtime import SAModel
 from sa_export.stages.pairing import interval_text, paired_times, ratio_interval, verdict_lines
+from sa_export.stages.timing_worker import TimedPair
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from sa_export.runtime import SAModel
+from sa_export.stages.timing_worker import own_peak_rss
 out, tokens, chunk, arena, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4] == "1", int(sys.argv[5]) or None
 model = SAModel(out, threads, spin=False, arena=arena)
 ids = np.random.default_rng(0).integers(0, 100, (1, tokens))
@@ -37,17 +35,7 @@ prefill_s = time.perf_counter() - start
 for _ in range(steps):
     mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
     logits, cache, _ = model.forward(logits[:, -1:].argmax(-1), mask, cache)
-def peak_rss():
-    # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's,
-    # which Linux carries into a child across fork and exec.
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": peak_rss()}))
+print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": own_peak_rss()}))
 """
 
 
@@ -67,19 +55,11 @@ MIN_SECONDS = 10.0
 MAX_PAIRS = 25
 
 
-def time_prefill(sa: SAModel, base: SAModel, tokens: int, repeats: int, chunk: int | None) -> dict:
+def time_prefill(pair: TimedPair, tokens: int, repeats: int, chunk: int | None) -> dict:
     """Median prefill time of each model, interleaved, both in chunks of ``chunk`` (None: one call);
     at least ``repeats`` pairs, more for short prompts (MIN_SECONDS)."""
-    ids = np.random.default_rng(1).integers(0, 100, (1, tokens))
-    mask = np.ones_like(ids)
-
-    def timed(model: SAModel) -> float:
-        cache = model.empty_cache(1, tokens)
-        start = time.perf_counter()
-        model.prefill(ids, mask, cache, chunk, all_logits=False)
-        return time.perf_counter() - start
-
-    t_sa, t_base = paired_times(lambda: timed(sa), lambda: timed(base), repeats, MIN_SECONDS, MAX_PAIRS)
+    pair.load("prefill", (tokens, chunk, 1), (tokens, chunk, 1))  # the same prompt for both
+    t_sa, t_base = paired_times(pair.sa.step, pair.base.step, repeats, MIN_SECONDS, MAX_PAIRS)
     base_ms, sa_ms = 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa)
     return {
         "tokens": tokens, "chunk": chunk, "pairs": len(t_sa), "t_base_ms": base_ms, "t_sa_ms": sa_ms, "time_ratio_sa_to_base": sa_ms / base_ms,
@@ -104,15 +84,13 @@ def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, 
     }
 
 
-def prefill_rows(
-    sa: SAModel, base: SAModel, lengths, repeats: int, chunk: int | None, memory_runs: int, threads: int | None
-) -> list[dict]:
+def prefill_rows(pair: TimedPair, lengths, repeats: int, chunk: int | None, memory_runs: int, threads: int | None) -> list[dict]:
     """One row per prompt length: interleaved times, and with ``memory_runs`` each model's own peak RSS."""
     rows = []
     for tokens in lengths:
-        row = time_prefill(sa, base, tokens, repeats, chunk)
+        row = time_prefill(pair, tokens, repeats, chunk)
         if memory_runs:
-            row.update(peak_memories(sa.out_dir, base.out_dir, tokens, chunk, memory_runs, threads))
+            row.update(peak_memories(pair.sa.out_dir, pair.base.out_dir, tokens, chunk, memory_runs, threads))
         rows.append(row)
     return rows
 

@@ -36,6 +36,8 @@ def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_
         low, high = row["time_ratio_ci95"]  # a bootstrap over the two pairs
         assert 0 < low <= high and f"{low:.3f}-{high:.3f}" in result.output
     assert "decode: SA" in result.output and "prefill: SA" in result.output
+    peaks = data["timing_peak_rss_bytes"]  # each model timed in a process of its own
+    assert peaks["sa"] > 0 and peaks["base"] > 0 and "peak RSS of the timing processes" in result.output
     assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]
     assert data["weight_bytes"]["sa"] > 0 and data["weight_bytes"]["base"] > 0  # files of two exporters
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
