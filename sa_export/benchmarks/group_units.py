@@ -1,6 +1,7 @@
 """Does a finer unit of sharing than a layer pay? KV groups against whole layers, side by side.
 
-    python -m sa_export.benchmarks.group_units [--mode mix] [--criterion ppl|kl] [--units 1,2,3,4] [--search-tokens 2048] [--json FILE]
+    python -m sa_export.benchmarks.group_units [--mode mix] [--criterion ppl|kl] [--search cheapest|forward]
+        [--unit layer|kv-group|both] [--units 1,2,3,4] [--search-tokens 2048] [--json FILE]
 
 A KV group's K cache can go when every query head of that group borrows its
 probabilities: one group of a layer with G KV heads is 1/G of that layer's K cache. For
@@ -9,7 +10,10 @@ the same bytes saved, k whole layers are compared with the k*G cheapest KV group
 Both searches are the frontier's (sa_export.accuracy.frontier): every unit is shared
 alone and its cost measured on calibration text (the perplexity change, or with
 ``--criterion kl`` the divergence from the base model's predictions); the plan of n units
-takes the n cheapest. Head maps come from the same attention statistics in both (``--mode``),
+takes the n cheapest. Costs do not add up, so ``--search forward`` instead grows the plan
+one unit at a time, each time adding the unit that makes the whole plan cheapest on the
+search text (n steps over every unit left: about n times the singles' cost).
+Head maps come from the same attention statistics in both (``--mode``),
 so only the unit differs. Each plan is then judged on held-out text of the calibration's
 domain and on text of another domain, which the search never reads. Only the PyTorch
 reference can share part of a layer (``reference.shared_attention(shared_heads=)``).
@@ -57,6 +61,25 @@ def unit_plan(units: list[tuple[int, int | None]], stats, mode: str, num_layers:
     return plan, {layer: tuple(sorted(heads)) for layer, heads in borrowed.items()}
 
 
+def forward_selection(pool: list, size: int, plan_cost, progress=None) -> tuple[list, list[float]]:
+    """The plan of ``size`` units grown one at a time: each step adds the unit of ``pool``
+    whose addition makes ``plan_cost(units)`` least. Returns the units in the order taken
+    and the cost of the plan after each step; the plan of n units is the first n."""
+    chosen: list = []
+    trail: list[float] = []
+    for step in range(size):
+        scores = {}
+        for candidate in pool:
+            if candidate not in chosen:
+                scores[candidate] = plan_cost([*chosen, candidate])
+                if progress is not None:
+                    progress(len(scores), len(pool) - step)
+        best = min(scores, key=scores.get)
+        chosen.append(best)
+        trail.append(scores[best])
+    return chosen, trail
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -67,6 +90,9 @@ def main() -> None:
         "--criterion", default="ppl", choices=("ppl", "kl"),
         help="rank units by their perplexity change on the search text, or by the KL divergence from the base model's predictions",
     )
+    parser.add_argument("--search", default="cheapest", choices=("cheapest", "forward"),
+                        help="take the n cheapest units shared alone, or grow the plan one unit at a time on the whole plan's cost")
+    parser.add_argument("--unit", default="both", choices=("layer", "kv-group", "both"), help="which units to search")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -96,19 +122,31 @@ def main() -> None:
         "layer": [(layer, None) for layer in range(1, num_layers)],
         "kv-group": [(layer, group) for layer in range(1, num_layers) for group in range(groups)],
     }
+    per_layer = {"layer": 1, "kv-group": groups}
+    units = [unit for unit in candidates if args.unit in (unit, "both")]
+    sizes = [int(n) for n in args.units.split(",")]
+    ranked: dict[str, list] = {}  # unit kind -> units in the order the search takes them
     cost: dict[str, dict] = {}
-    for unit, pool in candidates.items():
+    for unit in units:
+        pool = candidates[unit]
+        if args.search == "forward":
+            steps = max(sizes) * per_layer[unit]
+            with progress_bar(f"{unit}s added one at a time ({steps} steps), on {len(search)} calibration tokens", unit=unit) as advance:
+                ranked[unit], trail = forward_selection(pool, steps, penalty_on_search, advance)
+            cost[unit] = dict(zip(ranked[unit], trail))  # the plan's cost once that unit joined it
+            continue
         with progress_bar(f"each {unit} shared alone, on {len(search)} calibration tokens", unit=unit) as advance:
             cost[unit] = {}
             for number, candidate in enumerate(pool):
                 cost[unit][candidate] = penalty_on_search([candidate])
                 advance(number + 1, len(pool))
+        ranked[unit] = sorted(cost[unit], key=cost[unit].get)
     searched_s = time.perf_counter() - started
     rows = []
     print(f"\n{'KV saved':>8} {'unit':>9} " + " ".join(f"{name + ' penalty':>22}" for name in texts) + "  units")
-    for size in (int(n) for n in args.units.split(",")):
-        for unit, per_layer in (("layer", 1), ("kv-group", groups)):
-            chosen = sorted(sorted(cost[unit], key=cost[unit].get)[: size * per_layer])
+    for size in sizes:
+        for unit in units:
+            chosen = sorted(ranked[unit][: size * per_layer[unit]])
             plan, heads = unit_plan(chosen, stats, args.mode, num_layers, group_size)
             ppl = {name: perplexity(model, ids, WINDOW, plan, shared_heads=heads) for name, ids in texts.items()}
             row = {
@@ -123,8 +161,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({
-                "mode": args.mode, "criterion": args.criterion, "base": base, "base_search": base_search, "rows": rows,
-                "single_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
+                "mode": args.mode, "criterion": args.criterion, "search": args.search, "base": base, "base_search": base_search, "rows": rows,
+                # cheapest: each unit's cost alone; forward: the plan's cost once that unit joined it
+                "search_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
             }, handle, indent=2)
 
 
