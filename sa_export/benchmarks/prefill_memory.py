@@ -1,6 +1,6 @@
 """Peak memory and time of a long prefill, each model in its own process, side by side.
 
-    python -m sa_export.benchmarks.prefill_memory OUT_DIR [OUT_DIR ...] [--tokens 8000] [--chunk 512] [--no-arena] [--json FILE]
+    python -m sa_export.benchmarks.prefill_memory OUT_DIR [OUT_DIR ...] [--tokens 8000] [--chunk 512] [--memory arena|system|lean] [--json FILE]
 
 Each model runs `SAModel(OUT).prefill` on the same random prompt, then 4 decode steps,
 in a fresh Python process, and reports that process's peak RSS (getrusage) and the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from sa_export.runtime.memory import MEMORY_MODES
 from sa_export.stages.prefill import peak_memory
 
 
@@ -20,15 +21,15 @@ def main() -> None:
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--tokens", type=int, default=8000)
     parser.add_argument("--chunk", type=int, action="append", help="Chunk sizes to measure (repeatable; 0: whole prompt).")
-    parser.add_argument("--no-arena", action="store_true", help="ONNX Runtime without its CPU memory arena.")
+    parser.add_argument("--memory", default="arena", choices=list(MEMORY_MODES), help="; ".join(f"{k}: {v}" for k, v in MEMORY_MODES.items()))
     parser.add_argument("--json", dest="json_file")
     args = parser.parse_args()
     rows = []
     for chunk in args.chunk or [0, 512]:
         for out_dir in args.dirs:
-            row = {**peak_memory(out_dir, args.tokens, chunk, not args.no_arena), "tokens": args.tokens, "chunk": chunk, "arena": not args.no_arena}
+            row = {**peak_memory(out_dir, args.tokens, chunk, args.memory), "tokens": args.tokens, "chunk": chunk, "memory": args.memory}
             rows.append(row)
-            print(f"{out_dir}: {args.tokens} tokens, chunk {chunk or 'whole'}{'' if not args.no_arena else ', no arena'}: prefill {row['prefill_s']:.1f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+            print(f"{out_dir}: {args.tokens} tokens, chunk {chunk or 'whole'}{'' if args.memory == 'arena' else ', memory ' + args.memory}: prefill {row['prefill_s']:.1f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     if args.json_file:
         with open(args.json_file, "w") as handle:
             json.dump(rows, handle, indent=2)

@@ -9,7 +9,7 @@ import click
 from sa_export import __version__
 from sa_export.cli.options import (
     quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_option, force_option,
-    handle_errors, head_map_option, prefill_chunk_option, span_option,
+    handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.export import AUTO, EXPORTERS, REMOVED_EXPORTERS
 from targets.profiles import target_names
@@ -108,12 +108,13 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="ONNX Runtime, or the TensorRT engine in OUT.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (instruct models).")
 @prefill_chunk_option
+@memory_mode_option("the ONNX Runtime session")
 @handle_errors
-def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk):
+def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_mode):
     """Greedy generation from OUT (no PyTorch needed); tokens stream as they come."""
     from sa_export.runtime import stream_generation
 
-    for piece in stream_generation(out, prompt, max_new_tokens, backend, chat, prefill_chunk or None):
+    for piece in stream_generation(out, prompt, max_new_tokens, backend, chat, prefill_chunk or None, memory_mode):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -220,11 +221,15 @@ def _int_list(text: str) -> list[int]:
     help="Processes per model and prompt length for the peak RSS (alternating order; the median is reported): one process's peak moves by a few percent.",
 )
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
+@memory_mode_option("both models, in every process of the bench (times and peaks)")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Decode time vs context plot (default: OUT/bench.png).")
 @prefill_chunk_option
 @handle_errors
-def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs, threads, json_file, plot_file, prefill_chunk):
+def bench(
+    out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs, threads, memory_mode,
+    json_file, plot_file, prefill_chunk,
+):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side, each model in a process of its own (steps interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. Each SA/base time ratio comes with a 95%
@@ -239,7 +244,7 @@ def bench(out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
         result = run_bench(
             out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats, prefill_chunk or None,
-            memory_runs if prefill_memory else 0,
+            memory_runs if prefill_memory else 0, memory_mode,
         )
     click.echo("\n".join(bench_lines(result)))
     plot_file = plot_file or Path(out) / "bench.png"

@@ -121,4 +121,14 @@ prefill_chunk_option = click.option(
     "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,
     help="Feed prompts in chunks of at most this many tokens (0: whole): bounds the attention probabilities a prefill holds.",
 )
+def memory_mode_option(what: str):
+    """--memory: where ONNX Runtime's working memory comes from (``runtime.memory``)."""
+    from sa_export.runtime.memory import MEMORY_MODES
+
+    return click.option(
+        "--memory", "memory_mode", type=click.Choice(list(MEMORY_MODES)), default="arena", show_default=True,
+        help=f"Memory of {what}: " + "; ".join(f"{name}: {text}" for name, text in MEMORY_MODES.items()) + ".",
+    )
+
+
 calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")

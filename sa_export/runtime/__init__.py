@@ -11,13 +11,14 @@ from sa_export.runtime.text import chat_prompt, generate_text, load_tokenizer, s
 BACKENDS = ("ort", "trt")
 
 
-def open_model(out_dir: str | Path, backend: str = "ort") -> ManifestModel:
-    """The ONNX Runtime model, or the TensorRT engine (same interface) for backend "trt"."""
+def open_model(out_dir: str | Path, backend: str = "ort", memory: str = "arena") -> ManifestModel:
+    """The ONNX Runtime model, or the TensorRT engine (same interface) for backend "trt";
+    ``memory``: ONNX Runtime's memory mode (``runtime.memory.MEMORY_MODES``)."""
     if backend == "trt":
         from sa_export.runtime.tensorrt_backend import TRTModel
 
         return TRTModel(out_dir)
-    return SAModel(out_dir)
+    return SAModel(out_dir, memory=memory)
 
 
 __all__ = ["BACKENDS", "ManifestModel", "SAModel", "chat_prompt", "generate_text", "load_tokenizer", "open_model", "position_ids_from_mask", "stream_generation"]

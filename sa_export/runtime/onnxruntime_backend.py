@@ -16,16 +16,19 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class SAModel(ManifestModel):
     """An ONNX Runtime session over an OUT directory, with the manifest's cache layout."""
 
-    def __init__(self, out_dir: str | Path, threads: int | None = None, spin: bool = True, arena: bool = True, graph: bytes | None = None):
-        """``graph``: a variant of OUT's model (serialized, weights still in OUT's external data) to run instead."""
+    def __init__(self, out_dir: str | Path, threads: int | None = None, spin: bool = True, memory: str = "arena", graph: bytes | None = None):
+        """``memory``: one of ``runtime.memory.MEMORY_MODES``; ``graph``: a variant of OUT's model
+        (serialized, weights still in OUT's external data) to run instead."""
         import onnxruntime as ort
+
+        from sa_export.runtime.memory import use_memory_mode
 
         super().__init__(out_dir)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        options.enable_cpu_mem_arena = arena  # off: memory goes back between calls of changing shapes
+        options.enable_cpu_mem_arena = use_memory_mode(memory)
         if not spin:
             # Idle pool threads otherwise spin for a while after each run; two sessions in
             # one process (bench) would then take each other's cores.

@@ -79,12 +79,12 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, prefi
 
 def stream_generation(
     out_dir: str | Path, prompt: str, max_new_tokens: int = 64, backend: str = "ort", chat: bool = False,
-    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, memory: str = "arena",
 ) -> Iterator[str]:
     """`generate`: the prompt as given (or nothing, with the chat template), then the text as it decodes."""
     from sa_export.runtime import open_model
 
-    model = open_model(out_dir, backend)
+    model = open_model(out_dir, backend, memory)
     tokenizer = load_tokenizer(out_dir)  # fails before anything is printed when there is none
     if chat:
         prompt = chat_prompt(out_dir, prompt)

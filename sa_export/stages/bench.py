@@ -243,11 +243,11 @@ def save_plot(rows: list[dict], path: Path, title: str, prefill: list[dict] | No
 def run_bench(
     out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens, threads: int | None,
     progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
-    memory_runs: int = 3,
+    memory_runs: int = 3, memory: str = "arena",
 ) -> dict:
     """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory; ``prefill_tokens``: prompt
     lengths (an int or several); ``memory_runs``: processes per model and length for the peak
-    RSS of a prefill (0: not measured)."""
+    RSS of a prefill (0: not measured); ``memory``: both models' memory mode (``runtime.memory``)."""
     manifest = Manifest.read(out_dir)
     if str(baseline) in (FASTEST, SAME_EXPORT):
         base_path = baseline_dir(Path(out_dir), manifest, str(baseline))
@@ -259,9 +259,9 @@ def run_bench(
     if base_manifest.num_layers != manifest.num_layers or base_manifest.cache.head_dim != manifest.cache.head_dim:
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
-    with TimedPair(out_dir, base_path, threads) as pair:
+    with TimedPair(out_dir, base_path, threads, memory) as pair:
         rows = bench_decode(pair, manifest, base_manifest, contexts, batches, repeats, min_seconds, progress)
-        prefill = prefill_rows(pair, lengths, prefill_repeats or repeats, prefill_chunk, memory_runs, threads)
+        prefill = prefill_rows(pair, lengths, prefill_repeats or repeats, prefill_chunk, memory_runs, threads, memory)
     graph_kind = "fused" if manifest.cache.buffer == "shared" else "decomposed"
     savings = manifest.cache.savings
     return {
@@ -270,6 +270,7 @@ def run_bench(
         "baseline": {"dir": str(base_path), "graph": graph_description(base_manifest)},
         "sa_graph_kind": graph_kind,
         "threads": threads,
+        "memory": memory,
         "repeats": repeats,
         "min_seconds": min_seconds,
         "kv_bytes_per_token": {"base": savings.bytes_per_token_base, "sa": savings.bytes_per_token_sa},

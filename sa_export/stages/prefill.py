@@ -23,8 +23,8 @@ import json, sys, time
 import numpy as np
 from sa_export.runtime import SAModel
 from sa_export.stages.timing_worker import own_peak_rss
-out, tokens, chunk, arena, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4] == "1", int(sys.argv[5]) or None
-model = SAModel(out, threads, spin=False, arena=arena)
+out, tokens, chunk, memory, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4], int(sys.argv[5]) or None
+model = SAModel(out, threads, spin=False, memory=memory)
 ids = np.random.default_rng(0).integers(0, 100, (1, tokens))
 mask = np.ones_like(ids)
 steps = max(0, min(4, model.max_length - tokens)) if model.shared_buffer and model.max_length else 4
@@ -39,9 +39,9 @@ print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": own_peak
 """
 
 
-def peak_memory(out_dir: str | Path, tokens: int, chunk: int | None, arena: bool = True, threads: int | None = None) -> dict:
-    """Peak RSS and prefill time of ``tokens`` through OUT, in a process of its own."""
-    command = [sys.executable, "-c", _CHILD, str(out_dir), str(tokens), str(chunk or 0), "1" if arena else "0", str(threads or 0)]
+def peak_memory(out_dir: str | Path, tokens: int, chunk: int | None, memory: str = "arena", threads: int | None = None) -> dict:
+    """Peak RSS and prefill time of ``tokens`` through OUT, in a process of its own (``memory``: its memory mode)."""
+    command = [sys.executable, "-c", _CHILD, str(out_dir), str(tokens), str(chunk or 0), memory, str(threads or 0)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -67,7 +67,7 @@ def time_prefill(pair: TimedPair, tokens: int, repeats: int, chunk: int | None) 
     }
 
 
-def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, runs: int, threads: int | None) -> dict:
+def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, runs: int, threads: int | None, memory: str = "arena") -> dict:
     """Median peak RSS of each model over ``runs`` processes of its own, in alternating order.
 
     With two threads one process's peak moves by up to 5% from run to run (the SA graphs'
@@ -75,7 +75,7 @@ def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, 
     peaks = {"sa": [], "base": []}
     for run in range(runs):
         for name in ("sa", "base") if run % 2 == 0 else ("base", "sa"):
-            peaks[name].append(peak_memory(sa_dir if name == "sa" else base_dir, tokens, chunk, threads=threads)["peak_rss_bytes"])
+            peaks[name].append(peak_memory(sa_dir if name == "sa" else base_dir, tokens, chunk, memory, threads)["peak_rss_bytes"])
     return {
         "peak_rss_sa_bytes": statistics.median(peaks["sa"]),
         "peak_rss_base_bytes": statistics.median(peaks["base"]),
@@ -84,13 +84,15 @@ def peak_memories(sa_dir: Path, base_dir: Path, tokens: int, chunk: int | None, 
     }
 
 
-def prefill_rows(pair: TimedPair, lengths, repeats: int, chunk: int | None, memory_runs: int, threads: int | None) -> list[dict]:
+def prefill_rows(
+    pair: TimedPair, lengths, repeats: int, chunk: int | None, memory_runs: int, threads: int | None, memory: str = "arena"
+) -> list[dict]:
     """One row per prompt length: interleaved times, and with ``memory_runs`` each model's own peak RSS."""
     rows = []
     for tokens in lengths:
         row = time_prefill(pair, tokens, repeats, chunk)
         if memory_runs:
-            row.update(peak_memories(pair.sa.out_dir, pair.base.out_dir, tokens, chunk, memory_runs, threads))
+            row.update(peak_memories(pair.sa.out_dir, pair.base.out_dir, tokens, chunk, memory_runs, threads, memory))
         rows.append(row)
     return rows
 

@@ -82,7 +82,7 @@ def prefill_step(model, tokens: int, chunk: int | None, seed: int):
 _JOBS = {"decode": decode_step, "prefill": prefill_step}
 
 
-def _serve(conn, out_dir: str, threads: int | None) -> None:
+def _serve(conn, out_dir: str, threads: int | None, memory: str) -> None:
     """The worker: load the model, then run what the bench process asks, one message at a time."""
     import signal
 
@@ -95,7 +95,7 @@ def _serve(conn, out_dir: str, threads: int | None) -> None:
         return ("error", (type(error).__name__, str(error)))
 
     try:
-        model = SAModel(out_dir, threads, spin=False)
+        model = SAModel(out_dir, threads, spin=False, memory=memory)
     except Exception as error:
         conn.send(failure(error))
         return
@@ -133,11 +133,11 @@ class TimedModel:
     ``load("prefill", tokens, chunk, seed)`` prepares a job; ``step()`` runs it once and
     returns its time in seconds; ``close()`` returns the process's peak RSS."""
 
-    def __init__(self, out_dir: str | Path, threads: int | None):
+    def __init__(self, out_dir: str | Path, threads: int | None, memory: str = "arena"):
         self.out_dir = Path(out_dir)
         context = multiprocessing.get_context(_START_METHOD)
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, str(out_dir), threads), daemon=True)
+        self._process = context.Process(target=_serve, args=(child, str(out_dir), threads, memory), daemon=True)
         self._process.start()
         child.close()
         self._ready = False
@@ -183,12 +183,12 @@ class TimedModel:
 
 
 class TimedPair:
-    """The SA model and its baseline, each in its own process, loaded in parallel."""
+    """The SA model and its baseline, each in its own process (both in one memory mode), loaded in parallel."""
 
-    def __init__(self, sa_dir: str | Path, base_dir: str | Path, threads: int | None):
-        self.sa = TimedModel(sa_dir, threads)
+    def __init__(self, sa_dir: str | Path, base_dir: str | Path, threads: int | None, memory: str = "arena"):
+        self.sa = TimedModel(sa_dir, threads, memory)
         try:
-            self.base = TimedModel(base_dir, threads)
+            self.base = TimedModel(base_dir, threads, memory)
             self.sa.wait_ready()
             self.base.wait_ready()
         except BaseException:

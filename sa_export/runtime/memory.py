@@ -1,0 +1,44 @@
+"""Where a session's working memory comes from, and whether it goes back to the system.
+
+ONNX Runtime's CPU arena keeps every block it has grown to and reuses them: fast, but
+its peak is the live memory plus whatever the order of allocations left unusable, and
+that part differs from graph to graph (and from run to run). An 8000-token prefill of
+the demo model in chunks of 512 (int4, `benchmarks.prefill_memory --memory`) holds
+about 50 MB (baseline) to 125 MB (calibrated SA) more with the arena than without it.
+Without the arena, glibc's malloc serves large blocks from its heap, which fragments
+too, unless large blocks get mappings of their own: freed, they are unmapped at once,
+and the peak is what the graph holds live.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from sa_export.core.errors import EnvironmentProblem
+
+MEMORY_MODES = {
+    "arena": "ONNX Runtime's CPU arena (fastest; keeps what it has grown to)",
+    "system": "no arena: the C library's malloc as configured",
+    "lean": "no arena, and blocks of 256 KiB or more mapped on their own and given back when freed "
+            "(the least peak memory; a prefill takes about 10% longer on a 2-core CPU; glibc only, process-wide)",
+}
+LEAN_MMAP_THRESHOLD = 256 * 1024  # below this glibc's heap keeps small blocks, which are fast to reuse
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def use_memory_mode(mode: str) -> bool:
+    """Prepare the process for ``mode``; returns whether ONNX Runtime's arena is to be used.
+
+    ``lean`` sets glibc's mmap threshold, which also stops glibc from raising it on its own
+    (it does that each time a mapped block is freed, after which such blocks come from the
+    heap again). It applies to the whole process: every later large allocation is mapped."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode {mode!r}: one of {', '.join(MEMORY_MODES)}")
+    if mode == "lean":
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            mallopt = None
+        if mallopt is None or mallopt(_M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD) != 1:
+            raise EnvironmentProblem("--memory lean needs glibc's malloc (mallopt); use --memory system or arena")
+    return mode == "arena"
