@@ -3,8 +3,9 @@
 ONNX Runtime's CPU arena keeps every block it has grown to and reuses them: fast, but
 its peak is the live memory plus whatever the order of allocations left unusable, and
 that part differs from graph to graph (and from run to run). An 8000-token prefill of
-the demo model in chunks of 512 (int4, `benchmarks.prefill_memory --memory`) holds
-about 50 MB (baseline) to 125 MB (calibrated SA) more with the arena than without it.
+the demo model in chunks of 512 (int4, `benchmarks.prefill_memory --memory arena` and
+`lean`) held 50 MB (baseline), 77 MB (SA, identity maps) and 131 MB (SA, calibrated
+maps) more with the arena than in `lean` mode.
 Without the arena, glibc's malloc serves large blocks from its heap, which fragments
 too, unless large blocks get mappings of their own: freed, they are unmapped at once,
 and the peak is what the graph holds live.
@@ -20,7 +21,7 @@ MEMORY_MODES = {
     "arena": "ONNX Runtime's CPU arena (fastest; keeps what it has grown to)",
     "system": "no arena: the C library's malloc as configured",
     "lean": "no arena, and blocks of 256 KiB or more mapped on their own and given back when freed "
-            "(the least peak memory; a prefill takes about 10% longer on a 2-core CPU; glibc only, process-wide)",
+            "(the least peak memory, but prefill and long-context decode are slower; glibc only, process-wide)",
 }
 LEAN_MMAP_THRESHOLD = 256 * 1024  # below this glibc's heap keeps small blocks, which are fast to reuse
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h

@@ -30,8 +30,8 @@ class SAModel(ManifestModel):
         options.log_severity_level = 3
         options.enable_cpu_mem_arena = use_memory_mode(memory)
         if not spin:
-            # Idle pool threads otherwise spin for a while after each run; two sessions in
-            # one process (bench) would then take each other's cores.
+            # Idle pool threads otherwise spin for a while after each run; the two models
+            # `bench` times side by side (a process each) would then take each other's cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if graph is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.out_dir))
