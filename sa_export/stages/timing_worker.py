@@ -101,23 +101,23 @@ def _serve(conn, out_dir: str, threads: int | None, memory: str) -> None:
         return
     conn.send(("ok", None))
     step = None
-    while True:
-        try:
+    try:
+        while True:
             command, args = conn.recv()
-        except EOFError:  # the bench process has gone
-            return
-        if command == "stop":
-            conn.send(("ok", own_peak_rss()))
-            return
-        try:
-            if command == "step":
-                reply = step()
-            else:
-                step, reply = None, None  # the previous inputs go before the next are made
-                step = _JOBS[command](model, *args)
-            conn.send(("ok", reply))
-        except Exception as error:
-            conn.send(failure(error))
+            if command == "stop":
+                conn.send(("ok", own_peak_rss()))
+                return
+            try:
+                if command == "step":
+                    reply = ("ok", step())
+                else:
+                    step = None  # the previous inputs go before the next are made
+                    step, reply = _JOBS[command](model, *args), ("ok", None)
+            except Exception as error:
+                reply = failure(error)
+            conn.send(reply)
+    except (EOFError, OSError):  # the bench process has gone
+        return
 
 
 def _raise(name: str, message: str, out_dir: str):
@@ -165,10 +165,11 @@ class TimedModel:
         self._conn.send(("step", ()))
         return self._reply()
 
-    def close(self) -> int | None:
-        """Stop the worker; its peak RSS in bytes (None if it had already ended)."""
+    def close(self, graceful: bool = True) -> int | None:
+        """Stop the worker; its peak RSS in bytes (None if it had ended, or ``graceful`` is
+        False: then it is terminated at once, even in the middle of a step)."""
         peak = None
-        if self._process.is_alive() and self._ready:
+        if graceful and self._process.is_alive() and self._ready:
             try:
                 self._conn.send(("stop", ()))
                 peak = self._reply()
@@ -202,11 +203,12 @@ class TimedPair:
         self.sa.load(job, *sa_args)
         self.base.load(job, *base_args)
 
-    def close(self) -> None:
-        self.peak_rss = {"sa": self.sa.close(), "base": self.base.close()}
+    def close(self, graceful: bool = True) -> None:
+        self.peak_rss = {"sa": self.sa.close(graceful), "base": self.base.close(graceful)}
 
     def __enter__(self) -> TimedPair:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # After a failure or an interrupt nothing more is measured: the workers end at once.
+        self.close(graceful=exc_type is None)

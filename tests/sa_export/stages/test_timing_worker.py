@@ -37,3 +37,12 @@ def test_a_failing_job_is_reported_and_the_worker_keeps_serving(genai_tiny_llama
         assert model.step() > 0
     finally:
         assert model.close() > 0
+
+
+def test_an_interrupt_ends_both_workers_at_once(genai_tiny_llama):
+    with pytest.raises(KeyboardInterrupt):
+        with TimedPair(genai_tiny_llama, genai_tiny_llama, threads=1) as pair:
+            pair.load("decode", (1, 8, 0), (1, 8, 1))
+            raise KeyboardInterrupt
+    assert pair.peak_rss == {"sa": None, "base": None}  # terminated, not asked to stop
+    assert not multiprocessing.active_children()
