@@ -131,7 +131,7 @@ def bench_decode(pair: TimedPair, sa_manifest: Manifest, base_manifest: Manifest
     total = len(contexts) * len(batches)
     for context in contexts:
         for batch in batches:
-            # Each side's own random inputs, as before: a decode step's time does not depend on the values.
+            # Each side gets random inputs of its own: a decode step's time does not depend on the values.
             pair.load("decode", (batch, context, 2 * len(rows)), (batch, context, 2 * len(rows) + 1))
             t_sa, t_base = _paired_steps(pair, repeats, min_seconds)
             sa_cost = decode_step_cost(sa_manifest, sa_weights, context, batch)
