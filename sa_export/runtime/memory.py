@@ -43,3 +43,17 @@ def use_memory_mode(mode: str) -> bool:
         if mallopt is None or mallopt(_M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD) != 1:
             raise EnvironmentProblem("--memory lean needs glibc's malloc (mallopt); use --memory system or arena")
     return mode == "arena"
+
+
+def own_peak_rss() -> int:
+    """This process's high-water mark (VmHWM): ru_maxrss would include what a child inherits."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

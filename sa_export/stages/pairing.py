@@ -1,4 +1,5 @@
-"""Two models timed side by side in one process: interleaved pairs, the order alternating."""
+"""Two models timed side by side: interleaved pairs, the order alternating (`bench` runs
+each model in a process of its own, `stages.timing_worker`)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def ratio_interval(t_sa: list[float], t_base: list[float], confidence: float = 0
     whole pairs are resampled (so that what the two steps of a pair share stays together),
     and the central ``confidence`` of the resampled ratios is kept (seeded: the same times
     give the same interval). It covers the noise from one pair of steps to the next; a fixed
-    difference between two sessions of one process (where each one's memory lies, which
-    was created first) is outside what pairs can see."""
+    difference between the two sides is outside what pairs can see, which is why `bench`
+    does not run two sessions in one process (the first created was the slower)."""
     sa, base = np.asarray(t_sa, float), np.asarray(t_base, float)
     picks = np.random.default_rng(0).integers(0, len(sa), (resamples, len(sa)))
     ratios = np.median(sa[picks], axis=1) / np.median(base[picks], axis=1)

@@ -22,7 +22,7 @@ _CHILD = """
 import json, sys, time
 import numpy as np
 from sa_export.runtime import SAModel
-from sa_export.stages.timing_worker import own_peak_rss
+from sa_export.runtime.memory import own_peak_rss
 out, tokens, chunk, memory, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4], int(sys.argv[5]) or None
 model = SAModel(out, threads, spin=False, memory=memory)
 ids = np.random.default_rng(0).integers(0, 100, (1, tokens))

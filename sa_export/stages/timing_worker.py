@@ -17,22 +17,9 @@ import time
 from pathlib import Path
 
 from sa_export.core import errors
+from sa_export.runtime.memory import own_peak_rss
 
 _START_METHOD = "spawn"
-
-
-def own_peak_rss() -> int:
-    """This process's high-water mark (VmHWM): ru_maxrss would include what a child inherits."""
-    import resource
-
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def decode_inputs(model, batch: int, context: int, seed: int):
@@ -193,9 +180,9 @@ class TimedPair:
             self.sa.wait_ready()
             self.base.wait_ready()
         except BaseException:
-            self.sa.close()
+            self.sa.close(graceful=False)
             if hasattr(self, "base"):
-                self.base.close()
+                self.base.close(graceful=False)
             raise
         self.peak_rss: dict[str, int | None] = {}
 
