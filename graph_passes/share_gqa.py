@@ -91,11 +91,14 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     return _Positions(write_indices, pads, grouped_shape, is_step)
 
 
-def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, recompute: Callable | None = None) -> None:
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, recompute: Callable | None = None,
+                  head_slots: list[int] | None = None) -> None:
     """Replace a shared layer's attention: V only, written in place, times the padded probabilities.
 
     With ``recompute(branch, layer, v_rows, present_value)``, a step of several rows computes
-    the attention that way instead (gqa_phases).
+    the attention that way instead (gqa_phases). ``head_slots``: ``grouped`` holds fewer rows
+    per KV head than the layer has query heads, and head h's output is row ``head_slots[h]``
+    of them (_GatheredRows).
     """
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
@@ -110,10 +113,10 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     present_value = b.op("TensorScatter", [gqa.inputs[PAST_VALUE], v, positions.write_indices], "write_v_cache", axis=2)
     dtype = gqa.outputs[0].dtype
     if recompute is None:
-        context = _probs_times_values(b, layer, grouped, present_value)
+        context = _probs_times_values(b, layer, grouped, present_value, head_slots)
     else:
         def step(branch: NodeBuilder) -> list[ir.Value]:
-            context = _probs_times_values(branch, layer, grouped, present_value)
+            context = _probs_times_values(branch, layer, grouped, present_value, head_slots)
             context.dtype = dtype
             return [context]
 
@@ -135,8 +138,11 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
         graph.inputs.remove(past_key)
 
 
-def _probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, present_value: ir.Value) -> ir.Value:
-    """The padded, grouped probabilities times the V buffer: [B, S, heads * head_dim]."""
+def _probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, present_value: ir.Value, head_slots: list[int] | None = None) -> ir.Value:
+    """The padded, grouped probabilities times the V buffer: [B, S, heads * head_dim].
+
+    ``head_slots``: ``grouped`` is [B, kv, rows, S, T] with rows < heads / kv, and head h
+    takes output row ``head_slots[h]`` (counted over kv * rows)."""
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     # [B, kv, rep, S, T] @ [B, kv, 1, T, D]: each query head reads its KV head's cache by
     # broadcasting (no repeated V). One row per product lets decode (S = 1) take MLAS's GEMV
@@ -144,6 +150,9 @@ def _probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, pres
     v_grouped = b.op("Reshape", [present_value, b.const("v_grouped_shape", np.array([0, kv, 1, -1, d], np.int64))], "v_by_kv_head")
     context = b.op("MatMul", [grouped, v_grouped], "probs_v")
     context = b.op("Transpose", [context], "context_bskrd", perm=[0, 3, 1, 2, 4])
+    if head_slots is not None:
+        context = b.op("Reshape", [context, b.const("rows_shape", np.array([0, 0, -1, d], np.int64))], "context_by_row")
+        context = b.op("Gather", [context, b.const("head_slots", np.array(head_slots, np.int64))], "context_by_head", axis=2)
     context = b.op("Reshape", [context, b.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
     return context
 
@@ -220,8 +229,10 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
     for run in consecutive_runs(list(plan.anchors)):
         b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
 
-        def step(branch: NodeBuilder, run=run) -> list[ir.Value]:
-            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, heads, layers[sources[0]].kv_num_heads)
+        head_slots: dict[int, list[int]] = {}
+
+        def step(branch: NodeBuilder, run=run, head_slots=head_slots) -> list[ir.Value]:
+            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, heads, layers[sources[0]].kv_num_heads, head_slots)
 
         def prefill(branch: NodeBuilder, run=run) -> list[ir.Value]:
             dtype = layers[run[0]].node.outputs[0].dtype
@@ -237,16 +248,35 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
                 recompute = functools.partial(recompute_mapped_attention, head_map=head_maps[layer], sources=phased)
             else:
                 recompute = functools.partial(recompute_attention, anchor=phased[plan.anchors[layer]])
-            _shared_layer(graph, gqa, probs, positions, recompute)
+            _shared_layer(graph, gqa, probs, positions, recompute, head_slots.get(layer))
+
+
+def _distinct_rows(sources: np.ndarray, kv_heads: int) -> tuple[np.ndarray, list[int] | None]:
+    """The source heads a decode step multiplies by each KV group's V, as [kv, rows], and each head's row.
+
+    Heads of one KV group that read the same source head have the same output, so each
+    (source head, KV group) is one row of P·V; a group with fewer distinct sources than the
+    most repeats its first (one MatMul needs as many rows in each). The calibrated maps of
+    SmolLM2's 20-28 need 69 rows of 81. Rows None: every head is a row of its own.
+    """
+    by_group = [list(dict.fromkeys(group.tolist())) for group in sources.reshape(kv_heads, -1)]
+    rows = max(map(len, by_group))
+    if rows * kv_heads == sources.size:
+        return sources.reshape(kv_heads, -1), None
+    padded = np.array([group + group[:1] * (rows - len(group)) for group in by_group], np.int64)
+    slots = [g * rows + by_group[g].index(source) for g, group in enumerate(sources.reshape(kv_heads, -1).tolist()) for source in group]
+    return padded, slots
 
 
 def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_maps: dict[int, HeadMap], phased: dict[int, PhasedAnchor],
-                      positions: _Positions, heads: int, kv_heads: int) -> list[ir.Value]:
+                      positions: _Positions, heads: int, kv_heads: int, head_slots: dict[int, list[int]]) -> list[ir.Value]:
     """Decode step: each layer's probabilities, padded to the buffer and grouped by KV head.
 
     Each source read by the run is padded once; a mapped layer gathers its heads (from the
     sources stacked, when it reads several layers), which copies only [heads, buffer]
-    values per step, where a mixing MatMul would read every stacked head.
+    values per step, where a mixing MatMul would read every stacked head. A mapped layer
+    without gains gathers only its distinct rows (_distinct_rows) and records, in
+    ``head_slots``, which row each head takes.
     """
     dtype = next(iter(phased.values())).grouped_probs.dtype.numpy()
     reads = {layer: head_maps[layer].layers if layer in head_maps else (plan.anchors[layer],) for layer in run}
@@ -260,10 +290,14 @@ def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_ma
             if layers_read not in stacked:
                 stacked[layers_read] = padded[layers_read[0]] if len(layers_read) == 1 else b.op(
                     "Concat", [padded[s] for s in layers_read], f"stack{'_'.join(map(str, layers_read))}", axis=1)
-            # Indices shaped [kv, rep]: the Gather's output is already grouped by KV head.
+            # Indices shaped [kv, rows]: the Gather's output is already grouped by KV head.
             indices = np.array([layers_read.index(pairs[0][0]) * heads + pairs[0][1] for pairs in head_map.sources], np.int64)
-            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", indices.reshape(kv_heads, -1))], f"layer{layer}_heads", axis=1)
             gains = np.array([w[0] for w in head_map.weights], np.float32).reshape(1, kv_heads, -1, 1, 1)
+            if np.all(gains == 1.0):
+                indices, slots = _distinct_rows(indices, kv_heads)
+                if slots is not None:
+                    head_slots[layer] = slots
+            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", indices.reshape(kv_heads, -1))], f"layer{layer}_heads", axis=1)
             if not np.all(gains == 1.0):
                 source = b.op("Mul", [source, b.const(f"layer{layer}.head_gains", gains.astype(dtype))], f"layer{layer}_gains")
             key = ("layer", layer)

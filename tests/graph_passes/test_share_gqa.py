@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -166,7 +167,6 @@ def test_every_input_and_output_of_the_gqa_sa_graph_keeps_type_and_shape(genai_t
 def test_int4_graph_keeps_the_v_rows_of_the_quantized_projection(tiny_llama_with_tokenizer, tmp_path):
     """The builder's int4 graph: shared layers keep the V rows of the packed MatMulNBits
     (weights, scales) bit for bit; parity passes with fp32 accumulation at the fp32 gate."""
-    import numpy as np
 
     from sa_export.stages.convert import ConvertRequest, convert
 
@@ -257,15 +257,65 @@ def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(gena
         assert sum(h["num_heads"] for h in heads) == len(slots)
 
 
+def test_distinct_rows_keep_one_row_per_source_head_and_kv_group():
+    from graph_passes.share_gqa import _distinct_rows
+
+    # SmolLM2 layer 20's calibrated map: 9 heads, 3 KV groups; group 0 reads heads 0 and 4, the others head 0 only.
+    rows, slots = _distinct_rows(np.array([0, 4, 0, 0, 0, 0, 0, 0, 0]), 3)
+    np.testing.assert_array_equal(rows, [[0, 4], [0, 0], [0, 0]])
+    assert slots == [0, 1, 0, 2, 2, 2, 4, 4, 4]
+    assert [rows.reshape(-1)[s] for s in slots] == [0, 4, 0, 0, 0, 0, 0, 0, 0]
+    permuted, none = _distinct_rows(np.array([2, 1, 0, 5, 4, 3, 0, 1, 2]), 3)  # all distinct per group: nothing saved
+    assert none is None and permuted.shape == (3, 3)
+
+
+def test_decode_multiplies_each_source_head_once_per_kv_group(genai_tiny_llama_argmax, tiny_llama_with_tokenizer, tmp_path):
+    """When the heads of a KV group read one source head twice, a decode step computes that
+    head's row of P·V once and gathers each head's output from the rows; its logits equal
+    those of the prefill branch, which runs one attention per head read."""
+    import json
+    import shutil
+
+    from graph_passes.apply import apply_sharing_plan
+    from sa_export.core.plan import SharingPlan
+    from sa_export.export.onnx_io import save_onnx
+    from sa_export.stages.convert import ConvertRequest, convert
+
+    unshared = tmp_path / "base"
+    convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=(), unshared=True, out=unshared, exporter="genai", check=False))
+    out = tmp_path / "twice"
+    shutil.copytree(genai_tiny_llama_argmax, out)
+    manifest = json.loads((out / "sa_manifest.json").read_text())
+    anchors = {int(layer): anchor for layer, anchor in manifest["plan"]["shared"].items()}
+    # 4 heads, 2 KV groups: group 0 reads anchor head 1 twice, group 1 anchor head 0 twice (another group's keys).
+    manifest["plan"]["head_maps"] = {
+        str(layer): {"sources": [[[anchor, j]] for j in (1, 1, 0, 0)], "weights": [[1.0]] * 4} for layer, anchor in anchors.items()
+    }
+    plan = SharingPlan.from_json(manifest["plan"])
+    (out / "sa_manifest.json").write_text(json.dumps(manifest))
+    graph = load_onnx(unshared / "model.onnx")
+    apply_sharing_plan(graph, plan)
+    (out / "model.onnx").unlink()
+    save_onnx(graph, out)
+
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    for layer in anchors:
+        (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
+        assert [n.name for n in _branches(node)["then_branch"].node if n.op_type == "Gather"] == [f"sa.layer{layer}.attention_by_phase.then.context_by_head"]
+    _assert_prefill_and_decode_agree(out)
+
+
 @pytest.mark.parametrize("fixture", ["genai_tiny_llama", "genai_tiny_llama_argmax", "genai_tiny_llama_argmax_group"])
 def test_prefill_and_decode_branches_give_the_same_logits(fixture, request):
     """Rows fed together (recomputed attention) and one by one (stored probabilities), in any
     mix, give the logits of one call: each branch continues a cache the other wrote."""
-    import numpy as np
+    _assert_prefill_and_decode_agree(request.getfixturevalue(fixture))
 
+
+def _assert_prefill_and_decode_agree(out) -> None:
     from sa_export.runtime import SAModel
 
-    model = SAModel(request.getfixturevalue(fixture))
+    model = SAModel(out)
     ids = np.random.default_rng(5).integers(3, 100, (1, 11))
     whole, _, _ = model.forward(ids, np.ones_like(ids), model.empty_cache(1, 16))
     for steps in (((0, 5), (5, 6), (6, 7), (7, 11)), tuple((i, i + 1) for i in range(11))):
