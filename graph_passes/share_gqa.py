@@ -98,7 +98,7 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     With ``recompute(branch, layer, v_rows, present_value)``, a step of several rows computes
     the attention that way instead (gqa_phases). ``head_slots``: ``grouped`` holds fewer rows
     per KV head than the layer has query heads, and head h's output is row ``head_slots[h]``
-    of them (_GatheredRows).
+    of them (_distinct_rows).
     """
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
