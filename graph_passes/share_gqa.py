@@ -256,8 +256,8 @@ def _distinct_rows(sources: np.ndarray, kv_heads: int) -> tuple[np.ndarray, list
 
     Heads of one KV group that read the same source head have the same output, so each
     (source head, KV group) is one row of P·V; a group with fewer distinct sources than the
-    most repeats its first (one MatMul needs as many rows in each). The calibrated maps of
-    SmolLM2's 20-28 need 69 rows of 81. Rows None: every head is a row of its own.
+    most repeats its first (one MatMul needs as many rows in each). Calibrated maps often
+    send several heads of a group to one anchor head. Rows None: every head is a row of its own.
     """
     by_group = [list(dict.fromkeys(group.tolist())) for group in sources.reshape(kv_heads, -1)]
     rows = max(map(len, by_group))
