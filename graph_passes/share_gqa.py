@@ -98,7 +98,7 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     With ``recompute(branch, layer, v_rows, present_value)``, a step of several rows computes
     the attention that way instead (gqa_phases). ``head_slots``: ``grouped`` holds fewer rows
     per KV head than the layer has query heads, and head h's output is row ``head_slots[h]``
-    of them (_distinct_rows).
+    of them (_gather_rows).
     """
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
@@ -225,14 +225,13 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
     from their source layers' queries and K caches (gqa_phases.recompute_mapped_attention).
     """
     phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, None) for source in sources}
-    heads = layers[sources[0]].num_heads
+    heads, kv_heads = layers[sources[0]].num_heads, layers[sources[0]].kv_num_heads
+    rows = {layer: _gather_rows(head_map, heads, kv_heads) for layer, head_map in head_maps.items()}
     for run in consecutive_runs(list(plan.anchors)):
         b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
 
-        head_slots: dict[int, list[int]] = {}
-
-        def step(branch: NodeBuilder, run=run, head_slots=head_slots) -> list[ir.Value]:
-            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, heads, layers[sources[0]].kv_num_heads, head_slots)
+        def step(branch: NodeBuilder, run=run) -> list[ir.Value]:
+            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, kv_heads, rows)
 
         def prefill(branch: NodeBuilder, run=run) -> list[ir.Value]:
             dtype = layers[run[0]].node.outputs[0].dtype
@@ -248,7 +247,17 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
                 recompute = functools.partial(recompute_mapped_attention, head_map=head_maps[layer], sources=phased)
             else:
                 recompute = functools.partial(recompute_attention, anchor=phased[plan.anchors[layer]])
-            _shared_layer(graph, gqa, probs, positions, recompute, head_slots.get(layer))
+            _shared_layer(graph, gqa, probs, positions, recompute, rows[layer][1] if layer in rows else None)
+
+
+def _gather_rows(head_map: HeadMap, heads: int, kv_heads: int) -> tuple[np.ndarray, list[int] | None]:
+    """A mapped layer's decode step: which heads of its sources, stacked in ``head_map.layers``
+    order, it gathers, as [kv, rows], and the row each head takes (None: row h is head h).
+    Without gains, only its distinct rows (_distinct_rows); with them, one row per head."""
+    indices = np.array([head_map.layers.index(pairs[0][0]) * heads + pairs[0][1] for pairs in head_map.sources], np.int64)
+    if any(weights[0] != 1.0 for weights in head_map.weights):
+        return indices.reshape(kv_heads, -1), None
+    return _distinct_rows(indices, kv_heads)
 
 
 def _distinct_rows(sources: np.ndarray, kv_heads: int) -> tuple[np.ndarray, list[int] | None]:
@@ -269,14 +278,13 @@ def _distinct_rows(sources: np.ndarray, kv_heads: int) -> tuple[np.ndarray, list
 
 
 def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_maps: dict[int, HeadMap], phased: dict[int, PhasedAnchor],
-                      positions: _Positions, heads: int, kv_heads: int, head_slots: dict[int, list[int]]) -> list[ir.Value]:
+                      positions: _Positions, kv_heads: int, rows: dict[int, tuple[np.ndarray, list[int] | None]]) -> list[ir.Value]:
     """Decode step: each layer's probabilities, padded to the buffer and grouped by KV head.
 
     Each source read by the run is padded once; a mapped layer gathers its heads (from the
     sources stacked, when it reads several layers), which copies only [heads, buffer]
-    values per step, where a mixing MatMul would read every stacked head. A mapped layer
-    without gains gathers only its distinct rows (_distinct_rows) and records, in
-    ``head_slots``, which row each head takes.
+    values per step, where a mixing MatMul would read every stacked head. ``rows``: each
+    mapped layer's Gather indices (_gather_rows).
     """
     dtype = next(iter(phased.values())).grouped_probs.dtype.numpy()
     reads = {layer: head_maps[layer].layers if layer in head_maps else (plan.anchors[layer],) for layer in run}
@@ -291,13 +299,8 @@ def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_ma
                 stacked[layers_read] = padded[layers_read[0]] if len(layers_read) == 1 else b.op(
                     "Concat", [padded[s] for s in layers_read], f"stack{'_'.join(map(str, layers_read))}", axis=1)
             # Indices shaped [kv, rows]: the Gather's output is already grouped by KV head.
-            indices = np.array([layers_read.index(pairs[0][0]) * heads + pairs[0][1] for pairs in head_map.sources], np.int64)
+            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", rows[layer][0])], f"layer{layer}_heads", axis=1)
             gains = np.array([w[0] for w in head_map.weights], np.float32).reshape(1, kv_heads, -1, 1, 1)
-            if np.all(gains == 1.0):
-                indices, slots = _distinct_rows(indices, kv_heads)
-                if slots is not None:
-                    head_slots[layer] = slots
-            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", indices.reshape(kv_heads, -1))], f"layer{layer}_heads", axis=1)
             if not np.all(gains == 1.0):
                 source = b.op("Mul", [source, b.const(f"layer{layer}.head_gains", gains.astype(dtype))], f"layer{layer}_gains")
             key = ("layer", layer)
