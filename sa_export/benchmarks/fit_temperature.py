@@ -12,7 +12,6 @@ only in the PyTorch reference: this measures whether it would be worth a graph o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -21,6 +20,7 @@ from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.accuracy.texts import other_domain_tokens, split_texts
 from sa_export.core.plan import build_plan
+from sa_export.core.atomic import write_json_atomic
 
 
 def main() -> None:
@@ -56,8 +56,7 @@ def main() -> None:
             cells = "  ".join(f"{name} {row[name]['ppl']:.2f} ({row[name]['penalty']:+.2f}, {row[name]['of_identity']:.2f} of identity)" for name in texts)
             print(f"{span} {'fit + temperature' if temperature else 'fit':>17}: {cells}  [{seconds:.0f} s]", flush=True)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"base": base, "rows": rows}, handle, indent=2)
+        write_json_atomic(args.json, {"base": base, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ reference can share part of a layer (``reference.shared_attention(shared_heads=)
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from sa_export.accuracy.calibration import collect_statistics, head_sources_from
@@ -30,6 +29,7 @@ from sa_export.accuracy.evaluate import base_log_probs, divergence, load_for_ref
 from sa_export.accuracy.texts import other_domain_tokens, split_texts
 from sa_export.core.plan import HeadMap, SharingPlan
 from sa_export.core.progress import progress_bar
+from sa_export.core.atomic import write_json_atomic
 
 WINDOW = 1024
 
@@ -159,12 +159,11 @@ def main() -> None:
             print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {cells}  {label}", flush=True)
     print(f"\nsearch {searched_s:.0f} s, total {time.perf_counter() - started:.0f} s")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({
-                "mode": args.mode, "criterion": args.criterion, "search": args.search, "base": base, "base_search": base_search, "rows": rows,
-                # cheapest: each unit's cost alone; forward: the plan's cost once that unit joined it
-                "search_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
-            }, handle, indent=2)
+        write_json_atomic(args.json, {
+            "mode": args.mode, "criterion": args.criterion, "search": args.search, "base": base, "base_search": base_search, "rows": rows,
+            # cheapest: each unit's cost alone; forward: the plan's cost once that unit joined it
+            "search_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
+        })
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ does for a single plan.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from sa_export.accuracy.calibration import collect_statistics
@@ -20,6 +19,7 @@ from sa_export.accuracy.distill import FIT_STEPS
 from sa_export.accuracy.evaluate import calibrated_plan, load_for_reference, perplexity
 from sa_export.core.plan import build_plan
 from sa_export.accuracy.texts import other_domain_tokens, split_texts
+from sa_export.core.atomic import write_json_atomic
 
 SPANS = ("15-18", "20-28", "23-26", "26-29")
 MODES = ("identity", "argmax", "argmax-out", "argmax-group", "argmax-any", "mix", "mix-anchor", "mix-few", "fit")
@@ -65,8 +65,7 @@ def main() -> None:
             print(f"{span:>7} {name:>12} {cells}   {ratios}", flush=True)
     print(f"\n{time.perf_counter() - started:.0f} s")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"calib": calibration.to_json(), "texts": {k: v.to_json() for k, v in texts.items()}, "rows": rows}, handle, indent=2)
+        write_json_atomic(args.json, {"calib": calibration.to_json(), "texts": {k: v.to_json() for k, v in texts.items()}, "rows": rows})
 
 
 if __name__ == "__main__":

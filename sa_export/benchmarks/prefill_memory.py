@@ -10,10 +10,10 @@ prefill time. Chunk 0 feeds the whole prompt in one call.
 from __future__ import annotations
 
 import argparse
-import json
 
 from sa_export.runtime.memory import MEMORY_MODES
 from sa_export.stages.prefill import peak_memory
+from sa_export.core.atomic import write_json_atomic
 
 
 def main() -> None:
@@ -31,8 +31,7 @@ def main() -> None:
             rows.append(row)
             print(f"{out_dir}: {args.tokens} tokens, chunk {chunk or 'whole'}{'' if args.memory == 'arena' else ', memory ' + args.memory}: prefill {row['prefill_s']:.1f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     if args.json_file:
-        with open(args.json_file, "w") as handle:
-            json.dump(rows, handle, indent=2)
+        write_json_atomic(args.json_file, rows)
 
 
 if __name__ == "__main__":
