@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, GqaLayer, NodeBuilder, replace_gqa_node
+from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, TOTAL_LEN, GqaLayer, NodeBuilder, replace_gqa_node
 from graph_passes.projections import MS_DOMAIN, attribute_values
 from sa_export.core.plan import HeadMap
 
@@ -148,6 +148,10 @@ def recompute_mapped_attention(
         return _with_gains(branch, context, gains, d, dtype)
     heads_shape = branch.const("heads_shape", np.array([0, 0, -1, d], np.int64))
     flat = branch.const("flat_shape", np.array([0, 0, -1], np.int64))
+    # total_sequence_length - S: the cache rows before this step (its rows are written).
+    total = branch.op("Reshape", [sources[read[0][0]].gqa_inputs[TOTAL_LEN], branch.const("total_shape", np.array([1], np.int64))], "total_1d")
+    step_len = branch.op("Shape", [v_rows], "step_len", start=1, end=2)
+    past_end = branch.op("Sub", [branch.op("Cast", [total], "total_i64", to=ir.DataType.INT64), step_len], "past_end")
     v_heads = branch.op("Reshape", [v_rows, heads_shape], "own_v_heads")
     # Each source's packed Q, K, V by head: a Reshape, which ONNX Runtime aliases; each node
     # gathers its own heads from it (slices of Q and K held through the layer's nodes
@@ -167,12 +171,20 @@ def recompute_mapped_attention(
         def group(value, index, name, axis=1):
             return branch.op("Gather", [value, branch.const(f"{tag}.{name}_index", np.array(index, np.int64))], f"{tag}.{name}", axis=axis)
 
+        def past_rows(cache, head, name):
+            # Only the rows before this step: GQA's scratch is [heads, S, cache length], and
+            # a cache of total_sequence_length - S rows makes it [heads, S, total] instead of
+            # [heads, S, buffer], smaller than any unshared layer's (which the arena reuses).
+            ends = branch.op("Concat", [branch.const(f"{tag}.{name}_head_end", np.array([head + 1], np.int64)), past_end], f"{tag}.{name}_ends", axis=0)
+            starts = branch.const(f"{tag}.{name}_starts", np.array([head, 0], np.int64))
+            return branch.op("Slice", [cache, starts, ends, branch.const(f"{tag}.{name}_axes", np.array([1, 2], np.int64))], f"{tag}.{name}")
+
         inputs = [
             branch.op("Reshape", [group(by_head[source], [j for _, j, _ in piece], "q", 2), flat], f"{tag}.q_flat"),
             branch.op("Reshape", [group(by_head[source], [n + key_group], "k", 2), flat], f"{tag}.k_flat"),
             branch.op("Reshape", [group(v_heads, [value_group], "v", 2), flat], f"{tag}.v_flat"),
-            group(sources[source].present_key, [key_group], "key_cache"),
-            group(present_value, [value_group], "value_cache"),
+            past_rows(sources[source].present_key, key_group, "key_cache"),
+            past_rows(present_value, value_group, "value_cache"),
             *sources[source].gqa_inputs[PAST_VALUE + 1 :],
         ]
         attributes = {**sources[source].attributes, "num_heads": len(piece), "kv_num_heads": 1}
