@@ -213,6 +213,12 @@ def _int_list(text: str) -> list[int]:
     "--min-seconds", type=click.FloatRange(0), default=3.0, show_default=True,
     help="Keep timing each decode point until this much time has passed: short steps are noisy and get more samples.",
 )
+@click.option(
+    "--interval", type=click.FloatRange(0), default=0.01, show_default=True,
+    help="Then keep timing each decode point until the 95% interval of its SA/base ratio is within +- this much "
+    "(0: off), up to --max-seconds: a long step's ratio moves by several hundredths over a few seconds of pairs.",
+)
+@click.option("--max-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="The most time --interval may take per decode point.")
 @click.option("--prefill-tokens", default="512,2048,8192", show_default=True, help="Prompt lengths of the prefill timing.")
 @click.option("--prefill-repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed prefills per model and length, at least: short prompts get more, until 10 s have passed (at most 25).")
 @click.option("--prefill-memory/--no-prefill-memory", default=True, show_default=True, help="Peak RSS of each model's prefill, each in its own process.")
@@ -227,24 +233,25 @@ def _int_list(text: str) -> list[int]:
 @prefill_chunk_option
 @handle_errors
 def bench(
-    out, baseline, contexts, batches, repeats, min_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs, threads, memory_mode,
-    json_file, plot_file, prefill_chunk,
+    out, baseline, contexts, batches, repeats, min_seconds, interval, max_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs,
+    threads, memory_mode, json_file, plot_file, prefill_chunk,
 ):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side, each model in a process of its own (steps interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. Each SA/base time ratio comes with a 95%
-    bootstrap interval over the pairs of steps, and the last lines name the points where
-    SA is slower beyond that noise. The default baseline is the fastest graph
+    bootstrap interval over the pairs of steps (each decode point is timed until it is
+    within +- --interval, up to --max-seconds), carried over to measured/ideal, and the
+    last lines name the points where SA is slower beyond that noise. The default baseline is the fastest graph
     ONNX Runtime runs for the unmodified model; convert with --exporter genai for the SA
     graph that keeps that speed."""
-    from sa_export.stages.bench import bench_lines, run_bench, save_plot
+    from sa_export.stages.bench import Sampling, bench_lines, run_bench, save_plot
     from sa_export.core.progress import progress_bar
 
     contexts, batches, prefill_tokens = _int_list(contexts), _int_list(batches), _int_list(prefill_tokens)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
         result = run_bench(
-            out, baseline, contexts, batches, repeats, prefill_tokens, threads, advance, min_seconds, prefill_repeats, prefill_chunk or None,
-            memory_runs if prefill_memory else 0, memory_mode,
+            out, baseline, contexts, batches, Sampling(repeats, min_seconds, interval, max_seconds), prefill_tokens, threads, advance,
+            prefill_repeats, prefill_chunk or None, memory_runs if prefill_memory else 0, memory_mode,
         )
     click.echo("\n".join(bench_lines(result)))
     plot_file = plot_file or Path(out) / "bench.png"

@@ -91,6 +91,7 @@ class DecodeRow:
         return 1 - self.t_sa_ms / self.t_base_ms
 
     def to_json(self) -> dict:
+        low, high = self.ratio_ci95
         return {
             "context": self.context,
             "batch": self.batch,
@@ -106,6 +107,8 @@ class DecodeRow:
             "flops_sa": self.sa.flops,
             "measured_saving": self.measured_saving,
             "ratio_measured_to_ideal": self.measured_saving / self.ideal_saving if self.ideal_saving else None,
+            # the time ratio's interval carried over: a saving of 1 - ratio, over the ideal
+            "ratio_measured_to_ideal_ci95": [(1 - high) / self.ideal_saving, (1 - low) / self.ideal_saving] if self.ideal_saving else None,
             "time_ratio_sa_to_base": self.t_sa_ms / self.t_base_ms,
             "time_ratio_ci95": list(self.ratio_ci95),
             "tokens_per_s_base": 1000 * self.batch / self.t_base_ms,
@@ -113,15 +116,26 @@ class DecodeRow:
         }
 
 
-def _paired_steps(pair: TimedPair, repeats: int, min_seconds: float):
-    """Step times of both models, interleaved pair by pair, for at least ``repeats`` pairs and
-    ``min_seconds``: short steps get more samples, which the noise of short steps needs."""
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How long each decode point is timed: at least ``repeats`` pairs and ``min_seconds``
+    (short steps are noisy), then, with ``half_width``, until the 95% interval of SA/base
+    is within +- ``half_width`` or ``max_seconds`` have passed (pairing.paired_times)."""
+
+    repeats: int
+    min_seconds: float = 0.0
+    half_width: float = 0.0
+    max_seconds: float = 0.0
+
+
+def _paired_steps(pair: TimedPair, sampling: Sampling):
+    """Step times of both models, interleaved pair by pair, as ``sampling`` says."""
     for _ in range(WARMUP_PAIRS):
         pair.sa.step(), pair.base.step()
-    return paired_times(pair.sa.step, pair.base.step, repeats, min_seconds, MAX_PAIRS)
+    return paired_times(pair.sa.step, pair.base.step, sampling.repeats, sampling.min_seconds, MAX_PAIRS, sampling.half_width, sampling.max_seconds)
 
 
-def bench_decode(pair: TimedPair, sa_manifest: Manifest, base_manifest: Manifest, contexts, batches, repeats: int, min_seconds: float = 0.0, progress=None) -> list[DecodeRow]:
+def bench_decode(pair: TimedPair, sa_manifest: Manifest, base_manifest: Manifest, contexts, batches, sampling: Sampling, progress=None) -> list[DecodeRow]:
     # The ideal is the same model with and without sharing: the baseline's weights, less the
     # Q/K projections the SA model drops (the two graphs may come from different exporters,
     # whose files differ in more than that).
@@ -133,7 +147,7 @@ def bench_decode(pair: TimedPair, sa_manifest: Manifest, base_manifest: Manifest
         for batch in batches:
             # Each side gets random inputs of its own: a decode step's time does not depend on the values.
             pair.load("decode", (batch, context, 2 * len(rows)), (batch, context, 2 * len(rows) + 1))
-            t_sa, t_base = _paired_steps(pair, repeats, min_seconds)
+            t_sa, t_base = _paired_steps(pair, sampling)
             sa_cost = decode_step_cost(sa_manifest, sa_weights, context, batch)
             base_cost = decode_step_cost(base_manifest, base_weights, context, batch)
             rows.append(
@@ -241,11 +255,11 @@ def save_plot(rows: list[dict], path: Path, title: str, prefill: list[dict] | No
 
 
 def run_bench(
-    out_dir: Path, baseline: str | Path, contexts, batches, repeats: int, prefill_tokens, threads: int | None,
-    progress=None, min_seconds: float = 0.0, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
+    out_dir: Path, baseline: str | Path, contexts, batches, sampling: Sampling, prefill_tokens, threads: int | None,
+    progress=None, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
     memory_runs: int = 3, memory: str = "arena",
 ) -> dict:
-    """``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory; ``prefill_tokens``: prompt
+    """``sampling``: how long each decode point is timed; ``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory; ``prefill_tokens``: prompt
     lengths (an int or several); ``memory_runs``: processes per model and length for the peak
     RSS of a prefill (0: not measured); ``memory``: both models' memory mode (``runtime.memory``)."""
     manifest = Manifest.read(out_dir)
@@ -260,8 +274,8 @@ def run_bench(
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
     with TimedPair(out_dir, base_path, threads, memory) as pair:
-        rows = bench_decode(pair, manifest, base_manifest, contexts, batches, repeats, min_seconds, progress)
-        prefill = prefill_rows(pair, lengths, prefill_repeats or repeats, prefill_chunk, memory_runs, threads, memory)
+        rows = bench_decode(pair, manifest, base_manifest, contexts, batches, sampling, progress)
+        prefill = prefill_rows(pair, lengths, prefill_repeats or sampling.repeats, prefill_chunk, memory_runs, threads, memory)
     graph_kind = "fused" if manifest.cache.buffer == "shared" else "decomposed"
     savings = manifest.cache.savings
     return {
@@ -271,8 +285,10 @@ def run_bench(
         "sa_graph_kind": graph_kind,
         "threads": threads,
         "memory": memory,
-        "repeats": repeats,
-        "min_seconds": min_seconds,
+        "repeats": sampling.repeats,
+        "min_seconds": sampling.min_seconds,
+        "interval": sampling.half_width,
+        "max_seconds": sampling.max_seconds,
         "kv_bytes_per_token": {"base": savings.bytes_per_token_base, "sa": savings.bytes_per_token_sa},
         "weight_bytes": {"base": weight_bytes(base_path, base_manifest), "sa": weight_bytes(Path(out_dir), manifest)},
         "decode": [r.to_json() for r in rows],
@@ -289,13 +305,15 @@ def bench_lines(result: dict) -> list[str]:
     lines.append(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
     kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]
     lines.append(f"KV cache: {kv['base']:,} -> {kv['sa']:,} B/token; weights {weights['base']:,} -> {weights['sa']:,} B")
-    lines.append(f"{'context':>8} {'batch':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'95% interval':>13} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
+    lines.append(f"{'context':>8} {'batch':>5} {'steps':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'95% interval':>13} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'95% interval':>13} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
     for row in result["decode"]:
         ratio = row["ratio_measured_to_ideal"]
+        ideal_interval = row.get("ratio_measured_to_ideal_ci95")
         lines.append(
-            f"{row['context']:>8} {row['batch']:>5} {row['t_base_ms']:>9.2f} {row['t_sa_ms']:>9.2f} {row['time_ratio_sa_to_base']:>8.3f} "
+            f"{row['context']:>8} {row['batch']:>5} {row['steps']:>5} {row['t_base_ms']:>9.2f} {row['t_sa_ms']:>9.2f} {row['time_ratio_sa_to_base']:>8.3f} "
             f"{interval_text(row.get('time_ratio_ci95')):>13} "
             f"{100 * row['measured_saving']:>8.1f}% {100 * row['ideal_saving']:>6.1f}% {ratio if ratio is not None else float('nan'):>10.2f} "
+            f"{f'{ideal_interval[0]:.2f}-{ideal_interval[1]:.2f}' if ideal_interval else '-':>13} "
             f"{row['kv_bytes_base'] / 2**20:>12.1f} {row['kv_bytes_sa'] / 2**20:>10.1f} {row['flops_sa'] / row['flops_base']:>13.3f}"
         )
     lines += verdict_lines("decode", [(f"{r['context']}x{r['batch']}", r) for r in result["decode"]])

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+INTERVAL_MAX_PAIRS = 4000  # bounds --interval on a tiny model whose steps take microseconds
+
 
 def timed_pair(index: int, sa_call: Callable[[], float], base_call: Callable[[], float]) -> tuple[float, float]:
     """One timed call of each model, (sa, base); the order alternates with ``index`` so
@@ -20,13 +22,35 @@ def timed_pair(index: int, sa_call: Callable[[], float], base_call: Callable[[],
 
 
 def paired_times(
-    sa_call: Callable[[], float], base_call: Callable[[], float], repeats: int, min_seconds: float, max_pairs: int
+    sa_call: Callable[[], float], base_call: Callable[[], float], repeats: int, min_seconds: float, max_pairs: int,
+    half_width: float = 0.0, max_seconds: float = 0.0,
 ) -> tuple[list[float], list[float]]:
     """Times of both, for at least ``repeats`` pairs, and more until ``min_seconds`` have
-    passed (at most ``max_pairs``): short calls are the noisiest and get more samples."""
+    passed (at most ``max_pairs``): short calls are the noisiest and get more samples.
+
+    With ``half_width``, pairs go on until the 95% interval of the ratio (ratio_interval)
+    is no wider than the ratio +- ``half_width``, or ``max_seconds`` have passed (at most
+    INTERVAL_MAX_PAIRS): a long step's ratio moves by several hundredths over the few
+    pairs that ``min_seconds`` holds. The interval is checked each time the pairs have
+    grown by a quarter, so the bootstrap costs little next to the steps."""
     t_sa, t_base = [], []
     start = time.perf_counter()
-    while len(t_sa) < repeats or (time.perf_counter() - start < min_seconds and len(t_sa) < max_pairs):
+    next_check = 0
+
+    def wanted() -> bool:
+        nonlocal next_check
+        pairs, elapsed = len(t_sa), time.perf_counter() - start
+        if pairs < repeats or (elapsed < min_seconds and pairs < max_pairs):
+            return True
+        if not half_width or elapsed >= max_seconds or pairs >= INTERVAL_MAX_PAIRS:
+            return False
+        if pairs < next_check:
+            return True
+        next_check = pairs + max(1, pairs // 4)
+        low, high = ratio_interval(t_sa, t_base)
+        return (high - low) / 2 > half_width
+
+    while wanted():
         pair = timed_pair(len(t_sa), sa_call, base_call)
         t_sa.append(pair[0])
         t_base.append(pair[1])

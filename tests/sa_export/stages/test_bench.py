@@ -9,7 +9,7 @@ from tests.helpers import run_cli
 def _bench(out, tmp_path, *options):
     """Run `bench` on OUT with a private baseline cache; the exit code is checked, the JSON returned."""
     result = run_cli(
-        "bench", out, "--prefill-tokens", "8", "--prefill-repeats", "1", "--no-prefill-memory", "--min-seconds", "0",
+        "bench", out, "--prefill-tokens", "8", "--prefill-repeats", "1", "--no-prefill-memory", "--min-seconds", "0", "--interval", "0",
         "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options,
     )
     assert result.exit_code == 0, result.output + result.stderr
@@ -35,6 +35,11 @@ def test_bench_compares_sa_with_its_baseline_and_writes_json_and_plot(converted_
         assert row["steps"] == 2  # --repeats, with no --min-seconds to extend it
         low, high = row["time_ratio_ci95"]  # a bootstrap over the two pairs
         assert 0 < low <= high and f"{low:.3f}-{high:.3f}" in result.output
+        # measured/ideal's interval is the time ratio's: a saving of 1 - ratio, over the ideal
+        ideal_low, ideal_high = row["ratio_measured_to_ideal_ci95"]
+        assert abs(ideal_low - (1 - high) / row["ideal_saving"]) < 1e-12 and abs(ideal_high - (1 - low) / row["ideal_saving"]) < 1e-12
+        assert ideal_low <= row["ratio_measured_to_ideal"] <= ideal_high and f"{ideal_low:.2f}-{ideal_high:.2f}" in result.output
+    assert data["interval"] == 0 and data["max_seconds"] == 30
     assert "decode: SA" in result.output and "prefill: SA" in result.output
     peaks = data["timing_peak_rss_bytes"]  # each model timed in a process of its own
     assert peaks["sa"] > 0 and peaks["base"] > 0 and "peak RSS of the timing processes" in result.output

@@ -21,6 +21,28 @@ def test_pairs_alternate_their_order_and_stop_at_the_bounds():
     assert len(t_sa) == 7
 
 
+def test_pairs_go_on_until_the_ratio_interval_is_as_narrow_as_asked():
+    import random
+
+    from sa_export.stages.pairing import ratio_interval
+
+    noise = random.Random(0)
+
+    def noisy():
+        return 1.0 + noise.gauss(0, 0.05)
+
+    # 5% noise per step: 5 pairs give an interval of about +-5%; +-1% needs many more
+    t_sa, t_base = paired_times(noisy, noisy, repeats=5, min_seconds=0.0, max_pairs=5, half_width=0.01, max_seconds=60.0)
+    low, high = ratio_interval(t_sa, t_base)
+    assert (high - low) / 2 <= 0.01 and len(t_sa) > 50
+    # the checks come as the pairs grow by a quarter: it stops within a quarter of the pairs it needed
+    low, high = ratio_interval(t_sa[: len(t_sa) * 4 // 5 - 1], t_base[: len(t_base) * 4 // 5 - 1])
+    assert (high - low) / 2 > 0.01 * 0.9
+    # max_seconds bounds it: no time, no pairs beyond repeats
+    t_sa, _ = paired_times(noisy, noisy, repeats=5, min_seconds=0.0, max_pairs=5, half_width=0.001, max_seconds=0.0)
+    assert len(t_sa) == 5
+
+
 def test_ratio_interval_brackets_the_ratio_of_medians():
     import random
 
