@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, TOTAL_LEN, GqaLayer, NodeBuilder, replace_gqa_node
+from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, GqaLayer, NodeBuilder, replace_gqa_node
 from graph_passes.projections import MS_DOMAIN, attribute_values
 from sa_export.core.plan import HeadMap
 
@@ -122,7 +122,8 @@ def recompute_attention(
 
 
 def recompute_mapped_attention(
-    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, head_map: HeadMap, sources: dict[int, PhasedAnchor]
+    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, head_map: HeadMap, sources: dict[int, PhasedAnchor],
+    past_ends: list[ir.Value],
 ) -> ir.Value:
     """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
 
@@ -130,12 +131,15 @@ def recompute_mapped_attention(
     the identity recompute with the queries permuted. Otherwise query heads of one KV group
     may read keys of different groups, which one grouped GQA cannot express: one GQA per
     (source layer, key group, value group) pair, with one KV head (that key group of the
-    source's K cache, that value group of this layer's V cache, each gathered into a copy
-    of [B, 1, buffer, head_dim]) and as query heads the source heads read through it.
+    source's K cache, that value group of this layer's V cache, each copied as [B, 1, past,
+    head_dim]) and as query heads the source heads read through it.
     Copies of one group per node are what keeps the peak near the unshared graph's: with
     each head's K and V gathered in multi-head form, an 8000-token prefill of SmolLM2 in
     chunks of 512 (int4, `benchmarks.prefill_memory`) peaked at 0.85 GiB against the
-    baseline's 0.80; per pair, 0.78 against 0.79.
+    baseline's 0.80. Each pair takes six nodes (ONNX Runtime holds several KB per node of
+    a loaded session): columns of the packed projections are gathered or sliced as they
+    are, and ``past_ends[g]`` ([g + 1, total_sequence_length - S], made once for the graph)
+    ends the slice of KV group g's rows before this step.
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     rep = n // kv
@@ -146,17 +150,21 @@ def recompute_mapped_attention(
         # Every head reads a head of its own KV group: the anchor's K cache serves as it is.
         context = recompute_attention(branch, layer, v_rows, present_value, sources[read[0][0]], [j for _, j in read])
         return _with_gains(branch, context, gains, d, dtype)
-    heads_shape = branch.const("heads_shape", np.array([0, 0, -1, d], np.int64))
-    flat = branch.const("flat_shape", np.array([0, 0, -1], np.int64))
-    # total_sequence_length - S: the cache rows before this step (its rows are written).
-    total = branch.op("Reshape", [sources[read[0][0]].gqa_inputs[TOTAL_LEN], branch.const("total_shape", np.array([1], np.int64))], "total_1d")
-    step_len = branch.op("Shape", [v_rows], "step_len", start=1, end=2)
-    past_end = branch.op("Sub", [branch.op("Cast", [total], "total_i64", to=ir.DataType.INT64), step_len], "past_end")
-    v_heads = branch.op("Reshape", [v_rows, heads_shape], "own_v_heads")
-    # Each source's packed Q, K, V by head: a Reshape, which ONNX Runtime aliases; each node
-    # gathers its own heads from it (slices of Q and K held through the layer's nodes
-    # would be copies).
-    by_head = {source: branch.op("Reshape", [sources[source].packed_qkv, heads_shape], f"from{source}.qkv_by_head") for source in head_map.layers}
+    columns, cache_axes = branch.const("columns_axis", np.array([2], np.int64)), branch.const("cache_axes", np.array([1, 2], np.int64))
+
+    def head_columns(heads) -> np.ndarray:
+        return np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads]).astype(np.int64)
+
+    def slice_columns(value, head, name):
+        bounds = [branch.const(f"{name}_{edge}", np.array([edge_head * d], np.int64)) for edge, edge_head in (("start", head), ("end", head + 1))]
+        return branch.op("Slice", [value, *bounds, columns], name)
+
+    def past_rows(cache, group, name):
+        # Only the rows before this step: GQA's scratch is [heads, S, cache length], and a
+        # cache of total_sequence_length - S rows makes it [heads, S, total] instead of
+        # [heads, S, buffer], smaller than any unshared layer's (which the arena reuses).
+        return branch.op("Slice", [cache, branch.const(f"{name}_starts", np.array([group, 0], np.int64)), past_ends[group], cache_axes], name)
+
     # Heads of one KV group that read the same source head have the same output: each
     # (source head, own KV group) is computed once.
     slots = list(dict.fromkeys((source, j, h // rep) for h, (source, j) in enumerate(read)))
@@ -167,24 +175,14 @@ def recompute_mapped_attention(
     outputs, order = [], []
     for (source, key_group, value_group), piece in pairs.items():
         tag = f"from{source}.k{key_group}v{value_group}"
-
-        def group(value, index, name, axis=1):
-            return branch.op("Gather", [value, branch.const(f"{tag}.{name}_index", np.array(index, np.int64))], f"{tag}.{name}", axis=axis)
-
-        def past_rows(cache, head, name):
-            # Only the rows before this step: GQA's scratch is [heads, S, cache length], and
-            # a cache of total_sequence_length - S rows makes it [heads, S, total] instead of
-            # [heads, S, buffer], smaller than any unshared layer's (which the arena reuses).
-            ends = branch.op("Concat", [branch.const(f"{tag}.{name}_head_end", np.array([head + 1], np.int64)), past_end], f"{tag}.{name}_ends", axis=0)
-            starts = branch.const(f"{tag}.{name}_starts", np.array([head, 0], np.int64))
-            return branch.op("Slice", [cache, starts, ends, branch.const(f"{tag}.{name}_axes", np.array([1, 2], np.int64))], f"{tag}.{name}")
-
+        packed = sources[source].packed_qkv
+        query_index = branch.const(f"{tag}.q_columns", head_columns([j for _, j, _ in piece]))
         inputs = [
-            branch.op("Reshape", [group(by_head[source], [j for _, j, _ in piece], "q", 2), flat], f"{tag}.q_flat"),
-            branch.op("Reshape", [group(by_head[source], [n + key_group], "k", 2), flat], f"{tag}.k_flat"),
-            branch.op("Reshape", [group(v_heads, [value_group], "v", 2), flat], f"{tag}.v_flat"),
-            past_rows(sources[source].present_key, key_group, "key_cache"),
-            past_rows(present_value, value_group, "value_cache"),
+            branch.op("Gather", [packed, query_index], f"{tag}.q", axis=2),
+            slice_columns(packed, n + key_group, f"{tag}.k"),
+            slice_columns(v_rows, value_group, f"{tag}.v"),
+            past_rows(sources[source].present_key, key_group, f"{tag}.key_cache"),
+            past_rows(present_value, value_group, f"{tag}.value_cache"),
             *sources[source].gqa_inputs[PAST_VALUE + 1 :],
         ]
         attributes = {**sources[source].attributes, "num_heads": len(piece), "kv_num_heads": 1}
@@ -195,9 +193,7 @@ def recompute_mapped_attention(
     context = branch.op("Concat", outputs, "sources_context", axis=2) if len(outputs) > 1 else outputs[0]
     head_slots = [order.index((source, j, h // rep)) for h, (source, j) in enumerate(read)]
     if head_slots != list(range(n)):
-        context = branch.op("Reshape", [context, heads_shape], "context_by_slot")
-        context = branch.op("Gather", [context, branch.const("head_slots", np.array(head_slots, np.int64))], "context_by_head", axis=2)
-        context = branch.op("Reshape", [context, branch.const("hidden_shape", np.array([0, 0, n * d], np.int64))], "context")
+        context = branch.op("Gather", [context, branch.const("head_slot_columns", head_columns(head_slots))], "context_by_head", axis=2)
     return _with_gains(branch, context, gains, d, dtype)
 
 

@@ -11,7 +11,7 @@ Convert and the bench baseline run the same sequence; the baseline's plan shares
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+from onnx_ir.passes.common import DeduplicateInitializersPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from graph_passes.attention_blocks import cache_layers, find_attention_blocks, refuse_fused_attention
 from graph_passes.contracts import ensure_full_io_types, io_types, require_cache_for
@@ -102,7 +102,9 @@ def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32", in
     """The passes that apply ``plan`` to a graph of ``family`` in ``precision``; with
     ``in_place_cache`` (decomposed family) the caches become buffers written by TensorScatter."""
     if family == GROUP_QUERY_ATTENTION:
-        return SharingSequence([ShareGqaPass(plan), RemoveUnusedNodesPass()], plan)
+        # The rewrite adds many small constants (indices, shapes), often equal; ONNX Runtime
+        # holds each initializer of a loaded session on its own (about 2 KB each).
+        return SharingSequence([ShareGqaPass(plan), RemoveUnusedNodesPass(), DeduplicateInitializersPass()], plan)
     passes: list[ir.passes.PassBase] = [_RequireDecomposedAttention(), UnfuseAttentionPass(), _RequireAttentionPerLayer()]
     if precision == "fp16":
         passes.append(Fp32SoftmaxPass())  # after unfusing, so that every Softmax is found

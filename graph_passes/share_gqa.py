@@ -65,6 +65,7 @@ class _Positions:
     pads: ir.Value  # widen probabilities from total_sequence_length to the buffer's max_length
     grouped_shape: ir.Value  # [0, kv, rep, S, -1]: probabilities grouped by the KV head they read
     is_step: ir.Value  # one query row (a decode step): a scalar bool
+    past_ends: list[ir.Value]  # per KV head g: [g + 1, total_sequence_length - S], to slice a cache's rows before this step
 
 
 def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
@@ -79,7 +80,8 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     write_indices = b.op("Max", [past, b.const("zero", np.zeros(1, np.int64))], "write_indices")
     buffer_len = b.op("Shape", [gqa.inputs[PAST_VALUE]], "buffer_len", start=2, end=3)
     total_1d = b.op("Reshape", [total, b.const("shape1", np.array([1], np.int64))], "total_1d")
-    pad_tail = b.op("Sub", [buffer_len, b.op("Cast", [total_1d], "total_i64", to=ir.DataType.INT64)], "pad_tail")
+    total_i64 = b.op("Cast", [total_1d], "total_i64", to=ir.DataType.INT64)
+    pad_tail = b.op("Sub", [buffer_len, total_i64], "pad_tail")
     pads = b.op("Concat", [b.const("pad_head", np.zeros(7, np.int64)), pad_tail], "probs_pads", axis=0)
     kv, rep = first.kv_num_heads, first.num_heads // first.kv_num_heads
     grouped_shape = b.op(
@@ -88,7 +90,10 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     )
     is_one = b.op("Equal", [query_len, b.const("one_row", np.array([1], np.int64))], "is_one_row")
     is_step = b.op("Reshape", [is_one, b.const("scalar_shape", np.zeros(0, np.int64))], "is_step")
-    return _Positions(write_indices, pads, grouped_shape, is_step)
+    past_end = b.op("Sub", [total_i64, query_len], "past_end")
+    # Unused ones (no cross-group head maps) go with RemoveUnusedNodesPass.
+    past_ends = [b.op("Concat", [b.const(f"head{g}_end", np.array([g + 1], np.int64)), past_end], f"kv{g}_past_ends", axis=0) for g in range(kv)]
+    return _Positions(write_indices, pads, grouped_shape, is_step, past_ends)
 
 
 def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, recompute: Callable | None = None,
@@ -244,7 +249,7 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
             gqa = layers[layer]
             probs.dtype = gqa.node.outputs[0].dtype
             if layer in head_maps:
-                recompute = functools.partial(recompute_mapped_attention, head_map=head_maps[layer], sources=phased)
+                recompute = functools.partial(recompute_mapped_attention, head_map=head_maps[layer], sources=phased, past_ends=positions.past_ends)
             else:
                 recompute = functools.partial(recompute_attention, anchor=phased[plan.anchors[layer]])
             _shared_layer(graph, gqa, probs, positions, recompute, rows[layer][1] if layer in rows else None)

@@ -21,7 +21,7 @@ class SAModel(ManifestModel):
         (serialized, weights still in OUT's external data) to run instead."""
         import onnxruntime as ort
 
-        from sa_export.runtime.memory import use_memory_mode
+        from sa_export.runtime.memory import release_free_memory, use_memory_mode
 
         super().__init__(out_dir)
         options = ort.SessionOptions()
@@ -38,6 +38,7 @@ class SAModel(ManifestModel):
         self.session = ort.InferenceSession(
             graph if graph is not None else str(self.out_dir / self.manifest.model_file), options, providers=["CPUExecutionProvider"]
         )
+        release_free_memory()  # what loading freed (the parsed model): one process keeps it, another not
         outputs = self.session.get_outputs()
         self.output_names = [o.name for o in outputs]
         (logits,) = [o for o in outputs if o.name == "logits"]

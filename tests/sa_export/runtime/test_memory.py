@@ -36,6 +36,33 @@ def test_lean_without_mallopt_is_an_environment_problem(monkeypatch):
         use_memory_mode("lean")
 
 
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_release_free_memory_gives_freed_heap_pages_back():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 64 MB in blocks small enough for the heap, touched; all freed but the last, which
+    # keeps glibc from trimming the heap's top on its own.
+    blocks = [libc.malloc(4096) for _ in range(16384)]
+    for block in blocks:
+        ctypes.memset(block, 1, 4096)
+    for block in blocks[:-1]:
+        libc.free(block)
+    before = _rss()
+    assert memory.release_free_memory() is True
+    assert before - _rss() > 32 * 2**20
+    libc.free(blocks[-1])
+
+
+def test_release_free_memory_without_malloc_trim_does_nothing(monkeypatch):
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: object())  # not glibc
+    assert memory.release_free_memory() is False
+
+
 def test_every_mode_computes_the_same_logits(genai_tiny_llama):
     from sa_export.runtime import SAModel
 
