@@ -3,8 +3,8 @@
     python -m sa_export.benchmarks.prefill_memory OUT_DIR [OUT_DIR ...] [--tokens 8000] [--chunk 512] [--memory arena|system|lean] [--json FILE]
 
 Each model runs `SAModel(OUT).prefill` on the same random prompt, then 4 decode steps,
-in a fresh Python process, and reports that process's peak RSS (getrusage) and the
-prefill time. Chunk 0 feeds the whole prompt in one call.
+in a fresh Python process, and reports that process's RSS once the model is loaded, its
+peak RSS (VmHWM) and the prefill time. Chunk 0 feeds the whole prompt in one call.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
         for out_dir in args.dirs:
             row = {**peak_memory(out_dir, args.tokens, chunk, args.memory), "tokens": args.tokens, "chunk": chunk, "memory": args.memory}
             rows.append(row)
-            print(f"{out_dir}: {args.tokens} tokens, chunk {chunk or 'whole'}{'' if args.memory == 'arena' else ', memory ' + args.memory}: prefill {row['prefill_s']:.1f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+            print(f"{out_dir}: {args.tokens} tokens, chunk {chunk or 'whole'}{'' if args.memory == 'arena' else ', memory ' + args.memory}: prefill {row['prefill_s']:.1f} s, RSS after loading {row['loaded_rss_bytes'] / 1e6:.1f} MB, peak {row['peak_rss_bytes'] / 1e6:.1f} MB", flush=True)
     if args.json_file:
         write_json_atomic(args.json_file, rows)
 

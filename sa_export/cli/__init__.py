@@ -214,7 +214,7 @@ def _int_list(text: str) -> list[int]:
     help="Keep timing each decode point until this much time has passed: short steps are noisy and get more samples.",
 )
 @click.option(
-    "--interval", type=click.FloatRange(0), default=0.01, show_default=True,
+    "--interval", type=click.FloatRange(0), default=0.005, show_default=True,
     help="Then keep timing each decode point until the 95% interval of its SA/base ratio is within +- this much "
     "(0: off), up to --max-seconds: a long step's ratio moves by several hundredths over a few seconds of pairs.",
 )

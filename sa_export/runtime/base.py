@@ -12,6 +12,7 @@ import numpy as np
 
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import LayerCache, Manifest
+from sa_export.runtime.memory import release_free_memory
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}  # manifest dtype names
 # Prompt tokens per forward call. Bounds what a prefill materializes per layer:
@@ -84,4 +85,8 @@ class ManifestModel:
             step_logits = outputs = None  # the last chunk's logits, unless kept, go before this chunk runs
             step_logits, cache, outputs = self.forward(input_ids[:, start:end], attention_mask[:, : past + end], cache)
             logits = [*logits, step_logits] if all_logits else [step_logits[:, -1:].copy()]
+            # What the chunk freed goes back before the next one grows: each chunk's peak is
+            # then what it holds, not also what glibc kept of the last (whose placement
+            # varies from process to process).
+            release_free_memory()
         return np.concatenate(logits, axis=1), cache, outputs

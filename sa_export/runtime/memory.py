@@ -49,10 +49,10 @@ def release_free_memory() -> bool:
     """Give the pages that the C library's malloc holds free back to the system (glibc's
     malloc_trim; False where there is none).
 
-    Loading a session parses the model and prepacks its weights, then frees the parsed copy,
-    and how much of that glibc keeps mapped varies from process to process: the int4 demo
-    model held 225 or 245 MB after loading, by chance. Trimmed, it holds the lower figure
-    every time, and every later peak is that much lower."""
+    Loading a session parses the model and prepacks its weights, then frees the parsed
+    copy; glibc keeps most of what was freed, and how much varies from process to process.
+    Given back, every later peak is that much lower, and the same in every process
+    (`benchmarks.prefill_memory` prints the RSS after loading)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
@@ -61,15 +61,26 @@ def release_free_memory() -> bool:
     return True
 
 
+def _status_bytes(field: str) -> int | None:
+    """A size from /proc/self/status (VmRSS, VmHWM), in bytes; None without procfs."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def own_rss() -> int | None:
+    """This process's resident memory now (VmRSS); None without procfs."""
+    return _status_bytes("VmRSS")
+
+
 def own_peak_rss() -> int:
     """This process's high-water mark (VmHWM): ru_maxrss would include what a child inherits."""
     import resource
 
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

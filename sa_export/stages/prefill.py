@@ -22,9 +22,10 @@ _CHILD = """
 import json, sys, time
 import numpy as np
 from sa_export.runtime import SAModel
-from sa_export.runtime.memory import own_peak_rss
+from sa_export.runtime.memory import own_peak_rss, own_rss
 out, tokens, chunk, memory, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4], int(sys.argv[5]) or None
 model = SAModel(out, threads, spin=False, memory=memory)
+loaded_rss = own_rss()
 ids = np.random.default_rng(0).integers(0, 100, (1, tokens))
 mask = np.ones_like(ids)
 steps = max(0, min(4, model.max_length - tokens)) if model.shared_buffer and model.max_length else 4
@@ -35,7 +36,7 @@ prefill_s = time.perf_counter() - start
 for _ in range(steps):
     mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
     logits, cache, _ = model.forward(logits[:, -1:].argmax(-1), mask, cache)
-print(json.dumps({"dir": out, "prefill_s": prefill_s, "peak_rss_bytes": own_peak_rss()}))
+print(json.dumps({"dir": out, "prefill_s": prefill_s, "loaded_rss_bytes": loaded_rss, "peak_rss_bytes": own_peak_rss()}))
 """
 
 

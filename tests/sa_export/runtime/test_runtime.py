@@ -113,6 +113,17 @@ def test_chunked_prefill_gives_the_logits_of_one_call(which, request):
         np.testing.assert_allclose(last[0, 0], whole[0, -1], atol=1e-5)
 
 
+def test_chunked_prefill_gives_freed_memory_back_after_each_chunk(genai_tiny_llama, monkeypatch):
+    from sa_export.runtime import SAModel, base
+
+    model = SAModel(genai_tiny_llama)
+    released = []
+    monkeypatch.setattr(base, "release_free_memory", lambda: released.append(True) or True)
+    ids = np.random.default_rng(3).integers(3, 100, (1, 11))
+    model.prefill(ids, np.ones_like(ids), model.empty_cache(1, 16), 4)
+    assert len(released) == 3  # chunks of 4, 4 and 3 tokens
+
+
 def test_check_with_chunked_prefill_passes(converted_tiny_llama):
     result = run_cli("check", converted_tiny_llama, "--prefill-chunk", "2", "--decode-steps", "4")
     assert result.exit_code == 0, result.output + result.stderr
