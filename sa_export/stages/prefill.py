@@ -99,7 +99,7 @@ def prefill_rows(
 
 
 def prefill_lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'prefill':>8} {'chunk':>6} {'base ms':>10} {'SA ms':>10} {'SA/base':>8} {'95% interval':>13} {'base peak MB':>13} {'SA peak MB':>11} {'SA/base':>8}"]
+    lines = [f"{'prefill':>8} {'chunk':>6} {'base ms':>10} {'SA ms':>10} {'SA/base':>8} {'95% interval':>13} {'base peak MiB':>13} {'SA peak MiB':>11} {'SA/base':>8}"]
     for row in rows:
         if "peak_rss_sa_bytes" in row:
             sa, base = row["peak_rss_sa_bytes"], row["peak_rss_base_bytes"]
