@@ -4,7 +4,7 @@ ONNX Runtime's CPU arena keeps every block it has grown to and reuses them: fast
 its peak is the live memory plus whatever the order of allocations left unusable, and
 that part differs from graph to graph (and from run to run). An 8000-token prefill of
 the demo model in chunks of 512 (int4, `benchmarks.prefill_memory --memory arena` and
-`lean`) held 50 MB (baseline), 77 MB (SA, identity maps) and 131 MB (SA, calibrated
+`lean`) held 22 MiB (baseline), 41 MiB (SA, identity maps) and 52 MiB (SA, calibrated
 maps) more with the arena than in `lean` mode.
 Without the arena, glibc's malloc serves large blocks from its heap, which fragments
 too, unless large blocks get mappings of their own: freed, they are unmapped at once,
