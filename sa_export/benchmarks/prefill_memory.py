@@ -29,7 +29,9 @@ def main() -> None:
         for out_dir in args.dirs:
             row = {**peak_memory(out_dir, args.tokens, chunk, args.memory), "tokens": args.tokens, "chunk": chunk, "memory": args.memory}
             rows.append(row)
-            print(f"{out_dir}: {args.tokens} tokens, chunk {chunk or 'whole'}{'' if args.memory == 'arena' else ', memory ' + args.memory}: prefill {row['prefill_s']:.1f} s, RSS after loading {row['loaded_rss_bytes'] / 2**20:.1f} MiB, peak {row['peak_rss_bytes'] / 2**20:.1f} MiB", flush=True)
+            loaded = row["loaded_rss_bytes"]  # None without procfs
+            loaded_text = f"{loaded / 2**20:.1f} MiB" if loaded is not None else "unknown"
+            print(f"{out_dir}: {args.tokens} tokens, chunk {chunk or 'whole'}{'' if args.memory == 'arena' else ', memory ' + args.memory}: prefill {row['prefill_s']:.1f} s, RSS after loading {loaded_text}, peak {row['peak_rss_bytes'] / 2**20:.1f} MiB", flush=True)
     if args.json_file:
         write_json_atomic(args.json_file, rows)
 

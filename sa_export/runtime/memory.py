@@ -27,6 +27,14 @@ LEAN_MMAP_THRESHOLD = 256 * 1024  # below this glibc's heap keeps small blocks, 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
+def _glibc_function(name: str):
+    """A function of glibc's malloc (mallopt, malloc_trim) from this process, or None (musl, no libc)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def use_memory_mode(mode: str) -> bool:
     """Prepare the process for ``mode``; returns whether ONNX Runtime's arena is to be used.
 
@@ -36,10 +44,7 @@ def use_memory_mode(mode: str) -> bool:
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode {mode!r}: one of {', '.join(MEMORY_MODES)}")
     if mode == "lean":
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-        except (OSError, AttributeError):
-            mallopt = None
+        mallopt = _glibc_function("mallopt")
         if mallopt is None or mallopt(_M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD) != 1:
             raise EnvironmentProblem("--memory lean needs glibc's malloc (mallopt); use --memory system or arena")
     return mode == "arena"
@@ -53,9 +58,8 @@ def release_free_memory() -> bool:
     copy; glibc keeps most of what was freed, and how much varies from process to process.
     Given back, every later peak is that much lower, and the same in every process
     (`benchmarks.prefill_memory` prints the RSS after loading)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc_function("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True

@@ -259,9 +259,10 @@ def run_bench(
     progress=None, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
     memory_runs: int = 3, memory: str = "arena",
 ) -> dict:
-    """``sampling``: how long each decode point is timed; ``baseline``: FASTEST, SAME_EXPORT or an OUT-style directory; ``prefill_tokens``: prompt
-    lengths (an int or several); ``memory_runs``: processes per model and length for the peak
-    RSS of a prefill (0: not measured); ``memory``: both models' memory mode (``runtime.memory``)."""
+    """``sampling``: how long each decode point is timed; ``baseline``: FASTEST, SAME_EXPORT or
+    an OUT-style directory; ``prefill_tokens``: prompt lengths (an int or several);
+    ``memory_runs``: processes per model and length for the peak RSS of a prefill (0: not
+    measured); ``memory``: both models' memory mode (``runtime.memory``)."""
     manifest = Manifest.read(out_dir)
     if str(baseline) in (FASTEST, SAME_EXPORT):
         base_path = baseline_dir(Path(out_dir), manifest, str(baseline))
