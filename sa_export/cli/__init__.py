@@ -219,6 +219,12 @@ def _int_list(text: str) -> list[int]:
     "(0: off), up to --max-seconds: a long step's ratio moves by several hundredths over a few seconds of pairs.",
 )
 @click.option("--max-seconds", type=click.FloatRange(0), default=30.0, show_default=True, help="The most time --interval may take per decode point.")
+@click.option(
+    "--processes", type=click.IntRange(1), default=3, show_default=True,
+    help="Pairs of fresh processes (one model each) that time every decode point, --min-seconds and --max-seconds shared "
+    "among them: a process's speed depends on where its memory landed, by a few percent, and the interval covers that only "
+    "across processes.",
+)
 @click.option("--prefill-tokens", default="512,2048,8192", show_default=True, help="Prompt lengths of the prefill timing.")
 @click.option("--prefill-repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed prefills per model and length, at least: short prompts get more, until 10 s have passed (at most 25).")
 @click.option("--prefill-memory/--no-prefill-memory", default=True, show_default=True, help="Peak RSS of each model's prefill, each in its own process.")
@@ -233,14 +239,15 @@ def _int_list(text: str) -> list[int]:
 @prefill_chunk_option
 @handle_errors
 def bench(
-    out, baseline, contexts, batches, repeats, min_seconds, interval, max_seconds, prefill_tokens, prefill_repeats, prefill_memory, memory_runs,
+    out, baseline, contexts, batches, repeats, min_seconds, interval, max_seconds, processes, prefill_tokens, prefill_repeats, prefill_memory, memory_runs,
     threads, memory_mode, json_file, plot_file, prefill_chunk,
 ):
     """Decode and prefill time, KV and weight bytes of OUT against the unshared model,
     measured side by side, each model in a process of its own (steps interleaved, medians), with the ideal saving of
     a memory-bound decode step next to each. Each SA/base time ratio comes with a 95%
-    bootstrap interval over the pairs of steps (each decode point is timed until it is
-    within +- --interval, up to --max-seconds), carried over to measured/ideal, and the
+    bootstrap interval over the pairs of processes and the pairs of steps in each (each
+    decode point is timed until it is within +- --interval, up to --max-seconds, on each of
+    --processes pairs of processes), carried over to measured/ideal, and the
     last lines name the points where SA is slower beyond that noise. The default baseline is the fastest graph
     ONNX Runtime runs for the unmodified model; convert with --exporter genai for the SA
     graph that keeps that speed."""
@@ -250,7 +257,7 @@ def bench(
     contexts, batches, prefill_tokens = _int_list(contexts), _int_list(batches), _int_list(prefill_tokens)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
         result = run_bench(
-            out, baseline, contexts, batches, Sampling(repeats, min_seconds, interval, max_seconds), prefill_tokens, threads, advance,
+            out, baseline, contexts, batches, Sampling(repeats, min_seconds, interval, max_seconds, processes), prefill_tokens, threads, advance,
             prefill_repeats, prefill_chunk or None, memory_runs if prefill_memory else 0, memory_mode,
         )
     click.echo("\n".join(bench_lines(result)))

@@ -2,7 +2,8 @@
 
 Each model runs in a process of its own (two sessions in one process do not run at one
 speed), the steps interleaved pair by pair, several repetitions, and the medians are
-compared, because this machine is noisy. Next to each measured
+compared, because this machine is noisy; and on several pairs of fresh processes, since a
+process's speed depends on where its memory landed. Next to each measured
 saving the analytic model of a decode step prints the ideal one: a decode step is
 memory-bound, so its ideal time is proportional to the bytes it reads (weights plus
 the KV cache at that context).
@@ -25,7 +26,7 @@ from sa_export.core.cache_names import WEIGHT_BYTES_PER_PARAMETER
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import MANIFEST_NAME, Manifest
 from sa_export.export import exporter_of_manifest, get_exporter
-from sa_export.stages.pairing import interval_text, paired_times, ratio_interval, verdict_lines
+from sa_export.stages.pairing import grouped_ratio, grouped_ratio_interval, interval_text, paired_times, verdict_lines
 from sa_export.stages.prefill import prefill_lines, prefill_rows
 from sa_export.stages.timing_worker import TimedPair
 
@@ -78,13 +79,14 @@ def weight_bytes(out_dir: Path, manifest: Manifest) -> int:
 class DecodeRow:
     context: int
     batch: int
-    t_base_ms: float
+    t_base_ms: float  # the mean over pairs of processes of each one's median step
     t_sa_ms: float
     ideal_saving: float
     base: StepCost
     sa: StepCost
-    steps: int  # timed steps per model
-    ratio_ci95: tuple[float, float]  # bootstrap interval of t_sa_ms / t_base_ms
+    steps: int  # timed steps per model, all processes together
+    ratio_ci95: tuple[float, float]  # bootstrap interval of t_sa_ms / t_base_ms (pairing.grouped_ratio_interval)
+    ratio_by_process: tuple[float, ...] = ()  # each pair of processes' median SA/base
 
     @property
     def measured_saving(self) -> float:
@@ -111,6 +113,7 @@ class DecodeRow:
             "ratio_measured_to_ideal_ci95": [(1 - high) / self.ideal_saving, (1 - low) / self.ideal_saving] if self.ideal_saving else None,
             "time_ratio_sa_to_base": self.t_sa_ms / self.t_base_ms,
             "time_ratio_ci95": list(self.ratio_ci95),
+            "time_ratio_by_process": list(self.ratio_by_process),
             "tokens_per_s_base": 1000 * self.batch / self.t_base_ms,
             "tokens_per_s_sa": 1000 * self.batch / self.t_sa_ms,
         }
@@ -120,44 +123,57 @@ class DecodeRow:
 class Sampling:
     """How long each decode point is timed: at least ``repeats`` pairs and ``min_seconds``
     (short steps are noisy), then, with ``half_width``, until the 95% interval of SA/base
-    is within +- ``half_width`` or ``max_seconds`` have passed (pairing.paired_times)."""
+    is within +- ``half_width`` or ``max_seconds`` have passed (pairing.paired_times).
+    ``processes``: pairs of fresh processes that each time every point, with ``repeats``
+    pairs of steps each and the seconds shared out among them."""
 
     repeats: int
     min_seconds: float = 0.0
     half_width: float = 0.0
     max_seconds: float = 0.0
+    processes: int = 1
 
 
 def _paired_steps(pair: TimedPair, sampling: Sampling):
-    """Step times of both models, interleaved pair by pair, as ``sampling`` says."""
+    """Step times of both models, interleaved pair by pair, as ``sampling`` says for one pair of processes."""
     for _ in range(WARMUP_PAIRS):
         pair.sa.step(), pair.base.step()
-    return paired_times(pair.sa.step, pair.base.step, sampling.repeats, sampling.min_seconds, MAX_PAIRS, sampling.half_width, sampling.max_seconds)
+    share = sampling.processes
+    return paired_times(
+        pair.sa.step, pair.base.step, sampling.repeats, sampling.min_seconds / share, MAX_PAIRS, sampling.half_width, sampling.max_seconds / share,
+    )
 
 
-def bench_decode(pair: TimedPair, sa_manifest: Manifest, base_manifest: Manifest, contexts, batches, sampling: Sampling, progress=None) -> list[DecodeRow]:
+Times = list[tuple[list[float], list[float]]]  # per pair of processes: (SA step times, baseline step times)
+
+
+def time_decode(pair: TimedPair, points: list[tuple[int, int]], sampling: Sampling, times: dict[tuple[int, int], Times], progress=None) -> None:
+    """Time every (context, batch) point on one pair of processes, adding to ``times``."""
+    for index, (context, batch) in enumerate(points):
+        # Each side gets random inputs of its own: a decode step's time does not depend on the values.
+        pair.load("decode", (batch, context, 2 * index), (batch, context, 2 * index + 1))
+        times.setdefault((context, batch), []).append(_paired_steps(pair, sampling))
+        if progress is not None:
+            progress(sum(map(len, times.values())), len(points) * sampling.processes)
+
+
+def decode_rows(times: dict[tuple[int, int], Times], sa_manifest: Manifest, base_manifest: Manifest, base_weights: int) -> list[DecodeRow]:
     # The ideal is the same model with and without sharing: the baseline's weights, less the
     # Q/K projections the SA model drops (the two graphs may come from different exporters,
     # whose files differ in more than that).
-    base_weights = weight_bytes(pair.base.out_dir, base_manifest)
     sa_weights = base_weights - qk_projection_bytes(sa_manifest)
     rows = []
-    total = len(contexts) * len(batches)
-    for context in contexts:
-        for batch in batches:
-            # Each side gets random inputs of its own: a decode step's time does not depend on the values.
-            pair.load("decode", (batch, context, 2 * len(rows)), (batch, context, 2 * len(rows) + 1))
-            t_sa, t_base = _paired_steps(pair, sampling)
-            sa_cost = decode_step_cost(sa_manifest, sa_weights, context, batch)
-            base_cost = decode_step_cost(base_manifest, base_weights, context, batch)
-            rows.append(
-                DecodeRow(
-                    context, batch, 1000 * statistics.median(t_base), 1000 * statistics.median(t_sa),
-                    1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost, len(t_sa), ratio_interval(t_sa, t_base),
-                )
+    for (context, batch), groups in times.items():
+        sa_cost = decode_step_cost(sa_manifest, sa_weights, context, batch)
+        base_cost = decode_step_cost(base_manifest, base_weights, context, batch)
+        t_sa = 1000 * statistics.fmean(statistics.median(sa) for sa, _ in groups)
+        t_base = 1000 * statistics.fmean(statistics.median(base) for _, base in groups)
+        rows.append(
+            DecodeRow(
+                context, batch, t_base, t_sa, 1 - sa_cost.bytes / base_cost.bytes, base_cost, sa_cost, sum(len(sa) for sa, _ in groups),
+                grouped_ratio_interval(groups), tuple(grouped_ratio([group]) for group in groups),
             )
-            if progress is not None:
-                progress(len(rows), total)
+        )
     return rows
 
 
@@ -259,7 +275,8 @@ def run_bench(
     progress=None, prefill_repeats: int | None = None, prefill_chunk: int | None = None,
     memory_runs: int = 3, memory: str = "arena",
 ) -> dict:
-    """``sampling``: how long each decode point is timed; ``baseline``: FASTEST, SAME_EXPORT or
+    """``sampling``: how long each decode point is timed, and on how many pairs of processes
+    (the prefill times are taken on the first); ``baseline``: FASTEST, SAME_EXPORT or
     an OUT-style directory; ``prefill_tokens``: prompt lengths (an int or several);
     ``memory_runs``: processes per model and length for the peak RSS of a prefill (0: not
     measured); ``memory``: both models' memory mode (``runtime.memory``)."""
@@ -274,9 +291,18 @@ def run_bench(
     if base_manifest.num_layers != manifest.num_layers or base_manifest.cache.head_dim != manifest.cache.head_dim:
         raise UsageError(f"baseline {base_path} is not the same model as {out_dir}")
     lengths = [prefill_tokens] if isinstance(prefill_tokens, int) else list(prefill_tokens)
-    with TimedPair(out_dir, base_path, threads, memory) as pair:
-        rows = bench_decode(pair, manifest, base_manifest, contexts, batches, sampling, progress)
-        prefill = prefill_rows(pair, lengths, prefill_repeats or sampling.repeats, prefill_chunk, memory_runs, threads, memory)
+    points = [(context, batch) for context in contexts for batch in batches]
+    times: dict[tuple[int, int], Times] = {}
+    peaks: dict[str, int | None] = {}
+    prefill: list[dict] = []
+    for run in range(sampling.processes):
+        with TimedPair(out_dir, base_path, threads, memory) as pair:
+            time_decode(pair, points, sampling, times, progress)
+            if run == 0:
+                prefill = prefill_rows(pair, lengths, prefill_repeats or sampling.repeats, prefill_chunk, memory_runs, threads, memory)
+        for side, peak in pair.peak_rss.items():
+            peaks[side] = max(filter(None, (peak, peaks.get(side))), default=None)
+    rows = decode_rows(times, manifest, base_manifest, weight_bytes(base_path, base_manifest))
     graph_kind = "fused" if manifest.cache.buffer == "shared" else "decomposed"
     savings = manifest.cache.savings
     return {
@@ -290,12 +316,13 @@ def run_bench(
         "min_seconds": sampling.min_seconds,
         "interval": sampling.half_width,
         "max_seconds": sampling.max_seconds,
+        "processes": sampling.processes,
         "kv_bytes_per_token": {"base": savings.bytes_per_token_base, "sa": savings.bytes_per_token_sa},
         "weight_bytes": {"base": weight_bytes(base_path, base_manifest), "sa": weight_bytes(Path(out_dir), manifest)},
         "decode": [r.to_json() for r in rows],
         "prefill": prefill,
         # Each timing process holds one model: the decode caches of the largest point and the prefills.
-        "timing_peak_rss_bytes": pair.peak_rss,
+        "timing_peak_rss_bytes": peaks,
     }
 
 
@@ -306,6 +333,10 @@ def bench_lines(result: dict) -> list[str]:
     lines.append(f"baseline: {result['baseline']['graph']} ({result['baseline']['dir']})")
     kv, weights = result["kv_bytes_per_token"], result["weight_bytes"]
     lines.append(f"KV cache: {kv['base']:,} -> {kv['sa']:,} B/token; weights {weights['base']:,} -> {weights['sa']:,} B")
+    processes = result.get("processes", 1)
+    if processes > 1:
+        lines.append(f"decode: each point timed on {processes} pairs of fresh processes; ms are the mean of their medians, "
+                     "intervals resample the processes, then the steps")
     lines.append(f"{'context':>8} {'batch':>5} {'steps':>5} {'base ms':>9} {'SA ms':>9} {'SA/base':>8} {'95% interval':>13} {'measured':>9} {'ideal':>7} {'meas/ideal':>10} {'95% interval':>13} {'KV base MiB':>12} {'KV SA MiB':>10} {'FLOPs SA/base':>13}")
     for row in result["decode"]:
         ratio = row["ratio_measured_to_ideal"]
@@ -327,5 +358,5 @@ def bench_lines(result: dict) -> list[str]:
         lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
     peaks = result.get("timing_peak_rss_bytes") or {}
     if peaks.get("sa") and peaks.get("base"):
-        lines.append(f"peak RSS of the timing processes (one model each): SA {peaks['sa'] / 2**30:.2f} GiB, baseline {peaks['base'] / 2**30:.2f} GiB")
+        lines.append(f"peak RSS of the timing processes (one model each, the largest): SA {peaks['sa'] / 2**30:.2f} GiB, baseline {peaks['base'] / 2**30:.2f} GiB")
     return lines

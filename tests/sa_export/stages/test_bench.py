@@ -10,7 +10,7 @@ def _bench(out, tmp_path, *options):
     """Run `bench` on OUT with a private baseline cache; the exit code is checked, the JSON returned."""
     result = run_cli(
         "bench", out, "--prefill-tokens", "8", "--prefill-repeats", "1", "--no-prefill-memory", "--min-seconds", "0", "--interval", "0",
-        "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options,
+        "--processes", "1", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png", *options,
     )
     assert result.exit_code == 0, result.output + result.stderr
     return result, json.loads((tmp_path / "b.json").read_text())
@@ -58,8 +58,13 @@ def test_bench_same_export_baseline_is_the_decomposed_graph(converted_tiny_llama
 
 def test_bench_of_a_fused_graph_runs_against_the_builders_graph(genai_tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
-    result, data = _bench(genai_tiny_llama, tmp_path, "--contexts", "16,64", "--batches", "1", "--repeats", "2", "--memory", "lean")
+    result, data = _bench(genai_tiny_llama, tmp_path, "--contexts", "16,64", "--batches", "1", "--repeats", "2", "--memory", "lean", "--processes", "2")
     assert data["sa_graph_kind"] == "fused" and data["memory"] == "lean"
+    assert data["processes"] == 2 and "timed on 2 pairs of fresh processes" in result.output
+    for row in data["decode"]:  # each point timed on both pairs of processes, each one's ratio kept
+        by_process = row["time_ratio_by_process"]
+        assert row["steps"] == 4 and len(by_process) == 2
+        assert min(by_process) - 1e-9 <= row["time_ratio_sa_to_base"] <= max(by_process) + 1e-9
     assert "GroupQueryAttention" in data["baseline"]["graph"] and "no sharing" in data["baseline"]["graph"]
     assert "TensorScatter" in data["sa"]["graph"]
     assert data["kv_bytes_per_token"]["sa"] < data["kv_bytes_per_token"]["base"]

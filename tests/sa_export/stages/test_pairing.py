@@ -70,6 +70,27 @@ def test_verdict_tells_a_measured_slowdown_from_noise():
     ]
     assert verdict_lines("decode", rows) == [
         "decode: SA slower than the baseline at: 2048x1 (95% interval above 1)",
-        "decode: SA/base above 1 within step-to-step noise (95% interval holds 1) at: 256x1",
+        "decode: SA/base above 1 within the measured noise (95% interval holds 1) at: 256x1",
     ]
-    assert verdict_lines("decode", rows[2:]) == ["decode: SA is not slower than the baseline beyond step-to-step noise at any point"]
+    assert verdict_lines("decode", rows[2:]) == ["decode: SA is not slower than the baseline beyond the measured noise at any point"]
+
+
+def test_grouped_interval_covers_the_spread_between_pairs_of_processes():
+    import random
+
+    from sa_export.stages.pairing import grouped_ratio, grouped_ratio_interval, ratio_interval
+
+    noise = random.Random(1)
+    groups = []
+    for offset in (0.97, 1.00, 1.03):  # each pair of processes runs SA at a speed of its own
+        base = [1.0 + noise.gauss(0, 0.01) for _ in range(100)]
+        groups.append(([offset * b + noise.gauss(0, 0.002) for b in base], base))
+    ratio = grouped_ratio(groups)
+    assert abs(ratio - 1.0) < 0.005  # each pair of processes weighs the same
+    low, high = grouped_ratio_interval(groups)
+    assert low < 0.985 and high > 1.015  # the processes' spread, not only the steps'
+    for group in groups:  # each one alone is far narrower and misses the others
+        one_low, one_high = ratio_interval(*group)
+        assert one_high - one_low < (high - low) / 4
+    assert grouped_ratio_interval(groups[:1]) == ratio_interval(*groups[0])
+    assert grouped_ratio([([2.0, 2.0], [1.0, 1.0]), ([1.0], [3.0])]) == 3.0 / 4.0
