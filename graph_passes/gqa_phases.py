@@ -31,7 +31,7 @@ from sa_export.core.plan import HeadMap
 class PhasedAnchor:
     """What an anchor gives its shared layers in each phase."""
 
-    grouped_probs: ir.Value  # decode: probabilities padded to the buffer, [B, kv, rep, S, buffer]; prefill: empty
+    grouped_probs: ir.Value  # decode: probabilities padded to the buffer, [B, kv, rep, S, buffer] ([B, heads, S, buffer] for head maps); prefill: empty
     packed_qkv: ir.Value  # the anchor's packed Q, K, V projection (before rotary)
     present_key: ir.Value  # the anchor's K cache buffer, this step's rows written
     gqa_inputs: tuple  # the anchor GQA's inputs (sequence lengths, rotary caches)
@@ -57,8 +57,9 @@ def _typed(values, like):
 def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: ir.Value, grouped_shape: ir.Value | None) -> PhasedAnchor:
     """Replace the anchor's GQA with an If: with ``qk_output`` at a decode step, without at prefill.
 
-    Its decode probabilities come padded and grouped by KV head, or, with ``grouped_shape``
-    None (head maps, which pick heads first), as GQA gives them: [B, heads, S, total].
+    Its decode probabilities come padded to the buffer and grouped by KV head, or, with
+    ``grouped_shape`` None (head maps, which pick heads first), padded only: [B, heads, S,
+    buffer].
     """
     old = layer.node
     attributes = attribute_values(old)
@@ -67,13 +68,11 @@ def anchor_by_phase(graph: ir.Graph, layer: GqaLayer, is_step: ir.Value, pads: i
 
     def step(branch: NodeBuilder) -> list[ir.Value]:
         gqa = branch.node(GQA, list(old.inputs), "gqa_with_probs", domain=MS_DOMAIN, num_outputs=4, **attributes, qk_output=QK_OUTPUT_SOFTMAX)
-        if grouped_shape is None:
-            gqa.outputs[3].dtype = dtype
-            return [*_typed(gqa.outputs[:3], old.outputs), gqa.outputs[3]]
-        padded = branch.op("Pad", [gqa.outputs[3], pads], "probs_to_buffer")
-        grouped = branch.op("Reshape", [padded, grouped_shape], "probs_by_kv_head")
-        grouped.dtype = dtype
-        return [*_typed(gqa.outputs[:3], old.outputs), grouped]
+        probs = branch.op("Pad", [gqa.outputs[3], pads], "probs_to_buffer")
+        if grouped_shape is not None:
+            probs = branch.op("Reshape", [probs, grouped_shape], "probs_by_kv_head")
+        probs.dtype = dtype
+        return [*_typed(gqa.outputs[:3], old.outputs), probs]
 
     def prefill(branch: NodeBuilder) -> list[ir.Value]:
         gqa = branch.node(GQA, list(old.inputs), "gqa", domain=MS_DOMAIN, num_outputs=3, **attributes)
@@ -95,15 +94,19 @@ def _columns(branch: NodeBuilder, packed: ir.Value, start: int, end: int, axis: 
 
 
 def recompute_attention(
-    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, anchor: PhasedAnchor, query_heads=None
+    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, anchor: PhasedAnchor, query_heads=None,
+    past_end: ir.Value | None = None,
 ) -> ir.Value:
     """GQA on the anchor's queries and keys with this layer's values: [B, S, heads * head_dim].
 
-    Its K cache input is the anchor's buffer with this step's rows already written, and its
-    V cache input is this layer's buffer (written in place, as ``present_value``, before the
-    If runs); GQA rewrites the step's rows in its own present outputs, which are dropped.
-    ``query_heads[h]``: the anchor head whose query head h takes, one of its own KV group
-    (argmax-group maps).
+    Its K and V cache inputs are the anchor's K buffer and this layer's V buffer, with
+    ``past_end`` ([total_sequence_length - S]) cut to the rows before this step; GQA writes
+    the step's rows in its own present outputs, which are dropped. Cut, GQA's presents and
+    scratch are as long as the context rather than the buffer: the fp32 demo model's
+    512-token prefill peaked about 30 MiB lower (`benchmarks.prefill_memory`), at the cost
+    of copying the past rows (at 8192 tokens the peak is then 13 MiB higher, still far below
+    the unshared graph's). ``query_heads[h]``: the anchor head whose query head h takes,
+    one of its own KV group (argmax-group maps).
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     # Sliced here, in each layer, not once at the anchor: held through the run, the anchor's
@@ -115,7 +118,12 @@ def recompute_attention(
         q = branch.op("Gather", [q, branch.const("query_heads", np.array(query_heads, np.int64))], "mapped_q", axis=2)
         q = branch.op("Reshape", [q, branch.const("q_flat_shape", np.array([0, 0, n * d], np.int64))], "mapped_q_flat")
     k = _columns(branch, anchor.packed_qkv, n * d, (n + kv) * d, axis, "anchor_k")
-    inputs = [q, k, v_rows, anchor.present_key, layer.node.inputs[PAST_VALUE], *anchor.gqa_inputs[PAST_VALUE + 1 :]]
+    past_key, past_value = anchor.present_key, layer.node.inputs[PAST_VALUE]
+    if past_end is not None:
+        starts, rows_axis = branch.const("past_starts", np.array([0], np.int64)), branch.const("rows_axis", np.array([2], np.int64))
+        past_key = branch.op("Slice", [past_key, starts, past_end, rows_axis], "anchor_past_keys")
+        past_value = branch.op("Slice", [past_value, starts, past_end, rows_axis], "past_values")
+    inputs = [q, k, v_rows, past_key, past_value, *anchor.gqa_inputs[PAST_VALUE + 1 :]]
     gqa = branch.node(GQA, inputs, "gqa_on_anchor_qk", domain=MS_DOMAIN, num_outputs=3, **anchor.attributes)
     gqa.outputs[0].dtype = layer.node.outputs[0].dtype
     return gqa.outputs[0]
@@ -123,7 +131,7 @@ def recompute_attention(
 
 def recompute_mapped_attention(
     branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, head_map: HeadMap, sources: dict[int, PhasedAnchor],
-    past_ends: list[ir.Value],
+    past_ends: list[ir.Value], past_end: ir.Value | None = None,
 ) -> ir.Value:
     """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
 
@@ -148,7 +156,7 @@ def recompute_mapped_attention(
     read = [pairs[0] for pairs in head_map.sources]
     if len(head_map.layers) == 1 and all(j // rep == h // rep for h, (_, j) in enumerate(read)):
         # Every head reads a head of its own KV group: the anchor's K cache serves as it is.
-        context = recompute_attention(branch, layer, v_rows, present_value, sources[read[0][0]], [j for _, j in read])
+        context = recompute_attention(branch, layer, v_rows, present_value, sources[read[0][0]], [j for _, j in read], past_end)
         return _with_gains(branch, context, gains, d, dtype)
     columns, cache_axes = branch.const("columns_axis", np.array([2], np.int64)), branch.const("cache_axes", np.array([1, 2], np.int64))
 

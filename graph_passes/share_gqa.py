@@ -66,6 +66,7 @@ class _Positions:
     grouped_shape: ir.Value  # [0, kv, rep, S, -1]: probabilities grouped by the KV head they read
     is_step: ir.Value  # one query row (a decode step): a scalar bool
     past_ends: list[ir.Value]  # per KV head g: [g + 1, total_sequence_length - S], to slice a cache's rows before this step
+    past_end: ir.Value  # [total_sequence_length - S]
 
 
 def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
@@ -93,17 +94,19 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     past_end = b.op("Sub", [total_i64, query_len], "past_end")
     # Unused ones (no cross-group head maps) go with RemoveUnusedNodesPass.
     past_ends = [b.op("Concat", [b.const(f"head{g}_end", np.array([g + 1], np.int64)), past_end], f"kv{g}_past_ends", axis=0) for g in range(kv)]
-    return _Positions(write_indices, pads, grouped_shape, is_step, past_ends)
+    return _Positions(write_indices, pads, grouped_shape, is_step, past_ends, past_end)
 
 
-def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions: _Positions, recompute: Callable | None = None,
+def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value | Callable, positions: _Positions, recompute: Callable | None = None,
                   head_slots: list[int] | None = None) -> None:
     """Replace a shared layer's attention: V only, written in place, times the padded probabilities.
 
-    With ``recompute(branch, layer, v_rows, present_value)``, a step of several rows computes
-    the attention that way instead (gqa_phases). ``head_slots``: ``grouped`` holds fewer rows
-    per KV head than the layer has query heads, and head h's output is row ``head_slots[h]``
-    of them (_gather_rows).
+    ``probs``: the padded probabilities grouped by KV head, or ``probs(builder)``, which
+    makes them where the product with V is made (in the decode branch, with
+    ``recompute``). With ``recompute(branch, layer, v_rows, present_value)``, a step of
+    several rows computes the attention that way instead (gqa_phases). ``head_slots``: the
+    probabilities hold fewer rows per KV head than the layer has query heads, and head h's
+    output is row ``head_slots[h]`` of them (_gather_rows).
     """
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
@@ -117,11 +120,15 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, grouped: ir.Value, positions
     v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
     present_value = b.op("TensorScatter", [gqa.inputs[PAST_VALUE], v, positions.write_indices], "write_v_cache", axis=2)
     dtype = gqa.outputs[0].dtype
+
+    def grouped(builder: NodeBuilder) -> ir.Value:
+        return probs(builder) if callable(probs) else probs
+
     if recompute is None:
-        context = _probs_times_values(b, layer, grouped, present_value, head_slots)
+        context = _probs_times_values(b, layer, grouped(b), present_value, head_slots)
     else:
         def step(branch: NodeBuilder) -> list[ir.Value]:
-            context = _probs_times_values(branch, layer, grouped, present_value, head_slots)
+            context = _probs_times_values(branch, layer, grouped(branch), present_value, head_slots)
             context.dtype = dtype
             return [context]
 
@@ -213,7 +220,8 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         # Identity maps: probabilities stored at decode, recomputed at prefill (gqa_phases).
         phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, positions.grouped_shape) for source in sorted(sources)}
         for layer, anchor in plan.anchors.items():
-            _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, functools.partial(recompute_attention, anchor=phased[anchor]))
+            recompute = functools.partial(recompute_attention, anchor=phased[anchor], past_end=positions.past_end)
+            _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, recompute)
     elif all(head_map.width == 1 for head_map in head_maps.values()):
         _share_one_source_heads(graph, layers, plan, head_maps, sorted(sources), positions)
     else:
@@ -225,34 +233,48 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
                             sources: list[int], positions: _Positions) -> None:
     """Head maps of one source head each (argmax modes): split by phase like identity maps.
 
-    At a decode step a run of shared layers pads its sources' probabilities once and each
-    mapped layer gathers its heads from them; at prefill each layer recomputes its heads
-    from their source layers' queries and K caches (gqa_phases.recompute_mapped_attention).
+    At a decode step each source's If pads its probabilities to the buffer, and each mapped
+    layer gathers its heads from them in its own If's decode branch, so that a step runs
+    no more Ifs than an identity plan's and no gathered copy outlives its layer. At prefill
+    each layer recomputes its heads from their source layers' queries and K caches
+    (gqa_phases.recompute_mapped_attention).
     """
     phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, None) for source in sources}
     heads, kv_heads = layers[sources[0]].num_heads, layers[sources[0]].kv_num_heads
-    rows = {layer: _gather_rows(head_map, heads, kv_heads) for layer, head_map in head_maps.items()}
-    for run in consecutive_runs(list(plan.anchors)):
-        b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
+    for layer, anchor in plan.anchors.items():
+        gqa = layers[layer]
+        if layer in head_maps:
+            head_map = head_maps[layer]
+            indices, head_slots = _gather_rows(head_map, heads, kv_heads)
+            probs = functools.partial(_gathered_heads, head_map=head_map, sources=phased, indices=indices)
+            recompute = functools.partial(recompute_mapped_attention, head_map=head_map, sources=phased, past_ends=positions.past_ends, past_end=positions.past_end)
+        else:
+            head_slots = None
+            probs = functools.partial(_grouped_anchor, anchor=phased[anchor], grouped_shape=positions.grouped_shape)
+            recompute = functools.partial(recompute_attention, anchor=phased[anchor], past_end=positions.past_end)
+        _shared_layer(graph, gqa, probs, positions, recompute, head_slots)
 
-        def step(branch: NodeBuilder, run=run) -> list[ir.Value]:
-            return _gathered_for_run(branch, run, plan, head_maps, phased, positions, kv_heads, rows)
 
-        def prefill(branch: NodeBuilder, run=run) -> list[ir.Value]:
-            dtype = layers[run[0]].node.outputs[0].dtype
-            empty = branch.op("Constant", [], "no_probs", value=ir.tensor(np.zeros((1, 1, 1, 0, 1), dtype.numpy())))
-            empty.dtype = dtype
-            return [branch.op("Identity", [empty], f"layer{layer}_no_probs") for layer in run]
+def _grouped_anchor(b: NodeBuilder, anchor: PhasedAnchor, grouped_shape: ir.Value) -> ir.Value:
+    """An unmapped layer's decode probabilities: its anchor's, grouped by KV head (a Reshape, no copy)."""
+    return b.op("Reshape", [anchor.grouped_probs, grouped_shape], "probs_by_kv_head")
 
-        grouped = if_by_phase(b, positions.is_step, "probs_by_phase", step, prefill, len(run)).outputs
-        for layer, probs in zip(run, grouped):
-            gqa = layers[layer]
-            probs.dtype = gqa.node.outputs[0].dtype
-            if layer in head_maps:
-                recompute = functools.partial(recompute_mapped_attention, head_map=head_maps[layer], sources=phased, past_ends=positions.past_ends)
-            else:
-                recompute = functools.partial(recompute_attention, anchor=phased[plan.anchors[layer]])
-            _shared_layer(graph, gqa, probs, positions, recompute, rows[layer][1] if layer in rows else None)
+
+def _gathered_heads(b: NodeBuilder, head_map: HeadMap, sources: dict[int, PhasedAnchor], indices: np.ndarray) -> ir.Value:
+    """A mapped layer's decode probabilities, [B, kv, rows, S, buffer]: its heads gathered from
+    its sources' padded probabilities (stacked first when it reads several layers), which
+    copies only [heads, buffer] values per step, where a mixing MatMul would read every
+    stacked head. ``indices``: [kv, rows] (_gather_rows), so the Gather's output is already
+    grouped by KV head."""
+    padded = [sources[s].grouped_probs for s in head_map.layers]
+    stacked = padded[0] if len(padded) == 1 else b.op("Concat", padded, "stack_sources", axis=1)
+    probs = b.op("Gather", [stacked, b.const("head_sources", indices)], "heads", axis=1)
+    gains = np.array([w[0] for w in head_map.weights], np.float32)
+    if not np.all(gains == 1.0):  # then every head is a row of its own (_gather_rows)
+        dtype = sources[head_map.layers[0]].grouped_probs.dtype
+        gains = gains.reshape(1, *indices.shape, 1, 1).astype(dtype.numpy() if dtype is not None else np.float32)
+        probs = b.op("Mul", [probs, b.const("head_gains", gains)], "gains")
+    return probs
 
 
 def _gather_rows(head_map: HeadMap, heads: int, kv_heads: int) -> tuple[np.ndarray, list[int] | None]:
@@ -280,43 +302,6 @@ def _distinct_rows(sources: np.ndarray, kv_heads: int) -> tuple[np.ndarray, list
     padded = np.array([group + group[:1] * (rows - len(group)) for group in by_group], np.int64)
     slots = [g * rows + by_group[g].index(source) for g, group in enumerate(sources.reshape(kv_heads, -1).tolist()) for source in group]
     return padded, slots
-
-
-def _gathered_for_run(b: NodeBuilder, run: list[int], plan: SharingPlan, head_maps: dict[int, HeadMap], phased: dict[int, PhasedAnchor],
-                      positions: _Positions, kv_heads: int, rows: dict[int, tuple[np.ndarray, list[int] | None]]) -> list[ir.Value]:
-    """Decode step: each layer's probabilities, padded to the buffer and grouped by KV head.
-
-    Each source read by the run is padded once; a mapped layer gathers its heads (from the
-    sources stacked, when it reads several layers), which copies only [heads, buffer]
-    values per step, where a mixing MatMul would read every stacked head. ``rows``: each
-    mapped layer's Gather indices (_gather_rows).
-    """
-    dtype = next(iter(phased.values())).grouped_probs.dtype.numpy()
-    reads = {layer: head_maps[layer].layers if layer in head_maps else (plan.anchors[layer],) for layer in run}
-    padded = {s: b.op("Pad", [phased[s].grouped_probs, positions.pads], f"probs{s}_to_buffer") for s in sorted({s for r in reads.values() for s in r})}
-    stacked = {}
-    grouped = {}
-    out = []
-    for layer in run:
-        if layer in head_maps:
-            head_map, layers_read = head_maps[layer], reads[layer]
-            if layers_read not in stacked:
-                stacked[layers_read] = padded[layers_read[0]] if len(layers_read) == 1 else b.op(
-                    "Concat", [padded[s] for s in layers_read], f"stack{'_'.join(map(str, layers_read))}", axis=1)
-            # Indices shaped [kv, rows]: the Gather's output is already grouped by KV head.
-            source = b.op("Gather", [stacked[layers_read], b.const(f"layer{layer}.head_sources", rows[layer][0])], f"layer{layer}_heads", axis=1)
-            gains = np.array([w[0] for w in head_map.weights], np.float32).reshape(1, kv_heads, -1, 1, 1)
-            if not np.all(gains == 1.0):
-                source = b.op("Mul", [source, b.const(f"layer{layer}.head_gains", gains.astype(dtype))], f"layer{layer}_gains")
-            key = ("layer", layer)
-            grouped[key] = source
-        else:
-            source, key = padded[plan.anchors[layer]], ("anchor", plan.anchors[layer])
-        if key not in grouped:
-            grouped[key] = b.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
-        # A branch output listed twice is one value: the second layer's goes through an Identity.
-        out.append(grouped[key] if grouped[key] not in out else b.op("Identity", [grouped[key]], f"layer{layer}_probs"))
-    return out
 
 
 def _share_mixtures(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingPlan, head_maps: dict[int, HeadMap],

@@ -68,7 +68,11 @@ def test_anchor_keeps_probabilities_at_decode_and_shared_layers_recompute_at_pre
         step, prefill = _branches(node)["then_branch"], _branches(node)["else_branch"]
         assert [n.op_type for n in step.node].count("MatMul") == 1 and anchor.output[3] in _reads(step)
         (recompute,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
-        assert recompute.input[3] == "present.2.key"  # the anchor's K cache
+        # The anchor's K cache and the layer's V cache, cut to the rows before this step.
+        past = {n.output[0]: n for n in prefill.node if n.op_type == "Slice"}
+        layer = int(node.name.removeprefix("sa.layer").split(".")[0])
+        assert [past[name].input[0] for name in recompute.input[3:5]] == ["present.2.key", f"past_key_values.{layer}.value"]
+        assert {past[name].input[2] for name in recompute.input[3:5]} == {"sa.cache.past_end"}
 
 
 def test_nothing_of_the_removed_paths_is_left(genai_tiny_llama):
@@ -229,14 +233,15 @@ def genai_tiny_llama_argmax_group(tiny_llama_with_tokenizer, tmp_path_factory):
 
 
 def test_argmax_group_maps_recompute_like_identity_with_permuted_queries(genai_tiny_llama_argmax_group):
-    """No copy of a cache: one grouped GQA on the anchor's K cache, its queries gathered."""
+    """No copy of a cache's heads: one grouped GQA on the anchor's K cache (its rows before the step), its queries gathered."""
     model = onnx.load(genai_tiny_llama_argmax_group / "model.onnx", load_external_data=False)
     plan = Manifest.read(genai_tiny_llama_argmax_group).plan
     for layer, anchor in plan.anchors.items():
         (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
         prefill = _branches(node)["else_branch"]
         (gqa,) = [n for n in prefill.node if n.op_type == "GroupQueryAttention"]
-        assert {a.name: a.i for a in gqa.attribute}["kv_num_heads"] == 2 and gqa.input[3] == f"present.{anchor}.key"
+        (past_keys,) = [n for n in prefill.node if n.output[0] == gqa.input[3]]
+        assert {a.name: a.i for a in gqa.attribute}["kv_num_heads"] == 2 and past_keys.input[0] == f"present.{anchor}.key"
         assert not [n for n in prefill.node if n.op_type == "Gather" and "cache" in n.name]
 
 
@@ -247,8 +252,18 @@ def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(gena
     model = onnx.load(genai_tiny_llama_argmax / "model.onnx", load_external_data=False)
     plan = Manifest.read(genai_tiny_llama_argmax).plan
     assert not [n for n in _nodes_by_op(model, "GroupQueryAttention") if len(n.output) > 3 and n.output[3]]
+    # As many Ifs as an identity plan: one per source and per shared layer, whose decode
+    # branch gathers its heads from the source's padded probabilities.
+    ifs = _nodes_by_op(model, "If")
+    sources = {n.output[3]: n for n in ifs if len(n.output) == 4}
+    assert len(ifs) == len(sources) + len(plan.anchors) and len(sources) == len({s for m in plan.head_maps.values() for s in m.layers})
     for layer, head_map in plan.head_maps.items():
         (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
+        step = _branches(node)["then_branch"].node
+        (gather,) = [n for n in step if n.name.endswith(".then.heads")]
+        stacked = [n.input for n in step if n.output[0] == gather.input[0]]  # a Concat when it reads several layers
+        read = list(stacked[0]) if stacked else [gather.input[0]]
+        assert [sources[name].output[1] for name in read] == [f"present.{source}.key" for source in head_map.layers]
         recomputed = [n for n in _branches(node)["else_branch"].node if n.op_type == "GroupQueryAttention"]
         heads = [{a.name: a.i for a in gqa.attribute} for gqa in recomputed]
         assert all(h["kv_num_heads"] == 1 for h in heads)
@@ -269,10 +284,9 @@ def test_distinct_rows_keep_one_row_per_source_head_and_kv_group():
     assert none is None and permuted.shape == (3, 3)
 
 
-def test_decode_multiplies_each_source_head_once_per_kv_group(genai_tiny_llama_argmax, tiny_llama_with_tokenizer, tmp_path):
-    """When the heads of a KV group read one source head twice, a decode step computes that
-    head's row of P·V once and gathers each head's output from the rows; its logits equal
-    those of the prefill branch, which runs one attention per head read."""
+def _with_head_maps(out, genai_argmax, tiny_llama_with_tokenizer, tmp_path, heads: tuple[int, ...], gains: tuple[float, ...]):
+    """OUT: the argmax fixture's plan with every shared layer reading anchor heads ``heads``
+    with ``gains``, rewritten from the unshared builder graph. Returns the anchors."""
     import json
     import shutil
 
@@ -283,13 +297,11 @@ def test_decode_multiplies_each_source_head_once_per_kv_group(genai_tiny_llama_a
 
     unshared = tmp_path / "base"
     convert(ConvertRequest(model=str(tiny_llama_with_tokenizer), spans=(), unshared=True, out=unshared, exporter="genai", check=False))
-    out = tmp_path / "twice"
-    shutil.copytree(genai_tiny_llama_argmax, out)
+    shutil.copytree(genai_argmax, out)
     manifest = json.loads((out / "sa_manifest.json").read_text())
     anchors = {int(layer): anchor for layer, anchor in manifest["plan"]["shared"].items()}
-    # 4 heads, 2 KV groups: group 0 reads anchor head 1 twice, group 1 anchor head 0 twice (another group's keys).
     manifest["plan"]["head_maps"] = {
-        str(layer): {"sources": [[[anchor, j]] for j in (1, 1, 0, 0)], "weights": [[1.0]] * 4} for layer, anchor in anchors.items()
+        str(layer): {"sources": [[[anchor, j]] for j in heads], "weights": [[g] for g in gains]} for layer, anchor in anchors.items()
     }
     plan = SharingPlan.from_json(manifest["plan"])
     (out / "sa_manifest.json").write_text(json.dumps(manifest))
@@ -297,11 +309,31 @@ def test_decode_multiplies_each_source_head_once_per_kv_group(genai_tiny_llama_a
     apply_sharing_plan(graph, plan)
     (out / "model.onnx").unlink()
     save_onnx(graph, out)
+    return anchors
 
+
+def test_decode_multiplies_each_source_head_once_per_kv_group(genai_tiny_llama_argmax, tiny_llama_with_tokenizer, tmp_path):
+    """When the heads of a KV group read one source head twice, a decode step computes that
+    head's row of P·V once and gathers each head's output from the rows; its logits equal
+    those of the prefill branch, which runs one attention per head read."""
+    out = tmp_path / "twice"
+    # 4 heads, 2 KV groups: group 0 reads anchor head 1 twice, group 1 anchor head 0 twice (another group's keys).
+    anchors = _with_head_maps(out, genai_tiny_llama_argmax, tiny_llama_with_tokenizer, tmp_path, (1, 1, 0, 0), (1.0,) * 4)
     model = onnx.load(out / "model.onnx", load_external_data=False)
     for layer in anchors:
         (node,) = [n for n in _nodes_by_op(model, "If") if f"sa.layer{layer}.attention_by_phase" == n.name]
-        assert [n.name for n in _branches(node)["then_branch"].node if n.op_type == "Gather"] == [f"sa.layer{layer}.attention_by_phase.then.context_by_head"]
+        step = f"sa.layer{layer}.attention_by_phase.then"
+        assert [n.name for n in _branches(node)["then_branch"].node if n.op_type == "Gather"] == [f"{step}.heads", f"{step}.context_by_head"]
+    _assert_prefill_and_decode_agree(out)
+
+
+def test_one_source_maps_with_gains_scale_both_branches_alike(genai_tiny_llama_argmax, tiny_llama_with_tokenizer, tmp_path):
+    """A gain per head (one source each) scales the gathered probabilities at decode and the
+    recomputed outputs at prefill: any mix of the two gives the logits of one call."""
+    out = tmp_path / "gains"
+    _with_head_maps(out, genai_tiny_llama_argmax, tiny_llama_with_tokenizer, tmp_path, (1, 1, 0, 0), (0.5, 1.5, 1.0, 0.8))
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    assert any(n.op_type == "Mul" and n.name.endswith(".then.gains") for node in _nodes_by_op(model, "If") for n in _branches(node)["then_branch"].node)
     _assert_prefill_and_decode_agree(out)
 
 
