@@ -222,7 +222,7 @@ def _int_list(text: str) -> list[int]:
 @click.option(
     "--processes", type=click.IntRange(1), default=3, show_default=True,
     help="Pairs of fresh processes (one model each) that time every decode point, --min-seconds and --max-seconds shared "
-    "among them: a process's speed depends on where its memory landed, by a few percent, and the interval covers that only "
+    "among them: one process runs steadily faster or slower than another by up to a few percent, and the interval covers that only "
     "across processes.",
 )
 @click.option("--prefill-tokens", default="512,2048,8192", show_default=True, help="Prompt lengths of the prefill timing.")

@@ -2,8 +2,8 @@
 
 Each model runs in a process of its own (two sessions in one process do not run at one
 speed), the steps interleaved pair by pair, several repetitions, and the medians are
-compared, because this machine is noisy; and on several pairs of fresh processes, since a
-process's speed depends on where its memory landed. Next to each measured
+compared, because this machine is noisy; and on several pairs of fresh processes, since
+one process runs steadily faster or slower than another by up to a few percent. Next to each measured
 saving the analytic model of a decode step prints the ideal one: a decode step is
 memory-bound, so its ideal time is proportional to the bytes it reads (weights plus
 the KV cache at that context).

@@ -77,8 +77,9 @@ def grouped_ratio(groups: list[tuple[list[float], list[float]]]) -> float:
 def grouped_ratio_interval(groups: list[tuple[list[float], list[float]]], confidence: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
     """A two-level bootstrap interval for grouped_ratio: pairs of processes are resampled,
     then the pairs of steps within each (ratio_interval, for one pair of processes). A
-    process's speed depends on where its memory landed, by a few percent on this CPU, which
-    no resampling of one process's steps can see; with several pairs of processes the
+    process runs at a speed of its own, steadily off another's by up to a few percent on this
+    CPU (one run of `bench` moved by more than its own intervals from the next), which no
+    resampling of one process's steps can see; with several pairs of processes the
     interval covers it. With few pairs it is still somewhat narrow (a bootstrap of n
     values spreads like a sample of n - 1)."""
     rng = np.random.default_rng(0)
