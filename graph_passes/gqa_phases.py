@@ -103,9 +103,9 @@ def recompute_attention(
     ``past_end`` ([total_sequence_length - S]) cut to the rows before this step; GQA writes
     the step's rows in its own present outputs, which are dropped. Cut, GQA's presents and
     scratch are as long as the context rather than the buffer: the fp32 demo model's
-    512-token prefill peaked about 30 MiB lower (`benchmarks.prefill_memory`), at the cost
-    of copying the past rows (at 8192 tokens the peak is then 13 MiB higher, still far below
-    the unshared graph's). ``query_heads[h]``: the anchor head whose query head h takes,
+    512-token prefill peaked 34 MiB lower (`benchmarks.prefill_memory`), at the cost of
+    copying the past rows (at 8192 tokens the peak is then 13 MiB higher, still 36 MiB
+    below the unshared graph's). ``query_heads[h]``: the anchor head whose query head h takes,
     one of its own KV group (argmax-group maps).
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
