@@ -94,8 +94,8 @@ def _columns(branch: NodeBuilder, packed: ir.Value, start: int, end: int, axis: 
 
 
 def recompute_attention(
-    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, anchor: PhasedAnchor, query_heads=None,
-    past_end: ir.Value | None = None,
+    branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, anchor: PhasedAnchor, query_heads=None, *,
+    past_end: ir.Value,
 ) -> ir.Value:
     """GQA on the anchor's queries and keys with this layer's values: [B, S, heads * head_dim].
 
@@ -118,11 +118,9 @@ def recompute_attention(
         q = branch.op("Gather", [q, branch.const("query_heads", np.array(query_heads, np.int64))], "mapped_q", axis=2)
         q = branch.op("Reshape", [q, branch.const("q_flat_shape", np.array([0, 0, n * d], np.int64))], "mapped_q_flat")
     k = _columns(branch, anchor.packed_qkv, n * d, (n + kv) * d, axis, "anchor_k")
-    past_key, past_value = anchor.present_key, layer.node.inputs[PAST_VALUE]
-    if past_end is not None:
-        starts, rows_axis = branch.const("past_starts", np.array([0], np.int64)), branch.const("rows_axis", np.array([2], np.int64))
-        past_key = branch.op("Slice", [past_key, starts, past_end, rows_axis], "anchor_past_keys")
-        past_value = branch.op("Slice", [past_value, starts, past_end, rows_axis], "past_values")
+    starts, rows_axis = branch.const("past_starts", np.array([0], np.int64)), branch.const("rows_axis", np.array([2], np.int64))
+    past_key = branch.op("Slice", [anchor.present_key, starts, past_end, rows_axis], "anchor_past_keys")
+    past_value = branch.op("Slice", [layer.node.inputs[PAST_VALUE], starts, past_end, rows_axis], "past_values")
     inputs = [q, k, v_rows, past_key, past_value, *anchor.gqa_inputs[PAST_VALUE + 1 :]]
     gqa = branch.node(GQA, inputs, "gqa_on_anchor_qk", domain=MS_DOMAIN, num_outputs=3, **anchor.attributes)
     gqa.outputs[0].dtype = layer.node.outputs[0].dtype
@@ -131,7 +129,7 @@ def recompute_attention(
 
 def recompute_mapped_attention(
     branch: NodeBuilder, layer: GqaLayer, v_rows: ir.Value, present_value: ir.Value, head_map: HeadMap, sources: dict[int, PhasedAnchor],
-    past_ends: list[ir.Value], past_end: ir.Value | None = None,
+    past_ends: list[ir.Value], past_end: ir.Value,
 ) -> ir.Value:
     """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
 
@@ -156,7 +154,7 @@ def recompute_mapped_attention(
     read = [pairs[0] for pairs in head_map.sources]
     if len(head_map.layers) == 1 and all(j // rep == h // rep for h, (_, j) in enumerate(read)):
         # Every head reads a head of its own KV group: the anchor's K cache serves as it is.
-        context = recompute_attention(branch, layer, v_rows, present_value, sources[read[0][0]], [j for _, j in read], past_end)
+        context = recompute_attention(branch, layer, v_rows, present_value, sources[read[0][0]], [j for _, j in read], past_end=past_end)
         return _with_gains(branch, context, gains, d, dtype)
     columns, cache_axes = branch.const("columns_axis", np.array([2], np.int64)), branch.const("cache_axes", np.array([1, 2], np.int64))
 

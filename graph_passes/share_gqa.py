@@ -271,8 +271,7 @@ def _gathered_heads(b: NodeBuilder, head_map: HeadMap, sources: dict[int, Phased
     probs = b.op("Gather", [stacked, b.const("head_sources", indices)], "heads", axis=1)
     gains = np.array([w[0] for w in head_map.weights], np.float32)
     if not np.all(gains == 1.0):  # then every head is a row of its own (_gather_rows)
-        dtype = sources[head_map.layers[0]].grouped_probs.dtype
-        gains = gains.reshape(1, *indices.shape, 1, 1).astype(dtype.numpy() if dtype is not None else np.float32)
+        gains = gains.reshape(1, *indices.shape, 1, 1).astype(sources[head_map.layers[0]].grouped_probs.dtype.numpy())
         probs = b.op("Mul", [probs, b.const("head_gains", gains)], "gains")
     return probs
 

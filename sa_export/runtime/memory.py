@@ -4,8 +4,8 @@ ONNX Runtime's CPU arena keeps every block it has grown to and reuses them: fast
 its peak is the live memory plus whatever the order of allocations left unusable, and
 that part differs from graph to graph (and from run to run). An 8000-token prefill of
 the demo model in chunks of 512 (int4, `benchmarks.prefill_memory --memory arena` and
-`lean`) held 22 MiB (baseline), 41 MiB (SA, identity maps) and 52 MiB (SA, calibrated
-maps) more with the arena than in `lean` mode.
+`lean`) held 22 MiB (baseline) and 57 MiB (SA, identity or calibrated maps) more with
+the arena than in `lean` mode.
 Without the arena, glibc's malloc serves large blocks from its heap, which fragments
 too, unless large blocks get mappings of their own: freed, they are unmapped at once,
 and the peak is what the graph holds live.
