@@ -142,10 +142,13 @@ def recompute_mapped_attention(
     Copies of one group per node are what keeps the peak near the unshared graph's: with
     each head's K and V gathered in multi-head form, an 8000-token prefill of SmolLM2 in
     chunks of 512 (int4, `benchmarks.prefill_memory`) peaked at 0.85 GiB against the
-    baseline's 0.80. Each pair takes six nodes (ONNX Runtime holds several KB per node of
-    a loaded session): columns of the packed projections are gathered or sliced as they
-    are, and ``past_ends[g]`` ([g + 1, total_sequence_length - S], made once for the graph)
-    ends the slice of KV group g's rows before this step.
+    baseline's 0.80. Columns of the packed projections are gathered or sliced as they are,
+    and ``past_ends[g]`` ([g + 1, total_sequence_length - S], made once for the graph) ends
+    the slice of KV group g's rows before this step. Pairs run by value group, and each
+    slice of the layer's values, of the source's key columns and each gather of its query
+    columns is made once per layer (a loaded session holds several KB per node); the
+    slice of the source's K cache rows, [B, 1, past, head_dim], is made per pair, so that
+    no more than one is held at a time.
     """
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     rep = n // kv
@@ -161,15 +164,25 @@ def recompute_mapped_attention(
     def head_columns(heads) -> np.ndarray:
         return np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads]).astype(np.int64)
 
+    made: dict[str, ir.Value] = {}
+
+    def once(name: str, make: Callable[[], ir.Value]) -> ir.Value:
+        if name not in made:
+            made[name] = make()
+        return made[name]
+
     def slice_columns(value, head, name):
-        bounds = [branch.const(f"{name}_{edge}", np.array([edge_head * d], np.int64)) for edge, edge_head in (("start", head), ("end", head + 1))]
-        return branch.op("Slice", [value, *bounds, columns], name)
+        def make():
+            bounds = [branch.const(f"{name}_{edge}", np.array([edge_head * d], np.int64)) for edge, edge_head in (("start", head), ("end", head + 1))]
+            return branch.op("Slice", [value, *bounds, columns], name)
+        return once(name, make)
 
     def past_rows(cache, group, name):
         # Only the rows before this step: GQA's scratch is [heads, S, cache length], and a
         # cache of total_sequence_length - S rows makes it [heads, S, total] instead of
         # [heads, S, buffer], smaller than any unshared layer's (which the arena reuses).
-        return branch.op("Slice", [cache, branch.const(f"{name}_starts", np.array([group, 0], np.int64)), past_ends[group], cache_axes], name)
+        return once(name, lambda: branch.op(
+            "Slice", [cache, branch.const(f"{name}_starts", np.array([group, 0], np.int64)), past_ends[group], cache_axes], name))
 
     # Heads of one KV group that read the same source head have the same output: each
     # (source head, own KV group) is computed once.
@@ -182,13 +195,14 @@ def recompute_mapped_attention(
     for (source, key_group, value_group), piece in pairs.items():
         tag = f"from{source}.k{key_group}v{value_group}"
         packed = sources[source].packed_qkv
-        query_index = branch.const(f"{tag}.q_columns", head_columns([j for _, j, _ in piece]))
+        heads = [j for _, j, _ in piece]
+        queries = f"from{source}.q{'_'.join(map(str, heads))}"
         inputs = [
-            branch.op("Gather", [packed, query_index], f"{tag}.q", axis=2),
-            slice_columns(packed, n + key_group, f"{tag}.k"),
-            slice_columns(v_rows, value_group, f"{tag}.v"),
-            past_rows(sources[source].present_key, key_group, f"{tag}.key_cache"),
-            past_rows(present_value, value_group, f"{tag}.value_cache"),
+            once(queries, lambda: branch.op("Gather", [packed, branch.const(f"{queries}_columns", head_columns(heads))], queries, axis=2)),
+            slice_columns(packed, n + key_group, f"from{source}.k{key_group}.k"),
+            slice_columns(v_rows, value_group, f"v{value_group}.v"),
+            past_rows(sources[source].present_key, key_group, f"{tag}.key_cache"),  # one per pair: not held across value groups
+            past_rows(present_value, value_group, f"v{value_group}.value_cache"),
             *sources[source].gqa_inputs[PAST_VALUE + 1 :],
         ]
         attributes = {**sources[source].attributes, "num_heads": len(piece), "kv_num_heads": 1}

@@ -270,6 +270,10 @@ def test_one_source_head_maps_recompute_at_prefill_from_their_source_layers(gena
         slots = {(source, j, h // 2) for h, ((source, j),) in enumerate(head_map.sources)}
         assert len(recomputed) == len({(source, j // 2, group) for source, j, group in slots})
         assert sum(h["num_heads"] for h in heads) == len(slots)
+        # Nothing is computed twice but the source's K cache rows, copied per pair so
+        # that one copy at a time is held.
+        computed = [(n.op_type, tuple(n.input)) for n in _branches(node)["else_branch"].node if not n.name.endswith(".key_cache")]
+        assert len(computed) == len(set(computed))
 
 
 def test_distinct_rows_keep_one_row_per_source_head_and_kv_group():
