@@ -17,8 +17,11 @@ The benchmark (``python -m sa_export.benchmarks.head_maps``) judges the fit on b
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from sa_export.accuracy.adapters import LowRankAdapters
 from sa_export.accuracy.reference import shared_attention
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
@@ -27,6 +30,7 @@ FIT_STEPS = 60
 FIT_CHUNKS_PER_STEP = 4
 FIT_CHUNK_TOKENS = 256
 FIT_LEARNING_RATE = 0.2
+ADAPTER_LEARNING_RATE = 1e-3  # low-rank corrections of weights move far less than mixture logits
 WEIGHT_FLOOR = 0.01  # every source starts with a little weight, so that the fit can move to it
 SEED = 0
 HOLD_OUT_EVERY = 4  # every fourth chunk validates, when there are at least this many
@@ -82,10 +86,13 @@ def fit_head_maps(
 
 
 def fit_maps_and_temperatures(
-    model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False
+    model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
+    adapters: LowRankAdapters | None = None,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
-    maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped)."""
+    maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
+    ``adapters``, when given, are fitted with the maps (at ADAPTER_LEARNING_RATE) and left
+    at the state kept with the best maps."""
     chunks = [token_ids[i : i + FIT_CHUNK_TOKENS] for i in range(0, len(token_ids) - FIT_CHUNK_TOKENS + 1, FIT_CHUNK_TOKENS)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {FIT_CHUNK_TOKENS} tokens")
@@ -97,31 +104,42 @@ def fit_maps_and_temperatures(
     teacher = _Teacher(model, chunks)
     fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature).to(model.device)
     structure = plan.with_head_maps(fitted.head_maps())  # the sources; weights come from ``fitted``
-    optimizer = torch.optim.Adam(fitted.parameters(), lr=FIT_LEARNING_RATE)
+    groups = [{"params": list(fitted.parameters()), "lr": FIT_LEARNING_RATE}]
+    if adapters is not None:
+        groups.append({"params": list(adapters.parameters()), "lr": ADAPTER_LEARNING_RATE})
+    optimizer = torch.optim.Adam(groups)
+    corrected = adapters.active if adapters is not None else contextlib.nullcontext
     generator = torch.Generator().manual_seed(SEED)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for parameter in trainable:  # gradients only for the maps
         parameter.requires_grad_(False)
     try:
-        best = (_divergence(teacher, plan.with_head_maps(start), held_out), start, None)
+        def snapshot():
+            return {k: v.detach().clone() for k, v in adapters.state_dict().items()} if adapters is not None else None
+
+        with corrected():
+            best = (_divergence(teacher, plan.with_head_maps(start), held_out), start, None, snapshot())
         for number in range(1, steps + 1):
             optimizer.zero_grad()
             picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist()]
             for index in picked:
                 base = teacher(index)
-                with shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
+                with corrected(), shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
                     student = teacher.log_probs(index)
                 (_kl(base, student) / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
                 maps, temperatures = fitted.head_maps(), fitted.temperatures()
-                candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures), maps, temperatures)
+                with corrected():
+                    candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures), maps, temperatures, snapshot())
                 best = min(best, candidate, key=lambda entry: entry[0])
             if progress is not None:
                 progress(number, steps)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
+    if adapters is not None:
+        adapters.load_state_dict(best[3])
     return best[1], best[2]
 
 

@@ -13,6 +13,9 @@ DEFAULT_TEXT = ("gensim", "test/test_data/lee_background.cor")
 # Text of another domain, to check that what was fitted on news holds elsewhere: the
 # Python source of torch.nn.Module (code and its docstrings), which the pinned torch ships.
 OTHER_DOMAIN_TEXT = ("torch", "nn/modules/module.py")
+# Text of a third domain, which no calibration or search here reads: encyclopedia articles
+# in wiki markup, from the excerpt of an English Wikipedia dump that the gensim wheel ships.
+UNSEEN_DOMAIN_TEXT = ("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
 # Two texts overlap when they share any run of this many tokens.
 OVERLAP_WINDOW = 32
 
@@ -38,6 +41,34 @@ def other_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> 
     text, file = read_text(path or other_domain_text_path())
     ids = tokenizer(text)["input_ids"][:max_tokens]
     return TokenText(ids, f"{file} tokens 0-{len(ids)}")
+
+
+def unseen_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> TokenText:
+    """The first ``max_tokens`` tokens of a third domain's text: a plain file, or by default
+    the articles of gensim's Wikipedia excerpt (redirects left out), one after another."""
+    if path is not None:
+        text, file = read_text(path)
+    else:
+        file = _packaged_text("unseen-domain text", UNSEEN_DOMAIN_TEXT, "--unseen-text")
+        text = _wiki_articles(file, max_characters=max_tokens * 8)
+    ids = tokenizer(text)["input_ids"][:max_tokens]
+    return TokenText(ids, f"{file} tokens 0-{len(ids)}")
+
+
+def _wiki_articles(dump: Path, max_characters: int) -> str:
+    import bz2
+    import xml.etree.ElementTree as ElementTree  # the dump is a file of the installed gensim wheel
+
+    articles, size = [], 0
+    with bz2.open(dump) as stream:
+        for _, element in ElementTree.iterparse(stream):
+            if element.tag.endswith("}text") and element.text and not element.text.lstrip().upper().startswith("#REDIRECT"):
+                articles.append(element.text)
+                size += len(element.text)
+                if size >= max_characters:
+                    break
+            element.clear()
+    return "\n\n".join(articles)
 
 
 def read_text(path: str | Path | None) -> tuple[str, Path]:

@@ -1,0 +1,90 @@
+"""Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
+
+    python -m sa_export.benchmarks.heal [--spans 26-29,...] [--rank 8] [--fit-steps N] [--json FILE]
+
+For each span, side by side, from the same `mix-few` start:
+
+- ``fit``: the `fit` head maps, distilled on news (as `--head-map fit` does);
+- ``fit-2``: the same, distilled on news and Python source, half each;
+- ``fit-2+lora``: with them, a rank-r correction of each shared layer's V and output
+  projections (``accuracy.adapters``), which folds into those weights;
+- ``fit+lora``: the same correction, distilled on news only.
+
+Each is judged on held-out news, held-out Python source (the head of the file whose tail
+``fit-2`` fits), and Wikipedia articles in wiki markup, a domain that no fit reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+from sa_export.accuracy.adapters import LowRankAdapters
+from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
+from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
+from sa_export.accuracy.evaluate import load_for_reference, perplexity
+from sa_export.accuracy.texts import other_domain_text_path, split_texts, unseen_domain_tokens
+from sa_export.core.atomic import write_json_atomic
+from sa_export.core.plan import build_plan
+
+WINDOW = 1024
+CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--spans", default="26-29")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text and of each calibration text")
+    parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    _, config, model, tokenizer = load_for_reference(args.model)
+    news, news_calib = split_texts(tokenizer, None, None, args.tokens, args.tokens)
+    code_file = other_domain_text_path()
+    code, code_calib = split_texts(tokenizer, code_file, code_file, args.tokens, args.tokens)
+    texts = {"news": news.ids, "code": code.ids, "wiki": unseen_domain_tokens(tokenizer, args.unseen_text, args.tokens).ids}
+    calibration = {"news": news_calib.ids, "both": news_calib.ids + code_calib.ids}
+    stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()}
+    base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
+    print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()), flush=True)
+    rows = []
+    for span in args.spans.split(","):
+        plan = build_plan([span], config.num_hidden_layers)
+        identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
+        _report(rows, span, "identity", identity, base, identity, 0.0, 0)
+        for name in args.configs.split(","):
+            on = "both" if name.startswith("fit-2") else "news"
+            start = calibrate_head_maps(stats[on], plan, FIT_START)
+            adapters = LowRankAdapters(model, set(plan.anchors), args.rank) if name.endswith("+lora") else None
+            started = time.perf_counter()
+            maps, _ = fit_maps_and_temperatures(model, plan, calibration[on], start, args.fit_steps, adapters=adapters)
+            seconds = time.perf_counter() - started
+            fitted = plan.with_head_maps(maps)
+            with adapters.active() if adapters is not None else contextlib.nullcontext():
+                ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
+            _report(rows, span, name, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
+    if args.json:
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "fit_steps": args.fit_steps, "rows": rows})
+
+
+def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:
+    row = {"span": span, "config": name, "fit_s": seconds, "adapter_parameters": parameters, "texts": {}}
+    for text, value in ppl.items():
+        penalty = value - base[text]
+        of_identity = penalty / (identity[text] - base[text]) if identity[text] != base[text] else None
+        row["texts"][text] = {"ppl": value, "penalty_percent": 100 * penalty / base[text], "of_identity": of_identity}
+    rows.append(row)
+    cells = "  ".join(
+        f"{text} {cell['ppl']:.2f} ({cell['penalty_percent']:+.1f}%, {cell['of_identity']:.2f})" for text, cell in row["texts"].items()
+    )
+    print(f"{span} {name:>11}: {cells}  [{seconds:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
