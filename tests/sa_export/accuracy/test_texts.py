@@ -39,3 +39,21 @@ def test_too_short_a_single_file_is_refused(tokenizer, tmp_path):
     text = _write(tmp_path / "t.txt", range(3, 203))
     with pytest.raises(UsageError, match="too few"):
         split_texts(tokenizer, text, text, 150, 1000)
+
+
+def test_the_unseen_domain_is_wikipedia_articles_without_redirects(tokenizer):
+    from sa_export.accuracy.texts import UNSEEN_DOMAIN_TEXT, _wiki_articles
+    from sa_export.core.resources import package_file
+
+    articles = _wiki_articles(package_file(*UNSEEN_DOMAIN_TEXT), max_characters=20_000)
+    assert len(articles) >= 20_000 and "'''Anarchism''' is a [[political philosophy]]" in articles
+    assert "#REDIRECT" not in articles.upper() and "<page>" not in articles
+
+
+def test_an_unseen_domain_file_is_read_as_it_is(tokenizer, tmp_path):
+    from sa_export.accuracy.texts import unseen_domain_tokens
+
+    text = tmp_path / "third.txt"
+    text.write_text("verses of another kind " * 200)
+    tokens = unseen_domain_tokens(tokenizer, text, 50)
+    assert len(tokens.ids) == 50 and tokens.source.endswith("third.txt tokens 0-50")
