@@ -117,8 +117,7 @@ def fit_maps_and_temperatures(
         def snapshot():
             return {k: v.detach().clone() for k, v in adapters.state_dict().items()} if adapters is not None else None
 
-        with corrected():
-            best = (_divergence(teacher, plan.with_head_maps(start), held_out), start, None, snapshot())
+        best = (_divergence(teacher, plan.with_head_maps(start), held_out, None, corrected), start, None, snapshot())
         for number in range(1, steps + 1):
             optimizer.zero_grad()
             picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist()]
@@ -130,8 +129,7 @@ def fit_maps_and_temperatures(
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
                 maps, temperatures = fitted.head_maps(), fitted.temperatures()
-                with corrected():
-                    candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures), maps, temperatures, snapshot())
+                candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures, corrected), maps, temperatures, snapshot())
                 best = min(best, candidate, key=lambda entry: entry[0])
             if progress is not None:
                 progress(number, steps)
@@ -176,10 +174,13 @@ def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _divergence(teacher: _Teacher, plan: SharingPlan, chunks: list[int], log_temperatures: dict[int, torch.Tensor] | None = None) -> float:
+def _divergence(
+    teacher: _Teacher, plan: SharingPlan, chunks: list[int], log_temperatures: dict[int, torch.Tensor] | None = None,
+    corrected=contextlib.nullcontext,
+) -> float:
     total = 0.0
     for index in chunks:
-        base = teacher(index)  # outside the block: recomputed, it must be the base model's
-        with shared_attention(teacher.model, plan, log_temperatures=log_temperatures):
+        base = teacher(index)  # outside the blocks: recomputed, it must be the base model's
+        with corrected(), shared_attention(teacher.model, plan, log_temperatures=log_temperatures):
             total += float(_kl(base, teacher.log_probs(index)))
     return total / len(chunks)
