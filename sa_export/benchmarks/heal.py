@@ -81,7 +81,8 @@ def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: d
         row["texts"][text] = {"ppl": value, "penalty_percent": 100 * penalty / base[text], "of_identity": of_identity}
     rows.append(row)
     cells = "  ".join(
-        f"{text} {cell['ppl']:.2f} ({cell['penalty_percent']:+.1f}%, {cell['of_identity']:.2f})" for text, cell in row["texts"].items()
+        f"{text} {cell['ppl']:.2f} ({cell['penalty_percent']:+.1f}%, {'-' if cell['of_identity'] is None else format(cell['of_identity'], '.2f')})"
+        for text, cell in row["texts"].items()
     )
     print(f"{span} {name:>11}: {cells}  [{seconds:.0f} s]", flush=True)
 
