@@ -2,43 +2,61 @@
 
 A shared layer reads probabilities it did not compute; its own V and output projections
 were trained for its own. A rank-r term ``B @ A`` added to each (LoRA: ``W x + B A x``)
-lets distillation adapt them to the borrowed maps. Folded into the weights, it costs
-nothing at decode: the graph keeps its MatMuls, with other numbers. It is measured here
-(``benchmarks.heal``) before any graph pass applies it.
+lets distillation adapt them to the borrowed maps. Folded into the weights before export,
+it costs nothing at decode: the graph keeps its MatMuls, with other numbers, and every
+exporter and precision (int4 quantizes the corrected weights) takes it as it takes the
+model. The factors are saved next to the graph (``CORRECTIONS_NAME``, safetensors) so that
+`check` can rebuild the corrected reference from the user's own checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
+from pathlib import Path
 
 import torch
 
-from sa_export.accuracy.reference import attention_modules
+from sa_export.core.errors import UsageError
 
+CORRECTIONS_NAME = "corrections.safetensors"
+
+# The projections a shared layer keeps whole: V and the output projection. Its Q and K are
+# dropped; the MLP's may be added (``projections=``), as they fold the same way.
 PROJECTIONS = ("v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_LAYER_LINEAR = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+
+
+def layer_linears(model, layers, projections) -> dict[str, torch.nn.Linear]:
+    """``layer_projection`` -> the Linear named ``layers.{i}.self_attn|mlp.{projection}``."""
+    found = {}
+    for name, module in model.named_modules():
+        match = _LAYER_LINEAR.search(name)
+        if match and int(match[1]) in layers and match[2] in projections and isinstance(module, torch.nn.Linear):
+            found[f"{match[1]}_{match[2]}"] = module  # ParameterDict keys take no dots
+    missing = [f"{layer}_{p}" for layer in sorted(layers) for p in projections if f"{layer}_{p}" not in found]
+    if missing:
+        raise UsageError(f"{type(model).__name__} has no Linear for the corrections {', '.join(missing)}")
+    return dict(sorted(found.items(), key=lambda item: (int(item[0].split("_", 1)[0]), item[0])))
 
 
 class LowRankAdapters(torch.nn.Module):
     """Per shared layer and projection, A [rank, in] (random) and B [out, rank] (zero): the
     correction starts at nothing, so the fit starts from the maps it is given."""
 
-    def __init__(self, model, layers, rank: int, seed: int = 0):
+    def __init__(self, model, layers, rank: int, seed: int = 0, projections=PROJECTIONS):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.targets: dict[str, torch.nn.Linear] = {}
+        self.rank = rank
+        self.targets = layer_linears(model, set(layers), projections)
         self.down = torch.nn.ParameterDict()
         self.up = torch.nn.ParameterDict()
-        for module in attention_modules(model):
-            if module.layer_idx not in layers:
-                continue
-            for name in PROJECTIONS:
-                linear = getattr(module, name)
-                key = f"{module.layer_idx}_{name}"  # ParameterDict keys take no dots
-                self.targets[key] = linear
-                scale = 1 / math.sqrt(linear.in_features)
-                self.down[key] = torch.nn.Parameter(torch.randn(rank, linear.in_features, generator=generator) * scale)
-                self.up[key] = torch.nn.Parameter(torch.zeros(linear.out_features, rank))
+        for key, linear in self.targets.items():
+            scale = 1 / math.sqrt(linear.in_features)
+            self.down[key] = torch.nn.Parameter(torch.randn(rank, linear.in_features, generator=generator) * scale)
+            self.up[key] = torch.nn.Parameter(torch.zeros(linear.out_features, rank))
         self.to(next(model.parameters()).device)
 
     @contextlib.contextmanager
@@ -61,5 +79,50 @@ class LowRankAdapters(torch.nn.Module):
         """``layer_projection`` -> B @ A, [out, in]: what folding adds to each weight."""
         return {key: (self.up[key] @ self.down[key]).detach() for key in self.targets}
 
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Add each correction to its weight, for good: the model then computes what it
+        computed inside ``active()``, with no hooks (what an exporter reads)."""
+        for key, delta in self.deltas().items():
+            weight = self.targets[key].weight
+            weight.add_(delta.to(weight.dtype))
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save(self, path) -> dict:
+        """Write the factors (safetensors: no pickle); returns what the manifest records."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for key in self.targets:
+            tensors[f"{key}.down"] = self.down[key].detach().float().cpu().contiguous()
+            tensors[f"{key}.up"] = self.up[key].detach().float().cpu().contiguous()
+        save_file(tensors, str(path))
+        return {"file": Path(path).name, **self.record()}
+
+    def record(self) -> dict:
+        """What a report or manifest says of the corrections."""
+        return {"rank": self.rank, "corrects": sorted(self.targets, key=_layer_order), "parameters": self.parameter_count()}
+
+
+def _layer_order(key: str) -> tuple[int, str]:
+    layer, projection = key.split("_", 1)
+    return int(layer), projection
+
+
+def fold_saved_corrections(model, directory, record: dict) -> None:
+    """Fold the corrections a conversion saved (its manifest's ``record``) into ``model``."""
+    from safetensors.torch import load_file
+
+    if record.get("file") != CORRECTIONS_NAME:  # a name, never a path out of the directory
+        raise UsageError(f"the manifest's corrections file is {record.get('file')!r}; sa-export writes {CORRECTIONS_NAME}")
+    tensors = load_file(str(Path(directory) / CORRECTIONS_NAME))
+    keys = list(record["corrects"])
+    layers = {int(key.split("_", 1)[0]) for key in keys}
+    projections = {key.split("_", 1)[1] for key in keys}
+    linears = layer_linears(model, layers, projections)
+    with torch.no_grad():
+        for key in keys:
+            weight = linears[key].weight
+            weight.add_((tensors[f"{key}.up"] @ tensors[f"{key}.down"]).to(weight.device, weight.dtype))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -9,7 +10,7 @@ import torch
 
 from sa_export.accuracy.calibration import FIT_START, FITTED_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.output_maps import output_errors, output_head_maps
-from sa_export.accuracy.distill import FIT_STEPS, fit_head_maps
+from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
 from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
@@ -79,6 +80,7 @@ class EvalResult:
     tasks: dict = dataclasses.field(default_factory=dict)
     precision: str = "fp32"
     other: dict | None = None  # the same on text of another domain: source, base_ppl, sa_ppl
+    corrections: dict | None = None  # LoRA corrections fitted with the maps: rank, corrects, parameters
 
     @property
     def eval_tokens(self) -> int:
@@ -95,6 +97,9 @@ class EvalResult:
         if self.calibration is not None:
             lines.append(f"calib text    {self.calibration.source}")
         lines.append(f"plan          {self.plan.describe()}, head map {self.head_map}")
+        if self.corrections is not None:
+            fix = self.corrections
+            lines.append(f"corrections   rank {fix['rank']} of {len(fix['corrects'])} projections ({fix['parameters']:,} numbers, folded at convert)")
         if self.precision != "fp32":
             lines.append(f"weights       {self.precision}: the builder's {self.precision} graph's, dequantized (both models)")
         lines.append(f"base ppl      {self.base_ppl:.3f}")
@@ -135,6 +140,7 @@ class EvalResult:
             "tasks": self.tasks,
             "precision": self.precision,
             "other_domain": self.other,
+            "corrections": self.corrections,
         }
 
 
@@ -156,6 +162,8 @@ class EvalRequest:
     accept_unknown_config_keys: bool = False
     precision: str = "fp32"  # int4: the weights of the builder's int4 graph, dequantized
     other_text: str | None = None  # another domain's text; "none": skip (default: Python source)
+    fit_steps: int = FIT_STEPS
+    lora_rank: int = 0  # with head map fit: LoRA corrections of the shared layers (accuracy.adapters)
 
 
 def load_for_reference(model: str, accept_unknown_config_keys: bool = False):
@@ -172,10 +180,13 @@ def load_for_reference(model: str, accept_unknown_config_keys: bool = False):
 
 def calibrated_plan(
     hf_model, plan: SharingPlan, mode: str, calibration: TokenText, layer_kinds=None, stats: AttentionStatistics | None = None,
-    fit_steps: int = FIT_STEPS,
+    fit_steps: int = FIT_STEPS, adapters=None,
 ) -> SharingPlan:
     """The plan with head maps calibrated on ``calibration`` (unchanged for identity);
-    ``stats``, when given, are that text's attention statistics, collected before."""
+    ``stats``, when given, are that text's attention statistics, collected before.
+    ``adapters`` (``accuracy.adapters.LowRankAdapters``, mode fit only) are fitted with the maps."""
+    if adapters is not None and mode not in FITTED_MODES:
+        raise UsageError(f"LoRA corrections are fitted with the maps by distillation: use --head-map fit, not {mode}")
     if mode == "identity" or not plan.anchors:
         return plan
     if mode == "argmax-out":
@@ -188,7 +199,7 @@ def calibrated_plan(
         return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, layer_kinds))
     start = calibrate_head_maps(stats, plan, FIT_START, layer_kinds)
     with progress_bar(f"fitting head maps on the model's output ({fit_steps} steps)", unit="step") as advance:
-        return plan.with_head_maps(fit_head_maps(hf_model, plan, calibration.ids, start, fit_steps, progress=advance))
+        return plan.with_head_maps(fit_maps_and_temperatures(hf_model, plan, calibration.ids, start, fit_steps, advance, adapters=adapters)[0])
 
 
 def evaluate(request: EvalRequest) -> EvalResult:
@@ -198,22 +209,33 @@ def evaluate(request: EvalRequest) -> EvalResult:
     evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, request.calib_tokens)
     if len(evaluation.ids) < 2:
         raise UsageError("the evaluation text has fewer than 2 tokens")
+    adapters = None
+    if request.lora_rank:
+        if request.precision != "fp32":
+            raise UsageError("--lora-rank: convert folds the corrections before it quantizes; eval measures them with --precision fp32")
+        from sa_export.accuracy.adapters import LowRankAdapters
+
+        adapters = LowRankAdapters(hf_model, plan.anchors, request.lora_rank)
     if request.precision != "fp32":
         _load_quantized_weights(source, hf_model, request)
-    plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds)
+    plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds, fit_steps=request.fit_steps, adapters=adapters)
+    corrected = adapters.active if adapters is not None else contextlib.nullcontext  # the SA model only: base stays the user's
     ids = evaluation.ids
     with step(f"perplexity of the base model on {len(ids)} tokens"):
         base = perplexity(hf_model, ids, request.context)
-    with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"):
+    with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"), corrected():
         sa = perplexity(hf_model, ids, request.context, plan)
     other = None
     if (request.other_text or "").lower() != "none":
         text = other_domain_tokens(tokenizer, request.other_text, request.max_tokens)
         with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens)"):
-            other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context),
-                     "sa_ppl": perplexity(hf_model, text.ids, request.context, plan)}
+            other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context)}
+            with corrected():
+                other["sa_ppl"] = perplexity(hf_model, text.ids, request.context, plan)
     tasks = {}
     if request.tasks:
+        if adapters is not None:
+            raise UsageError("--tasks runs the base and SA models in one harness call; it does not take --lora-rank")
         from sa_export.accuracy.tasks import run_tasks
 
         with step(f"lm-evaluation-harness: {', '.join(request.tasks)} (base and SA)"):
@@ -222,7 +244,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
     used_calibration = request.head_map != "identity"
     return EvalResult(
         source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,
-        request.context, saved, tasks, request.precision, other,
+        request.context, saved, tasks, request.precision, other, adapters.record() if adapters is not None else None,
     )
 
 

@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import time
 
-from sa_export.accuracy.adapters import LowRankAdapters
+from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--spans", default="26-29")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"which of each shared layer's projections +lora corrects (MLP: {','.join(MLP_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text and of each calibration text")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
@@ -61,7 +62,7 @@ def main() -> None:
         for name in args.configs.split(","):
             on = "both" if name.startswith("fit-2") else "news"
             start = calibrate_head_maps(stats[on], plan, FIT_START)
-            adapters = LowRankAdapters(model, set(plan.anchors), args.rank) if name.endswith("+lora") else None
+            adapters = LowRankAdapters(model, set(plan.anchors), args.rank, projections=args.projections.split(",")) if name.endswith("+lora") else None
             started = time.perf_counter()
             maps, _ = fit_maps_and_temperatures(model, plan, calibration[on], start, args.fit_steps, adapters=adapters)
             seconds = time.perf_counter() - started
@@ -70,7 +71,7 @@ def main() -> None:
                 ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
             _report(rows, span, name, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "fit_steps": args.fit_steps, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "fit_steps": args.fit_steps, "rows": rows})
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

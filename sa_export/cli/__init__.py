@@ -8,7 +8,7 @@ import click
 
 from sa_export import __version__
 from sa_export.cli.options import (
-    quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_option, force_option,
+    quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.export import AUTO, EXPORTERS, REMOVED_EXPORTERS
@@ -31,6 +31,7 @@ def main():
 @span_option
 @anchor_option
 @head_map_option()
+@fit_options
 @calib_option
 @calib_tokens_option
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
@@ -56,7 +57,7 @@ def main():
 @force_option
 @accept_keys_option
 @handle_errors
-def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force, accept_unknown_config_keys):
+def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force, accept_unknown_config_keys):
     """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
 
     \b
@@ -71,7 +72,7 @@ def convert(model, spans, anchors, head_map, calib_file, calib_tokens, target, p
     request = ConvertRequest(
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
-        decode_steps=decode_steps, head_map=head_map, calib_file=calib_file, calib_tokens=calib_tokens,
+        decode_steps=decode_steps, head_map=head_map, fit_steps=fit_steps, lora_rank=lora_rank, calib_file=calib_file, calib_tokens=calib_tokens,
         max_batch=max_batch, max_context=max_context, exporter=exporter, opset=int(opset) if opset else None,
         accept_unknown_config_keys=accept_unknown_config_keys,
     )
@@ -124,6 +125,7 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
 @span_option
 @anchor_option
 @head_map_option()
+@fit_options
 @click.option("--text", "text_file", type=click.Path(), help="Evaluation text (default: English news text shipped with gensim).")
 @click.option("--other-text", help="Also evaluate on this text of another domain; none skips it. [default: torch.nn.Module's Python source]")
 @calib_option
@@ -139,7 +141,7 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
 @force_option
 @accept_keys_option
 @handle_errors
-def eval_command(model, spans, anchors, head_map, text_file, other_text, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, precision, json_file, force, accept_unknown_config_keys):
+def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_file, other_text, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, precision, json_file, force, accept_unknown_config_keys):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.accuracy.evaluate import EvalRequest, evaluate
 
@@ -148,6 +150,7 @@ def eval_command(model, spans, anchors, head_map, text_file, other_text, calib_f
             model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,
             tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else (), tasks_path=tasks_path, tasks_limit=tasks_limit,
             accept_unknown_config_keys=accept_unknown_config_keys, precision=precision, other_text=other_text,
+            fit_steps=fit_steps, lora_rank=lora_rank,
         )
     )
     click.echo("\n".join(result.lines()))

@@ -116,6 +116,21 @@ def head_map_option(default: str = "identity", fitted: bool = True):
     )
 
 
+def fit_options(function):
+    """--fit-steps and --lora-rank: how `--head-map fit` distills."""
+    from sa_export.accuracy.distill import FIT_STEPS
+
+    function = click.option(
+        "--lora-rank", type=click.IntRange(0, 256), default=0, show_default=True,
+        help="With --head-map fit: also fit a rank-R correction (LoRA) of each shared layer's V and output projections "
+        "with the maps, and fold it into those weights before export, so a decode step costs the same. 0: none.",
+    )(function)
+    return click.option(
+        "--fit-steps", type=click.IntRange(1, 100_000), default=FIT_STEPS, show_default=True,
+        help="Steps of --head-map fit's distillation (4 chunks of 256 calibration tokens each).",
+    )(function)
+
+
 calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
 prefill_chunk_option = click.option(
     "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,

@@ -83,6 +83,11 @@ def check(
     source = resolve_model(reference) if reference is not None else manifest_source(manifest)
     load_config(source, accept_unknown_config_keys or bool(manifest.source.accepted_unknown_config_keys))
     hf_model, tokenizer = load_reference(source, allow_pickle)
+    corrections = (manifest.head_map or {}).get("corrections")
+    if corrections:  # the reference is the user's model with the corrections the graph holds
+        from sa_export.accuracy.adapters import fold_saved_corrections
+
+        fold_saved_corrections(hf_model, out_dir, corrections)
     report, _ = check_directory(Path(out_dir), hf_model, tokenizer, decode_steps, backend=backend, prefill_chunk=prefill_chunk, manifest=manifest)
     return report
 

@@ -40,6 +40,8 @@ class ConvertRequest:
     allow_pickle: bool = False
     decode_steps: int = 32
     head_map: str = "identity"
+    fit_steps: int | None = None  # --head-map fit's distillation steps (None: its default)
+    lora_rank: int = 0  # with --head-map fit: LoRA corrections of the shared layers, folded before export
     calib_file: str | None = None
     calib_tokens: int = 4096
     max_batch: int | None = None  # None: the target's
@@ -144,6 +146,10 @@ def validate(request: ConvertRequest) -> _Validated:
     reference = reference_source(request, source)
     if source.kind == "onnx" and reference is None and request.check:
         raise UsageError("checking an ONNX input needs its PyTorch model: pass --reference HF_DIR (or --no-check)")
+    if request.lora_rank and request.head_map != "fit":
+        raise UsageError(f"--lora-rank corrections are fitted with the head maps by distillation: add --head-map fit (got {request.head_map})")
+    if request.lora_rank and source.kind != "hf":
+        raise UsageError("--lora-rank folds its corrections into the weights before export: convert the Hugging Face model, not an ONNX graph")
     if source.kind == "onnx" and reference is None and request.head_map != "identity":
         raise UsageError(f"--head-map {request.head_map} calibrates on the PyTorch model: pass --reference HF_DIR")
     config = load_config(reference, request.accept_unknown_config_keys) if reference is not None else None
@@ -192,15 +198,20 @@ def convert(request: ConvertRequest) -> ConvertResult:
     with atomic_directory(out, request.overwrite, lambda: _output_estimate(reference or source)) as tmp:
         if reference is not None:
             hf_model, tokenizer = load_reference(reference, request.allow_pickle, timings)
-        calibration = None
+        calibration = corrections = None
         if request.head_map != "identity":
-            plan, calibration = _calibrate(hf_model, tokenizer, plan, request, reference, kinds)
+            plan, calibration, corrections = _calibrate(hf_model, tokenizer, plan, request, reference, kinds, tmp)
         options = request.export_options()
         if graph_model is None:
             if job.why:
                 console.print(f"[green]✓[/green] exporter {job.exporter.name}: {job.why}", soft_wrap=True)
+            exported = reference
+            if corrections is not None:  # the exporters read checkpoints: give them the corrected one
+                with step("writing the corrected checkpoint for the exporter", timings, "corrected_checkpoint"):
+                    exported = _corrected_checkpoint(hf_model, tokenizer, reference, tmp / "corrected")
             with step(f"exporting to ONNX with {job.exporter.describe(options)}", timings, "export"):
-                graph_model = job.exporter.export(reference, options, tmp / "export", hf_model)
+                graph_model = job.exporter.export(exported, options, tmp / "export", hf_model)
+            shutil.rmtree(tmp / "corrected", ignore_errors=True)
         in_place = target.writes_caches_in_place
         what = plan.describe() + ("; caches written in place (TensorScatter)" if in_place else "")
         with step(f"rewriting the graph: {what}", timings, "passes"):
@@ -208,12 +219,18 @@ def convert(request: ConvertRequest) -> ConvertResult:
         with step("saving model.onnx", timings, "save"):
             files = save_onnx(graph_model, tmp)
             shutil.rmtree(tmp / "export", ignore_errors=True)
+            if corrections is not None:
+                files.append(corrections["file"])
             if tokenizer is not None:
                 before = set(p.name for p in tmp.iterdir())
                 tokenizer.save_pretrained(tmp)
                 files += sorted(set(p.name for p in tmp.iterdir()) - before)
         info = source_info(source, config, reference, request.reference, request.accept_unknown_config_keys)
         head_map = {"mode": request.head_map, "calibration": calibration.to_json() if calibration else None}
+        if request.head_map == "fit":
+            head_map["fit_steps"] = _fit_steps(request)
+        if corrections is not None:
+            head_map["corrections"] = corrections
         if request.head_map == "calibrated":
             from sa_export.accuracy.calibration import CALIBRATED_DEFAULT
 
@@ -251,12 +268,49 @@ def _output_estimate(source: ModelSource) -> int:
     return 2 * weights
 
 
-def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, reference: ModelSource, kinds):
-    """Head maps fitted on calibration text (the tail of the default text unless --calib)."""
+def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, reference: ModelSource, kinds, tmp: Path):
+    """Head maps fitted on calibration text (the tail of the default text unless --calib).
+
+    With --lora-rank, the corrections fitted with them are folded into ``hf_model`` (the
+    reference from then on) and saved in ``tmp``; the third value is the manifest's record
+    of them (None without)."""
     if tokenizer is None:
         raise UsageError(f"--head-map {request.head_map} calibrates on text, and {reference.name} has no tokenizer; use --head-map identity")
     from sa_export.accuracy.evaluate import calibrated_plan
     from sa_export.accuracy.texts import split_texts
 
     _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
-    return calibrated_plan(hf_model, plan, request.head_map, calibration, kinds), calibration
+    adapters = None
+    if request.lora_rank and plan.anchors:
+        from sa_export.accuracy.adapters import LowRankAdapters
+
+        adapters = LowRankAdapters(hf_model, plan.anchors, request.lora_rank)
+    plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds, fit_steps=_fit_steps(request), adapters=adapters)
+    if adapters is None:
+        return plan, calibration, None
+    from sa_export.accuracy.adapters import CORRECTIONS_NAME
+
+    adapters.fold()
+    return plan, calibration, adapters.save(tmp / CORRECTIONS_NAME)
+
+
+def _fit_steps(request: ConvertRequest) -> int:
+    from sa_export.accuracy.distill import FIT_STEPS  # torch: imported once a request needs it
+
+    return request.fit_steps or FIT_STEPS
+
+
+def _corrected_checkpoint(hf_model, tokenizer, reference: ModelSource, directory: Path) -> ModelSource:
+    """``hf_model``, corrections folded, as a safetensors checkpoint with its tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the step's line says it; a second bar would not
+    try:
+        hf_model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return ModelSource("hf", directory, reference.name)

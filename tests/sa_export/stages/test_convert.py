@@ -1,0 +1,57 @@
+"""`convert --head-map fit --lora-rank R`: the corrections reach the graph and `check` rebuilds them."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sa_export.accuracy import evaluate
+from sa_export.accuracy.adapters import CORRECTIONS_NAME
+from sa_export.hf.models import load_reference, resolve_model
+from sa_export.stages.check import check, check_directory
+from sa_export.stages.convert import ConvertRequest, convert
+from tests.helpers import leftovers, run_cli
+
+
+@pytest.mark.parametrize("exporter, precision", [("dynamo", "fp32"), ("genai", "int4")])
+def test_lora_corrections_are_folded_into_the_graph(monkeypatch, tiny_llama_with_tokenizer, tmp_path, exporter, precision):
+    """The plumbing, whatever the fit found: on the tiny random model the fit keeps its zero
+    start (tests/sa_export/accuracy/test_adapters.py shows it moving them), so here the fitted
+    corrections are replaced by random ones."""
+    fit = evaluate.fit_maps_and_temperatures
+
+    def fit_then_move(*args, adapters=None, **kwargs):
+        found = fit(*args, adapters=adapters, **kwargs)
+        with torch.no_grad():
+            for parameter in adapters.up.values():
+                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+        return found
+
+    monkeypatch.setattr(evaluate, "fit_maps_and_temperatures", fit_then_move)
+    out = tmp_path / "out"
+    request = ConvertRequest(
+        model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out, head_map="fit", fit_steps=2, lora_rank=2,
+        calib_tokens=2048, exporter=exporter, precision=precision, decode_steps=4,
+    )
+    result = convert(request)
+    assert result.parity.passed, result.parity.summary_line()
+    record = result.manifest.head_map["corrections"]
+    assert record["file"] == CORRECTIONS_NAME and record["rank"] == 2
+    assert record["corrects"] == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
+    assert CORRECTIONS_NAME in result.manifest.files and not (out / "corrected").exists()
+    factors = load_file(out / CORRECTIONS_NAME)
+    assert all(float(factors[f"{key}.up"].norm()) > 0 for key in record["corrects"])
+    assert check(out, decode_steps=4).passed  # the reference rebuilt from the user's checkpoint and the saved factors
+    if precision == "fp32":  # (int4 parity takes the graph's own weights, corrected or not)
+        plain, tokenizer = load_reference(resolve_model(str(tiny_llama_with_tokenizer)))
+        report, _ = check_directory(out, plain, tokenizer, 4)
+        assert not report.passed  # the graph is not the uncorrected model
+
+
+def test_lora_rank_needs_the_fit_and_a_hugging_face_model(tiny_llama_with_tokenizer, converted_tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3-4", "--lora-rank", "2", "-o", out)
+    assert result.exit_code == 2 and "--head-map fit" in result.stderr
+    result = run_cli("convert", converted_tiny_llama / "model.onnx", "--span", "3-4", "--head-map", "fit", "--lora-rank", "2",
+                     "--reference", tiny_llama_with_tokenizer, "-o", out)
+    assert result.exit_code == 2 and "Hugging Face model" in result.stderr
+    assert leftovers(out) == []
