@@ -1,7 +1,7 @@
 import json
 
 from sa_export.accuracy.texts import default_text_path
-from tests.helpers import run_cli
+from tests.helpers import move_fitted_corrections, run_cli
 
 
 def test_default_text_is_available_offline():
@@ -95,3 +95,30 @@ def test_divergence_is_the_kl_from_the_base_models_predictions():
     kl = divergence(model, ids, 32, base, plan)
     assert kl > 1e-7  # small on random weights, but far above the base model's own (< 1e-9)
     assert abs(kl - float(torch.cat(expected).mean())) < 1e-3 * kl
+
+
+def test_eval_with_lora_corrections_reports_them_and_keeps_the_base_model(monkeypatch, tiny_llama_with_tokenizer, tmp_path):
+    move_fitted_corrections(monkeypatch)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(600)))
+    reports = {}
+    for rank in ("0", "2"):
+        reports[rank] = tmp_path / f"{rank}.json"
+        result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--context", "128", "--other-text", "none",
+                         "--head-map", "fit", "--fit-steps", "2", "--calib-tokens", "1024", "--lora-rank", rank, "--json", reports[rank])
+        assert result.exit_code == 0, result.stderr
+    plain, corrected = (json.loads(reports[r].read_text()) for r in ("0", "2"))
+    assert plain["corrections"] is None
+    assert corrected["corrections"]["rank"] == 2 and corrected["corrections"]["corrects"] == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
+    assert corrected["base_ppl"] == plain["base_ppl"]  # the corrections belong to the SA model only
+    assert corrected["sa_ppl"] != plain["sa_ppl"]
+    assert "corrections   rank 2" in result.output
+
+
+def test_eval_lora_rank_needs_the_fit_in_fp32(tiny_llama_with_tokenizer, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(300)))
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--lora-rank", "2")
+    assert result.exit_code == 2 and "--head-map fit" in result.stderr
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--head-map", "fit", "--lora-rank", "2", "--precision", "int4")
+    assert result.exit_code == 2 and "--precision fp32" in result.stderr

@@ -1,32 +1,19 @@
 """`convert --head-map fit --lora-rank R`: the corrections reach the graph and `check` rebuilds them."""
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from sa_export.accuracy import evaluate
 from sa_export.accuracy.adapters import CORRECTIONS_NAME
 from sa_export.hf.models import load_reference, resolve_model
 from sa_export.stages.check import check, check_directory
 from sa_export.stages.convert import ConvertRequest, convert
-from tests.helpers import leftovers, run_cli
+from tests.helpers import leftovers, move_fitted_corrections, run_cli
 
 
 @pytest.mark.parametrize("exporter, precision", [("dynamo", "fp32"), ("genai", "int4")])
 def test_lora_corrections_are_folded_into_the_graph(monkeypatch, tiny_llama_with_tokenizer, tmp_path, exporter, precision):
-    """The plumbing, whatever the fit found: on the tiny random model the fit keeps its zero
-    start (tests/sa_export/accuracy/test_adapters.py shows it moving them), so here the fitted
-    corrections are replaced by random ones."""
-    fit = evaluate.fit_maps_and_temperatures
-
-    def fit_then_move(*args, adapters=None, **kwargs):
-        found = fit(*args, adapters=adapters, **kwargs)
-        with torch.no_grad():
-            for parameter in adapters.up.values():
-                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
-        return found
-
-    monkeypatch.setattr(evaluate, "fit_maps_and_temperatures", fit_then_move)
+    """What follows the fit (test_adapters.py shows the fit moving corrections)."""
+    move_fitted_corrections(monkeypatch)
     out = tmp_path / "out"
     request = ConvertRequest(
         model=str(tiny_llama_with_tokenizer), spans=("3-4",), out=out, head_map="fit", fit_steps=2, lora_rank=2,
