@@ -93,33 +93,43 @@ class TokenText:
 def split_texts(tokenizer, eval_file, calib_file, eval_tokens: int, calib_tokens: int) -> tuple[TokenText, TokenText]:
     """Evaluation tokens from the head of their file, calibration tokens from the tail of theirs.
 
-    When both come from one file the ranges are disjoint by construction; in every case
-    they are checked for shared runs of OVERLAP_WINDOW tokens, and an overlap is refused.
+    ``calib_file`` may be several files (a tuple): ``calib_tokens`` from the tail of each,
+    one after another, so that a fit sees every domain the user names.
+    When calibration and evaluation come from one file the ranges are disjoint by
+    construction; in every case they are checked for shared runs of OVERLAP_WINDOW
+    tokens, and an overlap is refused.
     """
     eval_text, eval_path = read_text(eval_file)
-    calib_text, calib_path = read_text(calib_file)
     eval_all = tokenizer(eval_text)["input_ids"]
-    calib_all = eval_all if calib_path == eval_path else tokenizer(calib_text)["input_ids"]
     eval_ids = eval_all[:eval_tokens]
+    evaluation = TokenText(eval_ids, f"{eval_path} tokens 0-{len(eval_ids)}")
+    files = list(calib_file) if isinstance(calib_file, (list, tuple)) else [calib_file]
+    parts = [_calibration_tail(tokenizer, file, eval_path, eval_all, evaluation, calib_tokens) for file in files or [None]]
+    calibration = TokenText([i for part in parts for i in part.ids], " + ".join(part.source for part in parts))
+    return evaluation, calibration
+
+
+def _calibration_tail(tokenizer, calib_file, eval_path: Path, eval_all: list[int], evaluation: TokenText, calib_tokens: int) -> TokenText:
+    calib_text, calib_path = read_text(calib_file)
+    calib_all = eval_all if calib_path == eval_path else tokenizer(calib_text)["input_ids"]
     if calib_path == eval_path:
-        available = len(calib_all) - len(eval_ids)
+        available = len(calib_all) - len(evaluation.ids)
         if available < min(calib_tokens, 512):
             raise UsageError(
-                f"{eval_path} has {len(calib_all)} tokens: too few to hold {len(eval_ids)} evaluation and "
+                f"{eval_path} has {len(calib_all)} tokens: too few to hold {len(evaluation.ids)} evaluation and "
                 f"{calib_tokens} calibration tokens apart; pass a separate --calib FILE"
             )
         start = len(calib_all) - min(calib_tokens, available)
     else:
         start = max(0, len(calib_all) - calib_tokens)
     calib_ids = calib_all[start:]
-    evaluation = TokenText(eval_ids, f"{eval_path} tokens 0-{len(eval_ids)}")
     calibration = TokenText(calib_ids, f"{calib_path} tokens {start}-{start + len(calib_ids)}")
-    if _share_a_window(eval_ids, calib_ids):
+    if _share_a_window(evaluation.ids, calib_ids):
         raise UsageError(
             f"calibration text ({calibration.source}) and evaluation text ({evaluation.source}) overlap; "
             "pass texts that share no passage"
         )
-    return evaluation, calibration
+    return calibration
 
 
 def _share_a_window(a: list[int], b: list[int]) -> bool:

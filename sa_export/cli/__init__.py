@@ -11,6 +11,7 @@ from sa_export.cli.options import (
     quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
+from sa_export.core.errors import UsageError
 from sa_export.export import AUTO, EXPORTERS, REMOVED_EXPORTERS
 from targets.profiles import target_names
 
@@ -181,6 +182,9 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
 
     if out is None:
         out = Path(f"{Path(model).name}-analysis")
+    if calib_file is not None and len(calib_file) > 1:
+        raise UsageError("analyze calibrates on one text (its head is also the frontier's held-out text): pass one --calib")
+    calib_file = calib_file[0] if calib_file else None
     result = run_analyze(
         AnalyzeRequest(
             model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,

@@ -131,7 +131,11 @@ def fit_options(function):
     )(function)
 
 
-calib_option = click.option("--calib", "calib_file", type=click.Path(), help="Calibration text (default: the tail of the default text).")
+calib_option = click.option(
+    "--calib", "calib_file", type=click.Path(), multiple=True, callback=lambda ctx, param, value: tuple(value) or None,
+    help="Calibration text (default: the tail of the default text). Repeat it to calibrate on several domains: "
+    "--calib-tokens from the tail of each.",
+)
 prefill_chunk_option = click.option(
     "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,
     help="Feed prompts in chunks of at most this many tokens (0: whole): bounds the attention probabilities a prefill holds.",

@@ -122,3 +122,18 @@ def test_eval_lora_rank_needs_the_fit_in_fp32(tiny_llama_with_tokenizer, tmp_pat
     assert result.exit_code == 2 and "--head-map fit" in result.stderr
     result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--head-map", "fit", "--lora-rank", "2", "--precision", "int4")
     assert result.exit_code == 2 and "--precision fp32" in result.stderr
+
+
+def test_eval_calibrates_on_every_calib_file(tiny_llama_with_tokenizer, tmp_path):
+    text, first, second = (tmp_path / f"{name}.txt" for name in ("text", "first", "second"))
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(300)))
+    first.write_text(" ".join(f"w{(i * 11) % 240 + 3}" for i in range(700)))
+    second.write_text(" ".join(f"w{(i * 13) % 230 + 3}" for i in range(700)))
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--other-text", "none", "--head-map", "argmax",
+                     "--calib", first, "--calib", second, "--calib-tokens", "256", "--json", report)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["calib_tokens"] == 512 and "first.txt" in data["calib_text"] and "second.txt" in data["calib_text"]
+    result = run_cli("analyze", tiny_llama_with_tokenizer, "--calib", first, "--calib", second, "-o", tmp_path / "analysis")
+    assert result.exit_code == 2 and "one --calib" in result.stderr

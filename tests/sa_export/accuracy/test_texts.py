@@ -35,6 +35,18 @@ def test_overlapping_files_are_refused(tokenizer, tmp_path):
         split_texts(tokenizer, a, b, 2000, 1000)
 
 
+def test_several_calibration_files_give_the_tail_of_each(tokenizer, tmp_path):
+    text = _write(tmp_path / "t.txt", _random_words(3000))
+    other = _write(tmp_path / "o.txt", _random_words(1500, seed=1))
+    evaluation, calibration = split_texts(tokenizer, text, (text, other), 1000, 1000)
+    _, alone = split_texts(tokenizer, text, other, 1000, 1000)
+    assert len(calibration.ids) == 2000 and calibration.ids[1000:] == alone.ids
+    assert "t.txt tokens 2000-3000 + " in calibration.source and "o.txt tokens 500-1500" in calibration.source
+    overlapping = _write(tmp_path / "x.txt", _random_words(3000)[:600])
+    with pytest.raises(UsageError, match="overlap"):
+        split_texts(tokenizer, text, (other, overlapping), 1000, 1000)
+
+
 def test_too_short_a_single_file_is_refused(tokenizer, tmp_path):
     text = _write(tmp_path / "t.txt", range(3, 203))
     with pytest.raises(UsageError, match="too few"):
