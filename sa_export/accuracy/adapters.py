@@ -79,13 +79,10 @@ class LowRankAdapters(torch.nn.Module):
         """``layer_projection`` -> B @ A, [out, in]: what folding adds to each weight."""
         return {key: (self.up[key] @ self.down[key]).detach() for key in self.targets}
 
-    @torch.no_grad()
-    def fold(self) -> None:
-        """Add each correction to its weight, for good: the model then computes what it
-        computed inside ``active()``, with no hooks (what an exporter reads)."""
-        for key, delta in self.deltas().items():
-            weight = self.targets[key].weight
-            weight.add_(delta.to(weight.dtype))
+    def fold(self, model) -> None:
+        """Add each correction to its weight in ``model`` (the one hooked, or a copy of it),
+        for good: it then computes what it computed inside ``active()``, with no hooks."""
+        _add_deltas(model, self.deltas())
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -118,11 +115,33 @@ def fold_saved_corrections(model, directory, record: dict) -> None:
     if record.get("file") != CORRECTIONS_NAME:  # a name, never a path out of the directory
         raise UsageError(f"the manifest's corrections file is {record.get('file')!r}; sa-export writes {CORRECTIONS_NAME}")
     tensors = load_file(str(Path(directory) / CORRECTIONS_NAME))
-    keys = list(record["corrects"])
-    layers = {int(key.split("_", 1)[0]) for key in keys}
-    projections = {key.split("_", 1)[1] for key in keys}
+    _add_deltas(model, {key: tensors[f"{key}.up"] @ tensors[f"{key}.down"] for key in record["corrects"]})
+
+
+@torch.no_grad()
+def _add_deltas(model, deltas: dict[str, torch.Tensor]) -> None:
+    layers = {_layer_order(key)[0] for key in deltas}
+    projections = {_layer_order(key)[1] for key in deltas}
     linears = layer_linears(model, layers, projections)
-    with torch.no_grad():
-        for key in keys:
-            weight = linears[key].weight
-            weight.add_((tensors[f"{key}.up"] @ tensors[f"{key}.down"]).to(weight.device, weight.dtype))
+    for key, delta in deltas.items():
+        weight = linears[key].weight
+        weight.add_(delta.to(weight.device, weight.dtype))
+
+
+def save_corrected_checkpoint(model, tokenizer, directory: Path, name: str):
+    """``model`` (corrections folded) as a safetensors checkpoint with its tokenizer: what
+    the exporters, which read checkpoints, take."""
+    from transformers.utils import logging as hf_logging
+
+    from sa_export.hf.models import ModelSource
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the caller's step line says it; a second bar would not
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return ModelSource("hf", Path(directory), name)

@@ -211,27 +211,30 @@ def evaluate(request: EvalRequest) -> EvalResult:
         raise UsageError("the evaluation text has fewer than 2 tokens")
     adapters = None
     if request.lora_rank:
-        if request.precision != "fp32":
-            raise UsageError("--lora-rank: convert folds the corrections before it quantizes; eval measures them with --precision fp32")
         from sa_export.accuracy.adapters import LowRankAdapters
 
         adapters = LowRankAdapters(hf_model, plan.anchors, request.lora_rank)
-    if request.precision != "fp32":
+    quantized = request.precision != "fp32"
+    if quantized and adapters is None:
         _load_quantized_weights(source, hf_model, request)
     plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds, fit_steps=request.fit_steps, adapters=adapters)
+    sa_model = hf_model
     corrected = adapters.active if adapters is not None else contextlib.nullcontext  # the SA model only: base stays the user's
+    if quantized and adapters is not None:  # as convert does: fitted in fp32, folded, then quantized
+        sa_model, corrected = _corrected_quantized(source, hf_model, tokenizer, adapters, request), contextlib.nullcontext
+        _load_quantized_weights(source, hf_model, request)
     ids = evaluation.ids
     with step(f"perplexity of the base model on {len(ids)} tokens"):
         base = perplexity(hf_model, ids, request.context)
     with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"), corrected():
-        sa = perplexity(hf_model, ids, request.context, plan)
+        sa = perplexity(sa_model, ids, request.context, plan)
     other = None
     if (request.other_text or "").lower() != "none":
         text = other_domain_tokens(tokenizer, request.other_text, request.max_tokens)
         with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens)"):
             other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context)}
             with corrected():
-                other["sa_ppl"] = perplexity(hf_model, text.ids, request.context, plan)
+                other["sa_ppl"] = perplexity(sa_model, text.ids, request.context, plan)
     tasks = {}
     if request.tasks:
         if adapters is not None:
@@ -246,6 +249,22 @@ def evaluate(request: EvalRequest) -> EvalResult:
         source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,
         request.context, saved, tasks, request.precision, other, adapters.record() if adapters is not None else None,
     )
+
+
+def _corrected_quantized(source, hf_model, tokenizer, adapters, request: EvalRequest):
+    """A copy of ``hf_model`` with the corrections folded and then the builder's quantized
+    weights of that corrected checkpoint: what `convert --lora-rank --precision int4` ships."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from sa_export.accuracy.adapters import save_corrected_checkpoint
+
+    corrected = copy.deepcopy(hf_model)
+    adapters.fold(corrected)
+    with tempfile.TemporaryDirectory(prefix="sa-export-eval-") as work:
+        _load_quantized_weights(save_corrected_checkpoint(corrected, tokenizer, Path(work) / "corrected", source.name), corrected, request)
+    return corrected
 
 
 def _load_quantized_weights(source, hf_model, request: EvalRequest) -> None:

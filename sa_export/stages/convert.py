@@ -195,7 +195,7 @@ def convert(request: ConvertRequest) -> ConvertResult:
         raise UsageError(f"--reference has {config.num_hidden_layers} layers but the ONNX graph has {num_layers}")
 
     hf_model = tokenizer = None
-    with atomic_directory(out, request.overwrite, lambda: _output_estimate(reference or source)) as tmp:
+    with atomic_directory(out, request.overwrite, lambda: _output_estimate(reference or source, 3 if request.lora_rank else 2)) as tmp:
         if reference is not None:
             hf_model, tokenizer = load_reference(reference, request.allow_pickle, timings)
         calibration = corrections = None
@@ -208,7 +208,9 @@ def convert(request: ConvertRequest) -> ConvertResult:
             exported = reference
             if corrections is not None:  # the exporters read checkpoints: give them the corrected one
                 with step("writing the corrected checkpoint for the exporter", timings, "corrected_checkpoint"):
-                    exported = _corrected_checkpoint(hf_model, tokenizer, reference, tmp / "corrected")
+                    from sa_export.accuracy.adapters import save_corrected_checkpoint
+
+                    exported = save_corrected_checkpoint(hf_model, tokenizer, tmp / "corrected", reference.name)
             with step(f"exporting to ONNX with {job.exporter.describe(options)}", timings, "export"):
                 graph_model = job.exporter.export(exported, options, tmp / "export", hf_model)
             shutil.rmtree(tmp / "corrected", ignore_errors=True)
@@ -260,12 +262,12 @@ def convert(request: ConvertRequest) -> ConvertResult:
     return ConvertResult(out.absolute(), plan, rewrite, manifest, parity, timings, sample, target_report)
 
 
-def _output_estimate(source: ModelSource) -> int:
-    """Bytes a convert writes at its peak: the export and the saved model side by side, each
-    about the size of the source's weights."""
+def _output_estimate(source: ModelSource, copies: int = 2) -> int:
+    """Bytes a convert writes at its peak: the export and the saved model side by side (and
+    with corrections, the corrected checkpoint), each about the size of the source's weights."""
     root = source.path if source.path.is_dir() else source.path.parent
     weights = sum(p.stat().st_size for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".onnx", ".data", ".gguf"))
-    return 2 * weights
+    return copies * weights
 
 
 def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, reference: ModelSource, kinds, tmp: Path):
@@ -290,7 +292,7 @@ def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, 
         return plan, calibration, None
     from sa_export.accuracy.adapters import CORRECTIONS_NAME
 
-    adapters.fold()
+    adapters.fold(hf_model)
     return plan, calibration, adapters.save(tmp / CORRECTIONS_NAME)
 
 
@@ -298,19 +300,3 @@ def _fit_steps(request: ConvertRequest) -> int:
     from sa_export.accuracy.distill import FIT_STEPS  # torch: imported once a request needs it
 
     return request.fit_steps or FIT_STEPS
-
-
-def _corrected_checkpoint(hf_model, tokenizer, reference: ModelSource, directory: Path) -> ModelSource:
-    """``hf_model``, corrections folded, as a safetensors checkpoint with its tokenizer."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the step's line says it; a second bar would not
-    try:
-        hf_model.save_pretrained(directory, safe_serialization=True)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return ModelSource("hf", directory, reference.name)

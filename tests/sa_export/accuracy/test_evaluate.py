@@ -115,13 +115,29 @@ def test_eval_with_lora_corrections_reports_them_and_keeps_the_base_model(monkey
     assert "corrections   rank 2" in result.output
 
 
-def test_eval_lora_rank_needs_the_fit_in_fp32(tiny_llama_with_tokenizer, tmp_path):
+def test_eval_lora_rank_needs_the_fit(tiny_llama_with_tokenizer, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(300)))
     result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--lora-rank", "2")
     assert result.exit_code == 2 and "--head-map fit" in result.stderr
-    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--head-map", "fit", "--lora-rank", "2", "--precision", "int4")
-    assert result.exit_code == 2 and "--precision fp32" in result.stderr
+
+
+def test_eval_int4_with_corrections_quantizes_the_corrected_weights(monkeypatch, tiny_llama_with_tokenizer, tmp_path):
+    """The base model is the builder's int4 of the user's weights, the SA model its int4 of
+    the corrected weights (as convert ships them): not the fp32 corrections on int4 weights."""
+    move_fitted_corrections(monkeypatch)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(600)))
+    reports = {}
+    for rank in ("0", "2"):
+        reports[rank] = tmp_path / f"{rank}.json"
+        result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--context", "128", "--other-text", "none",
+                         "--head-map", "fit", "--fit-steps", "2", "--calib-tokens", "1024", "--lora-rank", rank, "--precision", "int4",
+                         "--json", reports[rank])
+        assert result.exit_code == 0, result.stderr
+    plain, corrected = (json.loads(reports[r].read_text()) for r in ("0", "2"))
+    assert corrected["precision"] == "int4" and corrected["corrections"]["rank"] == 2
+    assert corrected["base_ppl"] == plain["base_ppl"] and corrected["sa_ppl"] != plain["sa_ppl"]
 
 
 def test_eval_calibrates_on_every_calib_file(tiny_llama_with_tokenizer, tmp_path):
