@@ -39,7 +39,7 @@ def layer_linears(model, layers, projections) -> dict[str, torch.nn.Linear]:
     missing = [f"{layer}_{p}" for layer in sorted(layers) for p in projections if f"{layer}_{p}" not in found]
     if missing:
         raise UsageError(f"{type(model).__name__} has no Linear for the corrections {', '.join(missing)}")
-    return dict(sorted(found.items(), key=lambda item: (int(item[0].split("_", 1)[0]), item[0])))
+    return dict(sorted(found.items(), key=lambda item: _layer_order(item[0])))
 
 
 class LowRankAdapters(torch.nn.Module):

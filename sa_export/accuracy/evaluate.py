@@ -99,7 +99,7 @@ class EvalResult:
         lines.append(f"plan          {self.plan.describe()}, head map {self.head_map}")
         if self.corrections is not None:
             fix = self.corrections
-            lines.append(f"corrections   rank {fix['rank']} of {len(fix['corrects'])} projections ({fix['parameters']:,} numbers, folded at convert)")
+            lines.append(f"corrections   rank {fix['rank']} of {len(fix['corrects'])} projections ({fix['parameters']:,} numbers)")
         if self.precision != "fp32":
             lines.append(f"weights       {self.precision}: the builder's {self.precision} graph's, dequantized (both models)")
         lines.append(f"base ppl      {self.base_ppl:.3f}")
