@@ -73,6 +73,7 @@ class ConvertResult:
             "anchors": {str(k): v for k, v in self.plan.anchors.items()},
             "kv_cache": dataclasses.asdict(self.manifest.cache.savings),
             "weight_bytes_removed": self.rewrite.weight_bytes_removed,
+            "corrections": (self.manifest.head_map or {}).get("corrections"),
             "parity": self.parity.summary_json() if self.parity else None,
             "timings_s": self.timings,
             "sample": self.sample,
@@ -90,6 +91,10 @@ class ConvertResult:
             f"  nodes             {self.rewrite.nodes_before:,} -> {self.rewrite.nodes_after:,}",
             f"  {self.parity.summary_line()}" if self.parity else "  parity            not checked (--no-check)",
         ]
+        corrections = (self.manifest.head_map or {}).get("corrections")
+        if corrections:
+            lines.insert(-1, f"  corrections       rank {corrections['rank']} on {len(corrections['corrects'])} projections, "
+                             f"folded into the weights ({corrections['file']})")
         if self.target is not None:
             lines += [f"  {line}" for line in self.target.lines(self.out)]
         if self.sample is not None:

@@ -25,6 +25,7 @@ def test_lora_corrections_are_folded_into_the_graph(monkeypatch, tiny_llama_with
     assert record["file"] == CORRECTIONS_NAME and record["rank"] == 2
     assert record["corrects"] == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
     assert CORRECTIONS_NAME in result.manifest.files and not (out / "corrected").exists()
+    assert result.summary_json()["corrections"] == record and any(line.strip().startswith("corrections") for line in result.lines())
     factors = load_file(out / CORRECTIONS_NAME)
     assert all(float(factors[f"{key}.up"].norm()) > 0 for key in record["corrects"])
     assert check(out, decode_steps=4).passed  # the reference rebuilt from the user's checkpoint and the saved factors
