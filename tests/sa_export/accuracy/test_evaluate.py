@@ -97,17 +97,23 @@ def test_divergence_is_the_kl_from_the_base_models_predictions():
     assert abs(kl - float(torch.cat(expected).mean())) < 1e-3 * kl
 
 
-def test_eval_with_lora_corrections_reports_them_and_keeps_the_base_model(monkeypatch, tiny_llama_with_tokenizer, tmp_path):
-    move_fitted_corrections(monkeypatch)
+def _eval_without_and_with_corrections(model, tmp_path, *options):
+    """`eval --head-map fit` at --lora-rank 0 and 2: both JSON reports, and the last run's result."""
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(600)))
-    reports = {}
+    reports = []
     for rank in ("0", "2"):
-        reports[rank] = tmp_path / f"{rank}.json"
-        result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--context", "128", "--other-text", "none",
-                         "--head-map", "fit", "--fit-steps", "2", "--calib-tokens", "1024", "--lora-rank", rank, "--json", reports[rank])
+        report = tmp_path / f"{rank}.json"
+        result = run_cli("eval", model, "--span", "3-4", "--text", text, "--context", "128", "--other-text", "none", "--head-map", "fit",
+                         "--fit-steps", "2", "--calib-tokens", "1024", "--lora-rank", rank, *options, "--json", report)
         assert result.exit_code == 0, result.stderr
-    plain, corrected = (json.loads(reports[r].read_text()) for r in ("0", "2"))
+        reports.append(json.loads(report.read_text()))
+    return reports[0], reports[1], result
+
+
+def test_eval_with_lora_corrections_reports_them_and_keeps_the_base_model(monkeypatch, tiny_llama_with_tokenizer, tmp_path):
+    move_fitted_corrections(monkeypatch)
+    plain, corrected, result = _eval_without_and_with_corrections(tiny_llama_with_tokenizer, tmp_path)
     assert plain["corrections"] is None
     assert corrected["corrections"]["rank"] == 2 and corrected["corrections"]["corrects"] == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
     assert corrected["base_ppl"] == plain["base_ppl"]  # the corrections belong to the SA model only
@@ -126,16 +132,7 @@ def test_eval_int4_with_corrections_quantizes_the_corrected_weights(monkeypatch,
     """The base model is the builder's int4 of the user's weights, the SA model its int4 of
     the corrected weights (as convert ships them): not the fp32 corrections on int4 weights."""
     move_fitted_corrections(monkeypatch)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(600)))
-    reports = {}
-    for rank in ("0", "2"):
-        reports[rank] = tmp_path / f"{rank}.json"
-        result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--context", "128", "--other-text", "none",
-                         "--head-map", "fit", "--fit-steps", "2", "--calib-tokens", "1024", "--lora-rank", rank, "--precision", "int4",
-                         "--json", reports[rank])
-        assert result.exit_code == 0, result.stderr
-    plain, corrected = (json.loads(reports[r].read_text()) for r in ("0", "2"))
+    plain, corrected, _ = _eval_without_and_with_corrections(tiny_llama_with_tokenizer, tmp_path, "--precision", "int4")
     assert corrected["precision"] == "int4" and corrected["corrections"]["rank"] == 2
     assert corrected["base_ppl"] == plain["base_ppl"] and corrected["sa_ppl"] != plain["sa_ppl"]
 
