@@ -1,6 +1,6 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
-    python -m sa_export.benchmarks.heal [--spans 26-29,...] [--rank 8] [--fit-steps N] [--json FILE]
+    python -m sa_export.benchmarks.heal [--spans 26-29,...] [--rank 8] [--fit-steps N] [--calib-tokens N] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
@@ -40,15 +40,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"which of each shared layer's projections +lora corrects (MLP: {','.join(MLP_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text and of each calibration text")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
+    parser.add_argument("--calib-tokens", type=int, default=4096, help="tokens of each calibration text (news, code)")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
     _, config, model, tokenizer = load_for_reference(args.model)
-    news, news_calib = split_texts(tokenizer, None, None, args.tokens, args.tokens)
+    news, news_calib = split_texts(tokenizer, None, None, args.tokens, args.calib_tokens)
     code_file = other_domain_text_path()
-    code, code_calib = split_texts(tokenizer, code_file, code_file, args.tokens, args.tokens)
+    code, code_calib = split_texts(tokenizer, code_file, code_file, args.tokens, args.calib_tokens)
     texts = {"news": news.ids, "code": code.ids, "wiki": unseen_domain_tokens(tokenizer, args.unseen_text, args.tokens).ids}
     calibration = {"news": news_calib.ids, "both": news_calib.ids + code_calib.ids}
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()}
@@ -71,7 +72,7 @@ def main() -> None:
                 ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
             _report(rows, span, name, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "fit_steps": args.fit_steps, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "fit_steps": args.fit_steps, "calib_tokens": args.calib_tokens, "rows": rows})
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:
