@@ -47,10 +47,16 @@ class LowRankAdapters(torch.nn.Module):
     correction starts at nothing, so the fit starts from the maps it is given."""
 
     def __init__(self, model, layers, rank: int, seed: int = 0, projections=PROJECTIONS):
+        """``layers``: the layers whose ``projections`` are corrected, or a mapping of each
+        layer to its own projections (e.g. the layers that source the maps: ``q_proj``)."""
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.rank = rank
-        self.targets = layer_linears(model, set(layers), projections)
+        by_layer = layers if isinstance(layers, dict) else dict.fromkeys(layers, tuple(projections))
+        found = {}
+        for layer, own in by_layer.items():
+            found.update(layer_linears(model, {layer}, own))
+        self.targets = dict(sorted(found.items(), key=lambda item: _layer_order(item[0])))
         self.down = torch.nn.ParameterDict()
         self.up = torch.nn.ParameterDict()
         for key, linear in self.targets.items():

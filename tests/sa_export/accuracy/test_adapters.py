@@ -34,6 +34,24 @@ def test_adapters_start_at_nothing_and_fold_into_the_weights():
     assert sorted(adapters.targets) == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
 
 
+def test_each_layer_may_name_its_own_projections():
+    """A mapping corrects each layer's own projections (a source layer's Q/K with a shared
+    layer's V/O), and folding adds each correction to its own weight."""
+    model = _model()
+    adapters = LowRankAdapters(model, {2: ("q_proj", "k_proj"), 3: ("v_proj",)}, rank=2)
+    assert list(adapters.targets) == ["2_k_proj", "2_q_proj", "3_v_proj"]
+    with torch.no_grad():
+        for parameter in adapters.up.values():
+            parameter.normal_()
+    folded = copy.deepcopy(model)
+    adapters.fold(folded)
+    for key, delta in adapters.deltas().items():
+        layer, name = key.split("_", 1)
+        added = getattr(folded.model.layers[int(layer)].self_attn, name).weight - getattr(model.model.layers[int(layer)].self_attn, name).weight
+        torch.testing.assert_close(added, delta)
+    assert torch.equal(folded.model.layers[3].self_attn.q_proj.weight, model.model.layers[3].self_attn.q_proj.weight)
+
+
 @torch.no_grad()
 def _divergence(model, plan, ids, adapters) -> float:
     teacher = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
