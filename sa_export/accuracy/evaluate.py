@@ -184,7 +184,8 @@ def calibrated_plan(
 ) -> SharingPlan:
     """The plan with head maps calibrated on ``calibration`` (unchanged for identity);
     ``stats``, when given, are that text's attention statistics, collected before.
-    ``adapters`` (``accuracy.adapters.LowRankAdapters``, mode fit only) are fitted with the maps."""
+    ``adapters`` (``accuracy.adapters.LowRankAdapters``, mode fit only) are fitted with the
+    maps, after they take in the Q/K projections of the layers the start maps read."""
     if adapters is not None and mode not in FITTED_MODES:
         raise UsageError(f"LoRA corrections are fitted with the maps by distillation: use --head-map fit, not {mode}")
     if mode == "identity" or not plan.anchors:
@@ -198,6 +199,8 @@ def calibrated_plan(
     if mode not in FITTED_MODES:
         return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, layer_kinds))
     start = calibrate_head_maps(stats, plan, FIT_START, layer_kinds)
+    if adapters is not None:
+        adapters.add_sources(hf_model, plan.with_head_maps(start))
     with progress_bar(f"fitting head maps on the model's output ({fit_steps} steps)", unit="step") as advance:
         return plan.with_head_maps(fit_maps_and_temperatures(hf_model, plan, calibration.ids, start, fit_steps, advance, adapters=adapters)[0])
 
@@ -213,7 +216,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
     if request.lora_rank:
         from sa_export.accuracy.adapters import LowRankAdapters
 
-        adapters = LowRankAdapters(hf_model, plan.anchors, request.lora_rank)
+        adapters = LowRankAdapters(hf_model, plan.shared_layers, request.lora_rank)
     quantized = request.precision != "fp32"
     if quantized and adapters is None:
         _load_quantized_weights(source, hf_model, request)

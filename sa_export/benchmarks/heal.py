@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import time
 
-from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, LowRankAdapters
+from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"which of each shared layer's projections +lora corrects (MLP: {','.join(MLP_PROJECTIONS)})")
-    parser.add_argument("--source-projections", help="also correct these projections of every layer the maps read (e.g. q_proj,k_proj)")
+    parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
     parser.add_argument("--calib-tokens", type=int, default=4096, help="tokens of each calibration text (news, code)")
@@ -64,7 +64,11 @@ def main() -> None:
         for name in args.configs.split(","):
             on = "both" if name.startswith("fit-2") else "news"
             start = calibrate_head_maps(stats[on], plan, FIT_START)
-            adapters = LowRankAdapters(model, _corrected(plan, start, args), args.rank) if name.endswith("+lora") else None
+            adapters = None
+            if name.endswith("+lora"):
+                adapters = LowRankAdapters(model, plan.shared_layers, args.rank, projections=args.projections.split(","))
+                if args.source_projections:
+                    adapters.add(model, dict.fromkeys(plan.with_head_maps(start).anchor_layers, tuple(args.source_projections.split(","))))
             started = time.perf_counter()
             maps, _ = fit_maps_and_temperatures(model, plan, calibration[on], start, args.fit_steps, adapters=adapters)
             seconds = time.perf_counter() - started
@@ -74,16 +78,6 @@ def main() -> None:
             _report(rows, span, name, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
         write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "calib_tokens": args.calib_tokens, "rows": rows})
-
-
-def _corrected(plan, start: dict, args) -> dict[int, tuple[str, ...]]:
-    """Each shared layer's projections to correct and, with --source-projections, those of
-    every layer its start maps read."""
-    layers = dict.fromkeys(plan.shared_layers, tuple(args.projections.split(",")))
-    if args.source_projections:
-        for source in plan.with_head_maps(start).anchor_layers:
-            layers[source] = tuple(args.source_projections.split(","))
-    return layers
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

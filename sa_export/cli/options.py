@@ -122,8 +122,9 @@ def fit_options(function):
 
     function = click.option(
         "--lora-rank", type=click.IntRange(0, 256), default=0, show_default=True,
-        help="With --head-map fit: also fit a rank-R correction (LoRA) of each shared layer's V and output projections "
-        "with the maps, and fold it into those weights before export, so a decode step costs the same. 0: none.",
+        help="With --head-map fit: also fit a rank-R correction (LoRA) of each shared layer's V and output projections, "
+        "and of the Q and K projections of the layers they read from, with the maps, and fold it into those weights "
+        "before export, so a decode step costs the same. 0: none.",
     )(function)
     return click.option(
         "--fit-steps", type=click.IntRange(1, 100_000), default=FIT_STEPS, show_default=True,
@@ -150,4 +151,14 @@ def memory_mode_option(what: str):
     )
 
 
-calib_tokens_option = click.option("--calib-tokens", type=click.IntRange(256), default=4096, show_default=True, help="Calibration tokens.")
+CALIB_TOKENS = 4096
+LORA_CALIB_TOKENS = 16384  # corrections have thousands of numbers: 4x the text lowered their penalty on every domain (README, heal)
+calib_tokens_option = click.option(
+    "--calib-tokens", type=click.IntRange(256), default=None,
+    help=f"Calibration tokens (of each --calib file) [default: {CALIB_TOKENS}; {LORA_CALIB_TOKENS} with --lora-rank].",
+)
+
+
+def calib_tokens_for(calib_tokens: int | None, lora_rank: int = 0) -> int:
+    """--calib-tokens as given, else its default for the request."""
+    return calib_tokens or (LORA_CALIB_TOKENS if lora_rank else CALIB_TOKENS)

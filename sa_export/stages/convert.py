@@ -291,7 +291,7 @@ def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, 
     if request.lora_rank and plan.anchors:
         from sa_export.accuracy.adapters import LowRankAdapters
 
-        adapters = LowRankAdapters(hf_model, plan.anchors, request.lora_rank)
+        adapters = LowRankAdapters(hf_model, plan.shared_layers, request.lora_rank)
     plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds, fit_steps=_fit_steps(request), adapters=adapters)
     if adapters is None:
         return plan, calibration, None

@@ -35,10 +35,13 @@ def test_adapters_start_at_nothing_and_fold_into_the_weights():
 
 
 def test_each_layer_may_name_its_own_projections():
-    """A mapping corrects each layer's own projections (a source layer's Q/K with a shared
-    layer's V/O), and folding adds each correction to its own weight."""
+    """Layers may have projections of their own corrected (a source layer's Q/K with a
+    shared layer's V), and folding adds each correction to its own weight."""
     model = _model()
-    adapters = LowRankAdapters(model, {2: ("q_proj", "k_proj"), 3: ("v_proj",)}, rank=2)
+    adapters = LowRankAdapters(model, [3], rank=2, projections=("v_proj",))
+    kept = adapters.down["3_v_proj"]
+    adapters.add(model, {2: ("q_proj", "k_proj"), 3: ("v_proj",)})
+    assert adapters.down["3_v_proj"] is kept  # what is corrected already keeps its factors
     assert list(adapters.targets) == ["2_k_proj", "2_q_proj", "3_v_proj"]
     with torch.no_grad():
         for parameter in adapters.up.values():

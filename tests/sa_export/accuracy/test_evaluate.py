@@ -115,7 +115,9 @@ def test_eval_with_lora_corrections_reports_them_and_keeps_the_base_model(monkey
     move_fitted_corrections(monkeypatch)
     plain, corrected, result = _eval_without_and_with_corrections(tiny_llama_with_tokenizer, tmp_path)
     assert plain["corrections"] is None
-    assert corrected["corrections"]["rank"] == 2 and corrected["corrections"]["corrects"] == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
+    corrects = corrected["corrections"]["corrects"]
+    assert corrected["corrections"]["rank"] == 2 and corrects[-4:] == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
+    assert corrects[:-4] and all(int(key.split("_")[0]) < 3 and key.endswith(("_q_proj", "_k_proj")) for key in corrects[:-4])  # the sources' Q/K
     assert corrected["base_ppl"] == plain["base_ppl"]  # the corrections belong to the SA model only
     assert corrected["sa_ppl"] != plain["sa_ppl"]
     assert "corrections   rank 2" in result.output

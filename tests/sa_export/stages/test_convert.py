@@ -23,7 +23,8 @@ def test_lora_corrections_are_folded_into_the_graph(monkeypatch, tiny_llama_with
     assert result.parity.passed, result.parity.summary_line()
     record = result.manifest.head_map["corrections"]
     assert record["file"] == CORRECTIONS_NAME and record["rank"] == 2
-    assert record["corrects"] == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
+    sources = result.manifest.plan.anchor_layers  # the shared layers' V/O, and Q/K of every layer they read
+    assert record["corrects"] == [f"{s}_{p}" for s in sources for p in ("k_proj", "q_proj")] + ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
     assert CORRECTIONS_NAME in result.manifest.files and not (out / "corrected").exists()
     assert result.summary_json()["corrections"] == record and any(line.strip().startswith("corrections") for line in result.lines())
     factors = load_file(out / CORRECTIONS_NAME)
