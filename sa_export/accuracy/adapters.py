@@ -2,7 +2,8 @@
 
 A shared layer reads probabilities it did not compute; its own V and output projections
 were trained for its own. A rank-r term ``B @ A`` added to each (LoRA: ``W x + B A x``)
-lets distillation adapt them to the borrowed maps. Folded into the weights before export,
+lets distillation adapt them to the borrowed maps; the same term on the Q and K projections
+of the layers it borrows from lets those make maps that serve it. Folded into the weights before export,
 it costs nothing at decode: the graph keeps its MatMuls, with other numbers, and every
 exporter and precision (int4 quantizes the corrected weights) takes it as it takes the
 model. The factors are saved next to the graph (``CORRECTIONS_NAME``, safetensors) so that
