@@ -73,12 +73,12 @@ class LowRankAdapters(torch.nn.Module):
         self.targets = dict(sorted({**self.targets, **found}.items(), key=lambda item: _layer_order(item[0])))
         self.to(next(model.parameters()).device)
 
-    def add_sources(self, model, plan) -> None:
+    def add_sources(self, model, plan, projections=SOURCE_PROJECTIONS) -> None:
         """Correct the Q and K projections of every layer whose probabilities ``plan``'s
         shared layers read: they then compute maps that serve their readers as well as
         themselves (the fit weighs both). SmolLM2 26-29, fitted on news and code: the wiki
         penalty 0.34 -> 0.30 of identity's (README, heal)."""
-        self.add(model, dict.fromkeys(plan.anchor_layers, SOURCE_PROJECTIONS))
+        self.add(model, dict.fromkeys(plan.anchor_layers, tuple(projections)))
 
     @contextlib.contextmanager
     def active(self):

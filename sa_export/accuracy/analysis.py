@@ -16,7 +16,7 @@ from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.frontier import recommend, save_plot, search_frontier
-from sa_export.accuracy.texts import TokenText, other_domain_tokens, split_texts
+from sa_export.accuracy.texts import TokenText, calib_tokens_for, other_domain_tokens, split_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,7 @@ class AnalyzeRequest:
     model: str
     out: Path
     calib_file: str | None = None
-    calib_tokens: int = 4096
+    calib_tokens: int | None = None  # None: texts.calib_tokens_for's default
     share: int | None = None  # layers to share; runs the perplexity search
     kv_saving: float | None = None  # or: the KV-cache fraction to save
     head_map: str = "identity"
@@ -170,7 +170,7 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
     refuse_existing(Path(request.out), request.overwrite)
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     length = span_length_for(request, config.num_hidden_layers)
-    _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
+    _, calibration = split_texts(tokenizer, None, request.calib_file, 0, calib_tokens_for(request.calib_tokens))
     with progress_bar("collecting attention maps on calibration text", unit="chunk") as advance:
         stats = collect_statistics(hf_model, calibration.ids, progress=advance)
     ranking = rank_spans(stats.layer_similarity(), length)
@@ -243,7 +243,7 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
     if torch.cuda.is_available():  # the search is hundreds of forward passes: use the GPU where there is one
         hf_model.to("cuda")
     # Held-out text of the calibration's domain (the head of its file) and text of another domain.
-    evaluation, _ = split_texts(tokenizer, request.calib_file, request.calib_file, request.eval_tokens, request.calib_tokens)
+    evaluation, _ = split_texts(tokenizer, request.calib_file, request.calib_file, request.eval_tokens, calib_tokens_for(request.calib_tokens))
     texts = {"calib-domain": evaluation, "other-domain": other_domain_tokens(tokenizer, request.other_text, request.eval_tokens)}
     search = TokenText(calibration.ids[: request.search_tokens], calibration.source)
     return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared)

@@ -15,7 +15,7 @@ from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
 from sa_export.core.progress import progress_bar, step
-from sa_export.accuracy.texts import TokenText, other_domain_tokens, split_texts
+from sa_export.accuracy.texts import TokenText, calib_tokens_for, other_domain_tokens, split_texts
 from sa_export.accuracy.reference import shared_attention
 
 @torch.no_grad()
@@ -153,7 +153,7 @@ class EvalRequest:
     text_file: str | None = None
     calib_file: str | None = None
     max_tokens: int = 4096
-    calib_tokens: int = 4096
+    calib_tokens: int | None = None  # None: texts.calib_tokens_for's default
     context: int = 1024
     force: bool = False
     tasks: tuple[str, ...] = ()
@@ -209,7 +209,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     kinds = getattr(config, "layer_types", None)
     plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force)
-    evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, request.calib_tokens)
+    evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, calib_tokens_for(request.calib_tokens, request.lora_rank))
     if len(evaluation.ids) < 2:
         raise UsageError("the evaluation text has fewer than 2 tokens")
     adapters = None

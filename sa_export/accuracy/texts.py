@@ -16,8 +16,15 @@ OTHER_DOMAIN_TEXT = ("torch", "nn/modules/module.py")
 # Text of a third domain, which no calibration or search here reads: encyclopedia articles
 # in wiki markup, from the excerpt of an English Wikipedia dump that the gensim wheel ships.
 UNSEEN_DOMAIN_TEXT = ("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+CALIB_TOKENS = 4096
+LORA_CALIB_TOKENS = 16384  # corrections have thousands of numbers: 4x the text lowered their penalty on every domain (README, heal)
 # Two texts overlap when they share any run of this many tokens.
 OVERLAP_WINDOW = 32
+
+
+def calib_tokens_for(calib_tokens: int | None, lora_rank: int = 0) -> int:
+    """The calibration tokens asked for, else the default for the request (more with LoRA corrections)."""
+    return calib_tokens or (LORA_CALIB_TOKENS if lora_rank else CALIB_TOKENS)
 
 
 def _packaged_text(what: str, location: tuple[str, str], option: str) -> Path:

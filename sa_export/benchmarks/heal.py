@@ -24,7 +24,7 @@ from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PRO
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
-from sa_export.accuracy.texts import other_domain_text_path, split_texts, unseen_domain_tokens
+from sa_export.accuracy.texts import CALIB_TOKENS, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import build_plan
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
-    parser.add_argument("--calib-tokens", type=int, default=4096, help="tokens of each calibration text (news, code)")
+    parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of each calibration text (news, code)")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
@@ -68,7 +68,7 @@ def main() -> None:
             if name.endswith("+lora"):
                 adapters = LowRankAdapters(model, plan.shared_layers, args.rank, projections=args.projections.split(","))
                 if args.source_projections:
-                    adapters.add(model, dict.fromkeys(plan.with_head_maps(start).anchor_layers, tuple(args.source_projections.split(","))))
+                    adapters.add_sources(model, plan.with_head_maps(start), args.source_projections.split(","))
             started = time.perf_counter()
             maps, _ = fit_maps_and_temperatures(model, plan, calibration[on], start, args.fit_steps, adapters=adapters)
             seconds = time.perf_counter() - started

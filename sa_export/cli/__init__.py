@@ -8,7 +8,7 @@ import click
 
 from sa_export import __version__
 from sa_export.cli.options import (
-    quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_for, calib_tokens_option, fit_options, force_option,
+    quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.core.errors import UsageError
@@ -73,7 +73,7 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, c
     request = ConvertRequest(
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
-        decode_steps=decode_steps, head_map=head_map, fit_steps=fit_steps, lora_rank=lora_rank, calib_file=calib_file, calib_tokens=calib_tokens_for(calib_tokens, lora_rank),
+        decode_steps=decode_steps, head_map=head_map, fit_steps=fit_steps, lora_rank=lora_rank, calib_file=calib_file, calib_tokens=calib_tokens,
         max_batch=max_batch, max_context=max_context, exporter=exporter, opset=int(opset) if opset else None,
         accept_unknown_config_keys=accept_unknown_config_keys,
     )
@@ -148,7 +148,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
 
     result = evaluate(
         EvalRequest(
-            model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens_for(calib_tokens, lora_rank), context, force,
+            model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,
             tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else (), tasks_path=tasks_path, tasks_limit=tasks_limit,
             accept_unknown_config_keys=accept_unknown_config_keys, precision=precision, other_text=other_text,
             fit_steps=fit_steps, lora_rank=lora_rank,
@@ -187,7 +187,7 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
     calib_file = calib_file[0] if calib_file else None
     result = run_analyze(
         AnalyzeRequest(
-            model, out, calib_file, calib_tokens_for(calib_tokens), share, kv_saving, head_map, candidates, overwrite=overwrite,
+            model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,
             accept_unknown_config_keys=accept_unknown_config_keys, frontier=frontier, max_shared=max_shared,
             max_penalty=max_penalty, other_text=other_text,
         )

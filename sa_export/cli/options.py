@@ -151,14 +151,11 @@ def memory_mode_option(what: str):
     )
 
 
-CALIB_TOKENS = 4096
-LORA_CALIB_TOKENS = 16384  # corrections have thousands of numbers: 4x the text lowered their penalty on every domain (README, heal)
-calib_tokens_option = click.option(
-    "--calib-tokens", type=click.IntRange(256), default=None,
-    help=f"Calibration tokens (of each --calib file) [default: {CALIB_TOKENS}; {LORA_CALIB_TOKENS} with --lora-rank].",
-)
+def calib_tokens_option(function):
+    """--calib-tokens; unset, each request takes its default (``texts.calib_tokens_for``)."""
+    from sa_export.accuracy.texts import CALIB_TOKENS, LORA_CALIB_TOKENS
 
-
-def calib_tokens_for(calib_tokens: int | None, lora_rank: int = 0) -> int:
-    """--calib-tokens as given, else its default for the request."""
-    return calib_tokens or (LORA_CALIB_TOKENS if lora_rank else CALIB_TOKENS)
+    return click.option(
+        "--calib-tokens", type=click.IntRange(256), default=None,
+        help=f"Calibration tokens (of each --calib file) [default: {CALIB_TOKENS}; {LORA_CALIB_TOKENS} with --lora-rank].",
+    )(function)

@@ -43,7 +43,7 @@ class ConvertRequest:
     fit_steps: int | None = None  # --head-map fit's distillation steps (None: its default)
     lora_rank: int = 0  # with --head-map fit: LoRA corrections of the shared layers, folded before export
     calib_file: str | None = None
-    calib_tokens: int = 4096
+    calib_tokens: int | None = None  # None: texts.calib_tokens_for's default
     max_batch: int | None = None  # None: the target's
     max_context: int | None = None  # None: the target's; given: exit 1 when it does not fit
     exporter: str = AUTO  # the fastest graph the target and model allow
@@ -284,9 +284,9 @@ def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, 
     if tokenizer is None:
         raise UsageError(f"--head-map {request.head_map} calibrates on text, and {reference.name} has no tokenizer; use --head-map identity")
     from sa_export.accuracy.evaluate import calibrated_plan
-    from sa_export.accuracy.texts import split_texts
+    from sa_export.accuracy.texts import calib_tokens_for, split_texts
 
-    _, calibration = split_texts(tokenizer, None, request.calib_file, 0, request.calib_tokens)
+    _, calibration = split_texts(tokenizer, None, request.calib_file, 0, calib_tokens_for(request.calib_tokens, request.lora_rank))
     adapters = None
     if request.lora_rank and plan.anchors:
         from sa_export.accuracy.adapters import LowRankAdapters
