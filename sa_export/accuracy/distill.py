@@ -87,12 +87,13 @@ def fit_head_maps(
 
 def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
-    adapters: LowRankAdapters | None = None,
+    adapters: LowRankAdapters | None = None, on_validate=None,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
     ``adapters``, when given, are fitted with the maps (at ADAPTER_LEARNING_RATE) and left
-    at the state kept with the best maps."""
+    at the state kept with the best maps. ``on_validate(step, divergence)`` hears each
+    held-out divergence (step 0: the start), to show whether more steps would still pay."""
     chunks = [token_ids[i : i + FIT_CHUNK_TOKENS] for i in range(0, len(token_ids) - FIT_CHUNK_TOKENS + 1, FIT_CHUNK_TOKENS)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {FIT_CHUNK_TOKENS} tokens")
@@ -118,6 +119,8 @@ def fit_maps_and_temperatures(
             return {k: v.detach().clone() for k, v in adapters.state_dict().items()} if adapters is not None else None
 
         best = (_divergence(teacher, plan.with_head_maps(start), held_out, None, corrected), start, None, snapshot())
+        if on_validate is not None:
+            on_validate(0, best[0])
         for number in range(1, steps + 1):
             optimizer.zero_grad()
             picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist()]
@@ -131,6 +134,8 @@ def fit_maps_and_temperatures(
                 maps, temperatures = fitted.head_maps(), fitted.temperatures()
                 candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures, corrected), maps, temperatures, snapshot())
                 best = min(best, candidate, key=lambda entry: entry[0])
+                if on_validate is not None:
+                    on_validate(number, candidate[0])
             if progress is not None:
                 progress(number, steps)
     finally:

@@ -70,7 +70,10 @@ def main() -> None:
                 if args.source_projections:
                     adapters.add_sources(model, plan.with_head_maps(start), args.source_projections.split(","))
             started = time.perf_counter()
-            maps, _ = fit_maps_and_temperatures(model, plan, calibration[on], start, args.fit_steps, adapters=adapters)
+            maps, _ = fit_maps_and_temperatures(
+                model, plan, calibration[on], start, args.fit_steps, adapters=adapters,
+                on_validate=lambda step, divergence: print(f"  {span} {name} step {step}: held-out KL {divergence:.5f}", flush=True),
+            )
             seconds = time.perf_counter() - started
             fitted = plan.with_head_maps(maps)
             with adapters.active() if adapters is not None else contextlib.nullcontext():
