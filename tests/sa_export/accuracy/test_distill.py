@@ -30,12 +30,9 @@ def _peaked_model():
     return model
 
 
-@pytest.mark.parametrize("teacher_kept", [True, False], ids=["teacher-kept", "teacher-recomputed"])
-def test_fit_finds_the_heads_that_a_shared_layer_should_read(teacher_kept, monkeypatch):
-    """Layers 3 and 4 get the anchor's Q/K weights, so each head's own map is close to the
-    anchor's same head. Started from a wrong permutation, the fit moves there."""
-    if not teacher_kept:
-        monkeypatch.setattr(distill, "TEACHER_CACHE_BYTES", 0)
+def _anchor_copies_started_wrong():
+    """Layers 3 and 4 with the anchor's (layer 2's) Q/K weights, and start maps that read a
+    wrong permutation of the anchor's heads: model, calibration ids, plan, start."""
     model = _peaked_model()
     with torch.no_grad():
         for layer in (3, 4):
@@ -44,6 +41,16 @@ def test_fit_finds_the_heads_that_a_shared_layer_should_read(teacher_kept, monke
     ids = np.random.default_rng(0).integers(0, 256, 4 * FIT_CHUNK_TOKENS).tolist()
     plan = build_plan(["3-4"], 6)
     start = {layer: HeadMap.from_anchor_heads(2, [(head + 2) % 4 for head in range(4)]) for layer in (3, 4)}
+    return model, ids, plan, start
+
+
+@pytest.mark.parametrize("teacher_kept", [True, False], ids=["teacher-kept", "teacher-recomputed"])
+def test_fit_finds_the_heads_that_a_shared_layer_should_read(teacher_kept, monkeypatch):
+    """Layers 3 and 4 get the anchor's Q/K weights, so each head's own map is close to the
+    anchor's same head. Started from a wrong permutation, the fit moves there."""
+    if not teacher_kept:
+        monkeypatch.setattr(distill, "TEACHER_CACHE_BYTES", 0)
+    model, ids, plan, start = _anchor_copies_started_wrong()
     fitted = fit_head_maps(model, plan, ids, start, steps=20)
     assert sorted(fitted) == [3, 4]
     for head_map in fitted.values():
@@ -55,6 +62,14 @@ def test_fit_finds_the_heads_that_a_shared_layer_should_read(teacher_kept, monke
     after = _divergence(model, plan.with_head_maps(fitted), held_out)
     assert after < 0.5 * before, (before, after)
     assert all(parameter.requires_grad for parameter in model.parameters())  # the model is left as it was
+
+
+def test_the_fit_reports_the_held_out_divergence_at_the_start_and_each_validation():
+    model, ids, plan, start = _anchor_copies_started_wrong()
+    heard = []
+    distill.fit_maps_and_temperatures(model, plan, ids, start, steps=20, on_validate=lambda step, kl: heard.append((step, kl)))
+    assert [step for step, _ in heard] == [0, 10, 20]
+    assert heard[-1][1] < 0.5 * heard[0][1], heard  # the wrong start is far worse than the fit
 
 
 def test_fit_needs_a_chunk_of_text():
