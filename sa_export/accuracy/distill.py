@@ -35,7 +35,7 @@ WEIGHT_FLOOR = 0.01  # every source starts with a little weight, so that the fit
 SEED = 0
 HOLD_OUT_EVERY = 4  # every fourth chunk validates, when there are at least this many
 VALIDATE_EVERY = 10
-TEACHER_CACHE_BYTES = 4 << 30  # the base model's log-probabilities are kept when they fit in this
+TEACHER_CACHE_BYTES = 6 << 30  # the base model's log-probabilities are kept when they fit in this (3 x 16,384 tokens of SmolLM2: 4.8 GB)
 
 
 class _FittedMaps(torch.nn.Module):

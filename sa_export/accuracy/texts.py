@@ -16,6 +16,10 @@ OTHER_DOMAIN_TEXT = ("torch", "nn/modules/module.py")
 # Text of a third domain, which no calibration or search here reads: encyclopedia articles
 # in wiki markup, from the excerpt of an English Wikipedia dump that the gensim wheel ships.
 UNSEEN_DOMAIN_TEXT = ("gensim", "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+# English prose of a third kind, for calibration only: the Python language reference's
+# topics, which every Python ships for pydoc (pydoc_data.topics). It is neither news,
+# code nor encyclopedia, so a fit that reads it is still judged on a domain it never saw.
+DOCUMENTATION_MODULE = "pydoc_data.topics"
 CALIB_TOKENS = 4096
 LORA_CALIB_TOKENS = 16384  # corrections have thousands of numbers: 4x the text lowered their penalty on every domain (README, heal)
 # Two texts overlap when they share any run of this many tokens.
@@ -60,6 +64,16 @@ def unseen_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) ->
         text = _wiki_articles(file, max_characters=max_tokens * 8)
     ids = tokenizer(text)["input_ids"][:max_tokens]
     return TokenText(ids, f"{file} tokens 0-{len(ids)}")
+
+
+def documentation_tokens(tokenizer, max_tokens: int) -> TokenText:
+    """The last ``max_tokens`` tokens of Python's reference topics (``DOCUMENTATION_MODULE``), topic after topic."""
+    import importlib
+
+    topics = importlib.import_module(DOCUMENTATION_MODULE).topics
+    ids = tokenizer("\n\n".join(topics[name] for name in sorted(topics)))["input_ids"]
+    start = max(0, len(ids) - max_tokens)
+    return TokenText(ids[start:], f"{DOCUMENTATION_MODULE} tokens {start}-{len(ids)}")
 
 
 def _wiki_articles(dump: Path, max_characters: int) -> str:

@@ -8,7 +8,9 @@ For each span, side by side, from the same `mix-few` start:
 - ``fit-2``: the same, distilled on news and Python source, half each;
 - ``fit-2+lora``: with them, a rank-r correction of each shared layer's V and output
   projections (``accuracy.adapters``), which folds into those weights;
-- ``fit+lora``: the same correction, distilled on news only.
+- ``fit+lora``: the same correction, distilled on news only;
+- ``fit-3+lora``: ``fit-2+lora`` distilled on news, Python source and English prose about
+  Python (the language reference's topics that pydoc ships), a third of each.
 
 Each is judged on held-out news, held-out Python source (the head of the file whose tail
 ``fit-2`` fits), and Wikipedia articles in wiki markup, a domain that no fit reads.
@@ -24,12 +26,13 @@ from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PRO
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
-from sa_export.accuracy.texts import CALIB_TOKENS, other_domain_text_path, split_texts, unseen_domain_tokens
+from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import build_plan
 
 WINDOW = 1024
-CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora")
+CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora")
+CALIBRATION_OF = {"fit-3": "three", "fit-2": "both"}  # by the config's prefix; else news
 
 
 def main() -> None:
@@ -42,7 +45,7 @@ def main() -> None:
     parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
-    parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of each calibration text (news, code)")
+    parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of each calibration text (news, code, documentation)")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
@@ -53,6 +56,9 @@ def main() -> None:
     code, code_calib = split_texts(tokenizer, code_file, code_file, args.tokens, args.calib_tokens)
     texts = {"news": news.ids, "code": code.ids, "wiki": unseen_domain_tokens(tokenizer, args.unseen_text, args.tokens).ids}
     calibration = {"news": news_calib.ids, "both": news_calib.ids + code_calib.ids}
+    configs = args.configs.split(",")
+    if any(name.startswith("fit-3") for name in configs):
+        calibration["three"] = calibration["both"] + documentation_tokens(tokenizer, args.calib_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()}
     base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
     print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()), flush=True)
@@ -61,8 +67,8 @@ def main() -> None:
         plan = build_plan([span], config.num_hidden_layers)
         identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
         _report(rows, span, "identity", identity, base, identity, 0.0, 0)
-        for name in args.configs.split(","):
-            on = "both" if name.startswith("fit-2") else "news"
+        for name in configs:
+            on = next((text for prefix, text in CALIBRATION_OF.items() if name.startswith(prefix)), "news")
             start = calibrate_head_maps(stats[on], plan, FIT_START)
             adapters = None
             if name.endswith("+lora"):

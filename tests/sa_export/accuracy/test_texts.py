@@ -69,3 +69,17 @@ def test_an_unseen_domain_file_is_read_as_it_is(tokenizer, tmp_path):
     text.write_text("verses of another kind " * 200)
     tokens = unseen_domain_tokens(tokenizer, text, 50)
     assert len(tokens.ids) == 50 and tokens.source.endswith("third.txt tokens 0-50")
+
+
+def test_documentation_prose_is_the_tail_of_pythons_reference_topics():
+    import pydoc_data.topics
+
+    from sa_export.accuracy.texts import documentation_tokens
+
+    def by_words(text):  # one "token" per word, so the tail can be read back
+        return {"input_ids": text.split()}
+
+    tokens = documentation_tokens(by_words, 40)
+    total = sum(len(text.split()) for text in pydoc_data.topics.topics.values())
+    last = pydoc_data.topics.topics[max(pydoc_data.topics.topics)].split()
+    assert tokens.ids == last[-40:] and tokens.source == f"pydoc_data.topics tokens {total - 40}-{total}"
