@@ -87,11 +87,11 @@ def fit_head_maps(
 
 def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
-    adapters: LowRankAdapters | None = None, on_validate=None,
+    adapters: LowRankAdapters | None = None, on_validate=None, adapter_learning_rate: float = ADAPTER_LEARNING_RATE,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
-    ``adapters``, when given, are fitted with the maps (at ADAPTER_LEARNING_RATE) and left
+    ``adapters``, when given, are fitted with the maps (at ``adapter_learning_rate``) and left
     at the state kept with the best maps. ``on_validate(step, divergence)`` hears each
     held-out divergence (step 0: the start), to show whether more steps would still pay."""
     chunks = [token_ids[i : i + FIT_CHUNK_TOKENS] for i in range(0, len(token_ids) - FIT_CHUNK_TOKENS + 1, FIT_CHUNK_TOKENS)]
@@ -107,7 +107,7 @@ def fit_maps_and_temperatures(
     structure = plan.with_head_maps(fitted.head_maps())  # the sources; weights come from ``fitted``
     groups = [{"params": list(fitted.parameters()), "lr": FIT_LEARNING_RATE}]
     if adapters is not None:
-        groups.append({"params": list(adapters.parameters()), "lr": ADAPTER_LEARNING_RATE})
+        groups.append({"params": list(adapters.parameters()), "lr": adapter_learning_rate})
     optimizer = torch.optim.Adam(groups)
     corrected = adapters.active if adapters is not None else contextlib.nullcontext
     generator = torch.Generator().manual_seed(SEED)

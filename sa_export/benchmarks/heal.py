@@ -24,7 +24,7 @@ import time
 
 from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
-from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
+from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"which of each shared layer's projections +lora corrects (MLP: {','.join(MLP_PROJECTIONS)})")
     parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
+    parser.add_argument("--adapter-learning-rates", default=str(ADAPTER_LEARNING_RATE), help="+lora configs: fit once at each of these rates (comma-separated)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of each calibration text (news, code, documentation)")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
@@ -67,7 +68,9 @@ def main() -> None:
         plan = build_plan([span], config.num_hidden_layers)
         identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
         _report(rows, span, "identity", identity, base, identity, 0.0, 0)
-        for name in configs:
+        runs = [(name, rate) for name in configs for rate in (map(float, args.adapter_learning_rates.split(",")) if name.endswith("+lora") else [None])]
+        for name, rate in runs:
+            label = name if rate in (None, ADAPTER_LEARNING_RATE) else f"{name} lr {rate:g}"
             on = next((text for prefix, text in CALIBRATION_OF.items() if name.startswith(prefix)), "news")
             start = calibrate_head_maps(stats[on], plan, FIT_START)
             adapters = None
@@ -77,14 +80,14 @@ def main() -> None:
                     adapters.add_sources(model, plan.with_head_maps(start), args.source_projections.split(","))
             started = time.perf_counter()
             maps, _ = fit_maps_and_temperatures(
-                model, plan, calibration[on], start, args.fit_steps, adapters=adapters,
-                on_validate=lambda step, divergence: print(f"  {span} {name} step {step}: held-out KL {divergence:.5f}", flush=True),
+                model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate or ADAPTER_LEARNING_RATE,
+                on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
             )
             seconds = time.perf_counter() - started
             fitted = plan.with_head_maps(maps)
             with adapters.active() if adapters is not None else contextlib.nullcontext():
                 ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
-            _report(rows, span, name, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
+            _report(rows, span, label, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
         write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "calib_tokens": args.calib_tokens, "rows": rows})
 
