@@ -1,6 +1,6 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
-    python -m sa_export.benchmarks.heal [--spans 26-29,...] [--rank 8] [--fit-steps N] [--calib-tokens N] [--json FILE]
+    python -m sa_export.benchmarks.heal [--spans 26-29,...] [--rank 8] [--fit-steps N] [--adapter-learning-rates R,...] [--calib-tokens N] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
