@@ -58,6 +58,7 @@ def main() -> None:
     texts = {"news": news.ids, "code": code.ids, "wiki": unseen_domain_tokens(tokenizer, args.unseen_text, args.tokens).ids}
     calibration = {"news": news_calib.ids, "both": news_calib.ids + code_calib.ids}
     configs = args.configs.split(",")
+    rates = [float(rate) for rate in args.adapter_learning_rates.split(",")]
     if any(name.startswith("fit-3") for name in configs):
         calibration["three"] = calibration["both"] + documentation_tokens(tokenizer, args.calib_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()}
@@ -68,9 +69,9 @@ def main() -> None:
         plan = build_plan([span], config.num_hidden_layers)
         identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
         _report(rows, span, "identity", identity, base, identity, 0.0, 0)
-        runs = [(name, rate) for name in configs for rate in (map(float, args.adapter_learning_rates.split(",")) if name.endswith("+lora") else [None])]
+        runs = [(name, rate) for name in configs for rate in (rates if name.endswith("+lora") else [ADAPTER_LEARNING_RATE])]
         for name, rate in runs:
-            label = name if rate in (None, ADAPTER_LEARNING_RATE) else f"{name} lr {rate:g}"
+            label = name if rate == ADAPTER_LEARNING_RATE else f"{name} lr {rate:g}"
             on = next((text for prefix, text in CALIBRATION_OF.items() if name.startswith(prefix)), "news")
             start = calibrate_head_maps(stats[on], plan, FIT_START)
             adapters = None
@@ -80,7 +81,7 @@ def main() -> None:
                     adapters.add_sources(model, plan.with_head_maps(start), args.source_projections.split(","))
             started = time.perf_counter()
             maps, _ = fit_maps_and_temperatures(
-                model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate or ADAPTER_LEARNING_RATE,
+                model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
                 on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
             )
             seconds = time.perf_counter() - started
