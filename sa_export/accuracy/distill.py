@@ -27,6 +27,7 @@ from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
 FIT_STEPS = 60
+FIT_STEPS_WITH_CORRECTIONS = 120  # the corrections' held-out divergence still falls well past 60 steps (README, heal)
 FIT_CHUNKS_PER_STEP = 4
 FIT_CHUNK_TOKENS = 256
 FIT_LEARNING_RATE = 0.2
@@ -36,6 +37,13 @@ SEED = 0
 HOLD_OUT_EVERY = 4  # every fourth chunk validates, when there are at least this many
 VALIDATE_EVERY = 10
 TEACHER_CACHE_BYTES = 6 << 30  # the base model's log-probabilities are kept when they fit in this (3 x 16,384 tokens of SmolLM2: 4.8 GB)
+TEACHER_CACHE_SHARE = 0.5  # ... and in this share of the memory the device has free (an 8 GB Jetson)
+MEMINFO = "/proc/meminfo"
+
+
+def default_fit_steps(corrected: bool) -> int:
+    """The steps a fit takes unless told: more when it also fits LoRA corrections."""
+    return FIT_STEPS_WITH_CORRECTIONS if corrected else FIT_STEPS
 
 
 class _FittedMaps(torch.nn.Module):
@@ -88,15 +96,16 @@ def fit_head_maps(
 def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
     adapters: LowRankAdapters | None = None, on_validate=None, adapter_learning_rate: float = ADAPTER_LEARNING_RATE,
+    chunk_tokens: int = FIT_CHUNK_TOKENS, chunks_per_step: int = FIT_CHUNKS_PER_STEP,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
     ``adapters``, when given, are fitted with the maps (at ``adapter_learning_rate``) and left
     at the state kept with the best maps. ``on_validate(step, divergence)`` hears each
     held-out divergence (step 0: the start), to show whether more steps would still pay."""
-    chunks = [token_ids[i : i + FIT_CHUNK_TOKENS] for i in range(0, len(token_ids) - FIT_CHUNK_TOKENS + 1, FIT_CHUNK_TOKENS)]
+    chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
-        raise UsageError(f"head map fit: the calibration text needs at least {FIT_CHUNK_TOKENS} tokens")
+        raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")
     if not start:
         return {}, None
     held_out = list(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else []
@@ -123,7 +132,7 @@ def fit_maps_and_temperatures(
             on_validate(0, best[0])
         for number in range(1, steps + 1):
             optimizer.zero_grad()
-            picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:FIT_CHUNKS_PER_STEP].tolist()]
+            picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:chunks_per_step].tolist()]
             for index in picked:
                 base = teacher(index)
                 with corrected(), shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
@@ -150,7 +159,7 @@ class _Teacher:
     """The model's next-token log-probabilities on each calibration chunk.
 
     Called, it gives the base model's: computed once and kept (fp16) when all of them fit
-    in TEACHER_CACHE_BYTES, else computed again at each use (outside any SA block).
+    in ``teacher_cache_budget``, else computed again at each use (outside any SA block).
     ``log_probs`` runs the model as it is now: inside ``shared_attention``, the SA model.
     """
 
@@ -158,7 +167,7 @@ class _Teacher:
         self.model, self.chunks = model, chunks
         first = self._base(0)
         self.kept = None
-        if first.numel() * 2 * len(chunks) <= TEACHER_CACHE_BYTES:
+        if first.numel() * 2 * len(chunks) <= teacher_cache_budget(first.device):
             self.kept = [first.half()] + [self._base(i).half() for i in range(1, len(chunks))]
 
     def __call__(self, index: int) -> torch.Tensor:
@@ -171,6 +180,19 @@ class _Teacher:
     @torch.no_grad()
     def _base(self, index: int) -> torch.Tensor:
         return self.log_probs(index)
+
+
+def teacher_cache_budget(device: torch.device) -> int:
+    """Bytes of teacher log-probabilities to keep: TEACHER_CACHE_BYTES, or less where the
+    device has less free memory (``MemAvailable`` for the CPU; unknown: the fixed budget)."""
+    free = None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            with open(MEMINFO) as meminfo:
+                free = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
+    return TEACHER_CACHE_BYTES if free is None else min(TEACHER_CACHE_BYTES, int(free * TEACHER_CACHE_SHARE))
 
 
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

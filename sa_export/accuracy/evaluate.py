@@ -10,7 +10,7 @@ import torch
 
 from sa_export.accuracy.calibration import FIT_START, FITTED_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.output_maps import output_errors, output_head_maps
-from sa_export.accuracy.distill import FIT_STEPS, fit_maps_and_temperatures
+from sa_export.accuracy.distill import FIT_STEPS, default_fit_steps, fit_maps_and_temperatures
 from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
@@ -162,7 +162,7 @@ class EvalRequest:
     accept_unknown_config_keys: bool = False
     precision: str = "fp32"  # int4: the weights of the builder's int4 graph, dequantized
     other_text: str | None = None  # another domain's text; "none": skip (default: Python source)
-    fit_steps: int = FIT_STEPS
+    fit_steps: int | None = None  # None: distill.default_fit_steps
     lora_rank: int = 0  # with head map fit: LoRA corrections of the shared layers (accuracy.adapters)
 
 
@@ -220,7 +220,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
     quantized = request.precision != "fp32"
     if quantized and adapters is None:
         _load_quantized_weights(source, hf_model, request)
-    plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds, fit_steps=request.fit_steps, adapters=adapters)
+    plan = calibrated_plan(hf_model, plan, request.head_map, calibration, kinds, fit_steps=request.fit_steps or default_fit_steps(bool(request.lora_rank)), adapters=adapters)
     sa_model = hf_model
     corrected = adapters.active if adapters is not None else contextlib.nullcontext  # the SA model only: base stays the user's
     if quantized and adapters is not None:  # as convert does: fitted in fp32, folded, then quantized

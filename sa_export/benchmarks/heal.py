@@ -24,7 +24,7 @@ import time
 
 from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
-from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_STEPS, fit_maps_and_temperatures
+from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, FIT_CHUNKS_PER_STEP, FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     parser.add_argument("--adapter-learning-rates", default=str(ADAPTER_LEARNING_RATE), help="+lora configs: fit once at each of these rates (comma-separated)")
+    parser.add_argument("--chunk-tokens", type=int, default=FIT_CHUNK_TOKENS, help="tokens of each chunk the fit reads (the evaluation's windows are 1024)")
+    parser.add_argument("--chunks-per-step", type=int, default=FIT_CHUNKS_PER_STEP)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of each calibration text (news, code, documentation)")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
@@ -82,6 +84,7 @@ def main() -> None:
             started = time.perf_counter()
             maps, _ = fit_maps_and_temperatures(
                 model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
+                chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step,
                 on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
             )
             seconds = time.perf_counter() - started
@@ -90,7 +93,7 @@ def main() -> None:
                 ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
             _report(rows, span, label, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "calib_tokens": args.calib_tokens, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

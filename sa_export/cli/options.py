@@ -118,7 +118,7 @@ def head_map_option(default: str = "identity", fitted: bool = True):
 
 def fit_options(function):
     """--fit-steps and --lora-rank: how `--head-map fit` distills."""
-    from sa_export.accuracy.distill import FIT_STEPS
+    from sa_export.accuracy.distill import FIT_STEPS, FIT_STEPS_WITH_CORRECTIONS
 
     function = click.option(
         "--lora-rank", type=click.IntRange(0, 256), default=0, show_default=True,
@@ -127,8 +127,9 @@ def fit_options(function):
         "before export, so a decode step costs the same. 0: none.",
     )(function)
     return click.option(
-        "--fit-steps", type=click.IntRange(1, 100_000), default=FIT_STEPS, show_default=True,
-        help="Steps of --head-map fit's distillation (4 chunks of 256 calibration tokens each).",
+        "--fit-steps", type=click.IntRange(1, 100_000), default=None,
+        help=f"Steps of --head-map fit's distillation (4 chunks of 256 calibration tokens each). "
+        f"Default: {FIT_STEPS}, or {FIT_STEPS_WITH_CORRECTIONS} with --lora-rank.",
     )(function)
 
 

@@ -302,6 +302,6 @@ def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, 
 
 
 def _fit_steps(request: ConvertRequest) -> int:
-    from sa_export.accuracy.distill import FIT_STEPS  # torch: imported once a request needs it
+    from sa_export.accuracy.distill import default_fit_steps  # torch: imported once a request needs it
 
-    return request.fit_steps or FIT_STEPS
+    return request.fit_steps or default_fit_steps(bool(request.lora_rank))

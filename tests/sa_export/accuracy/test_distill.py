@@ -121,3 +121,19 @@ def test_temperature_fit_finds_the_sharper_maps_of_a_scaled_query():
         return float((teacher.exp() * (teacher - student)).sum(-1).mean())
 
     assert divergence(plan.with_head_maps(maps), log_temperatures) < divergence(plan.with_head_maps(without))
+
+
+def test_a_fit_with_corrections_takes_more_steps_unless_told():
+    assert distill.default_fit_steps(False) == distill.FIT_STEPS
+    assert distill.default_fit_steps(True) == distill.FIT_STEPS_WITH_CORRECTIONS > distill.FIT_STEPS
+
+
+def test_the_teacher_keeps_at_most_half_the_memory_the_host_has_free(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        8000000 kB\nMemFree:          100000 kB\nMemAvailable:    4194304 kB\n")
+    monkeypatch.setattr(distill, "MEMINFO", str(meminfo))
+    assert distill.teacher_cache_budget(torch.device("cpu")) == 2 << 30
+    meminfo.write_text("MemAvailable:  100000000 kB\n")
+    assert distill.teacher_cache_budget(torch.device("cpu")) == distill.TEACHER_CACHE_BYTES
+    monkeypatch.setattr(distill, "MEMINFO", str(tmp_path / "absent"))
+    assert distill.teacher_cache_budget(torch.device("cpu")) == distill.TEACHER_CACHE_BYTES
