@@ -1,6 +1,7 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
-    python -m sa_export.benchmarks.heal [--spans 26-29,...] [--rank 8] [--fit-steps N] [--adapter-learning-rates R,...] [--calib-tokens N] [--json FILE]
+    python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
+        [--adapter-learning-rates R,...] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
@@ -38,8 +39,8 @@ CALIBRATION_OF = {"fit-3": "three", "fit-2": "both"}  # by the config's prefix; 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--spans", default="26-29")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--spans", default="26-29", help="plans, comma-separated; a plan of several spans joins them with + (25-25+27-29)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated; identity alone measures each plan without a fit")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"which of each shared layer's projections +lora corrects (MLP: {','.join(MLP_PROJECTIONS)})")
     parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    configs = [name for name in args.configs.split(",") if name != "identity"]  # identity is always measured; alone, it is all
+    if unknown := sorted(set(configs) - set(CONFIGS)):
+        parser.error(f"unknown configs {', '.join(unknown)}: choose from identity, {', '.join(CONFIGS)}")
 
     _, config, model, tokenizer = load_for_reference(args.model)
     news, news_calib = split_texts(tokenizer, None, None, args.tokens, args.calib_tokens)
@@ -59,16 +63,15 @@ def main() -> None:
     code, code_calib = split_texts(tokenizer, code_file, code_file, args.tokens, args.calib_tokens)
     texts = {"news": news.ids, "code": code.ids, "wiki": unseen_domain_tokens(tokenizer, args.unseen_text, args.tokens).ids}
     calibration = {"news": news_calib.ids, "both": news_calib.ids + code_calib.ids}
-    configs = args.configs.split(",")
     rates = [float(rate) for rate in args.adapter_learning_rates.split(",")]
     if any(name.startswith("fit-3") for name in configs):
         calibration["three"] = calibration["both"] + documentation_tokens(tokenizer, args.calib_tokens).ids
-    stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()}
+    stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()} if configs else {}
     base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
     print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()), flush=True)
     rows = []
     for span in args.spans.split(","):
-        plan = build_plan([span], config.num_hidden_layers)
+        plan = build_plan(span.split("+"), config.num_hidden_layers)  # 25-25+27-29: two spans, each with its anchor
         identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
         _report(rows, span, "identity", identity, base, identity, 0.0, 0)
         runs = [(name, rate) for name in configs for rate in (rates if name.endswith("+lora") else [ADAPTER_LEARNING_RATE])]
