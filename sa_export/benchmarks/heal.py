@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    if min(args.chunk_tokens, args.chunks_per_step, args.fit_steps) < 1:
+        parser.error("--chunk-tokens, --chunks-per-step and --fit-steps must be at least 1")
     configs = [name for name in args.configs.split(",") if name != "identity"]  # identity is always measured; alone, it is all
     if unknown := sorted(set(configs) - set(CONFIGS)):
         parser.error(f"unknown configs {', '.join(unknown)}: choose from identity, {', '.join(CONFIGS)}")

@@ -79,6 +79,8 @@ def test_fit_needs_a_chunk_of_text():
     plan = build_plan(["3"], 6)
     with pytest.raises(UsageError, match="at least"):
         fit_head_maps(model, plan, list(range(10)), {}, steps=1)
+    with pytest.raises(UsageError, match="at least 1024 tokens"):  # the chunk the fit is asked to read
+        distill.fit_maps_and_temperatures(model, plan, list(range(FIT_CHUNK_TOKENS)), {}, steps=1, chunk_tokens=1024)
 
 
 def test_the_fit_keeps_the_start_where_it_is_better_on_held_out_text():
