@@ -189,7 +189,7 @@ def teacher_cache_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        with contextlib.suppress(OSError, ValueError, StopIteration):
+        with contextlib.suppress(OSError, ValueError, StopIteration):  # psutil would be a dependency for this one number
             with open(MEMINFO) as meminfo:
                 free = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
     return TEACHER_CACHE_BYTES if free is None else min(TEACHER_CACHE_BYTES, int(free * TEACHER_CACHE_SHARE))
