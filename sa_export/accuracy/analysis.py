@@ -15,15 +15,17 @@ from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
-from sa_export.accuracy.frontier import recommend, save_plot, search_frontier
-from sa_export.accuracy.texts import TokenText, calib_tokens_for, other_domain_tokens, split_texts
+from sa_export.accuracy.frontier import DEFAULT_POOL, recommend, save_plot, search_frontier
+from sa_export.accuracy.texts import (
+    TokenText, calib_tokens_for, default_text_path, other_domain_text_path, other_domain_tokens, split_texts, unseen_domain_tokens,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class AnalyzeRequest:
     model: str
     out: Path
-    calib_file: str | None = None
+    calib_file: str | tuple[str, ...] | None = None  # several files: the frontier searches on each
     calib_tokens: int | None = None  # None: texts.calib_tokens_for's default
     share: int | None = None  # layers to share; runs the perplexity search
     kv_saving: float | None = None  # or: the KV-cache fraction to save
@@ -38,6 +40,7 @@ class AnalyzeRequest:
     other_text: str | None = None
     frontier_modes: tuple[str, ...] = ("identity", "mix-few")  # the accurate mixture whose decode step is never slower
     eval_tokens: int = 2048  # of each frontier evaluation text
+    search_pool: int | None = None  # frontier: single layers each greedy step tries (None: frontier.DEFAULT_POOL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +110,9 @@ class AnalysisResult:
             cells = "  ".join(f"{100 * point.penalty(t):>+19.1f}%" for t in texts)
             lines.append(f"{point.mode:>10} {100 * point.kv_fraction_saved:>7.1f}%  {cells}  {' '.join(point.spans)}")
         timing = self.frontier_timing or {}
-        lines.append(f"search took {timing.get('seconds', 0):.0f} s on {timing.get('device', 'cpu')}")
+        searched = ", ".join(timing.get("search_texts", {}))
+        lines.append(f"search took {timing.get('seconds', 0):.0f} s on {timing.get('device', 'cpu')}: "
+                     f"{timing.get('plans_searched', 0)} plans on {searched or 'calibration text'}")
         lines.append(f"apply: {self.command}" if self.command else "no point asked for (--kv-saving F or --max-penalty P picks one)")
         return lines
 
@@ -168,6 +173,7 @@ def save_heatmap(stats: AttentionStatistics, path: Path, title: str) -> None:
 
 def analyze(request: AnalyzeRequest) -> AnalysisResult:
     refuse_existing(Path(request.out), request.overwrite)
+    _refuse_a_searched_other_text(request)
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     length = span_length_for(request, config.num_hidden_layers)
     _, calibration = split_texts(tokenizer, None, request.calib_file, 0, calib_tokens_for(request.calib_tokens))
@@ -235,15 +241,42 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
 
 
 def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stats, calibration):
-    """Frontier points on held-out text of the calibration's domain and on another domain's."""
+    """Frontier points searched on the tail of each calibration text, and reported on held-out
+    text of the first calibration text's domain and on text of a domain the search never reads."""
     if request.share is not None:
         raise UsageError("--frontier searches every number of shared layers; pick a point with --kv-saving or --max-penalty, not --share")
     import torch
 
     if torch.cuda.is_available():  # the search is hundreds of forward passes: use the GPU where there is one
         hf_model.to("cuda")
-    # Held-out text of the calibration's domain (the head of its file) and text of another domain.
-    evaluation, _ = split_texts(tokenizer, request.calib_file, request.calib_file, request.eval_tokens, calib_tokens_for(request.calib_tokens))
-    texts = {"calib-domain": evaluation, "other-domain": other_domain_tokens(tokenizer, request.other_text, request.eval_tokens)}
-    search = TokenText(calibration.ids[: request.search_tokens], calibration.source)
-    return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared)
+    files, paths = _calib_paths(request)
+    search, evaluation = {}, None
+    for file, path in zip(files, paths):
+        # The head of the first text is held out; every search text is a tail, checked not to overlap it.
+        held_out, tail = split_texts(tokenizer, files[0], file, request.eval_tokens, calib_tokens_for(request.calib_tokens))
+        evaluation = evaluation or held_out
+        ids = tail.ids[: request.search_tokens]
+        search[f"search:{path.name}"] = TokenText(ids, f"{tail.source}, the first {len(ids)}")
+    texts = {"calib-domain": evaluation, "other-domain": _other_domain(request, tokenizer, paths)}
+    return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared,
+                           request.search_pool or DEFAULT_POOL)
+
+
+def _calib_paths(request: AnalyzeRequest) -> tuple[list, list[Path]]:
+    files = list(request.calib_file) if isinstance(request.calib_file, tuple) else [request.calib_file]
+    return files, [Path(file).resolve() if file else default_text_path().resolve() for file in files]
+
+
+def _refuse_a_searched_other_text(request: AnalyzeRequest) -> None:
+    if request.frontier and request.other_text is not None and Path(request.other_text).resolve() in _calib_paths(request)[1]:
+        raise UsageError(f"--other-text {request.other_text} is also a --calib text; the frontier reports plans on a domain its search never reads")
+
+
+def _other_domain(request: AnalyzeRequest, tokenizer, calib_paths: list[Path]):
+    """--other-text, else torch.nn.Module's source, else (when that is a calibration text) the
+    Wikipedia excerpt: the report's other domain is never one the search reads."""
+    if request.other_text is not None:
+        return other_domain_tokens(tokenizer, request.other_text, request.eval_tokens)
+    if other_domain_text_path().resolve() in calib_paths:
+        return unseen_domain_tokens(tokenizer, None, request.eval_tokens)
+    return other_domain_tokens(tokenizer, None, request.eval_tokens)

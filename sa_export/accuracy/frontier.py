@@ -2,11 +2,15 @@
 its perplexity penalty, per head-map mode, on held-out text of the calibration's domain
 and on text of another domain.
 
-The search is greedy and practical on a CPU: every layer is first shared alone (with
-its previous layer as anchor) and its penalty measured on calibration text; the plan of
-k shared layers takes the k cheapest, grouped into spans of consecutive layers, each
-with the last unshared layer before it as anchor. Only those plans are then measured on
-both evaluation texts, which the search never reads.
+The search is greedy and practical on a CPU. Every layer is first shared alone (with its
+previous layer as anchor) and its cost measured on the search texts: the tail of each
+calibration text, a plan's cost being its worst relative penalty over them, so that a
+layer cheap on one domain and dear on another is not taken for cheap. The plan of k
+shared layers is the plan of k-1 plus the one layer, of the ``pool`` cheapest alone,
+that makes the cheapest plan together: layers cheap alone can cost much more in company,
+as their spans merge and their anchors move. Plans are groups of spans of consecutive
+layers, each with the last unshared layer before it as anchor. Only the chosen plans
+are measured on the evaluation texts, which the search never reads.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_maps
 from sa_export.accuracy.evaluate import perplexity
 from sa_export.accuracy.texts import TokenText
-from sa_export.core.errors import UsageError
+from sa_export.core.errors import PlanError, UsageError
 from sa_export.core.plan import SharingPlan, build_plan, consecutive_runs
 from sa_export.core.progress import progress_bar
 
@@ -35,6 +39,7 @@ class FrontierPoint:
     kv_bytes_saved_per_token: int
     ppl: dict[str, float]  # text name -> SA perplexity
     base_ppl: dict[str, float]
+    search_penalty: dict[str, float] = dataclasses.field(default_factory=dict)  # search text name -> relative penalty
 
     def penalty(self, text: str) -> float:
         """Relative perplexity penalty: SA / base - 1."""
@@ -54,6 +59,7 @@ class FrontierPoint:
             "mode": self.mode, "shared_layers": list(self.shared_layers), "spans": list(self.spans),
             "kv_fraction_saved": self.kv_fraction_saved, "kv_bytes_saved_per_token": self.kv_bytes_saved_per_token,
             "ppl": self.ppl, "base_ppl": self.base_ppl, "penalty": {text: self.penalty(text) for text in self.ppl},
+            "search_penalty": self.search_penalty,
         }
 
 
@@ -67,40 +73,85 @@ def _plan(layers: list[int], num_layers: int, stats: AttentionStatistics, mode: 
     return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, kinds))
 
 
+DEFAULT_POOL = 12  # single layers the greedy step tries; 12 of SmolLM2's 29 holds its 8-layer search near an hour on 2 cores
+
+
+@dataclasses.dataclass
+class _Search:
+    """Perplexities of plans on the search texts, against the base model's."""
+
+    hf_model: object
+    texts: dict[str, TokenText]
+    base: dict[str, float]
+
+    def cost(self, plan: SharingPlan) -> dict[str, float]:
+        """Relative penalty of ``plan`` on each search text."""
+        return {name: perplexity(self.hf_model, text.ids, WINDOW, plan) / self.base[name] - 1 for name, text in self.texts.items()}
+
+
 def search_frontier(
-    hf_model, config, stats: AttentionStatistics, search: TokenText, texts: dict[str, TokenText], modes: list[str], max_shared: int,
+    hf_model, config, stats: AttentionStatistics, search: dict[str, TokenText], texts: dict[str, TokenText], modes: list[str],
+    max_shared: int, pool: int = DEFAULT_POOL,
 ) -> tuple[list[FrontierPoint], dict]:
-    """Frontier points for k = 1..max_shared shared layers in each mode, and how long it took."""
+    """Frontier points for k = 1..max_shared shared layers in each mode, and how long it took.
+
+    ``search``: the texts plans are chosen on (worst relative penalty over them);
+    ``texts``: the texts the chosen plans are reported on.
+    """
     num_layers = config.num_hidden_layers
     if not 1 <= max_shared < num_layers // 2 + 1:
         raise UsageError(f"--max-shared {max_shared} is out of range: share 1-{num_layers // 2} of {num_layers} layers")
+    if pool < 1:
+        raise UsageError(f"--search-pool {pool}: give at least 1")
     kinds = getattr(config, "layer_types", None)
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     itemsize = torch.finfo(next(hf_model.parameters()).dtype).bits // 8
     started = time.perf_counter()
-    base_search = perplexity(hf_model, search.ids, WINDOW)
+    searcher = _Search(hf_model, search, {name: perplexity(hf_model, text.ids, WINDOW) for name, text in search.items()})
     base = {name: perplexity(hf_model, text.ids, WINDOW) for name, text in texts.items()}
     # Every layer that can be shared alone: its previous layer is of its kind.
     singles = [layer for layer in range(1, num_layers) if kinds is None or kinds[layer] == kinds[layer - 1]]
     points: list[FrontierPoint] = []
+    evaluated = 0
     for mode in modes:
-        cost = {}
-        with progress_bar(f"frontier ({mode}): each layer shared alone, on {len(search.ids)} calibration tokens", unit="layer") as advance:
+        cost: dict[tuple[int, ...], dict[str, float]] = {}
+        with progress_bar(f"frontier ({mode}): each layer shared alone, on {', '.join(search)}", unit="layer") as advance:
             for number, layer in enumerate(singles):
-                cost[layer] = perplexity(hf_model, search.ids, WINDOW, _plan([layer], num_layers, stats, mode, kinds)) - base_search
+                cost[(layer,)] = searcher.cost(_plan([layer], num_layers, stats, mode, kinds))
                 advance(number + 1, len(singles))
-        order = sorted(singles, key=lambda layer: cost[layer])
-        with progress_bar(f"frontier ({mode}): plans of 1-{max_shared} layers on {', '.join(texts)}", unit="plan") as advance:
+        candidates = sorted(singles, key=lambda layer: max(cost[(layer,)].values()))[:pool]
+        chosen: list[int] = []
+        with progress_bar(f"frontier ({mode}): plans of 1-{max_shared} layers, each the best of {len(candidates)} additions", unit="plan") as advance:
             for k in range(1, max_shared + 1):
-                layers = sorted(order[:k])
-                plan = _plan(layers, num_layers, stats, mode, kinds)
+                tried = {}
+                for layer in candidates:
+                    if layer in chosen:
+                        continue
+                    layers = tuple(sorted([*chosen, layer]))
+                    if layers not in cost:
+                        try:
+                            plan = _plan(list(layers), num_layers, stats, mode, kinds)
+                        except PlanError:  # a merged span whose anchor is of another attention kind
+                            continue
+                        cost[layers] = searcher.cost(plan)
+                    tried[layers] = max(cost[layers].values())
+                if not tried:
+                    break
+                best = min(tried, key=tried.get)
+                chosen = list(best)
+                plan = _plan(chosen, num_layers, stats, mode, kinds)
                 ppl = {name: perplexity(hf_model, text.ids, WINDOW, plan) for name, text in texts.items()}
                 points.append(FrontierPoint(
-                    mode, tuple(layers), tuple(spans_of(layers)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
+                    mode, best, tuple(spans_of(chosen)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
+                    search_penalty=cost[best],
                 ))
                 advance(k, max_shared)
-    timing = {"seconds": round(time.perf_counter() - started, 1), "device": str(next(hf_model.parameters()).device)}
+        evaluated += len(cost)
+    timing = {
+        "seconds": round(time.perf_counter() - started, 1), "device": str(next(hf_model.parameters()).device),
+        "search_texts": {name: text.to_json() for name, text in search.items()}, "pool": pool, "plans_searched": evaluated,
+    }
     return points, timing
 
 

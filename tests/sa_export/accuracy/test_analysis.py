@@ -61,19 +61,23 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
     assert converted.exit_code == 0, converted.output + converted.stderr
 
 
-def test_spans_group_consecutive_layers():
-    from sa_export.accuracy.frontier import spans_of
-
-    assert spans_of([9, 3, 4, 7, 8]) == ["3-4", "7-9"]
-
-
-def test_recommend_reads_a_saving_at_a_tenth_of_a_percent_and_a_penalty_on_every_text():
-    from sa_export.accuracy.frontier import FrontierPoint, recommend
-
-    def point(mode, k, news, code):
-        return FrontierPoint(mode, tuple(range(k)), (), k / 60, 0, {"news": news, "code": code}, {"news": 10.0, "code": 5.0})
-
-    points = [point("identity", 4, 11.0, 6.0), point("calibrated", 4, 10.5, 5.5), point("calibrated", 5, 10.2, 5.1), point("calibrated", 6, 10.1, 6.0)]
-    assert recommend(points, 0.067, None) is points[1]  # 4 of 60 caches: 6.67%, asked as 6.7%
-    assert recommend(points, None, 0.05) is points[2]  # the largest saving within +5% on both texts
-    assert recommend(points, 0.2, None) is None and recommend(points, None, 0.001) is None
+def test_frontier_searches_on_every_calibration_text_and_reports_on_another_domain(tiny_llama_with_tokenizer, tmp_path):
+    first, second, other = (tmp_path / f"{name}.txt" for name in ("first", "second", "other"))
+    first.write_text(" ".join([*(f"w{(i * 7) % 250 + 3}" for i in range(2100)), *(f"w{(i * 11) % 240 + 5}" for i in range(600))]))
+    second.write_text(" ".join(f"w{(i * 17) % 230 + 4}" for i in range(700)))
+    other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(600)))
+    out = tmp_path / "analysis"
+    result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "2", "--search-pool", "2",
+                     "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other)
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((out / "frontier.json").read_text())
+    assert set(data["timing"]["search_texts"]) == {"search:first.txt", "search:second.txt"} and data["timing"]["pool"] == 2
+    assert [text["tokens"] for text in data["timing"]["search_texts"].values()] == [512, 512]
+    for point in data["points"]:
+        assert set(point["search_penalty"]) == {"search:first.txt", "search:second.txt"}
+        assert set(point["penalty"]) == {"calib-domain", "other-domain"}
+    assert "plans on search:first.txt, search:second.txt" in result.output
+    refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--max-shared", "1",
+                      "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", second)
+    assert refused.exit_code == 2 and "also a --calib text" in refused.stderr
+    assert leftovers(tmp_path / "refused") == []
