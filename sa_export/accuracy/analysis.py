@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sa_export.core.atomic import atomic_directory, refuse_existing
-from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_maps, collect_statistics
+from sa_export.accuracy.calibration import FITTED_MODES, HEAD_MAP_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
 from sa_export.core.errors import UsageError
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.core.atomic import write_json_atomic
@@ -173,7 +173,7 @@ def save_heatmap(stats: AttentionStatistics, path: Path, title: str) -> None:
 
 def analyze(request: AnalyzeRequest) -> AnalysisResult:
     refuse_existing(Path(request.out), request.overwrite)
-    _refuse_a_searched_other_text(request)
+    _refuse_a_bad_frontier_request(request)
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     length = span_length_for(request, config.num_hidden_layers)
     _, calibration = split_texts(tokenizer, None, request.calib_file, 0, calib_tokens_for(request.calib_tokens))
@@ -267,8 +267,15 @@ def _calib_paths(request: AnalyzeRequest) -> tuple[list, list[Path]]:
     return files, [Path(file).resolve() if file else default_text_path().resolve() for file in files]
 
 
-def _refuse_a_searched_other_text(request: AnalyzeRequest) -> None:
-    if request.frontier and request.other_text is not None and Path(request.other_text).resolve() in _calib_paths(request)[1]:
+def _refuse_a_bad_frontier_request(request: AnalyzeRequest) -> None:
+    if not request.frontier:
+        return
+    searchable = [mode for mode in HEAD_MAP_MODES if mode not in FITTED_MODES]
+    unknown = [mode for mode in request.frontier_modes if mode not in searchable]
+    if unknown or not request.frontier_modes:
+        raise UsageError(f"--frontier-maps {','.join(request.frontier_modes)}: choose among {', '.join(searchable)} "
+                         "(fit is fitted through the model: convert the plan the frontier picks with --head-map fit)")
+    if request.other_text is not None and Path(request.other_text).resolve() in _calib_paths(request)[1]:
         raise UsageError(f"--other-text {request.other_text} is also a --calib text; the frontier reports plans on a domain its search never reads")
 
 

@@ -171,6 +171,8 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
               "writes frontier.json and frontier.png (penalty vs KV saved, on held-out text of the first --calib's domain and on --other-text). "
               "With several --calib the search takes each plan's worst penalty over them. --kv-saving or --max-penalty picks a point.")
 @click.option("--max-shared", type=click.IntRange(1), default=8, show_default=True, help="Frontier: most layers to share.")
+@click.option("--frontier-maps", default="identity,mix-few", show_default=True,
+              help="Frontier: the head-map modes to search, comma-separated (each mode is a search of its own).")
 @click.option("--search-pool", type=click.IntRange(1), help="Frontier: each plan adds the best of this many layers, "
               "the cheapest shared alone; fewer search faster. [default: 12]")
 @click.option("--max-penalty", type=click.FloatRange(0), help="Frontier: the largest saving whose perplexity penalty (e.g. 0.04 = +4%) holds on both texts.")
@@ -179,7 +181,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @accept_keys_option
 @handle_errors
-def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, search_pool, max_penalty, other_text, overwrite, accept_unknown_config_keys):
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, max_penalty, other_text, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
     from sa_export.accuracy.analysis import AnalyzeRequest, analyze as run_analyze
@@ -195,6 +197,7 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
             model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,
             accept_unknown_config_keys=accept_unknown_config_keys, frontier=frontier, max_shared=max_shared,
             max_penalty=max_penalty, other_text=other_text, search_pool=search_pool,
+            frontier_modes=tuple(mode.strip() for mode in frontier_maps.split(",") if mode.strip()),
         )
     )
     click.echo("\n".join(result.lines()))

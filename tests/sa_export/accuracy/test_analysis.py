@@ -68,11 +68,12 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(600)))
     out = tmp_path / "analysis"
     result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "2", "--search-pool", "2",
-                     "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other)
+                     "--frontier-maps", "mix-few", "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other)
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads((out / "frontier.json").read_text())
     assert set(data["timing"]["search_texts"]) == {"search:first.txt", "search:second.txt"} and data["timing"]["pool"] == 2
     assert [text["tokens"] for text in data["timing"]["search_texts"].values()] == [512, 512]
+    assert [point["mode"] for point in data["points"]] == ["mix-few", "mix-few"]
     for point in data["points"]:
         assert set(point["search_penalty"]) == {"search:first.txt", "search:second.txt"}
         assert set(point["penalty"]) == {"calib-domain", "other-domain"}
@@ -81,3 +82,5 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
                       "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", second)
     assert refused.exit_code == 2 and "also a --calib text" in refused.stderr
     assert leftovers(tmp_path / "refused") == []
+    refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-maps", "identity,fit")
+    assert refused.exit_code == 2 and "--frontier-maps identity,fit: choose among" in refused.stderr
