@@ -23,7 +23,7 @@ import torch
 from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_maps
 from sa_export.accuracy.evaluate import perplexity
 from sa_export.accuracy.texts import TokenText
-from sa_export.core.errors import PlanError, UsageError
+from sa_export.core.errors import UsageError
 from sa_export.core.plan import SharingPlan, build_plan, consecutive_runs
 from sa_export.core.progress import progress_bar
 
@@ -89,6 +89,25 @@ class _Search:
         return {name: perplexity(self.hf_model, text.ids, WINDOW, plan) / self.base[name] - 1 for name, text in self.texts.items()}
 
 
+def forward_selection(pool: list, size: int, plan_cost, progress=None) -> tuple[list, list[float]]:
+    """The plan of ``size`` units grown one at a time: each step adds the unit of ``pool``
+    whose addition makes ``plan_cost(units)`` least. Returns the units in the order taken
+    and the cost of the plan after each step; the plan of n units is the first n."""
+    chosen: list = []
+    trail: list[float] = []
+    for step in range(size):
+        scores = {}
+        for candidate in pool:
+            if candidate not in chosen:
+                scores[candidate] = plan_cost([*chosen, candidate])
+                if progress is not None:
+                    progress(len(scores), len(pool) - step)
+        best = min(scores, key=scores.get)
+        chosen.append(best)
+        trail.append(scores[best])
+    return chosen, trail
+
+
 def search_frontier(
     hf_model, config, stats: AttentionStatistics, search: dict[str, TokenText], texts: dict[str, TokenText], modes: list[str],
     max_shared: int, pool: int = DEFAULT_POOL,
@@ -121,32 +140,27 @@ def search_frontier(
                 cost[(layer,)] = searcher.cost(_plan([layer], num_layers, stats, mode, kinds))
                 advance(number + 1, len(singles))
         candidates = sorted(singles, key=lambda layer: max(cost[(layer,)].values()))[:pool]
-        chosen: list[int] = []
-        with progress_bar(f"frontier ({mode}): plans of 1-{max_shared} layers, each the best of {len(candidates)} additions", unit="plan") as advance:
-            for k in range(1, max_shared + 1):
-                tried = {}
-                for layer in candidates:
-                    if layer in chosen:
-                        continue
-                    layers = tuple(sorted([*chosen, layer]))
-                    if layers not in cost:
-                        try:
-                            plan = _plan(list(layers), num_layers, stats, mode, kinds)
-                        except PlanError:  # a merged span whose anchor is of another attention kind
-                            continue
-                        cost[layers] = searcher.cost(plan)
-                    tried[layers] = max(cost[layers].values())
-                if not tried:
-                    break
-                best = min(tried, key=tried.get)
-                chosen = list(best)
-                plan = _plan(chosen, num_layers, stats, mode, kinds)
+
+        # Spans merged from single layers keep a valid anchor: a single's previous layer is of its kind.
+        def plan_cost(layers: list[int]) -> float:
+            key = tuple(sorted(layers))
+            if key not in cost:
+                cost[key] = searcher.cost(_plan(list(key), num_layers, stats, mode, kinds))
+            return max(cost[key].values())
+
+        steps = min(max_shared, len(candidates))
+        with progress_bar(f"frontier ({mode}): plans of 1-{steps} layers, each the best of {len(candidates)} additions", unit="plan") as advance:
+            order, _ = forward_selection(candidates, steps, plan_cost, advance)
+        with progress_bar(f"frontier ({mode}): the chosen plans on {', '.join(texts)}", unit="plan") as advance:
+            for k in range(1, steps + 1):
+                layers = sorted(order[:k])
+                plan = _plan(layers, num_layers, stats, mode, kinds)
                 ppl = {name: perplexity(hf_model, text.ids, WINDOW, plan) for name, text in texts.items()}
                 points.append(FrontierPoint(
-                    mode, best, tuple(spans_of(chosen)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
-                    search_penalty=cost[best],
+                    mode, tuple(layers), tuple(spans_of(layers)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
+                    search_penalty=cost[tuple(layers)],
                 ))
-                advance(k, max_shared)
+                advance(k, steps)
         evaluated += len(cost)
     timing = {
         "seconds": round(time.perf_counter() - started, 1), "device": str(next(hf_model.parameters()).device),

@@ -7,12 +7,13 @@ A KV group's K cache can go when every query head of that group borrows its
 probabilities: one group of a layer with G KV heads is 1/G of that layer's K cache. For
 the same bytes saved, k whole layers are compared with the k*G cheapest KV groups.
 
-Both searches are the frontier's (sa_export.accuracy.frontier): every unit is shared
-alone and its cost measured on calibration text (the perplexity change, or with
-``--criterion kl`` the divergence from the base model's predictions); the plan of n units
-takes the n cheapest. Costs do not add up, so ``--search forward`` instead grows the plan
-one unit at a time, each time adding the unit that makes the whole plan cheapest on the
-search text (n steps over every unit left: about n times the singles' cost).
+Every unit is shared alone and its cost measured on calibration text (the perplexity
+change, or with ``--criterion kl`` the divergence from the base model's predictions);
+``--search cheapest`` takes the n cheapest for the plan of n units. Costs do not add up,
+so ``--search forward`` instead grows the plan one unit at a time, each time adding the
+unit that makes the whole plan cheapest on the search text (the frontier's
+``forward_selection``, here over every unit and not only the frontier's pool of the
+cheapest alone: n steps, about n times the singles' cost).
 Head maps come from the same attention statistics in both (``--mode``),
 so only the unit differs. Each plan is then judged on held-out text of the calibration's
 domain and on text of another domain, which the search never reads. Only the PyTorch
@@ -25,6 +26,7 @@ import argparse
 import time
 
 from sa_export.accuracy.calibration import collect_statistics, head_sources_from
+from sa_export.accuracy.frontier import forward_selection
 from sa_export.accuracy.evaluate import base_log_probs, divergence, load_for_reference, perplexity
 from sa_export.accuracy.texts import other_domain_tokens, split_texts
 from sa_export.core.plan import HeadMap, SharingPlan
@@ -59,25 +61,6 @@ def unit_plan(units: list[tuple[int, int | None]], stats, mode: str, num_layers:
         maps[layer] = HeadMap(sources, weights)
     plan = SharingPlan(num_layers, {layer: layer - 1 for layer in borrowed}, maps)
     return plan, {layer: tuple(sorted(heads)) for layer, heads in borrowed.items()}
-
-
-def forward_selection(pool: list, size: int, plan_cost, progress=None) -> tuple[list, list[float]]:
-    """The plan of ``size`` units grown one at a time: each step adds the unit of ``pool``
-    whose addition makes ``plan_cost(units)`` least. Returns the units in the order taken
-    and the cost of the plan after each step; the plan of n units is the first n."""
-    chosen: list = []
-    trail: list[float] = []
-    for step in range(size):
-        scores = {}
-        for candidate in pool:
-            if candidate not in chosen:
-                scores[candidate] = plan_cost([*chosen, candidate])
-                if progress is not None:
-                    progress(len(scores), len(pool) - step)
-        best = min(scores, key=scores.get)
-        chosen.append(best)
-        trail.append(scores[best])
-    return chosen, trail
 
 
 def main() -> None:

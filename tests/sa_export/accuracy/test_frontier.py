@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sa_export.accuracy import frontier
-from sa_export.accuracy.frontier import FrontierPoint, recommend, search_frontier, spans_of
+from sa_export.accuracy.frontier import FrontierPoint, forward_selection, recommend, search_frontier, spans_of
 from sa_export.accuracy.texts import TokenText
 from sa_export.core.errors import UsageError
 
@@ -21,6 +21,20 @@ def test_recommend_reads_a_saving_at_a_tenth_of_a_percent_and_a_penalty_on_every
     assert recommend(points, 0.067, None) is points[1]  # 4 of 60 caches: 6.67%, asked as 6.7%
     assert recommend(points, None, 0.05) is points[2]  # the largest saving within +5% on both texts
     assert recommend(points, 0.2, None) is None and recommend(points, None, 0.001) is None
+
+
+def test_forward_selection_judges_the_whole_plan_not_each_unit_alone():
+    # a and b are the cheapest alone but costly together; c is dearer alone and adds little.
+    alone = {"a": 1.0, "b": 1.1, "c": 2.0, "d": 5.0}
+
+    def plan_cost(units):
+        return sum(alone[u] for u in units) + (10.0 if {"a", "b"} <= set(units) else 0.0)
+
+    calls = []
+    chosen, trail = forward_selection(list(alone), 3, lambda units: calls.append(tuple(units)) or plan_cost(units))
+    assert chosen == ["a", "c", "d"] and trail == [1.0, 3.0, 8.0]
+    assert len(calls) == 4 + 3 + 2  # every unit left, at each step
+    assert sorted(alone, key=alone.get)[:2] == ["a", "b"]  # what the cheapest-alone search would take
 
 
 # A model of 8 layers whose perplexity is a table: each text's base is 10, and sharing adds

@@ -1,7 +1,7 @@
 import numpy as np
 
 from sa_export.accuracy.calibration import AttentionStatistics
-from sa_export.benchmarks.group_units import forward_selection, unit_plan
+from sa_export.benchmarks.group_units import unit_plan
 
 
 def _stats(maps=None, layers=5, heads=4, group_size=2):
@@ -41,17 +41,3 @@ def test_a_layer_of_every_group_is_the_whole_layer():
     whole, heads = unit_plan([(3, None)], stats, "argmax-any", 5, 2)
     assert heads == {3: (0, 1, 2, 3)}
     assert groups.head_maps[3] == whole.head_maps[3]
-
-
-def test_forward_selection_judges_the_whole_plan_not_each_unit_alone():
-    # a and b are the cheapest alone but costly together; c is dearer alone and adds little.
-    alone = {"a": 1.0, "b": 1.1, "c": 2.0, "d": 5.0}
-
-    def plan_cost(units):
-        return sum(alone[u] for u in units) + (10.0 if {"a", "b"} <= set(units) else 0.0)
-
-    calls = []
-    chosen, trail = forward_selection(list(alone), 3, lambda units: calls.append(tuple(units)) or plan_cost(units))
-    assert chosen == ["a", "c", "d"] and trail == [1.0, 3.0, 8.0]
-    assert len(calls) == 4 + 3 + 2  # every unit left, at each step
-    assert sorted(alone, key=alone.get)[:2] == ["a", "b"]  # what the cheapest-alone search would take
