@@ -77,7 +77,7 @@ class AnalysisResult:
     calibration_source: str
     command: str | None
     frontier: list = dataclasses.field(default_factory=list)  # FrontierPoint
-    frontier_timing: dict | None = None
+    frontier_search: dict | None = None  # frontier.search_frontier's report
 
     def lines(self) -> list[str]:
         """What `analyze` prints."""
@@ -109,10 +109,9 @@ class AnalysisResult:
         for point in self.frontier:
             cells = "  ".join(f"{100 * point.penalty(t):>+19.1f}%" for t in texts)
             lines.append(f"{point.mode:>10} {100 * point.kv_fraction_saved:>7.1f}%  {cells}  {' '.join(point.spans)}")
-        timing = self.frontier_timing or {}
-        searched = ", ".join(timing.get("search_texts", {}))
-        lines.append(f"search took {timing.get('seconds', 0):.0f} s on {timing.get('device', 'cpu')}: "
-                     f"{timing.get('plans_searched', 0)} plans on {searched or 'calibration text'}")
+        search = self.frontier_search or {}
+        lines.append(f"search took {search.get('seconds', 0):.0f} s on {search.get('device', 'cpu')}: "
+                     f"{search.get('plans_searched', 0)} plans on {', '.join(search.get('texts', {}))}")
         lines.append(f"apply: {self.command}" if self.command else "no point asked for (--kv-saving F or --max-penalty P picks one)")
         return lines
 
@@ -186,9 +185,9 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
 
     searched: list[SpanCandidate] = []
     command = None
-    points, timing, chosen = [], None, None
+    points, report, chosen = [], None, None
     if request.frontier:
-        points, timing = _frontier(request, source, config, hf_model, tokenizer, stats, calibration)
+        points, report = _frontier(request, source, config, hf_model, tokenizer, stats, calibration)
         chosen = recommend(points, request.kv_saving, request.max_penalty)
         if (request.kv_saving is not None or request.max_penalty is not None) and chosen is None:
             raise UsageError("no plan on the frontier meets the request; raise --max-shared or --max-penalty")
@@ -233,11 +232,11 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
         )
         if request.frontier:
             write_json_atomic(tmp / "frontier.json", {
-                "model": source.name, "calibration": calibration.to_json(), "timing": timing,
+                "model": source.name, "calibration": calibration.to_json(), "search": report,
                 "points": [p.to_json() for p in points], "recommended": chosen.to_json() if chosen else None, "convert_command": command,
             })
             save_plot(points, list(points[0].ppl), tmp / "frontier.png", f"{source.name}: perplexity penalty vs KV cache saved")
-    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command, points, timing)
+    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command, points, report)
 
 
 def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stats, calibration):

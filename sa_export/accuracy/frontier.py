@@ -112,7 +112,8 @@ def search_frontier(
     hf_model, config, stats: AttentionStatistics, search: dict[str, TokenText], texts: dict[str, TokenText], modes: list[str],
     max_shared: int, pool: int = DEFAULT_POOL,
 ) -> tuple[list[FrontierPoint], dict]:
-    """Frontier points for k = 1..max_shared shared layers in each mode, and how long it took.
+    """Frontier points for k = 1..max_shared shared layers in each mode, and a report of the
+    search: how long it took, on which texts, and every plan it measured.
 
     ``search``: the texts plans are chosen on (worst relative penalty over them);
     ``texts``: the texts the chosen plans are reported on.
@@ -132,7 +133,7 @@ def search_frontier(
     # Every layer that can be shared alone: its previous layer is of its kind.
     singles = [layer for layer in range(1, num_layers) if kinds is None or kinds[layer] == kinds[layer - 1]]
     points: list[FrontierPoint] = []
-    evaluated = 0
+    searched: dict[str, list[dict]] = {}
     for mode in modes:
         cost: dict[tuple[int, ...], dict[str, float]] = {}
         with progress_bar(f"frontier ({mode}): each layer shared alone, on {', '.join(search)}", unit="layer") as advance:
@@ -161,12 +162,15 @@ def search_frontier(
                     search_penalty=cost[tuple(layers)],
                 ))
                 advance(k, steps)
-        evaluated += len(cost)
-    timing = {
+        # Every plan measured, cheapest first: what the search weighed the chosen plans against.
+        searched[mode] = [{"shared_layers": list(layers), "search_penalty": penalty}
+                          for layers, penalty in sorted(cost.items(), key=lambda item: (len(item[0]), max(item[1].values())))]
+    report = {
         "seconds": round(time.perf_counter() - started, 1), "device": str(next(hf_model.parameters()).device),
-        "search_texts": {name: text.to_json() for name, text in search.items()}, "pool": pool, "plans_searched": evaluated,
+        "texts": {name: text.to_json() for name, text in search.items()}, "pool": pool,
+        "plans_searched": sum(len(plans) for plans in searched.values()), "plans": searched,
     }
-    return points, timing
+    return points, report
 
 
 def recommend(points: list[FrontierPoint], kv_saving: float | None, max_penalty: float | None) -> FrontierPoint | None:

@@ -52,7 +52,7 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
     for point in points:
         assert set(point["penalty"]) == {"calib-domain", "other-domain"} and point["spans"] == spans_of(point["shared_layers"])
         assert point["kv_fraction_saved"] == len(point["shared_layers"]) / 12
-    assert data["recommended"]["kv_fraction_saved"] >= 0.15 and data["timing"]["seconds"] > 0
+    assert data["recommended"]["kv_fraction_saved"] >= 0.15 and data["search"]["seconds"] > 0
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     command = data["convert_command"]
     assert command in result.output and command.startswith("sa-export convert ")
@@ -71,8 +71,8 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
                      "--frontier-maps", "mix-few", "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other)
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads((out / "frontier.json").read_text())
-    assert set(data["timing"]["search_texts"]) == {"search:first.txt", "search:second.txt"} and data["timing"]["pool"] == 2
-    assert [text["tokens"] for text in data["timing"]["search_texts"].values()] == [512, 512]
+    assert set(data["search"]["texts"]) == {"search:first.txt", "search:second.txt"} and data["search"]["pool"] == 2
+    assert [text["tokens"] for text in data["search"]["texts"].values()] == [512, 512]
     assert [point["mode"] for point in data["points"]] == ["mix-few", "mix-few"]
     for point in data["points"]:
         assert set(point["search_penalty"]) == {"search:first.txt", "search:second.txt"}

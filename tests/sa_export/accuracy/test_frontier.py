@@ -62,18 +62,19 @@ def table_model(monkeypatch):
 def test_the_search_takes_the_worst_text_and_what_layers_cost_together(table_model):
     model, config = table_model
     news, code = TokenText([0] * 8, "news"), TokenText([1] * 8, "code")
-    points, timing = search_frontier(model, config, None, {"news": news, "code": code}, {"news": news, "code": code}, ["identity"], 3, pool=5)
+    points, report = search_frontier(model, config, None, {"news": news, "code": code}, {"news": news, "code": code}, ["identity"], 3, pool=5)
     # Layer 1 is the cheapest on news alone but dear on code; 2 and 3 are cheap alone and dear together.
     assert [p.shared_layers for p in points] == [(2,), (2, 5), (2, 5, 6)]
     assert points[1].spans == ("2-2", "5-5") and points[1].search_penalty == pytest.approx({"news": 0.07, "code": 0.07})
-    assert timing["pool"] == 5 and set(timing["search_texts"]) == {"news", "code"}
+    assert report["pool"] == 5 and set(report["texts"]) == {"news", "code"}
+    assert [plan["shared_layers"] for plan in report["plans"]["identity"][:2]] == [[2], [3]]  # cheapest first
 
 
 def test_the_search_tries_only_the_pool_of_cheapest_single_layers(table_model):
     model, config = table_model
     news = TokenText([0] * 8, "news")
-    points, timing = search_frontier(model, config, None, {"news": news}, {"news": news}, ["identity"], 2, pool=2)
+    points, report = search_frontier(model, config, None, {"news": news}, {"news": news}, ["identity"], 2, pool=2)
     assert [p.shared_layers for p in points] == [(1,), (1, 2)]  # news alone: 1 and 2 are the pool
-    assert timing["plans_searched"] == 7 + 1  # every single layer, then the one pair the pool allows
+    assert report["plans_searched"] == 7 + 1  # every single layer, then the one pair the pool allows
     with pytest.raises(UsageError, match="--search-pool"):
         search_frontier(model, config, None, {"news": news}, {"news": news}, ["identity"], 2, pool=0)
