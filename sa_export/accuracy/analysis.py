@@ -191,7 +191,7 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
         chosen = recommend(points, request.kv_saving, request.max_penalty)
         if (request.kv_saving is not None or request.max_penalty is not None) and chosen is None:
             raise UsageError("no plan on the frontier meets the request; raise --max-shared or --max-penalty")
-        command = chosen.command(request.model) if chosen else None
+        command = chosen.command(request.model, _calibration_args(request)) if chosen else None
     elif request.share is not None or request.kv_saving is not None:
         ids = calibration.ids[: request.search_tokens]
         with step(f"base perplexity on {len(ids)} calibration tokens"):
@@ -210,7 +210,7 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
         if best.anchor != best.span.start - 1:
             command += f" --anchor {best.anchor}"
         if request.head_map != "identity":
-            command += f" --head-map {request.head_map}"
+            command += f" --head-map {request.head_map}{_calibration_args(request)}"
 
     with atomic_directory(Path(request.out), request.overwrite) as tmp:
         save_heatmap(stats, tmp / "similarity.png", f"{source.name}: {calibration.source.rsplit('/', 1)[-1]}, {stats.tokens} tokens")
@@ -259,6 +259,16 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
     texts = {"calib-domain": evaluation, "other-domain": _other_domain(request, tokenizer, paths)}
     return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared,
                            request.search_pool or DEFAULT_POOL)
+
+
+def _calibration_args(request: AnalyzeRequest) -> str:
+    """The --calib and --calib-tokens the maps were calibrated with, for the convert command:
+    calibrated maps converted from other text would not be the maps measured here."""
+    import shlex
+
+    files = request.calib_file if isinstance(request.calib_file, tuple) else (request.calib_file,)
+    args = "".join(f" --calib {shlex.quote(str(Path(file).absolute()))}" for file in files if file)
+    return args + (f" --calib-tokens {request.calib_tokens}" if request.calib_tokens else "")
 
 
 def _calib_paths(request: AnalyzeRequest) -> tuple[list, list[Path]]:

@@ -49,9 +49,10 @@ class FrontierPoint:
     def worst_penalty(self) -> float:
         return max(self.penalty(text) for text in self.ppl)
 
-    def command(self, model: str) -> str:
+    def command(self, model: str, calibration_args: str = "") -> str:
+        """The convert command of this plan; ``calibration_args`` (--calib ...) follow calibrated maps."""
         spans = " ".join(f"--span {span}" for span in self.spans)
-        head_map = f" --head-map {self.mode}" if self.mode != "identity" else ""
+        head_map = f" --head-map {self.mode}{calibration_args}" if self.mode != "identity" else ""
         return f"sa-export convert {model} {spans}{head_map}"
 
     def to_json(self) -> dict:

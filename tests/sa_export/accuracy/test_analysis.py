@@ -57,7 +57,9 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
     command = data["convert_command"]
     assert command in result.output and command.startswith("sa-export convert ")
     args = shlex.split(command)[2:]
-    converted = run_cli("convert", *args, "-o", tmp_path / "sa", "--calib", calib, "--calib-tokens", "512")
+    # Calibrated maps carry the text they were calibrated on, so that convert builds the maps measured here.
+    assert ("--head-map" in args) == (args[-4:] == ["--calib", str(calib), "--calib-tokens", "512"])
+    converted = run_cli("convert", *args, "-o", tmp_path / "sa")
     assert converted.exit_code == 0, converted.output + converted.stderr
 
 
@@ -68,7 +70,8 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(600)))
     out = tmp_path / "analysis"
     result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "2", "--search-pool", "2",
-                     "--frontier-maps", "mix-few", "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other)
+                     "--frontier-maps", "mix-few", "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other,
+                     "--kv-saving", "0.15")
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads((out / "frontier.json").read_text())
     assert set(data["search"]["texts"]) == {"search:first.txt", "search:second.txt"} and data["search"]["pool"] == 2
@@ -78,6 +81,7 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
         assert set(point["search_penalty"]) == {"search:first.txt", "search:second.txt"}
         assert set(point["penalty"]) == {"calib-domain", "other-domain"}
     assert "plans on search:first.txt, search:second.txt" in result.output
+    assert data["convert_command"].endswith(f" --head-map mix-few --calib {first} --calib {second} --calib-tokens 512")
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--max-shared", "1",
                       "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", second)
     assert refused.exit_code == 2 and "also a --calib text" in refused.stderr
