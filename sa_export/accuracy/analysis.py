@@ -266,8 +266,7 @@ def _calibration_args(request: AnalyzeRequest) -> str:
     calibrated maps converted from other text would not be the maps measured here."""
     import shlex
 
-    files = request.calib_file if isinstance(request.calib_file, tuple) else (request.calib_file,)
-    args = "".join(f" --calib {shlex.quote(str(Path(file).absolute()))}" for file in files if file)
+    args = "".join(f" --calib {shlex.quote(str(Path(file).absolute()))}" for file in _calib_paths(request)[0] if file)
     return args + (f" --calib-tokens {request.calib_tokens}" if request.calib_tokens else "")
 
 
