@@ -15,7 +15,7 @@ from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
-from sa_export.accuracy.frontier import DEFAULT_POOL, recommend, save_plot, search_frontier
+from sa_export.accuracy.frontier import DEFAULT_POOL, DEFAULT_SEARCH_COST, recommend, save_plot, search_frontier
 from sa_export.accuracy.texts import (
     TokenText, calib_tokens_for, default_text_path, other_domain_text_path, other_domain_tokens, split_texts, unseen_domain_tokens,
 )
@@ -41,6 +41,7 @@ class AnalyzeRequest:
     frontier_modes: tuple[str, ...] = ("identity", "mix-few")  # the accurate mixture whose decode step is never slower
     eval_tokens: int = 2048  # of each frontier evaluation text
     search_pool: int | None = None  # frontier: single layers each greedy step tries (None: frontier.DEFAULT_POOL)
+    search_cost: str = DEFAULT_SEARCH_COST  # frontier: a plan's cost over several search texts (frontier.SEARCH_COSTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +259,7 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
         search[f"search:{path.name}"] = TokenText(ids, f"{tail.source}, the first {len(ids)}")
     texts = {"calib-domain": evaluation, "other-domain": _other_domain(request, tokenizer, paths)}
     return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared,
-                           request.search_pool or DEFAULT_POOL)
+                           request.search_pool or DEFAULT_POOL, request.search_cost)
 
 
 def _calibration_args(request: AnalyzeRequest) -> str:

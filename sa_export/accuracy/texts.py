@@ -76,6 +76,30 @@ def documentation_tokens(tokenizer, max_tokens: int) -> TokenText:
     return TokenText(ids[start:], f"{DOCUMENTATION_MODULE} tokens {start}-{len(ids)}")
 
 
+def sampled_tokens(model, max_tokens: int, sequence_tokens: int = 256, batch: int = 16, seed: int = 0) -> TokenText:
+    """``max_tokens`` tokens the model writes itself: sequences of ``sequence_tokens``, each
+    sampled (nucleus 0.95) from the start of a document (token 0, the pretraining separator
+    of Llama-family tokenizers like SmolLM2's). Text of no one domain, as diverse as the
+    model's own distribution, and read by no evaluation here."""
+    import torch
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # transformers samples from torch's global generator
+    sequences = []
+    try:
+        while len(sequences) * sequence_tokens < max_tokens:
+            start = torch.zeros((batch, 1), dtype=torch.long, device=model.device)
+            out = model.generate(
+                input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, top_p=0.95, top_k=0, temperature=1.0,
+                max_new_tokens=sequence_tokens - 1, min_new_tokens=sequence_tokens - 1, pad_token_id=0,
+            )
+            sequences.extend(out.tolist())
+    finally:
+        torch.random.set_rng_state(generator_state)
+    ids = [token for sequence in sequences for token in sequence][:max_tokens]
+    return TokenText(ids, f"sampled from the model (seed {seed}), {len(ids)} tokens")
+
+
 def _wiki_articles(dump: Path, max_characters: int) -> str:
     import bz2
     import xml.etree.ElementTree as ElementTree  # the dump is a file of the installed gensim wheel

@@ -11,7 +11,9 @@ For each span, side by side, from the same `mix-few` start:
   projections (``accuracy.adapters``), which folds into those weights;
 - ``fit+lora``: the same correction, distilled on news only;
 - ``fit-3+lora``: ``fit-2+lora`` distilled on news, Python source and English prose about
-  Python (the language reference's topics that pydoc ships), a third of each.
+  Python (the language reference's topics that pydoc ships), a third of each;
+- ``fit-2s+lora``: ``fit-2+lora`` distilled on news, Python source and text the model
+  samples itself from the start of a document (``texts.sampled_tokens``), a third of each.
 
 Each is judged on held-out news, held-out Python source (the head of the file whose tail
 ``fit-2`` fits), and Wikipedia articles in wiki markup, a domain that no fit reads.
@@ -27,13 +29,13 @@ from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PRO
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, FIT_CHUNKS_PER_STEP, FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
-from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_text_path, split_texts, unseen_domain_tokens
+from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import build_plan
 
 WINDOW = 1024
-CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora")
-CALIBRATION_OF = {"fit-3": "three", "fit-2": "both"}  # by the config's prefix; else news
+CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora", "fit-2s+lora")
+CALIBRATION_OF = {"fit-3": "three", "fit-2s": "sampled", "fit-2": "both"}  # by the config's first matching prefix; else news
 
 
 def main() -> None:
@@ -68,6 +70,8 @@ def main() -> None:
     rates = [float(rate) for rate in args.adapter_learning_rates.split(",")]
     if any(name.startswith("fit-3") for name in configs):
         calibration["three"] = calibration["both"] + documentation_tokens(tokenizer, args.calib_tokens).ids
+    if any(name.startswith("fit-2s") for name in configs):
+        calibration["sampled"] = calibration["both"] + sampled_tokens(model, args.calib_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()} if configs else {}
     base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
     print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()), flush=True)

@@ -169,19 +169,21 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
 @click.option("--candidates", type=click.IntRange(1), default=6, show_default=True, help="Most similar spans to evaluate by perplexity.")
 @click.option("--frontier", is_flag=True, help="Search plans of 1..--max-shared layers (several spans, each with its anchor) per head-map mode; "
               "writes frontier.json and frontier.png (penalty vs KV saved, on held-out text of the first --calib's domain and on --other-text). "
-              "With several --calib the search takes each plan's worst penalty over them. --kv-saving or --max-penalty picks a point.")
+              "With several --calib the search takes each plan's mean penalty over them (--search-cost). --kv-saving or --max-penalty picks a point.")
 @click.option("--max-shared", type=click.IntRange(1), default=8, show_default=True, help="Frontier: most layers to share.")
 @click.option("--frontier-maps", default="identity,mix-few", show_default=True,
               help="Frontier: the head-map modes to search, comma-separated (each mode is a search of its own).")
 @click.option("--search-pool", type=click.IntRange(1), help="Frontier: each plan adds the best of this many layers, "
               "the cheapest shared alone; fewer search faster. [default: 12]")
+@click.option("--search-cost", type=click.Choice(["mean", "worst"]), default="mean", show_default=True,
+              help="Frontier, several --calib: rank plans by their mean or their worst relative penalty over the search texts.")
 @click.option("--max-penalty", type=click.FloatRange(0), help="Frontier: the largest saving whose perplexity penalty (e.g. 0.04 = +4%) holds on both texts.")
 @click.option("--other-text", help="Frontier: text of another domain than every --calib. "
               "[default: torch.nn.Module's Python source, or gensim's Wikipedia excerpt when that source is a --calib]")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @accept_keys_option
 @handle_errors
-def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, max_penalty, other_text, overwrite, accept_unknown_config_keys):
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, search_cost, max_penalty, other_text, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
     from sa_export.accuracy.analysis import AnalyzeRequest, analyze as run_analyze
@@ -196,7 +198,7 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
         AnalyzeRequest(
             model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,
             accept_unknown_config_keys=accept_unknown_config_keys, frontier=frontier, max_shared=max_shared,
-            max_penalty=max_penalty, other_text=other_text, search_pool=search_pool,
+            max_penalty=max_penalty, other_text=other_text, search_pool=search_pool, search_cost=search_cost,
             frontier_modes=tuple(mode.strip() for mode in frontier_maps.split(",") if mode.strip()),
         )
     )

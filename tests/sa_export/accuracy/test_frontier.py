@@ -62,12 +62,27 @@ def table_model(monkeypatch):
 def test_the_search_takes_the_worst_text_and_what_layers_cost_together(table_model):
     model, config = table_model
     news, code = TokenText([0] * 8, "news"), TokenText([1] * 8, "code")
-    points, report = search_frontier(model, config, None, {"news": news, "code": code}, {"news": news, "code": code}, ["identity"], 3, pool=5)
+    points, report = search_frontier(
+        model, config, None, {"news": news, "code": code}, {"news": news, "code": code}, ["identity"], 3, pool=5, search_cost="worst")
     # Layer 1 is the cheapest on news alone but dear on code; 2 and 3 are cheap alone and dear together.
     assert [p.shared_layers for p in points] == [(2,), (2, 5), (2, 5, 6)]
     assert points[1].spans == ("2-2", "5-5") and points[1].search_penalty == pytest.approx({"news": 0.07, "code": 0.07})
-    assert report["pool"] == 5 and set(report["texts"]) == {"news", "code"}
+    assert report["pool"] == 5 and report["cost"] == "worst" and set(report["texts"]) == {"news", "code"}
     assert [plan["shared_layers"] for plan in report["plans"]["identity"][:2]] == [[2], [3]]  # cheapest first
+
+
+def test_the_mean_takes_a_layer_dear_on_one_text_that_the_worst_passes_over(table_model, monkeypatch):
+    model, config = table_model
+    monkeypatch.setitem(ALONE["code"], 4, 0.0)  # layer 4: +9% on news, free on code
+    news, code = TokenText([0] * 8, "news"), TokenText([1] * 8, "code")
+    texts = {"news": news, "code": code}
+    worst, _ = search_frontier(model, config, None, texts, texts, ["identity"], 2, pool=5, search_cost="worst")
+    mean, report = search_frontier(model, config, None, texts, texts, ["identity"], 2, pool=5)
+    assert [p.shared_layers for p in worst] == [(2,), (2, 5)]  # worst text +7% against 2 and 4's +11%
+    assert [p.shared_layers for p in mean] == [(2,), (2, 4)]  # mean +6.5% against 2 and 5's +7%
+    assert report["cost"] == "mean"
+    with pytest.raises(UsageError, match="--search-cost"):
+        search_frontier(model, config, None, texts, texts, ["identity"], 2, search_cost="median")
 
 
 def test_the_search_tries_only_the_pool_of_cheapest_single_layers(table_model):

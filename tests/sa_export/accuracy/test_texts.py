@@ -83,3 +83,20 @@ def test_documentation_prose_is_the_tail_of_pythons_reference_topics():
     total = sum(len(text.split()) for text in pydoc_data.topics.topics.values())
     last = pydoc_data.topics.topics[max(pydoc_data.topics.topics)].split()
     assert tokens.ids == last[-40:] and tokens.source == f"pydoc_data.topics tokens {total - 40}-{total}"
+
+
+def test_sampled_text_is_the_models_own_documents_and_leaves_the_generator_alone(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sa_export.accuracy.texts import sampled_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    text = sampled_tokens(model, 40, sequence_tokens=8, batch=2, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is where it was
+    assert len(text.ids) == 40 and text.ids[::8] == [0] * 5  # each sequence starts a document
+    assert len(set(text.ids)) > 10  # sampled, not one greedy loop
+    assert sampled_tokens(model, 40, sequence_tokens=8, batch=2, seed=3).ids == text.ids
+    assert sampled_tokens(model, 40, sequence_tokens=8, batch=2, seed=4).ids != text.ids
