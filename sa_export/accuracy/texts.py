@@ -83,19 +83,17 @@ def sampled_tokens(model, max_tokens: int, sequence_tokens: int = 256, batch: in
     model's own distribution, and read by no evaluation here."""
     import torch
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # transformers samples from torch's global generator
+    start = torch.zeros((batch, 1), dtype=torch.long, device=model.device)
     sequences = []
-    try:
+    # transformers samples from torch's global generators: seed them, and give the caller's back after
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
         while len(sequences) * sequence_tokens < max_tokens:
-            start = torch.zeros((batch, 1), dtype=torch.long, device=model.device)
             out = model.generate(
                 input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, top_p=0.95, top_k=0, temperature=1.0,
                 max_new_tokens=sequence_tokens - 1, min_new_tokens=sequence_tokens - 1, pad_token_id=0,
             )
             sequences.extend(out.tolist())
-    finally:
-        torch.random.set_rng_state(generator_state)
     ids = [token for sequence in sequences for token in sequence][:max_tokens]
     return TokenText(ids, f"sampled from the model (seed {seed}), {len(ids)} tokens")
 
