@@ -96,13 +96,15 @@ def fit_head_maps(
 def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
     adapters: LowRankAdapters | None = None, on_validate=None, adapter_learning_rate: float = ADAPTER_LEARNING_RATE,
-    chunk_tokens: int = FIT_CHUNK_TOKENS, chunks_per_step: int = FIT_CHUNKS_PER_STEP,
+    chunk_tokens: int = FIT_CHUNK_TOKENS, chunks_per_step: int = FIT_CHUNKS_PER_STEP, adapter_weight_decay: float = 0.0,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
     ``adapters``, when given, are fitted with the maps (at ``adapter_learning_rate``) and left
     at the state kept with the best maps. ``on_validate(step, divergence)`` hears each
-    held-out divergence (step 0: the start), to show whether more steps would still pay."""
+    held-out divergence (step 0: the start), to show whether more steps would still pay.
+    ``adapter_weight_decay`` shrinks the corrections toward none at every step (AdamW's
+    decoupled decay; the maps are never decayed)."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")
@@ -114,10 +116,10 @@ def fit_maps_and_temperatures(
     teacher = _Teacher(model, chunks)
     fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature).to(model.device)
     structure = plan.with_head_maps(fitted.head_maps())  # the sources; weights come from ``fitted``
-    groups = [{"params": list(fitted.parameters()), "lr": FIT_LEARNING_RATE}]
+    groups = [{"params": list(fitted.parameters()), "lr": FIT_LEARNING_RATE, "weight_decay": 0.0}]
     if adapters is not None:
-        groups.append({"params": list(adapters.parameters()), "lr": adapter_learning_rate})
-    optimizer = torch.optim.Adam(groups)
+        groups.append({"params": list(adapters.parameters()), "lr": adapter_learning_rate, "weight_decay": adapter_weight_decay})
+    optimizer = torch.optim.AdamW(groups)  # without decay, the same steps as Adam
     corrected = adapters.active if adapters is not None else contextlib.nullcontext
     generator = torch.Generator().manual_seed(SEED)
     trainable = [p for p in model.parameters() if p.requires_grad]

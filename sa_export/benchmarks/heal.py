@@ -1,7 +1,7 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
     python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
-        [--adapter-learning-rates R,...] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--json FILE]
+        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     parser.add_argument("--adapter-learning-rates", default=str(ADAPTER_LEARNING_RATE), help="+lora configs: fit once at each of these rates (comma-separated)")
+    parser.add_argument("--adapter-weight-decay", type=float, default=0.0, help="+lora configs: AdamW's decay of the corrections toward none")
     parser.add_argument("--chunk-tokens", type=int, default=FIT_CHUNK_TOKENS, help="tokens of each chunk the fit reads (the evaluation's windows are 1024)")
     parser.add_argument("--chunks-per-step", type=int, default=FIT_CHUNKS_PER_STEP)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
@@ -93,7 +94,7 @@ def main() -> None:
             started = time.perf_counter()
             maps, _ = fit_maps_and_temperatures(
                 model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
-                chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step,
+                chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step, adapter_weight_decay=args.adapter_weight_decay,
                 on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
             )
             seconds = time.perf_counter() - started
@@ -102,7 +103,7 @@ def main() -> None:
                 ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
             _report(rows, span, label, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

@@ -89,3 +89,19 @@ def test_the_fit_moves_the_adapters_toward_the_base_model(monkeypatch):
     size_after = sum(float(delta.norm()) for delta in adapters.deltas().values())
     assert size_after < 0.9 * size_before, (size_before, size_after)  # the adapters, not only the maps' gains, undid it
     assert all(parameter.requires_grad for parameter in model.parameters())  # the model is left as it was
+
+
+def test_weight_decay_keeps_the_corrections_smaller():
+    """The same fit, with and without AdamW's decay of the corrections: decayed, they fold
+    less into the weights (the maps, which are not decayed, come out of both fits)."""
+    plan = build_plan(["3-3"], 6)
+    start = {3: HeadMap.from_anchor_heads(2, [0, 1, 2, 3])}
+    ids = np.random.default_rng(0).integers(0, 256, 4 * FIT_CHUNK_TOKENS).tolist()
+    sizes = {}
+    for decay in (0.0, 20.0):
+        model = _peaked_model()
+        adapters = LowRankAdapters(model, {3}, rank=2)
+        maps, _ = fit_maps_and_temperatures(model, plan, ids, start, steps=10, adapters=adapters, adapter_weight_decay=decay)
+        assert set(maps) == {3}
+        sizes[decay] = sum(float(delta.norm()) for delta in adapters.deltas().values())
+    assert 0 < sizes[20.0] < 0.5 * sizes[0.0], sizes
