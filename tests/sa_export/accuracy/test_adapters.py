@@ -55,6 +55,11 @@ def test_each_layer_may_name_its_own_projections():
     assert torch.equal(folded.model.layers[3].self_attn.q_proj.weight, model.model.layers[3].self_attn.q_proj.weight)
 
 
+def _correction_size(adapters) -> float:
+    """How much the corrections would add to the weights: the sum of their B @ A norms."""
+    return sum(float(delta.norm()) for delta in adapters.deltas().values())
+
+
 @torch.no_grad()
 def _divergence(model, plan, ids, adapters) -> float:
     teacher = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
@@ -81,12 +86,12 @@ def test_the_fit_moves_the_adapters_toward_the_base_model(monkeypatch):
             parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     held_out = torch.tensor([np.random.default_rng(1).integers(0, 256, FIT_CHUNK_TOKENS).tolist()])
     before = _divergence(model, plan, held_out, adapters)
-    size_before = sum(float(delta.norm()) for delta in adapters.deltas().values())
+    size_before = _correction_size(adapters)
     ids = np.random.default_rng(0).integers(0, 256, 4 * FIT_CHUNK_TOKENS).tolist()
     maps, _ = fit_maps_and_temperatures(model, plan, ids, start, steps=20, adapters=adapters)
     after = _divergence(model, plan.with_head_maps(maps), held_out, adapters)
     assert after < 0.5 * before, (before, after)
-    size_after = sum(float(delta.norm()) for delta in adapters.deltas().values())
+    size_after = _correction_size(adapters)
     assert size_after < 0.9 * size_before, (size_before, size_after)  # the adapters, not only the maps' gains, undid it
     assert all(parameter.requires_grad for parameter in model.parameters())  # the model is left as it was
 
@@ -103,5 +108,5 @@ def test_weight_decay_keeps_the_corrections_smaller():
         adapters = LowRankAdapters(model, {3}, rank=2)
         maps, _ = fit_maps_and_temperatures(model, plan, ids, start, steps=10, adapters=adapters, adapter_weight_decay=decay)
         assert set(maps) == {3}
-        sizes[decay] = sum(float(delta.norm()) for delta in adapters.deltas().values())
+        sizes[decay] = _correction_size(adapters)
     assert 0 < sizes[20.0] < 0.5 * sizes[0.0], sizes
