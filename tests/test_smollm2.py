@@ -1,4 +1,4 @@
-"""The packaged SmolLM2-135M, end to end. Slow (about two minutes); CI runs it."""
+"""The packaged SmolLM2-135M, end to end. Slow (about five minutes); CI runs it."""
 
 import json
 import shutil
@@ -59,43 +59,31 @@ def test_check_passes_the_fp32_tolerance(smollm2_out, tmp_path):
     assert report["passed"] and report["would_pass_logits_atol"] <= 1e-3 and report["greedy_agreement"] == 1.0
 
 
-def test_eval_shows_the_accuracy_cost(smollm2_available, tmp_path):
-    result = run_cli("eval", "smollm2-135m", "--span", "23-26", "--json", tmp_path / "e.json")
-    assert result.exit_code == 0, result.stderr
-    data = json.loads((tmp_path / "e.json").read_text())
-    assert data["eval_tokens"] == 4096
-    assert data["sa_ppl"] != data["base_ppl"]
-
-
 def test_calibrated_head_map_halves_the_penalty_on_20_28(smollm2_available, tmp_path):
-    penalties = {}
+    penalties, other_penalties = {}, {}
     for mode in ("identity", "calibrated"):
         result = run_cli("eval", "smollm2-135m", "--span", "20-28", "--head-map", mode, "--json", tmp_path / f"{mode}.json")
         assert result.exit_code == 0, result.stderr
         data = json.loads((tmp_path / f"{mode}.json").read_text())
         penalties[mode] = data["sa_ppl"] - data["base_ppl"]
-    assert data["calib_tokens"] == 4096 and data["eval_tokens"] == 4096
-    assert penalties["identity"] > 0
+        other_penalties[mode] = data["other_domain"]["sa_ppl"] - data["other_domain"]["base_ppl"]
+    assert data["calib_tokens"] == 4096 and data["eval_tokens"] == 4096 and data["other_domain"]["tokens"] == 4096
+    assert penalties["identity"] > 0 and other_penalties["identity"] > 0
     assert penalties["calibrated"] <= 0.5 * penalties["identity"]
+    assert other_penalties["calibrated"] < other_penalties["identity"]  # fitted on news, it still helps on Python source
 
 
-def test_calibrated_convert_passes_check(smollm2_available, tmp_path):
-    out = tmp_path / "cal"
-    # The decomposed graph: its export reads the past length from layer 21's K cache, which sharing drops.
-    result = run_cli("convert", "smollm2-135m", "--span", "20-28", "--head-map", "calibrated", "--exporter", "dynamo", "-o", out)
-    assert result.exit_code == 0, result.output + result.stderr
-    assert "parity PASSED" in result.output
-    head_map = json.loads((out / "sa_manifest.json").read_text())["head_map"]
-    assert (head_map["mode"], head_map["method"]) == ("calibrated", "argmax")
-
-
-def test_fast_runtime_graph_passes_parity_and_generates(smollm2_available, tmp_path):
-    """--exporter genai: onnxruntime-genai's GQA graph with SA, parity-checked against PyTorch."""
+def test_calibrated_fast_runtime_graph_passes_parity_and_generates(smollm2_available, tmp_path):
+    """--exporter genai: onnxruntime-genai's GQA graph with SA and calibrated maps, parity-checked against PyTorch.
+    (The decomposed graph's export is checked on the tiny models; on SmolLM2 it adds 80 s of export.)"""
     out = tmp_path / "smollm2-gqa"
-    result = run_cli("convert", "smollm2-135m", "--span", "20-28", "--exporter", "genai", "-o", out, "--decode-steps", "16")
+    result = run_cli(
+        "convert", "smollm2-135m", "--span", "20-28", "--head-map", "calibrated", "--exporter", "genai", "-o", out, "--decode-steps", "16"
+    )
     assert result.exit_code == 0, result.output + result.stderr
     assert "parity PASSED" in result.output
     manifest = json.loads((out / "sa_manifest.json").read_text())
+    assert (manifest["head_map"]["mode"], manifest["head_map"]["method"]) == ("calibrated", "argmax")
     assert manifest["cache"]["buffer"] == "shared" and manifest["cache"]["savings"]["bytes_per_token_sa"] == 39168
     assert json.loads((out / "parity.json").read_text())["passed"]
     generated = run_cli("generate", out, "--prompt", "The capital of France is", "--max-new-tokens", "8")
