@@ -97,6 +97,7 @@ def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
     adapters: LowRankAdapters | None = None, on_validate=None, adapter_learning_rate: float = ADAPTER_LEARNING_RATE,
     chunk_tokens: int = FIT_CHUNK_TOKENS, chunks_per_step: int = FIT_CHUNKS_PER_STEP, adapter_weight_decay: float = 0.0,
+    hidden_weight: float = 0.0,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
@@ -104,7 +105,10 @@ def fit_maps_and_temperatures(
     at the state kept with the best maps. ``on_validate(step, divergence)`` hears each
     held-out divergence (step 0: the start), to show whether more steps would still pay.
     ``adapter_weight_decay`` shrinks the corrections toward none at every step (AdamW's
-    decoupled decay; the maps are never decayed)."""
+    decoupled decay; the maps are never decayed). ``hidden_weight`` adds to the divergence
+    that weight times the relative squared distance of the SA model's hidden states from the
+    base model's, at the output of every layer from the first shared one on (the maps kept
+    are still those of the least held-out divergence)."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")
@@ -113,7 +117,7 @@ def fit_maps_and_temperatures(
     held_out = list(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else []
     training = [i for i in range(len(chunks)) if i not in held_out]
     held_out = held_out or training  # too short to hold any out: validate on all
-    teacher = _Teacher(model, chunks)
+    teacher = _Teacher(model, chunks, min(plan.shared_layers) if hidden_weight else None)
     fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature).to(model.device)
     structure = plan.with_head_maps(fitted.head_maps())  # the sources; weights come from ``fitted``
     groups = [{"params": list(fitted.parameters()), "lr": FIT_LEARNING_RATE, "weight_decay": 0.0}]
@@ -138,8 +142,11 @@ def fit_maps_and_temperatures(
             for index in picked:
                 base = teacher(index)
                 with corrected(), shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
-                    student = teacher.log_probs(index)
-                (_kl(base, student) / len(picked)).backward()
+                    student, hidden = teacher.log_probs_and_hidden(index)
+                loss = _kl(base, student)
+                if hidden_weight:
+                    loss = loss + hidden_weight * _relative_distance(teacher.hidden(index), hidden)
+                (loss / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
                 maps, temperatures = fitted.head_maps(), fitted.temperatures()
@@ -163,25 +170,46 @@ class _Teacher:
     Called, it gives the base model's: computed once and kept (fp16) when all of them fit
     in ``teacher_cache_budget``, else computed again at each use (outside any SA block).
     ``log_probs`` runs the model as it is now: inside ``shared_attention``, the SA model.
+    With ``hidden_from``, ``hidden`` gives the base model's hidden states at the output of
+    that layer and every later one (kept alike: a few hundred MB of SmolLM2's).
     """
 
-    def __init__(self, model, chunks: list[list[int]]):
-        self.model, self.chunks = model, chunks
+    def __init__(self, model, chunks: list[list[int]], hidden_from: int | None = None):
+        self.model, self.chunks, self.hidden_from = model, chunks, hidden_from
         first = self._base(0)
         self.kept = None
-        if first.numel() * 2 * len(chunks) <= teacher_cache_budget(first.device):
-            self.kept = [first.half()] + [self._base(i).half() for i in range(1, len(chunks))]
+        per_chunk = sum(t.numel() for t in first) * 2
+        if per_chunk * len(chunks) <= teacher_cache_budget(first[0].device):
+            self.kept = [tuple(t.half() for t in first)] + [tuple(t.half() for t in self._base(i)) for i in range(1, len(chunks))]
 
     def __call__(self, index: int) -> torch.Tensor:
-        return self.kept[index].float() if self.kept is not None else self._base(index)
+        return self._entry(index)[0]
+
+    def hidden(self, index: int) -> torch.Tensor:
+        return self._entry(index)[1]
 
     def log_probs(self, index: int) -> torch.Tensor:
+        return self.log_probs_and_hidden(index)[0]
+
+    def log_probs_and_hidden(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities [tokens, vocab] and, with ``hidden_from``, hidden states [layers, tokens, width]."""
         ids = torch.tensor([self.chunks[index]], device=self.model.device)
-        return torch.log_softmax(self.model(input_ids=ids).logits[0].float(), -1)
+        output = self.model(input_ids=ids, output_hidden_states=self.hidden_from is not None)
+        log_probs = torch.log_softmax(output.logits[0].float(), -1)
+        if self.hidden_from is None:
+            return log_probs, None
+        # hidden_states[0] is the embedding; [i + 1] the output of layer i
+        return log_probs, torch.stack([h[0].float() for h in output.hidden_states[self.hidden_from + 1 :]])
+
+    def _entry(self, index: int) -> tuple[torch.Tensor, ...]:
+        if self.kept is None:
+            return self._base(index)
+        return tuple(t.float() for t in self.kept[index])
 
     @torch.no_grad()
-    def _base(self, index: int) -> torch.Tensor:
-        return self.log_probs(index)
+    def _base(self, index: int) -> tuple[torch.Tensor, ...]:
+        log_probs, hidden = self.log_probs_and_hidden(index)
+        return (log_probs,) if hidden is None else (log_probs, hidden)
 
 
 def teacher_cache_budget(device: torch.device) -> int:
@@ -195,6 +223,14 @@ def teacher_cache_budget(device: torch.device) -> int:
             with open(MEMINFO) as meminfo:
                 free = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
     return TEACHER_CACHE_BYTES if free is None else min(TEACHER_CACHE_BYTES, int(free * TEACHER_CACHE_SHARE))
+
+
+def _relative_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance [layers, tokens, width] with each layer's width standardized by
+    the base model's variance over tokens: a few massive dimensions (the attention sink's)
+    would otherwise drown the rest."""
+    variance = teacher.var(1, keepdim=True) + 1e-6
+    return ((student - teacher).pow(2) / variance).mean()
 
 
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
     python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
-        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--json FILE]
+        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     parser.add_argument("--adapter-learning-rates", default=str(ADAPTER_LEARNING_RATE), help="+lora configs: fit once at each of these rates (comma-separated)")
     parser.add_argument("--adapter-weight-decay", type=float, default=0.0, help="+lora configs: AdamW's decay of the corrections toward none")
+    parser.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden states' distance from the base model's in the fit's loss (0: the divergence alone)")
     parser.add_argument("--chunk-tokens", type=int, default=FIT_CHUNK_TOKENS, help="tokens of each chunk the fit reads (the evaluation's windows are 1024)")
     parser.add_argument("--chunks-per-step", type=int, default=FIT_CHUNKS_PER_STEP)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
@@ -95,7 +96,7 @@ def main() -> None:
             maps, _ = fit_maps_and_temperatures(
                 model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
                 chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step, adapter_weight_decay=args.adapter_weight_decay,
-                on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
+                hidden_weight=args.hidden_weight, on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
             )
             seconds = time.perf_counter() - started
             fitted = plan.with_head_maps(maps)
@@ -103,7 +104,7 @@ def main() -> None:
                 ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
             _report(rows, span, label, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

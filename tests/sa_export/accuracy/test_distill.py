@@ -44,14 +44,18 @@ def _anchor_copies_started_wrong():
     return model, ids, plan, start
 
 
-@pytest.mark.parametrize("teacher_kept", [True, False], ids=["teacher-kept", "teacher-recomputed"])
-def test_fit_finds_the_heads_that_a_shared_layer_should_read(teacher_kept, monkeypatch):
+@pytest.mark.parametrize(
+    "teacher_kept, hidden_weight", [(True, 0.0), (False, 0.0), (True, 1.0), (False, 1.0)],
+    ids=["teacher-kept", "teacher-recomputed", "hidden-kept", "hidden-recomputed"],
+)
+def test_fit_finds_the_heads_that_a_shared_layer_should_read(teacher_kept, hidden_weight, monkeypatch):
     """Layers 3 and 4 get the anchor's Q/K weights, so each head's own map is close to the
-    anchor's same head. Started from a wrong permutation, the fit moves there."""
+    anchor's same head. Started from a wrong permutation, the fit moves there (with the
+    hidden states' distance in the loss, too)."""
     if not teacher_kept:
         monkeypatch.setattr(distill, "TEACHER_CACHE_BYTES", 0)
     model, ids, plan, start = _anchor_copies_started_wrong()
-    fitted = fit_head_maps(model, plan, ids, start, steps=20)
+    fitted = distill.fit_maps_and_temperatures(model, plan, ids, start, steps=20, hidden_weight=hidden_weight)[0]
     assert sorted(fitted) == [3, 4]
     for head_map in fitted.values():
         assert head_map.sources[0] == ((2, 0), (2, 1), (2, 2), (2, 3))  # every head of the start's layers
@@ -123,6 +127,23 @@ def test_temperature_fit_finds_the_sharper_maps_of_a_scaled_query():
         return float((teacher.exp() * (teacher - student)).sum(-1).mean())
 
     assert divergence(plan.with_head_maps(maps), log_temperatures) < divergence(plan.with_head_maps(without))
+
+
+@pytest.mark.parametrize("teacher_kept", [True, False], ids=["kept", "recomputed"])
+def test_the_teacher_gives_the_hidden_states_from_the_first_shared_layer_on(teacher_kept, monkeypatch):
+    if not teacher_kept:
+        monkeypatch.setattr(distill, "TEACHER_CACHE_BYTES", 0)
+    model, ids, plan, _ = _anchor_copies_started_wrong()
+    teacher = distill._Teacher(model, [ids[:FIT_CHUNK_TOKENS]], hidden_from=3)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids[:FIT_CHUNK_TOKENS]]), output_hidden_states=True).hidden_states
+    hidden = teacher.hidden(0)
+    assert hidden.shape == (3, FIT_CHUNK_TOKENS, model.config.hidden_size)  # outputs of layers 3, 4 and 5
+    torch.testing.assert_close(hidden, torch.stack([h[0] for h in expected[4:]]), rtol=1e-2, atol=1e-2)  # kept in fp16
+    assert float(distill._relative_distance(hidden, hidden)) == 0.0
+    with torch.no_grad(), shared_attention(model, plan):
+        _, shared = teacher.log_probs_and_hidden(0)
+    assert float(distill._relative_distance(hidden, shared)) > 0.0
 
 
 def test_a_fit_with_corrections_takes_more_steps_unless_told():
