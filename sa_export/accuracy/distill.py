@@ -106,9 +106,9 @@ def fit_maps_and_temperatures(
     held-out divergence (step 0: the start), to show whether more steps would still pay.
     ``adapter_weight_decay`` shrinks the corrections toward none at every step (AdamW's
     decoupled decay; the maps are never decayed). ``hidden_weight`` adds to the divergence
-    that weight times the relative squared distance of the SA model's hidden states from the
-    base model's, at the output of every layer from the first shared one on (the maps kept
-    are still those of the least held-out divergence)."""
+    that weight times the standardized squared distance (``_standardized_distance``) of the SA
+    model's hidden states from the base model's, at the output of every layer from the first
+    shared one on (the maps kept are still those of the least held-out divergence)."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")
@@ -145,7 +145,7 @@ def fit_maps_and_temperatures(
                     student, hidden = teacher.log_probs_and_hidden(index)
                 loss = _kl(base, student)
                 if hidden_weight:
-                    loss = loss + hidden_weight * _relative_distance(teacher.hidden(index), hidden)
+                    loss = loss + hidden_weight * _standardized_distance(teacher.hidden(index), hidden)
                 (loss / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
@@ -171,7 +171,7 @@ class _Teacher:
     in ``teacher_cache_budget``, else computed again at each use (outside any SA block).
     ``log_probs`` runs the model as it is now: inside ``shared_attention``, the SA model.
     With ``hidden_from``, ``hidden`` gives the base model's hidden states at the output of
-    that layer and every later one (kept alike: a few hundred MB of SmolLM2's).
+    that layer and every later one (kept alike: SmolLM2's are 38 MB a layer for 32,768 tokens).
     """
 
     def __init__(self, model, chunks: list[list[int]], hidden_from: int | None = None):
@@ -225,7 +225,7 @@ def teacher_cache_budget(device: torch.device) -> int:
     return TEACHER_CACHE_BYTES if free is None else min(TEACHER_CACHE_BYTES, int(free * TEACHER_CACHE_SHARE))
 
 
-def _relative_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+def _standardized_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Mean squared distance [layers, tokens, width] with each dimension standardized by the
     base model's variance over tokens, so that a few large dimensions do not drown the rest."""
     variance = teacher.var(1, keepdim=True) + 1e-6

@@ -59,6 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.chunk_tokens, args.chunks_per_step, args.fit_steps) < 1:
         parser.error("--chunk-tokens, --chunks-per-step and --fit-steps must be at least 1")
+    if min(args.hidden_weight, args.adapter_weight_decay) < 0:
+        parser.error("--hidden-weight and --adapter-weight-decay must be at least 0")
     configs = [name for name in args.configs.split(",") if name != "identity"]  # identity is always measured; alone, it is all
     if unknown := sorted(set(configs) - set(CONFIGS)):
         parser.error(f"unknown configs {', '.join(unknown)}: choose from identity, {', '.join(CONFIGS)}")

@@ -140,10 +140,10 @@ def test_the_teacher_gives_the_hidden_states_from_the_first_shared_layer_on(teac
     hidden = teacher.hidden(0)
     assert hidden.shape == (3, FIT_CHUNK_TOKENS, model.config.hidden_size)  # outputs of layers 3, 4 and 5
     torch.testing.assert_close(hidden, torch.stack([h[0] for h in expected[4:]]), rtol=1e-2, atol=1e-2)  # kept in fp16
-    assert float(distill._relative_distance(hidden, hidden)) == 0.0
+    assert float(distill._standardized_distance(hidden, hidden)) == 0.0
     with torch.no_grad(), shared_attention(model, plan):
         _, shared = teacher.log_probs_and_hidden(0)
-    assert float(distill._relative_distance(hidden, shared)) > 0.0
+    assert float(distill._standardized_distance(hidden, shared)) > 0.0
 
 
 def test_a_fit_with_corrections_takes_more_steps_unless_told():

@@ -1,0 +1,22 @@
+import sys
+
+import pytest
+
+from sa_export.benchmarks import heal
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--hidden-weight", "-1"], "--hidden-weight and --adapter-weight-decay must be at least 0"),
+        (["--adapter-weight-decay", "-0.5"], "--hidden-weight and --adapter-weight-decay must be at least 0"),
+        (["--chunk-tokens", "0"], "must be at least 1"),
+        (["--configs", "fit-9"], "unknown configs fit-9"),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_loads(arguments, message, monkeypatch, capsys):
+    monkeypatch.setattr(heal, "load_for_reference", lambda *_: pytest.fail("loaded the model"))
+    monkeypatch.setattr(sys, "argv", ["heal", *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        heal.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
