@@ -140,12 +140,12 @@ def fit_maps_and_temperatures(
             optimizer.zero_grad()
             picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:chunks_per_step].tolist()]
             for index in picked:
-                base = teacher(index)
+                base = teacher.base_and_hidden(index)  # one read (or one run) of the base model for both terms
                 with corrected(), shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
-                    student, hidden = teacher.log_probs_and_hidden(index)
-                loss = _kl(base, student)
+                    student = teacher.log_probs_and_hidden(index)
+                loss = _kl(base[0], student[0])
                 if hidden_weight:
-                    loss = loss + hidden_weight * _standardized_distance(teacher.hidden(index), hidden)
+                    loss = loss + hidden_weight * _standardized_distance(base[1], student[1])
                 (loss / len(picked)).backward()
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
@@ -183,33 +183,36 @@ class _Teacher:
             self.kept = [tuple(t.half() for t in first)] + [tuple(t.half() for t in self._base(i)) for i in range(1, len(chunks))]
 
     def __call__(self, index: int) -> torch.Tensor:
-        return self._entry(index)[0]
+        return self.base_and_hidden(index, hidden=False)[0]
 
     def hidden(self, index: int) -> torch.Tensor:
-        return self._entry(index)[1]
+        return self.base_and_hidden(index)[1]
+
+    def base_and_hidden(self, index: int, hidden: bool = True) -> tuple[torch.Tensor, ...]:
+        """The base model's log-probabilities and, with ``hidden_from`` and ``hidden``, its hidden states."""
+        if self.kept is None:
+            return self._base(index, hidden)
+        kept = self.kept[index] if hidden else self.kept[index][:1]
+        return tuple(t.float() for t in kept)
 
     def log_probs(self, index: int) -> torch.Tensor:
-        return self.log_probs_and_hidden(index)[0]
+        return self.log_probs_and_hidden(index, hidden=False)[0]
 
-    def log_probs_and_hidden(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probabilities [tokens, vocab] and, with ``hidden_from``, hidden states [layers, tokens, width]."""
+    def log_probs_and_hidden(self, index: int, hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities [tokens, vocab] and, with ``hidden_from`` and ``hidden``, hidden states [layers, tokens, width]."""
         ids = torch.tensor([self.chunks[index]], device=self.model.device)
-        output = self.model(input_ids=ids, output_hidden_states=self.hidden_from is not None)
+        collect = hidden and self.hidden_from is not None
+        output = self.model(input_ids=ids, output_hidden_states=collect)
         log_probs = torch.log_softmax(output.logits[0].float(), -1)
-        if self.hidden_from is None:
+        if not collect:
             return log_probs, None
         # hidden_states[0] is the embedding; [i + 1] the output of layer i
         return log_probs, torch.stack([h[0].float() for h in output.hidden_states[self.hidden_from + 1 :]])
 
-    def _entry(self, index: int) -> tuple[torch.Tensor, ...]:
-        if self.kept is None:
-            return self._base(index)
-        return tuple(t.float() for t in self.kept[index])
-
     @torch.no_grad()
-    def _base(self, index: int) -> tuple[torch.Tensor, ...]:
-        log_probs, hidden = self.log_probs_and_hidden(index)
-        return (log_probs,) if hidden is None else (log_probs, hidden)
+    def _base(self, index: int, hidden: bool = True) -> tuple[torch.Tensor, ...]:
+        log_probs, states = self.log_probs_and_hidden(index, hidden)
+        return (log_probs,) if states is None else (log_probs, states)
 
 
 def teacher_cache_budget(device: torch.device) -> int:
