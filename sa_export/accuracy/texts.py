@@ -66,6 +66,18 @@ def unseen_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) ->
     return TokenText(ids, f"{file} tokens 0-{len(ids)}")
 
 
+def unseen_domain_tail(tokenizer, path: str | Path | None, evaluation: list[int], max_tokens: int) -> TokenText:
+    """``max_tokens`` tokens of the third domain's text that follow its evaluation head, one
+    evaluation's length apart; refused if they share a passage with ``evaluation``."""
+    skip = 2 * len(evaluation)
+    ids = unseen_domain_tokens(tokenizer, path, skip + max_tokens).ids[skip:]
+    if len(ids) < max_tokens:
+        raise UsageError(f"the unseen-domain text has too few tokens for {max_tokens} calibration tokens after its evaluation head")
+    if _share_a_window(evaluation, ids):
+        raise UsageError("the unseen-domain text's tail repeats a passage of its evaluation head")
+    return TokenText(ids, f"unseen-domain text tokens {skip}-{skip + len(ids)}")
+
+
 def documentation_tokens(tokenizer, max_tokens: int) -> TokenText:
     """The last ``max_tokens`` tokens of Python's reference topics (``DOCUMENTATION_MODULE``), topic after topic."""
     import importlib

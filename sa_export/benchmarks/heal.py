@@ -13,7 +13,10 @@ For each span, side by side, from the same `mix-few` start:
 - ``fit-3+lora``: ``fit-2+lora`` distilled on news, Python source and English prose about
   Python (the language reference's topics that pydoc ships), a third of each;
 - ``fit-2s+lora``: ``fit-2+lora`` distilled on news, Python source and text the model
-  samples itself from the start of a document (``texts.sampled_tokens``), a third of each.
+  samples itself from the start of a document (``texts.sampled_tokens``), a third of each;
+- ``fit-2w+lora``: ``fit-2+lora`` distilled also on Wikipedia articles (the dump's tokens
+  after its evaluation head), a third of each. Wiki is then a domain the fit reads: judge
+  this config on ``--more-texts``, text of a fourth domain.
 
 Each is judged on held-out news, held-out Python source (the head of the file whose tail
 ``fit-2`` fits), and Wikipedia articles in wiki markup, a domain that no fit reads.
@@ -24,18 +27,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 
 from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, FIT_CHUNKS_PER_STEP, FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
-from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tokens
+from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tail, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import build_plan
 
 WINDOW = 1024
-CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora", "fit-2s+lora")
-CALIBRATION_OF = {"fit-3": "three", "fit-2s": "sampled", "fit-2": "both"}  # by the config's first matching prefix; else news
+CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora", "fit-2s+lora", "fit-2w+lora")
+CALIBRATION_OF = {"fit-3": "three", "fit-2s": "sampled", "fit-2w": "wiki", "fit-2": "both"}  # by the config's first matching prefix; else news
 
 
 def main() -> None:
@@ -55,6 +59,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of each calibration text (news, code, documentation)")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
+    parser.add_argument("--more-texts", default="", help="more evaluation texts, comma-separated files (each named by its file name)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if min(args.chunk_tokens, args.chunks_per_step, args.fit_steps) < 1:
@@ -70,12 +75,17 @@ def main() -> None:
     code_file = other_domain_text_path()
     code, code_calib = split_texts(tokenizer, code_file, code_file, args.tokens, args.calib_tokens)
     texts = {"news": news.ids, "code": code.ids, "wiki": unseen_domain_tokens(tokenizer, args.unseen_text, args.tokens).ids}
+    for file in filter(None, args.more_texts.split(",")):
+        texts[Path(file).name] = other_domain_tokens(tokenizer, file, args.tokens).ids
     calibration = {"news": news_calib.ids, "both": news_calib.ids + code_calib.ids}
     rates = [float(rate) for rate in args.adapter_learning_rates.split(",")]
     if any(name.startswith("fit-3") for name in configs):
         calibration["three"] = calibration["both"] + documentation_tokens(tokenizer, args.calib_tokens).ids
     if any(name.startswith("fit-2s") for name in configs):
         calibration["sampled"] = calibration["both"] + sampled_tokens(model, args.calib_tokens).ids
+    if any(name.startswith("fit-2w") for name in configs):
+        wiki_head = texts["wiki"] if args.unseen_text is None else unseen_domain_tokens(tokenizer, None, args.tokens).ids
+        calibration["wiki"] = calibration["both"] + unseen_domain_tail(tokenizer, None, wiki_head, args.calib_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()} if configs else {}
     base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
     print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()), flush=True)
