@@ -1,7 +1,7 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
     python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
-        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--json FILE]
+        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
