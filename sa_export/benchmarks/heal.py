@@ -66,6 +66,8 @@ def main() -> None:
         parser.error("--chunk-tokens, --chunks-per-step and --fit-steps must be at least 1")
     if min(args.hidden_weight, args.adapter_weight_decay) < 0:
         parser.error("--hidden-weight and --adapter-weight-decay must be at least 0")
+    if missing := [file for file in filter(None, args.more_texts.split(",")) if not Path(file).is_file()]:
+        parser.error(f"--more-texts: no file {', '.join(missing)}")
     configs = [name for name in args.configs.split(",") if name != "identity"]  # identity is always measured; alone, it is all
     if unknown := sorted(set(configs) - set(CONFIGS)):
         parser.error(f"unknown configs {', '.join(unknown)}: choose from identity, {', '.join(CONFIGS)}")

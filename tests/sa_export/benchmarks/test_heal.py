@@ -12,6 +12,7 @@ from sa_export.benchmarks import heal
         (["--adapter-weight-decay", "-0.5"], "--hidden-weight and --adapter-weight-decay must be at least 0"),
         (["--chunk-tokens", "0"], "must be at least 1"),
         (["--configs", "fit-9"], "unknown configs fit-9"),
+        (["--more-texts", "no-such-text.txt"], "--more-texts: no file no-such-text.txt"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(arguments, message, monkeypatch, capsys):
