@@ -19,7 +19,8 @@ For each span, side by side, from the same `mix-few` start:
   this config on ``--more-texts``, text of a fourth domain.
 
 Each is judged on held-out news, held-out Python source (the head of the file whose tail
-``fit-2`` fits), and Wikipedia articles in wiki markup, a domain that no fit reads.
+``fit-2`` fits), Wikipedia articles in wiki markup, a domain that no fit but ``fit-2w+lora``
+reads, and the head of each ``--more-texts`` file.
 """
 
 from __future__ import annotations
