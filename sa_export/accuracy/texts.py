@@ -66,14 +66,16 @@ def unseen_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) ->
     return TokenText(ids, f"{file} tokens 0-{len(ids)}")
 
 
-def unseen_domain_tail(tokenizer, path: str | Path | None, evaluation: list[int], max_tokens: int) -> TokenText:
-    """``max_tokens`` tokens of the third domain's text that follow its evaluation head, one
-    evaluation's length apart; refused if they share a passage with ``evaluation``."""
-    skip = 2 * len(evaluation)
-    ids = unseen_domain_tokens(tokenizer, path, skip + max_tokens).ids[skip:]
+def unseen_domain_tail(tokenizer, path: str | Path | None, eval_tokens: int, max_tokens: int) -> TokenText:
+    """``max_tokens`` tokens of the third domain's text that follow its evaluation head (the
+    first ``eval_tokens``, as ``unseen_domain_tokens`` gives them), one evaluation's length
+    apart; refused if they share a passage with that head."""
+    skip = 2 * eval_tokens
+    every = unseen_domain_tokens(tokenizer, path, skip + max_tokens).ids
+    ids = every[skip:]
     if len(ids) < max_tokens:
         raise UsageError(f"the unseen-domain text has too few tokens for {max_tokens} calibration tokens after its evaluation head")
-    if _share_a_window(evaluation, ids):
+    if _share_a_window(every[:eval_tokens], ids):
         raise UsageError("the unseen-domain text's tail repeats a passage of its evaluation head")
     return TokenText(ids, f"unseen-domain text tokens {skip}-{skip + len(ids)}")
 

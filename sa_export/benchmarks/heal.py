@@ -67,7 +67,8 @@ def main() -> None:
         parser.error("--chunk-tokens, --chunks-per-step and --fit-steps must be at least 1")
     if min(args.hidden_weight, args.adapter_weight_decay) < 0:
         parser.error("--hidden-weight and --adapter-weight-decay must be at least 0")
-    if missing := [file for file in filter(None, args.more_texts.split(",")) if not Path(file).is_file()]:
+    more_texts = [file for file in args.more_texts.split(",") if file]
+    if missing := [file for file in more_texts if not Path(file).is_file()]:
         parser.error(f"--more-texts: no file {', '.join(missing)}")
     configs = [name for name in args.configs.split(",") if name != "identity"]  # identity is always measured; alone, it is all
     if unknown := sorted(set(configs) - set(CONFIGS)):
@@ -78,7 +79,7 @@ def main() -> None:
     code_file = other_domain_text_path()
     code, code_calib = split_texts(tokenizer, code_file, code_file, args.tokens, args.calib_tokens)
     texts = {"news": news.ids, "code": code.ids, "wiki": unseen_domain_tokens(tokenizer, args.unseen_text, args.tokens).ids}
-    for file in filter(None, args.more_texts.split(",")):
+    for file in more_texts:
         texts[Path(file).name] = other_domain_tokens(tokenizer, file, args.tokens).ids
     calibration = {"news": news_calib.ids, "both": news_calib.ids + code_calib.ids}
     rates = [float(rate) for rate in args.adapter_learning_rates.split(",")]
@@ -87,8 +88,7 @@ def main() -> None:
     if any(name.startswith("fit-2s") for name in configs):
         calibration["sampled"] = calibration["both"] + sampled_tokens(model, args.calib_tokens).ids
     if any(name.startswith("fit-2w") for name in configs):
-        wiki_head = texts["wiki"] if args.unseen_text is None else unseen_domain_tokens(tokenizer, None, args.tokens).ids
-        calibration["wiki"] = calibration["both"] + unseen_domain_tail(tokenizer, None, wiki_head, args.calib_tokens).ids
+        calibration["wiki"] = calibration["both"] + unseen_domain_tail(tokenizer, None, args.tokens, args.calib_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()} if configs else {}
     base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
     print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()), flush=True)

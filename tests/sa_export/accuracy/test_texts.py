@@ -75,14 +75,13 @@ def test_the_unseen_domains_tail_follows_its_evaluation_head_and_never_repeats_i
     from sa_export.accuracy.texts import unseen_domain_tail, unseen_domain_tokens
 
     text = _write(tmp_path / "third.txt", _random_words(3000))
-    head = unseen_domain_tokens(tokenizer, text, 500).ids
-    tail = unseen_domain_tail(tokenizer, text, head, 1000)
+    tail = unseen_domain_tail(tokenizer, text, 500, 1000)
     assert tail.ids == unseen_domain_tokens(tokenizer, text, 2000).ids[1000:] and "tokens 1000-2000" in tail.source
     with pytest.raises(UsageError, match="too few"):
-        unseen_domain_tail(tokenizer, text, head, 5000)
+        unseen_domain_tail(tokenizer, text, 500, 5000)
     repeated = _write(tmp_path / "repeated.txt", _random_words(600) * 5)
     with pytest.raises(UsageError, match="repeats a passage"):
-        unseen_domain_tail(tokenizer, repeated, unseen_domain_tokens(tokenizer, repeated, 500).ids, 1000)
+        unseen_domain_tail(tokenizer, repeated, 500, 1000)
 
 
 def test_documentation_prose_is_the_tail_of_pythons_reference_topics():
