@@ -170,7 +170,7 @@ class _Teacher:
     Called, it gives the base model's: computed once and kept (fp16) when all of them fit
     in ``teacher_cache_budget``, else computed again at each use (outside any SA block).
     ``log_probs`` runs the model as it is now: inside ``shared_attention``, the SA model.
-    With ``hidden_from``, ``hidden`` gives the base model's hidden states at the output of
+    With ``hidden_from``, ``base_and_hidden`` also gives the base model's hidden states at the output of
     that layer and every later one (kept alike: SmolLM2's are 38 MB a layer for 32,768 tokens).
     """
 
@@ -184,9 +184,6 @@ class _Teacher:
 
     def __call__(self, index: int) -> torch.Tensor:
         return self.base_and_hidden(index, hidden=False)[0]
-
-    def hidden(self, index: int) -> torch.Tensor:
-        return self.base_and_hidden(index)[1]
 
     def base_and_hidden(self, index: int, hidden: bool = True) -> tuple[torch.Tensor, ...]:
         """The base model's log-probabilities and, with ``hidden_from`` and ``hidden``, its hidden states."""

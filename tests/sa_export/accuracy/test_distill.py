@@ -137,7 +137,7 @@ def test_the_teacher_gives_the_hidden_states_from_the_first_shared_layer_on(teac
     teacher = distill._Teacher(model, [ids[:FIT_CHUNK_TOKENS]], hidden_from=3)
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids[:FIT_CHUNK_TOKENS]]), output_hidden_states=True).hidden_states
-    hidden = teacher.hidden(0)
+    hidden = teacher.base_and_hidden(0)[1]
     assert hidden.shape == (3, FIT_CHUNK_TOKENS, model.config.hidden_size)  # outputs of layers 3, 4 and 5
     torch.testing.assert_close(hidden, torch.stack([h[0] for h in expected[4:]]), rtol=1e-2, atol=1e-2)  # kept in fp16
     assert float(distill._standardized_distance(hidden, hidden)) == 0.0
