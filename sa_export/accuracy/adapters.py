@@ -90,6 +90,21 @@ class LowRankAdapters(torch.nn.Module):
             for handle in handles:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def scaled(self, factor: float):
+        """Inside the block every correction is ``factor`` times the fitted one (B scaled):
+        how much of the fit's step holds on text it did not read."""
+        kept = {key: up.detach().clone() for key, up in self.up.items()}
+        with torch.no_grad():
+            for up in self.up.values():
+                up.mul_(factor)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, up in self.up.items():
+                    up.copy_(kept[key])
+
     def _hook(self, key: str):
         def add_correction(module, inputs, output):
             x = inputs[0]

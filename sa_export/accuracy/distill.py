@@ -97,7 +97,7 @@ def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
     adapters: LowRankAdapters | None = None, on_validate=None, adapter_learning_rate: float = ADAPTER_LEARNING_RATE,
     chunk_tokens: int = FIT_CHUNK_TOKENS, chunks_per_step: int = FIT_CHUNKS_PER_STEP, adapter_weight_decay: float = 0.0,
-    hidden_weight: float = 0.0,
+    hidden_weight: float = 0.0, soft_target_temperature: float = 1.0,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
@@ -108,7 +108,9 @@ def fit_maps_and_temperatures(
     decoupled decay; the maps are never decayed). ``hidden_weight`` adds to the divergence
     that weight times the standardized squared distance (``_standardized_distance``) of the SA
     model's hidden states from the base model's, at the output of every layer from the first
-    shared one on (the maps kept are still those of the least held-out divergence)."""
+    shared one on (the maps kept are still those of the least held-out divergence).
+    ``soft_target_temperature`` flattens both distributions in the fit's divergence (``_kl``);
+    the held-out divergence that picks the maps kept is always at 1."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")
@@ -143,7 +145,7 @@ def fit_maps_and_temperatures(
                 base = teacher.base_and_hidden(index)  # one read (or one run) of the base model for both terms
                 with corrected(), shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
                     student = teacher.log_probs_and_hidden(index)
-                loss = _kl(base[0], student[0])
+                loss = _kl(base[0], student[0], soft_target_temperature)
                 if hidden_weight:
                     loss = loss + hidden_weight * _standardized_distance(base[1], student[1])
                 (loss / len(picked)).backward()
@@ -232,9 +234,13 @@ def _standardized_distance(teacher: torch.Tensor, student: torch.Tensor) -> torc
     return ((student - teacher).pow(2) / variance).mean()
 
 
-def _kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), both log-probabilities."""
-    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+def _kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), both log-probabilities. Above 1,
+    ``temperature`` flattens both first (soft targets: the tail of the teacher's distribution
+    weighs more) and scales by its square, so that the gradient keeps its size."""
+    if temperature != 1.0:
+        teacher, student = (torch.log_softmax(t / temperature, -1) for t in (teacher, student))
+    return (teacher.exp() * (teacher - student)).sum(-1).mean() * temperature**2
 
 
 @torch.no_grad()

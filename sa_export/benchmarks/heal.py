@@ -1,7 +1,8 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
     python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
-        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
+        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--soft-target-temperature T] [--correction-scales S,...]
+        [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--adapter-learning-rates", default=str(ADAPTER_LEARNING_RATE), help="+lora configs: fit once at each of these rates (comma-separated)")
     parser.add_argument("--adapter-weight-decay", type=float, default=0.0, help="+lora configs: AdamW's decay of the corrections toward none")
     parser.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden states' distance from the base model's in the fit's loss (0: the divergence alone)")
+    parser.add_argument("--soft-target-temperature", type=float, default=1.0, help="flatten the teacher's and the SA model's distributions by this in the fit's divergence")
+    parser.add_argument("--correction-scales", default="1", help="+lora configs: judge the fit with its corrections at each of these multiples (comma-separated)")
     parser.add_argument("--chunk-tokens", type=int, default=FIT_CHUNK_TOKENS, help="tokens of each chunk the fit reads (the evaluation's windows are 1024)")
     parser.add_argument("--chunks-per-step", type=int, default=FIT_CHUNKS_PER_STEP)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
@@ -67,6 +70,12 @@ def main() -> None:
         parser.error("--chunk-tokens, --chunks-per-step and --fit-steps must be at least 1")
     if min(args.hidden_weight, args.adapter_weight_decay) < 0:
         parser.error("--hidden-weight and --adapter-weight-decay must be at least 0")
+    if args.soft_target_temperature <= 0:
+        parser.error("--soft-target-temperature must be above 0")
+    try:
+        scales = [float(scale) for scale in args.correction_scales.split(",")]
+    except ValueError:
+        parser.error(f"--correction-scales: {args.correction_scales!r} is not a list of numbers")
     more_texts = [file for file in args.more_texts.split(",") if file]
     if missing := [file for file in more_texts if not Path(file).is_file()]:
         parser.error(f"--more-texts: no file {', '.join(missing)}")
@@ -111,15 +120,26 @@ def main() -> None:
             maps, _ = fit_maps_and_temperatures(
                 model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
                 chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step, adapter_weight_decay=args.adapter_weight_decay,
-                hidden_weight=args.hidden_weight, on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
+                hidden_weight=args.hidden_weight, soft_target_temperature=args.soft_target_temperature, on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
             )
             seconds = time.perf_counter() - started
             fitted = plan.with_head_maps(maps)
-            with adapters.active() if adapters is not None else contextlib.nullcontext():
-                ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
-            _report(rows, span, label, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
+            for scale in scales if adapters is not None else [1.0]:
+                with _corrected(adapters, scale):
+                    ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
+                _report(rows, span, label if scale == 1.0 else f"{label} x{scale:g}", ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "correction_scales": scales, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+
+
+@contextlib.contextmanager
+def _corrected(adapters: LowRankAdapters | None, scale: float):
+    """The fit's corrections at ``scale`` times their size, when there are any."""
+    if adapters is None:
+        yield
+        return
+    with adapters.scaled(scale), adapters.active():
+        yield
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

@@ -34,6 +34,21 @@ def test_adapters_start_at_nothing_and_fold_into_the_weights():
     assert sorted(adapters.targets) == ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
 
 
+def test_scaled_corrections_are_that_multiple_of_the_fitted_ones_and_come_back_whole():
+    model = _model()
+    adapters = LowRankAdapters(model, {3, 4}, rank=2)
+    with torch.no_grad():
+        for parameter in adapters.up.values():
+            parameter.normal_()
+    fitted = adapters.deltas()
+    with adapters.scaled(0.5):
+        for key, delta in adapters.deltas().items():
+            torch.testing.assert_close(delta, 0.5 * fitted[key])
+    with adapters.scaled(0.0):
+        assert all(not delta.any() for delta in adapters.deltas().values())
+    assert all(torch.equal(delta, fitted[key]) for key, delta in adapters.deltas().items())
+
+
 def test_each_layer_may_name_its_own_projections():
     """Layers may have projections of their own corrected (a source layer's Q/K with a
     shared layer's V), and folding adds each correction to its own weight."""

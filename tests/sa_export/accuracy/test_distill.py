@@ -160,3 +160,15 @@ def test_the_teacher_keeps_at_most_half_the_memory_the_host_has_free(tmp_path, m
     assert distill.teacher_cache_budget(torch.device("cpu")) == distill.TEACHER_CACHE_BYTES
     monkeypatch.setattr(distill, "MEMINFO", str(tmp_path / "absent"))
     assert distill.teacher_cache_budget(torch.device("cpu")) == distill.TEACHER_CACHE_BYTES
+
+
+def test_soft_targets_weigh_the_tail_of_the_teachers_distribution():
+    """At a temperature T the divergence is T^2 times that of both distributions flattened:
+    zero where they agree, and a student that misses only the teacher's unlikely tokens pays
+    more of its divergence than at 1."""
+    teacher = torch.log_softmax(torch.tensor([[6.0, 2.0, 0.0, 0.0]]), -1)
+    assert distill._kl(teacher, teacher, 2.0) == 0
+    tail_wrong = torch.log_softmax(torch.tensor([[6.0, 0.0, 2.0, 0.0]]), -1)
+    flattened = [torch.log_softmax(t / 2.0, -1) for t in (teacher, tail_wrong)]
+    torch.testing.assert_close(distill._kl(teacher, tail_wrong, 2.0), 4 * distill._kl(*flattened))
+    assert distill._kl(teacher, tail_wrong, 2.0) > 2 * distill._kl(teacher, tail_wrong)

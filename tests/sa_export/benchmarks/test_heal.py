@@ -13,6 +13,8 @@ from sa_export.benchmarks import heal
         (["--chunk-tokens", "0"], "must be at least 1"),
         (["--configs", "fit-9"], "unknown configs fit-9"),
         (["--more-texts", "no-such-text.txt"], "--more-texts: no file no-such-text.txt"),
+        (["--soft-target-temperature", "0"], "--soft-target-temperature must be above 0"),
+        (["--correction-scales", "1,half"], "--correction-scales: '1,half' is not a list of numbers"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(arguments, message, monkeypatch, capsys):
