@@ -80,6 +80,19 @@ class LowRankAdapters(torch.nn.Module):
         penalty 0.34 -> 0.30 of identity's (README, heal)."""
         self.add(model, dict.fromkeys(plan.anchor_layers, tuple(projections)))
 
+    @classmethod
+    def averaged(cls, fits: list[LowRankAdapters]) -> LowRankAdapters:
+        """Corrections whose every delta is the mean of ``fits``' (a soup of fits of the same
+        targets): their factors stacked, so the rank is the sum of theirs and folding adds the mean."""
+        if not fits or any(fit.targets.keys() != fits[0].targets.keys() for fit in fits):
+            raise UsageError("averaged corrections need fits of the same projections")
+        soup = cls.__new__(cls)
+        torch.nn.Module.__init__(soup)
+        soup.generator, soup.rank, soup.targets = None, sum(fit.rank for fit in fits), dict(fits[0].targets)
+        soup.down = torch.nn.ParameterDict({key: torch.cat([fit.down[key].detach() for fit in fits]) for key in soup.targets})
+        soup.up = torch.nn.ParameterDict({key: torch.cat([fit.up[key].detach() for fit in fits], 1) / len(fits) for key in soup.targets})
+        return soup
+
     @contextlib.contextmanager
     def active(self):
         """Inside the block every target projection adds its correction."""

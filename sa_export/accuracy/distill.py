@@ -97,7 +97,7 @@ def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
     adapters: LowRankAdapters | None = None, on_validate=None, adapter_learning_rate: float = ADAPTER_LEARNING_RATE,
     chunk_tokens: int = FIT_CHUNK_TOKENS, chunks_per_step: int = FIT_CHUNKS_PER_STEP, adapter_weight_decay: float = 0.0,
-    hidden_weight: float = 0.0, soft_target_temperature: float = 1.0,
+    hidden_weight: float = 0.0, soft_target_temperature: float = 1.0, seed: int = SEED,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
@@ -110,7 +110,7 @@ def fit_maps_and_temperatures(
     model's hidden states from the base model's, at the output of every layer from the first
     shared one on (the maps kept are still those of the least held-out divergence).
     ``soft_target_temperature`` flattens both distributions in the fit's divergence (``_kl``);
-    the held-out divergence that picks the maps kept is always at 1."""
+    the held-out divergence that picks the maps kept is always at 1. ``seed`` orders the chunks each step reads."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")
@@ -127,7 +127,7 @@ def fit_maps_and_temperatures(
         groups.append({"params": list(adapters.parameters()), "lr": adapter_learning_rate, "weight_decay": adapter_weight_decay})
     optimizer = torch.optim.AdamW(groups)  # without decay, the same steps as Adam
     corrected = adapters.active if adapters is not None else contextlib.nullcontext
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for parameter in trainable:  # gradients only for the maps
         parameter.requires_grad_(False)

@@ -1,7 +1,7 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
     python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
-        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--soft-target-temperature T] [--correction-scales S,...]
+        [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--soft-target-temperature T] [--correction-scales S,...] [--seeds N,...]
         [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
@@ -37,7 +37,7 @@ from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, 
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tail, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
-from sa_export.core.plan import build_plan
+from sa_export.core.plan import HeadMap, build_plan
 
 WINDOW = 1024
 CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora", "fit-2s+lora", "fit-2w+lora")
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden states' distance from the base model's in the fit's loss (0: the divergence alone)")
     parser.add_argument("--soft-target-temperature", type=float, default=1.0, help="flatten the teacher's and the SA model's distributions by this in the fit's divergence")
     parser.add_argument("--correction-scales", default="1", help="+lora configs: judge the fit with its corrections at each of these multiples (comma-separated)")
+    parser.add_argument("--seeds", default="0", help="fit once from each seed (the corrections' start, the chunks' order); with several, judge their mean too")
     parser.add_argument("--chunk-tokens", type=int, default=FIT_CHUNK_TOKENS, help="tokens of each chunk the fit reads (the evaluation's windows are 1024)")
     parser.add_argument("--chunks-per-step", type=int, default=FIT_CHUNKS_PER_STEP)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of each evaluation text")
@@ -74,8 +75,9 @@ def main() -> None:
         parser.error("--soft-target-temperature must be above 0")
     try:
         scales = [float(scale) for scale in args.correction_scales.split(",")]
+        seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
-        parser.error(f"--correction-scales: {args.correction_scales!r} is not a list of numbers")
+        parser.error(f"--correction-scales and --seeds take comma-separated numbers, not {args.correction_scales!r} and {args.seeds!r}")
     more_texts = [file for file in args.more_texts.split(",") if file]
     if missing := [file for file in more_texts if not Path(file).is_file()]:
         parser.error(f"--more-texts: no file {', '.join(missing)}")
@@ -106,30 +108,41 @@ def main() -> None:
         plan = build_plan(span.split("+"), config.num_hidden_layers)  # 25-25+27-29: two spans, each with its anchor
         identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
         _report(rows, span, "identity", identity, base, identity, 0.0, 0)
+
+        def _judge(named, fit, scale):
+            maps, adapters, seconds = fit
+            with _corrected(adapters, scale):
+                ppl = {text: perplexity(model, ids, WINDOW, plan.with_head_maps(maps)) for text, ids in texts.items()}
+            _report(rows, span, named, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
+
         runs = [(name, rate) for name in configs for rate in (rates if name.endswith("+lora") else [ADAPTER_LEARNING_RATE])]
         for name, rate in runs:
             label = name if rate == ADAPTER_LEARNING_RATE else f"{name} lr {rate:g}"
             on = next((text for prefix, text in CALIBRATION_OF.items() if name.startswith(prefix)), "news")
             start = calibrate_head_maps(stats[on], plan, FIT_START)
-            adapters = None
-            if name.endswith("+lora"):
-                adapters = LowRankAdapters(model, plan.shared_layers, args.rank, projections=args.projections.split(","))
-                if args.source_projections:
-                    adapters.add_sources(model, plan.with_head_maps(start), args.source_projections.split(","))
-            started = time.perf_counter()
-            maps, _ = fit_maps_and_temperatures(
-                model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
-                chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step, adapter_weight_decay=args.adapter_weight_decay,
-                hidden_weight=args.hidden_weight, soft_target_temperature=args.soft_target_temperature, on_validate=lambda step, divergence: print(f"  {span} {label} step {step}: held-out KL {divergence:.5f}", flush=True),
-            )
-            seconds = time.perf_counter() - started
-            fitted = plan.with_head_maps(maps)
-            for scale in scales if adapters is not None else [1.0]:
-                with _corrected(adapters, scale):
-                    ppl = {text: perplexity(model, ids, WINDOW, fitted) for text, ids in texts.items()}
-                _report(rows, span, label if scale == 1.0 else f"{label} x{scale:g}", ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
+            fits = []
+            for seed in seeds:
+                named = label if len(seeds) == 1 else f"{label} seed {seed}"
+                adapters = None
+                if name.endswith("+lora"):
+                    adapters = LowRankAdapters(model, plan.shared_layers, args.rank, seed=seed, projections=args.projections.split(","))
+                    if args.source_projections:
+                        adapters.add_sources(model, plan.with_head_maps(start), args.source_projections.split(","))
+                started = time.perf_counter()
+                maps, _ = fit_maps_and_temperatures(
+                    model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
+                    chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step, adapter_weight_decay=args.adapter_weight_decay,
+                    hidden_weight=args.hidden_weight, soft_target_temperature=args.soft_target_temperature, seed=seed,
+                    on_validate=lambda step, divergence: print(f"  {span} {named} step {step}: held-out KL {divergence:.5f}", flush=True),
+                )
+                fits.append((maps, adapters, time.perf_counter() - started))
+                for scale in scales if adapters is not None else [1.0]:
+                    _judge(named if scale == 1.0 else f"{named} x{scale:g}", fits[-1], scale)
+            if len(fits) > 1:  # the mean of the fits' maps and of their corrections: one graph, as cheap as each
+                soup = (_average_maps([fit[0] for fit in fits]), LowRankAdapters.averaged([fit[1] for fit in fits]) if fits[0][1] is not None else None, sum(fit[2] for fit in fits))
+                _judge(f"{label} soup of {len(fits)}", soup, 1.0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "correction_scales": scales, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
 
 
 @contextlib.contextmanager
@@ -140,6 +153,14 @@ def _corrected(adapters: LowRankAdapters | None, scale: float):
         return
     with adapters.scaled(scale), adapters.active():
         yield
+
+
+def _average_maps(fits: list[dict[int, HeadMap]]) -> dict[int, HeadMap]:
+    """Per shared layer and head, the mean of the fits' weights (one start, so the same sources)."""
+    return {
+        layer: HeadMap(head_map.sources, tuple(tuple(sum(w) / len(fits) for w in zip(*heads)) for heads in zip(*(fit[layer].weights for fit in fits))))
+        for layer, head_map in fits[0].items()
+    }
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

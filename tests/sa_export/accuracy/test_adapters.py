@@ -49,6 +49,25 @@ def test_scaled_corrections_are_that_multiple_of_the_fitted_ones_and_come_back_w
     assert all(torch.equal(delta, fitted[key]) for key, delta in adapters.deltas().items())
 
 
+def test_averaged_corrections_fold_as_the_mean_of_the_fits():
+    model = _model()
+    fits = [LowRankAdapters(model, {3, 4}, rank=2, seed=seed) for seed in (0, 1)]
+    with torch.no_grad():
+        for fit in fits:
+            for parameter in fit.up.values():
+                parameter.normal_()
+    soup = LowRankAdapters.averaged(fits)
+    assert soup.rank == 4 and sorted(soup.targets) == sorted(fits[0].targets)
+    for key, delta in soup.deltas().items():
+        torch.testing.assert_close(delta, (fits[0].deltas()[key] + fits[1].deltas()[key]) / 2)
+    ids = torch.tensor([list(range(40))])
+    with torch.no_grad(), soup.active():
+        corrected = model(input_ids=ids).logits
+    folded = copy.deepcopy(model)
+    soup.fold(folded)
+    torch.testing.assert_close(folded(input_ids=ids).logits, corrected, rtol=1e-4, atol=1e-4)
+
+
 def test_each_layer_may_name_its_own_projections():
     """Layers may have projections of their own corrected (a source layer's Q/K with a
     shared layer's V), and folding adds each correction to its own weight."""

@@ -14,7 +14,8 @@ from sa_export.benchmarks import heal
         (["--configs", "fit-9"], "unknown configs fit-9"),
         (["--more-texts", "no-such-text.txt"], "--more-texts: no file no-such-text.txt"),
         (["--soft-target-temperature", "0"], "--soft-target-temperature must be above 0"),
-        (["--correction-scales", "1,half"], "--correction-scales: '1,half' is not a list of numbers"),
+        (["--correction-scales", "1,half"], "--correction-scales and --seeds take comma-separated numbers, not '1,half' and '0'"),
+        (["--seeds", "0,x"], "not '1' and '0,x'"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(arguments, message, monkeypatch, capsys):
