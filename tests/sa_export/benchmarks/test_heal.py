@@ -24,3 +24,11 @@ def test_bad_options_are_refused_before_the_model_loads(arguments, message, monk
     with pytest.raises(SystemExit) as exit_info:
         heal.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_soup_of_fitted_maps_reads_each_source_with_the_mean_of_their_weights():
+    sources = (((2, 0), (2, 1)), ((2, 0), (2, 1)))
+    fits = [{3: heal.HeadMap(sources, ((0.8, 0.2), (1.0, 0.0)))}, {3: heal.HeadMap(sources, ((0.4, 0.6), (0.0, 1.2)))}]
+    soup = heal._average_maps(fits)[3]
+    assert soup.sources == sources
+    assert [list(head) for head in soup.weights] == [pytest.approx([0.6, 0.4]), pytest.approx([0.5, 0.6])]
