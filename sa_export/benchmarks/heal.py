@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
@@ -109,11 +110,10 @@ def main() -> None:
         identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
         _report(rows, span, "identity", identity, base, identity, 0.0, 0)
 
-        def _judge(named, fit, scale):
-            maps, adapters, seconds = fit
-            with _corrected(adapters, scale):
-                ppl = {text: perplexity(model, ids, WINDOW, plan.with_head_maps(maps)) for text, ids in texts.items()}
-            _report(rows, span, named, ppl, base, identity, seconds, adapters.parameter_count() if adapters is not None else 0)
+        def _judge(named: str, fit: _Fit, scale: float) -> None:
+            with _corrected(fit.adapters, scale):
+                ppl = {text: perplexity(model, ids, WINDOW, plan.with_head_maps(fit.maps)) for text, ids in texts.items()}
+            _report(rows, span, named, ppl, base, identity, fit.seconds, fit.adapters.parameter_count() if fit.adapters is not None else 0)
 
         runs = [(name, rate) for name in configs for rate in (rates if name.endswith("+lora") else [ADAPTER_LEARNING_RATE])]
         for name, rate in runs:
@@ -135,14 +135,23 @@ def main() -> None:
                     hidden_weight=args.hidden_weight, soft_target_temperature=args.soft_target_temperature, seed=seed,
                     on_validate=lambda step, divergence: print(f"  {span} {named} step {step}: held-out KL {divergence:.5f}", flush=True),
                 )
-                fits.append((maps, adapters, time.perf_counter() - started))
+                fits.append(_Fit(maps, adapters, time.perf_counter() - started))
                 for scale in scales if adapters is not None else [1.0]:
                     _judge(named if scale == 1.0 else f"{named} x{scale:g}", fits[-1], scale)
             if len(fits) > 1:  # the mean of the fits' maps and of their corrections: one graph, as cheap as each
-                soup = (_average_maps([fit[0] for fit in fits]), LowRankAdapters.averaged([fit[1] for fit in fits]) if fits[0][1] is not None else None, sum(fit[2] for fit in fits))
+                corrections = LowRankAdapters.averaged([fit.adapters for fit in fits]) if name.endswith("+lora") else None
+                soup = _Fit(_average_maps([fit.maps for fit in fits]), corrections, sum(fit.seconds for fit in fits))
                 _judge(f"{label} soup of {len(fits)}", soup, 1.0)
     if args.json:
         write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+
+
+class _Fit(NamedTuple):
+    """One fit's maps and corrections (None without +lora), and the seconds it took."""
+
+    maps: dict[int, HeadMap]
+    adapters: LowRankAdapters | None
+    seconds: float
 
 
 @contextlib.contextmanager
