@@ -2,7 +2,7 @@
 
     python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
         [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--soft-target-temperature T] [--correction-scales S,...] [--seeds N,...]
-        [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
+        [--fit-temperature] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--adapter-weight-decay", type=float, default=0.0, help="+lora configs: AdamW's decay of the corrections toward none")
     parser.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden states' distance from the base model's in the fit's loss (0: the divergence alone)")
     parser.add_argument("--soft-target-temperature", type=float, default=1.0, help="flatten the teacher's and the SA model's distributions by this in the fit's divergence")
+    parser.add_argument("--fit-temperature", action="store_true", help="also fit a temperature per shared head (reference.mix_probs) and judge with it")
     parser.add_argument("--correction-scales", default="1", help="+lora configs: judge the fit with its corrections at each of these multiples (comma-separated)")
     parser.add_argument("--seeds", default="0", help="fit once from each seed (the corrections' start, the chunks' order); with several, judge their mean too")
     parser.add_argument("--chunk-tokens", type=int, default=FIT_CHUNK_TOKENS, help="tokens of each chunk the fit reads (the evaluation's windows are 1024)")
@@ -112,7 +113,7 @@ def main() -> None:
 
         def _judge(named: str, fit: _Fit, scale: float) -> None:
             with _corrected(fit.adapters, scale):
-                ppl = {text: perplexity(model, ids, WINDOW, plan.with_head_maps(fit.maps)) for text, ids in texts.items()}
+                ppl = {text: perplexity(model, ids, WINDOW, plan.with_head_maps(fit.maps), fit.log_temperatures) for text, ids in texts.items()}
             _report(rows, span, named, ppl, base, identity, fit.seconds, fit.adapters.parameter_count() if fit.adapters is not None else 0)
 
         runs = [(name, rate) for name in configs for rate in (rates if name.endswith("+lora") else [ADAPTER_LEARNING_RATE])]
@@ -129,29 +130,31 @@ def main() -> None:
                     if args.source_projections:
                         adapters.add_sources(model, plan.with_head_maps(start), args.source_projections.split(","))
                 started = time.perf_counter()
-                maps, _ = fit_maps_and_temperatures(
-                    model, plan, calibration[on], start, args.fit_steps, adapters=adapters, adapter_learning_rate=rate,
+                maps, log_temperatures = fit_maps_and_temperatures(
+                    model, plan, calibration[on], start, args.fit_steps, temperature=args.fit_temperature, adapters=adapters, adapter_learning_rate=rate,
                     chunk_tokens=args.chunk_tokens, chunks_per_step=args.chunks_per_step, adapter_weight_decay=args.adapter_weight_decay,
                     hidden_weight=args.hidden_weight, soft_target_temperature=args.soft_target_temperature, seed=seed,
                     on_validate=lambda step, divergence: print(f"  {span} {named} step {step}: held-out KL {divergence:.5f}", flush=True),
                 )
-                fits.append(_Fit(maps, adapters, time.perf_counter() - started))
+                fits.append(_Fit(maps, adapters, time.perf_counter() - started, log_temperatures))
                 for scale in scales if adapters is not None else [1.0]:
                     _judge(named if scale == 1.0 else f"{named} x{scale:g}", fits[-1], scale)
             if len(fits) > 1:  # the mean of the fits' maps and of their corrections: one graph, as cheap as each
                 corrections = LowRankAdapters.averaged([fit.adapters for fit in fits]) if name.endswith("+lora") else None
-                soup = _Fit(_average_maps([fit.maps for fit in fits]), corrections, sum(fit.seconds for fit in fits))
+                soup = _Fit(_average_maps([fit.maps for fit in fits]), corrections, sum(fit.seconds for fit in fits), _average_temperatures([fit.log_temperatures for fit in fits]))
                 _judge(f"{label} soup of {len(fits)}", soup, 1.0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "fit_temperature": args.fit_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
 
 
 class _Fit(NamedTuple):
-    """One fit's maps and corrections (None without +lora), and the seconds it took."""
+    """One fit's maps and corrections (None without +lora), the seconds it took, and its
+    per-head log-temperatures (None unless --fit-temperature)."""
 
     maps: dict[int, HeadMap]
     adapters: LowRankAdapters | None
     seconds: float
+    log_temperatures: dict | None = None
 
 
 @contextlib.contextmanager
@@ -170,6 +173,13 @@ def _average_maps(fits: list[dict[int, HeadMap]]) -> dict[int, HeadMap]:
         layer: HeadMap(head_map.sources, tuple(tuple(sum(w) / len(fits) for w in zip(*heads)) for heads in zip(*(fit[layer].weights for fit in fits))))
         for layer, head_map in fits[0].items()
     }
+
+
+def _average_temperatures(fits: list[dict | None]) -> dict | None:
+    """Per shared layer, the mean of the fits' log-temperatures (None when none were fitted)."""
+    if fits[0] is None:
+        return None
+    return {layer: sum(fit[layer] for fit in fits) / len(fits) for layer in fits[0]}
 
 
 def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:

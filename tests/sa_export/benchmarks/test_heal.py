@@ -32,3 +32,11 @@ def test_the_soup_of_fitted_maps_reads_each_source_with_the_mean_of_their_weight
     soup = heal._average_maps(fits)[3]
     assert soup.sources == sources
     assert [list(head) for head in soup.weights] == [pytest.approx([0.6, 0.4]), pytest.approx([0.5, 0.6])]
+
+
+def test_the_soup_of_fitted_temperatures_is_their_mean_per_head_and_none_when_none_were_fitted():
+    import torch
+
+    soup = heal._average_temperatures([{3: torch.tensor([0.2, -0.4])}, {3: torch.tensor([0.4, 0.0])}])
+    assert soup[3].tolist() == pytest.approx([0.3, -0.2])
+    assert heal._average_temperatures([None, None]) is None
