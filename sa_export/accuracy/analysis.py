@@ -79,6 +79,7 @@ class AnalysisResult:
     command: str | None
     frontier: list = dataclasses.field(default_factory=list)  # FrontierPoint
     frontier_search: dict | None = None  # frontier.search_frontier's report
+    heal_command: str | None = None  # the frontier's pick with fitted maps and corrections
 
     def lines(self) -> list[str]:
         """What `analyze` prints."""
@@ -114,6 +115,10 @@ class AnalysisResult:
         lines.append(f"search took {search.get('seconds', 0):.0f} s on {search.get('device', 'cpu')}: "
                      f"{search.get('plans_searched', 0)} plans on {', '.join(search.get('texts', {}))}")
         lines.append(f"apply: {self.command}" if self.command else "no point asked for (--kv-saving F or --max-penalty P picks one)")
+        if self.heal_command:
+            lines.append(f"heal it: {self.heal_command}")
+            lines.append("  (fits the maps with low-rank corrections on the --calib texts: a lower penalty, most on their domains, "
+                         "in minutes where a point takes seconds; not measured by this search)")
         return lines
 
 
@@ -185,7 +190,7 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
         ranking = [c for c in ranking if len({kinds[c.anchor], *(kinds[l] for l in c.span.layers)}) == 1]
 
     searched: list[SpanCandidate] = []
-    command = None
+    command = heal_command = None
     points, report, chosen = [], None, None
     if request.frontier:
         points, report = _frontier(request, source, config, hf_model, tokenizer, stats, calibration)
@@ -193,6 +198,7 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
         if (request.kv_saving is not None or request.max_penalty is not None) and chosen is None:
             raise UsageError("no plan on the frontier meets the request; raise --max-shared or --max-penalty")
         command = chosen.command(request.model, _calibration_args(request)) if chosen else None
+        heal_command = chosen.heal_command(request.model, _calibration_args(request, tokens=False)) if chosen else None
     elif request.share is not None or request.kv_saving is not None:
         ids = calibration.ids[: request.search_tokens]
         with step(f"base perplexity on {len(ids)} calibration tokens"):
@@ -235,9 +241,10 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
             write_json_atomic(tmp / "frontier.json", {
                 "model": source.name, "calibration": calibration.to_json(), "search": report,
                 "points": [p.to_json() for p in points], "recommended": chosen.to_json() if chosen else None, "convert_command": command,
+                "heal_command": heal_command,
             })
             save_plot(points, list(points[0].ppl), tmp / "frontier.png", f"{source.name}: perplexity penalty vs KV cache saved")
-    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command, points, report)
+    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command, points, report, heal_command)
 
 
 def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stats, calibration):
@@ -262,13 +269,14 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
                            request.search_pool or DEFAULT_POOL, request.search_cost)
 
 
-def _calibration_args(request: AnalyzeRequest) -> str:
+def _calibration_args(request: AnalyzeRequest, tokens: bool = True) -> str:
     """The --calib and --calib-tokens the maps were calibrated with, for the convert command:
-    calibrated maps converted from other text would not be the maps measured here."""
+    calibrated maps converted from other text would not be the maps measured here. Without
+    ``tokens``, the files alone: a fit with corrections reads more text by default than a search."""
     import shlex
 
     args = "".join(f" --calib {shlex.quote(str(Path(file).absolute()))}" for file in _calib_paths(request)[0] if file)
-    return args + (f" --calib-tokens {request.calib_tokens}" if request.calib_tokens else "")
+    return args + (f" --calib-tokens {request.calib_tokens}" if tokens and request.calib_tokens else "")
 
 
 def _calib_paths(request: AnalyzeRequest) -> tuple[list, list[Path]]:

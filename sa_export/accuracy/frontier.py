@@ -29,6 +29,8 @@ from sa_export.core.plan import SharingPlan, build_plan, consecutive_runs
 from sa_export.core.progress import progress_bar
 
 WINDOW = 1024
+# The corrections' rank in the heal command: rank 8 measured best on 26-29 and 23-26 (README, heal).
+HEAL_LORA_RANK = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,13 @@ class FrontierPoint:
         spans = " ".join(f"--span {span}" for span in self.spans)
         head_map = f" --head-map {self.mode}{calibration_args}" if self.mode != "identity" else ""
         return f"sa-export convert {model} {spans}{head_map}"
+
+    def heal_command(self, model: str, calibration_files: str = "") -> str:
+        """The convert command that fits this plan's maps with low-rank corrections
+        (``--head-map fit --lora-rank``, on ``calibration_files``: --calib ...). The search
+        does not measure it: a fit takes minutes where a point takes seconds."""
+        spans = " ".join(f"--span {span}" for span in self.spans)
+        return f"sa-export convert {model} {spans} --head-map fit --lora-rank {HEAL_LORA_RANK}{calibration_files}"
 
     def to_json(self) -> dict:
         return {

@@ -61,6 +61,14 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
     assert ("--head-map" in args) == (args[-4:] == ["--calib", str(calib), "--calib-tokens", "512"])
     converted = run_cli("convert", *args, "-o", tmp_path / "sa")
     assert converted.exit_code == 0, converted.output + converted.stderr
+    # The same plan healed: fitted maps and corrections on the same text, which reads as much as
+    # a fit with corrections reads by default (the tiny text has less: the test shortens the fit).
+    heal = data["heal_command"]
+    assert f"heal it: {heal}" in result.output
+    assert heal == f"sa-export convert {shlex.split(command)[2]} {' '.join(f'--span {s}' for s in data['recommended']['spans'])} --head-map fit --lora-rank 8 --calib {calib}"
+    healed = run_cli("convert", *shlex.split(heal)[2:], "--calib-tokens", "512", "--fit-steps", "2", "-o", tmp_path / "healed")
+    assert healed.exit_code == 0, healed.output + healed.stderr
+    assert (tmp_path / "healed" / "corrections.safetensors").is_file()
 
 
 def test_frontier_searches_on_every_calibration_text_and_reports_on_another_domain(tiny_llama_with_tokenizer, tmp_path):
