@@ -97,7 +97,7 @@ def fit_maps_and_temperatures(
     model, plan: SharingPlan, token_ids: list[int], start: dict[int, HeadMap], steps: int = FIT_STEPS, progress=None, temperature: bool = False,
     adapters: LowRankAdapters | None = None, on_validate=None, adapter_learning_rate: float = ADAPTER_LEARNING_RATE,
     chunk_tokens: int = FIT_CHUNK_TOKENS, chunks_per_step: int = FIT_CHUNKS_PER_STEP, adapter_weight_decay: float = 0.0,
-    hidden_weight: float = 0.0, soft_target_temperature: float = 1.0, seed: int = SEED,
+    hidden_weight: float = 0.0, soft_target_temperature: float = 1.0, seed: int = SEED, shared_heads: dict[int, tuple[int, ...]] | None = None,
 ) -> tuple[dict[int, HeadMap], dict[int, torch.Tensor] | None]:
     """``fit_head_maps``, and with ``temperature`` a per-head log-temperature fitted with the
     maps (see ``reference.mix_probs``; no graph applies it: it is measured, not shipped).
@@ -110,7 +110,9 @@ def fit_maps_and_temperatures(
     model's hidden states from the base model's, at the output of every layer from the first
     shared one on (the maps kept are still those of the least held-out divergence).
     ``soft_target_temperature`` flattens both distributions in the fit's divergence (``_kl``);
-    the held-out divergence that picks the maps kept is always at 1. ``seed`` orders the chunks each step reads."""
+    the held-out divergence that picks the maps kept is always at 1. ``seed`` orders the chunks each step reads.
+    ``shared_heads``: only these query heads of a layer borrow (``reference.shared_attention``;
+    PyTorch only, no graph pass shares part of a layer)."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")
@@ -135,7 +137,7 @@ def fit_maps_and_temperatures(
         def snapshot():
             return {k: v.detach().clone() for k, v in adapters.state_dict().items()} if adapters is not None else None
 
-        best = (_divergence(teacher, plan.with_head_maps(start), held_out, None, corrected), start, None, snapshot())
+        best = (_divergence(teacher, plan.with_head_maps(start), held_out, None, corrected, shared_heads), start, None, snapshot())
         if on_validate is not None:
             on_validate(0, best[0])
         for number in range(1, steps + 1):
@@ -143,7 +145,7 @@ def fit_maps_and_temperatures(
             picked = [training[i] for i in torch.randperm(len(training), generator=generator)[:chunks_per_step].tolist()]
             for index in picked:
                 base = teacher.base_and_hidden(index)  # one read (or one run) of the base model for both terms
-                with corrected(), shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True)):
+                with corrected(), shared_attention(model, structure, weights=fitted.weights(), log_temperatures=fitted.temperatures(keep_grad=True), shared_heads=shared_heads):
                     student = teacher.log_probs_and_hidden(index)
                 loss = _kl(base[0], student[0], soft_target_temperature)
                 if hidden_weight:
@@ -152,7 +154,7 @@ def fit_maps_and_temperatures(
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
                 maps, temperatures = fitted.head_maps(), fitted.temperatures()
-                candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures, corrected), maps, temperatures, snapshot())
+                candidate = (_divergence(teacher, plan.with_head_maps(maps), held_out, temperatures, corrected, shared_heads), maps, temperatures, snapshot())
                 best = min(best, candidate, key=lambda entry: entry[0])
                 if on_validate is not None:
                     on_validate(number, candidate[0])
@@ -246,11 +248,11 @@ def _kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float = 1.0) 
 @torch.no_grad()
 def _divergence(
     teacher: _Teacher, plan: SharingPlan, chunks: list[int], log_temperatures: dict[int, torch.Tensor] | None = None,
-    corrected=contextlib.nullcontext,
+    corrected=contextlib.nullcontext, shared_heads=None,
 ) -> float:
     total = 0.0
     for index in chunks:
         base = teacher(index)  # outside the blocks: recomputed, it must be the base model's
-        with corrected(), shared_attention(teacher.model, plan, log_temperatures=log_temperatures):
+        with corrected(), shared_attention(teacher.model, plan, log_temperatures=log_temperatures, shared_heads=shared_heads):
             total += float(_kl(base, teacher.log_probs(index)))
     return total / len(chunks)

@@ -1,7 +1,8 @@
 """Does a finer unit of sharing than a layer pay? KV groups against whole layers, side by side.
 
     python -m sa_export.benchmarks.group_units [--mode mix] [--criterion ppl|kl] [--search cheapest|forward]
-        [--unit layer|kv-group|both] [--units 1,2,3,4] [--search-tokens 2048] [--json FILE]
+        [--unit layer|kv-group|both] [--units 1,2,3,4] [--search-tokens 2048] [--min-layer L] [--search-texts news,code]
+        [--fit] [--json FILE]
 
 A KV group's K cache can go when every query head of that group borrows its
 probabilities: one group of a layer with G KV heads is 1/G of that layer's K cache. For
@@ -18,17 +19,27 @@ Head maps come from the same attention statistics in both (``--mode``),
 so only the unit differs. Each plan is then judged on held-out text of the calibration's
 domain and on text of another domain, which the search never reads. Only the PyTorch
 reference can share part of a layer (``reference.shared_attention(shared_heads=)``).
+
+``--search-texts news,code`` ranks by the mean relative penalty on the tails of both
+texts (as ``analyze --frontier`` does with two ``--calib``), ``--min-layer`` searches only
+units of that layer and later, and ``--fit`` then fits each plan's maps with rank-8
+corrections on news and code (what ``convert --head-map fit --lora-rank 8`` does with two
+``--calib``: 120 steps, 16,384 tokens of each, the sources' Q and K corrected too) and
+judges it on the evaluation texts and on Wikipedia articles, which neither reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
+from sa_export.accuracy.adapters import PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import collect_statistics, head_sources_from
-from sa_export.accuracy.frontier import forward_selection
+from sa_export.accuracy.distill import FIT_STEPS_WITH_CORRECTIONS, fit_maps_and_temperatures
+from sa_export.accuracy.frontier import HEAL_LORA_RANK, forward_selection
 from sa_export.accuracy.evaluate import base_log_probs, divergence, load_for_reference, perplexity
-from sa_export.accuracy.texts import other_domain_tokens, split_texts
+from sa_export.accuracy.texts import CALIB_TOKENS, LORA_CALIB_TOKENS, other_domain_text_path, other_domain_tokens, split_texts, unseen_domain_tokens
 from sa_export.core.plan import HeadMap, SharingPlan
 from sa_export.core.progress import progress_bar
 from sa_export.core.atomic import write_json_atomic
@@ -77,33 +88,48 @@ def main() -> None:
                         help="take the n cheapest units shared alone, or grow the plan one unit at a time on the whole plan's cost")
     parser.add_argument("--unit", default="both", choices=("layer", "kv-group", "both"), help="which units to search")
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--min-layer", type=int, default=1, help="search only units of this layer and later")
+    parser.add_argument("--search-texts", default="news", choices=("news", "news,code"), help="rank plans on the tail of news, or by their mean penalty on news and code")
+    parser.add_argument("--fit", action="store_true", help="fit each plan's maps with rank-8 corrections on news and code, and judge that too")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     _, config, model, tokenizer = load_for_reference(args.model)
     num_layers = config.num_hidden_layers
-    evaluation, calibration = split_texts(tokenizer, None, None, args.eval_tokens, 4096)
-    texts = {"calib-domain": evaluation.ids, "other-domain": other_domain_tokens(tokenizer, None, args.eval_tokens).ids}
-    search = calibration.ids[: args.search_tokens]
+    if not 1 <= args.min_layer < num_layers:
+        parser.error(f"--min-layer must be 1 to {num_layers - 1}")
+    calib_tokens = LORA_CALIB_TOKENS if args.fit else CALIB_TOKENS
+    evaluation, calibration = split_texts(tokenizer, None, None, args.eval_tokens, calib_tokens)
+    code_file = other_domain_text_path()
+    code, code_calibration = split_texts(tokenizer, code_file, code_file, args.eval_tokens, calib_tokens)
+    texts = {"calib-domain": evaluation.ids, "other-domain": code.ids}
+    if args.fit:  # a domain that neither the search nor the fit reads
+        texts["wiki"] = unseen_domain_tokens(tokenizer, None, args.eval_tokens).ids
+    searches = {"news": calibration.ids[: args.search_tokens]}
+    if args.search_texts == "news,code":
+        searches["code"] = code_calibration.ids[: args.search_tokens]
     started = time.perf_counter()
-    stats = collect_statistics(model, calibration.ids)
+    stats = collect_statistics(model, calibration.ids[:CALIB_TOKENS])
     groups = config.num_key_value_heads
     group_size = config.num_attention_heads // groups
-    base_search = perplexity(model, search, WINDOW)
+    base_search = {name: perplexity(model, ids, WINDOW) for name, ids in searches.items()}
     base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
-    print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()) + f", search {base_search:.2f}")
+    print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items())
+          + ", search " + ", ".join(f"{name} {value:.2f}" for name, value in base_search.items()))
 
-    teacher = base_log_probs(model, search, WINDOW) if args.criterion == "kl" else None
+    teachers = {name: base_log_probs(model, ids, WINDOW) for name, ids in searches.items()} if args.criterion == "kl" else None
 
     def penalty_on_search(units):
         plan, heads = unit_plan(units, stats, args.mode, num_layers, group_size)
-        if teacher is not None:
-            return divergence(model, search, WINDOW, teacher, plan, heads)
-        return perplexity(model, search, WINDOW, plan, shared_heads=heads) / base_search - 1
+        if teachers is not None:
+            costs = [divergence(model, ids, WINDOW, teachers[name], plan, heads) for name, ids in searches.items()]
+        else:
+            costs = [perplexity(model, ids, WINDOW, plan, shared_heads=heads) / base_search[name] - 1 for name, ids in searches.items()]
+        return sum(costs) / len(costs)
 
     candidates = {
-        "layer": [(layer, None) for layer in range(1, num_layers)],
-        "kv-group": [(layer, group) for layer in range(1, num_layers) for group in range(groups)],
+        "layer": [(layer, None) for layer in range(args.min_layer, num_layers)],
+        "kv-group": [(layer, group) for layer in range(args.min_layer, num_layers) for group in range(groups)],
     }
     per_layer = {"layer": 1, "kv-group": groups}
     units = [unit for unit in candidates if args.unit in (unit, "both")]
@@ -126,27 +152,45 @@ def main() -> None:
         ranked[unit] = sorted(cost[unit], key=cost[unit].get)
     searched_s = time.perf_counter() - started
     rows = []
-    print(f"\n{'KV saved':>8} {'unit':>9} " + " ".join(f"{name + ' penalty':>22}" for name in texts) + "  units")
+    print(f"\n{'KV saved':>8} {'unit':>9} {'maps':>8} " + " ".join(f"{name + ' penalty':>22}" for name in texts) + "  units")
     for size in sizes:
         for unit in units:
             chosen = sorted(ranked[unit][: size * per_layer[unit]])
             plan, heads = unit_plan(chosen, stats, args.mode, num_layers, group_size)
-            ppl = {name: perplexity(model, ids, WINDOW, plan, shared_heads=heads) for name, ids in texts.items()}
-            row = {
-                "unit": unit, "kv_fraction_saved": size / (2 * num_layers), "units": [list(c) for c in chosen],
-                "ppl": ppl, "penalty": {name: ppl[name] / base[name] - 1 for name in texts},
-            }
-            rows.append(row)
-            cells = " ".join(f"{100 * row['penalty'][name]:>+21.1f}%" for name in texts)
             label = " ".join(f"{l}" if g is None else f"{l}.{g}" for l, g in chosen)
-            print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {cells}  {label}", flush=True)
+            fits = {"maps": (plan, None)}
+            if args.fit:
+                fit_started = time.perf_counter()
+                fits["fit+lora"] = _fit_with_corrections(model, plan, heads, calibration.ids + code_calibration.ids)
+                print(f"  {label}: fit {time.perf_counter() - fit_started:.0f} s", flush=True)
+            for name, (fitted, adapters) in fits.items():
+                with adapters.active() if adapters is not None else contextlib.nullcontext():
+                    ppl = {text: perplexity(model, ids, WINDOW, fitted, shared_heads=heads) for text, ids in texts.items()}
+                row = {
+                    "unit": unit, "maps": name, "kv_fraction_saved": size / (2 * num_layers), "units": [list(c) for c in chosen],
+                    "ppl": ppl, "penalty": {text: ppl[text] / base[text] - 1 for text in texts},
+                }
+                rows.append(row)
+                cells = " ".join(f"{100 * row['penalty'][text]:>+21.1f}%" for text in texts)
+                print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {name:>8} {cells}  {label}", flush=True)
     print(f"\nsearch {searched_s:.0f} s, total {time.perf_counter() - started:.0f} s")
     if args.json:
         write_json_atomic(args.json, {
-            "mode": args.mode, "criterion": args.criterion, "search": args.search, "base": base, "base_search": base_search, "rows": rows,
+            "mode": args.mode, "criterion": args.criterion, "search": args.search, "search_texts": args.search_texts, "min_layer": args.min_layer,
+            "base": base, "base_search": base_search, "rows": rows,
             # cheapest: each unit's cost alone; forward: the plan's cost once that unit joined it
             "search_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
         })
+
+
+def _fit_with_corrections(model, plan: SharingPlan, heads: dict[int, tuple[int, ...]], token_ids: list[int]):
+    """``plan`` with its maps fitted, and the rank-8 corrections fitted with them (V/O of the
+    layers that borrow, Q/K of those they read), as ``convert --head-map fit --lora-rank 8`` fits."""
+    adapters = LowRankAdapters(model, sorted(heads), HEAL_LORA_RANK, projections=PROJECTIONS)
+    adapters.add_sources(model, plan, SOURCE_PROJECTIONS)
+    maps, _ = fit_maps_and_temperatures(model, plan, token_ids, plan.head_maps, FIT_STEPS_WITH_CORRECTIONS, adapters=adapters, shared_heads=heads,
+                                        on_validate=lambda step, kl: print(f"    step {step}: held-out KL {kl:.5f}", flush=True))
+    return plan.with_head_maps(maps), adapters
 
 
 if __name__ == "__main__":

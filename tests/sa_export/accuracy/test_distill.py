@@ -172,3 +172,16 @@ def test_soft_targets_weigh_the_tail_of_the_teachers_distribution():
     flattened = [torch.log_softmax(t / 2.0, -1) for t in (teacher, tail_wrong)]
     torch.testing.assert_close(distill._kl(teacher, tail_wrong, 2.0), 4 * distill._kl(*flattened))
     assert distill._kl(teacher, tail_wrong, 2.0) > 2 * distill._kl(teacher, tail_wrong)
+
+
+def test_a_fit_of_part_of_each_layer_moves_only_the_heads_that_borrow():
+    """With ``shared_heads``, heads 2 and 3 of layers 3 and 4 keep their own attention: the fit
+    moves heads 0 and 1 to the anchor heads they should read, and leaves the others' weights
+    where they started (they have no gradient)."""
+    model, ids, plan, start = _anchor_copies_started_wrong()
+    borrowed = {3: (0, 1), 4: (0, 1)}
+    fitted = distill.fit_maps_and_temperatures(model, plan, ids, start, steps=20, shared_heads=borrowed)[0]
+    for layer, head_map in fitted.items():
+        picks = [max(range(4), key=weights.__getitem__) for weights in head_map.weights]
+        assert picks[:2] == [0, 1], (layer, picks)
+        assert picks[2:] == [0, 1], (layer, picks)  # the start's wrong picks, (h + 2) % 4, untouched
