@@ -39,7 +39,7 @@ from sa_export.accuracy.calibration import collect_statistics, head_sources_from
 from sa_export.accuracy.distill import FIT_STEPS_WITH_CORRECTIONS, fit_maps_and_temperatures
 from sa_export.accuracy.frontier import HEAL_LORA_RANK, forward_selection
 from sa_export.accuracy.evaluate import base_log_probs, divergence, load_for_reference, perplexity
-from sa_export.accuracy.texts import CALIB_TOKENS, LORA_CALIB_TOKENS, other_domain_text_path, other_domain_tokens, split_texts, unseen_domain_tokens
+from sa_export.accuracy.texts import CALIB_TOKENS, LORA_CALIB_TOKENS, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.plan import HeadMap, SharingPlan
 from sa_export.core.progress import progress_bar
 from sa_export.core.atomic import write_json_atomic
@@ -140,11 +140,11 @@ def main() -> None:
         pool = candidates[unit]
         if args.search == "forward":
             steps = max(sizes) * per_layer[unit]
-            with progress_bar(f"{unit}s added one at a time ({steps} steps), on {len(search)} calibration tokens", unit=unit) as advance:
+            with progress_bar(f"{unit}s added one at a time ({steps} steps), on {len(searches['news'])} calibration tokens of {' and '.join(searches)}", unit=unit) as advance:
                 ranked[unit], trail = forward_selection(pool, steps, penalty_on_search, advance)
             cost[unit] = dict(zip(ranked[unit], trail))  # the plan's cost once that unit joined it
             continue
-        with progress_bar(f"each {unit} shared alone, on {len(search)} calibration tokens", unit=unit) as advance:
+        with progress_bar(f"each {unit} shared alone, on {len(searches['news'])} calibration tokens of {' and '.join(searches)}", unit=unit) as advance:
             cost[unit] = {}
             for number, candidate in enumerate(pool):
                 cost[unit][candidate] = penalty_on_search([candidate])
