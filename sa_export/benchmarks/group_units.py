@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import time
 
 from sa_export.accuracy.adapters import PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
@@ -160,6 +161,7 @@ def main() -> None:
             label = " ".join(f"{l}" if g is None else f"{l}.{g}" for l, g in chosen)
             fits = {"maps": (plan, None)}
             if args.fit:
+                print(f"  fitting {label}", flush=True)
                 fit_started = time.perf_counter()
                 fits["fit+lora"] = _fit_with_corrections(model, plan, heads, calibration.ids + code_calibration.ids)
                 print(f"  {label}: fit {time.perf_counter() - fit_started:.0f} s", flush=True)
@@ -190,7 +192,7 @@ def _fit_with_corrections(model, plan: SharingPlan, heads: dict[int, tuple[int, 
     adapters.add_sources(model, plan, SOURCE_PROJECTIONS)
     maps, _ = fit_maps_and_temperatures(model, plan, token_ids, plan.head_maps, FIT_STEPS_WITH_CORRECTIONS, adapters=adapters, shared_heads=heads,
                                         on_validate=lambda step, kl: print(f"    step {step}: held-out KL {kl:.5f}", flush=True))
-    return plan.with_head_maps(maps), adapters
+    return dataclasses.replace(plan, head_maps=maps), adapters  # a map may read a partly shared layer (unit_plan)
 
 
 if __name__ == "__main__":
