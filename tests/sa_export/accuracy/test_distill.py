@@ -185,3 +185,15 @@ def test_a_fit_of_part_of_each_layer_moves_only_the_heads_that_borrow():
         picks = [max(range(4), key=weights.__getitem__) for weights in head_map.weights]
         assert picks[:2] == [0, 1], (layer, picks)
         assert picks[2:] == [0, 1], (layer, picks)  # the start's wrong picks, (h + 2) % 4, untouched
+
+
+def test_a_map_may_read_the_heads_that_a_partly_shared_layer_keeps():
+    """Heads 2 and 3 of layer 3 keep their own attention, so layer 4's borrowed heads may read
+    them (a plan of whole layers refuses that); the fit keeps those sources and does no worse."""
+    model, ids, plan, start = _anchor_copies_started_wrong()
+    borrowed = {3: (0, 1), 4: (0, 1)}
+    start = {3: start[3], 4: HeadMap((((3, 2),),) * 4, ((1.0,),) * 4)}
+    seen = []
+    fitted = distill.fit_maps_and_temperatures(model, plan, ids, start, steps=10, shared_heads=borrowed,
+                                               on_validate=lambda step, divergence: seen.append(divergence))[0]
+    assert fitted[4].layers == (3,) and seen[-1] <= seen[0]
