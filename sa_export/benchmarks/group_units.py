@@ -25,7 +25,8 @@ texts (as ``analyze --frontier`` does with two ``--calib``), ``--min-layer`` sea
 units of that layer and later, and ``--fit`` then fits each plan's maps with rank-8
 corrections on news and code (what ``convert --head-map fit --lora-rank 8`` does with two
 ``--calib``: 120 steps, 16,384 tokens of each, the sources' Q and K corrected too) and
-judges it on the evaluation texts and on Wikipedia articles, which neither reads.
+judges it. Every plan is judged on Wikipedia articles too, which neither reads; ``--plan``
+judges the plans it names instead of searching.
 """
 
 from __future__ import annotations
@@ -92,8 +93,14 @@ def main() -> None:
     parser.add_argument("--min-layer", type=int, default=1, help="search only units of this layer and later")
     parser.add_argument("--search-texts", default="news", choices=("news", "news,code"), help="rank plans on the tail of news, or by their mean penalty on news and code")
     parser.add_argument("--fit", action="store_true", help="fit each plan's maps with rank-8 corrections on news and code, and judge that too")
+    parser.add_argument("--plan", action="append", default=[], help="judge this plan instead of searching: its units, "
+                        "space-separated, a whole layer as 25 and a KV group as 26.1 (repeat for several plans)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    try:
+        named = [_named_plan(text) for text in args.plan]
+    except ValueError:
+        parser.error(f"--plan takes units such as '25 26.0 26.1', not {args.plan!r}")
 
     _, config, model, tokenizer = load_for_reference(args.model)
     num_layers = config.num_hidden_layers
@@ -104,8 +111,7 @@ def main() -> None:
     code_file = other_domain_text_path()
     code, code_calibration = split_texts(tokenizer, code_file, code_file, args.eval_tokens, calib_tokens)
     texts = {"calib-domain": evaluation.ids, "other-domain": code.ids}
-    if args.fit:  # a domain that neither the search nor the fit reads
-        texts["wiki"] = unseen_domain_tokens(tokenizer, None, args.eval_tokens).ids
+    texts["wiki"] = unseen_domain_tokens(tokenizer, None, args.eval_tokens).ids  # a domain that neither the search nor a fit reads
     searches = {"news": calibration.ids[: args.search_tokens]}
     if args.search_texts == "news,code":
         searches["code"] = code_calibration.ids[: args.search_tokens]
@@ -133,7 +139,7 @@ def main() -> None:
         "kv-group": [(layer, group) for layer in range(args.min_layer, num_layers) for group in range(groups)],
     }
     per_layer = {"layer": 1, "kv-group": groups}
-    units = [unit for unit in candidates if args.unit in (unit, "both")]
+    units = [unit for unit in candidates if args.unit in (unit, "both")] if not named else []
     sizes = [int(n) for n in args.units.split(",")]
     ranked: dict[str, list] = {}  # unit kind -> units in the order the search takes them
     cost: dict[str, dict] = {}
@@ -154,27 +160,26 @@ def main() -> None:
     searched_s = time.perf_counter() - started
     rows = []
     print(f"\n{'KV saved':>8} {'unit':>9} {'maps':>8} " + " ".join(f"{name + ' penalty':>22}" for name in texts) + "  units")
-    for size in sizes:
-        for unit in units:
-            chosen = sorted(ranked[unit][: size * per_layer[unit]])
-            plan, heads = unit_plan(chosen, stats, args.mode, num_layers, group_size)
-            label = " ".join(f"{l}" if g is None else f"{l}.{g}" for l, g in chosen)
-            fits = {"maps": (plan, None)}
-            if args.fit:
-                print(f"  fitting {label}", flush=True)
-                fit_started = time.perf_counter()
-                fits["fit+lora"] = _fit_with_corrections(model, plan, heads, calibration.ids + code_calibration.ids)
-                print(f"  {label}: fit {time.perf_counter() - fit_started:.0f} s", flush=True)
-            for name, (fitted, adapters) in fits.items():
-                with adapters.active() if adapters is not None else contextlib.nullcontext():
-                    ppl = {text: perplexity(model, ids, WINDOW, fitted, shared_heads=heads) for text, ids in texts.items()}
-                row = {
-                    "unit": unit, "maps": name, "kv_fraction_saved": size / (2 * num_layers), "units": [list(c) for c in chosen],
-                    "ppl": ppl, "penalty": {text: ppl[text] / base[text] - 1 for text in texts},
-                }
-                rows.append(row)
-                cells = " ".join(f"{100 * row['penalty'][text]:>+21.1f}%" for text in texts)
-                print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {name:>8} {cells}  {label}", flush=True)
+    chosen_plans = named or [(unit, sorted(ranked[unit][: size * per_layer[unit]])) for size in sizes for unit in units]
+    for unit, chosen in chosen_plans:
+        plan, heads = unit_plan(chosen, stats, args.mode, num_layers, group_size)
+        label = " ".join(f"{l}" if g is None else f"{l}.{g}" for l, g in chosen)
+        fits = {"maps": (plan, None)}
+        if args.fit:
+            print(f"  fitting {label}", flush=True)
+            fit_started = time.perf_counter()
+            fits["fit+lora"] = _fit_with_corrections(model, plan, heads, calibration.ids + code_calibration.ids)
+            print(f"  {label}: fit {time.perf_counter() - fit_started:.0f} s", flush=True)
+        for name, (fitted, adapters) in fits.items():
+            with adapters.active() if adapters is not None else contextlib.nullcontext():
+                ppl = {text: perplexity(model, ids, WINDOW, fitted, shared_heads=heads) for text, ids in texts.items()}
+            row = {
+                "unit": unit, "maps": name, "kv_fraction_saved": _layers_worth(chosen, groups) / (2 * num_layers), "units": [list(c) for c in chosen],
+                "ppl": ppl, "penalty": {text: ppl[text] / base[text] - 1 for text in texts},
+            }
+            rows.append(row)
+            cells = " ".join(f"{100 * row['penalty'][text]:>+21.1f}%" for text in texts)
+            print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {name:>8} {cells}  {label}", flush=True)
     print(f"\nsearch {searched_s:.0f} s, total {time.perf_counter() - started:.0f} s")
     if args.json:
         write_json_atomic(args.json, {
@@ -183,6 +188,19 @@ def main() -> None:
             # cheapest: each unit's cost alone; forward: the plan's cost once that unit joined it
             "search_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
         })
+
+
+def _named_plan(text: str) -> tuple[str, list[tuple[int, int | None]]]:
+    """'25 26.0 26.1' -> ('kv-group', [(25, None), (26, 0), (26, 1)]): whole layers and KV groups."""
+    chosen = sorted((int(layer), int(group) if group else None) for layer, _, group in (unit.partition(".") for unit in text.split()))
+    if not chosen:
+        raise ValueError(text)
+    return ("layer" if all(group is None for _, group in chosen) else "kv-group"), chosen
+
+
+def _layers_worth(chosen: list[tuple[int, int | None]], groups: int) -> float:
+    """The K caches a plan drops, in whole layers' worth."""
+    return sum(1.0 if group is None else 1.0 / groups for _, group in chosen)
 
 
 def _fit_with_corrections(model, plan: SharingPlan, heads: dict[int, tuple[int, ...]], token_ids: list[int]):

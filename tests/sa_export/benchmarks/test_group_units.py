@@ -41,3 +41,11 @@ def test_a_layer_of_every_group_is_the_whole_layer():
     whole, heads = unit_plan([(3, None)], stats, "argmax-any", 5, 2)
     assert heads == {3: (0, 1, 2, 3)}
     assert groups.head_maps[3] == whole.head_maps[3]
+
+
+def test_a_named_plan_reads_whole_layers_and_kv_groups():
+    from sa_export.benchmarks.group_units import _layers_worth, _named_plan
+
+    assert _named_plan("26.1 25 26.0") == ("kv-group", [(25, None), (26, 0), (26, 1)])
+    assert _named_plan("27 25") == ("layer", [(25, None), (27, None)])
+    assert _layers_worth(_named_plan("25 26.0 26.1")[1], 3) == 1 + 2 / 3
