@@ -25,7 +25,7 @@ texts (as ``analyze --frontier`` does with two ``--calib``), ``--min-layer`` sea
 units of that layer and later, and ``--fit`` then fits each plan's maps with rank-8
 corrections on news and code (what ``convert --head-map fit --lora-rank 8`` does with two
 ``--calib``: 120 steps, 16,384 tokens of each, the sources' Q and K corrected too) and
-judges it. Every plan is judged on Wikipedia articles too, which neither reads; ``--plan``
+judges it. Every plan is also judged on Wikipedia articles, which neither the search nor a fit reads; ``--plan``
 judges the plans it names instead of searching.
 """
 
@@ -206,10 +206,11 @@ def _layers_worth(chosen: list[tuple[int, int | None]], groups: int) -> float:
 def _fit_with_corrections(model, plan: SharingPlan, heads: dict[int, tuple[int, ...]], token_ids: list[int]):
     """``plan`` with its maps fitted, and the rank-8 corrections fitted with them (V/O of the
     layers that borrow, Q/K of those they read), as ``convert --head-map fit --lora-rank 8`` fits."""
+    started = time.perf_counter()
     adapters = LowRankAdapters(model, sorted(heads), HEAL_LORA_RANK, projections=PROJECTIONS)
     adapters.add_sources(model, plan, SOURCE_PROJECTIONS)
     maps, _ = fit_maps_and_temperatures(model, plan, token_ids, plan.head_maps, FIT_STEPS_WITH_CORRECTIONS, adapters=adapters, shared_heads=heads,
-                                        on_validate=lambda step, kl: print(f"    step {step}: held-out KL {kl:.5f}", flush=True))
+                                        on_validate=lambda step, kl: print(f"    step {step}: held-out KL {kl:.5f} ({time.perf_counter() - started:.0f} s)", flush=True))
     return dataclasses.replace(plan, head_maps=maps), adapters  # a map may read a partly shared layer (unit_plan)
 
 
