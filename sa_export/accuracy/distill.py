@@ -124,7 +124,7 @@ def fit_maps_and_temperatures(
     held_out = held_out or training  # too short to hold any out: validate on all
     teacher = _Teacher(model, chunks, min(plan.shared_layers) if hidden_weight else None)
     fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature).to(model.device)
-    structure = _with_maps(plan, fitted.head_maps(), shared_heads)  # the sources; weights come from ``fitted``
+    structure = plan_with_fitted_maps(plan, fitted.head_maps(), shared_heads)  # the sources; weights come from ``fitted``
     groups = [{"params": list(fitted.parameters()), "lr": FIT_LEARNING_RATE, "weight_decay": 0.0}]
     if adapters is not None:
         groups.append({"params": list(adapters.parameters()), "lr": adapter_learning_rate, "weight_decay": adapter_weight_decay})
@@ -138,7 +138,7 @@ def fit_maps_and_temperatures(
         def snapshot():
             return {k: v.detach().clone() for k, v in adapters.state_dict().items()} if adapters is not None else None
 
-        best = (_divergence(teacher, _with_maps(plan, start, shared_heads), held_out, None, corrected, shared_heads), start, None, snapshot())
+        best = (_divergence(teacher, plan_with_fitted_maps(plan, start, shared_heads), held_out, None, corrected, shared_heads), start, None, snapshot())
         if on_validate is not None:
             on_validate(0, best[0])
         for number in range(1, steps + 1):
@@ -155,7 +155,7 @@ def fit_maps_and_temperatures(
             optimizer.step()
             if number % VALIDATE_EVERY == 0 or number == steps:
                 maps, temperatures = fitted.head_maps(), fitted.temperatures()
-                candidate = (_divergence(teacher, _with_maps(plan, maps, shared_heads), held_out, temperatures, corrected, shared_heads), maps, temperatures, snapshot())
+                candidate = (_divergence(teacher, plan_with_fitted_maps(plan, maps, shared_heads), held_out, temperatures, corrected, shared_heads), maps, temperatures, snapshot())
                 best = min(best, candidate, key=lambda entry: entry[0])
                 if on_validate is not None:
                     on_validate(number, candidate[0])
@@ -169,10 +169,10 @@ def fit_maps_and_temperatures(
     return best[1], best[2]
 
 
-def _with_maps(plan: SharingPlan, maps: dict[int, HeadMap], shared_heads) -> SharingPlan:
-    """``plan`` with ``maps``. Where only some heads borrow, a map may read the heads a partly
-    shared layer keeps, which ``with_head_maps`` (whole layers) refuses: the caller's plan
-    was built so (benchmarks.group_units.unit_plan)."""
+def plan_with_fitted_maps(plan: SharingPlan, maps: dict[int, HeadMap], shared_heads=None) -> SharingPlan:
+    """``plan`` with ``maps``. Where only some heads borrow (``shared_heads``), a map may read
+    the heads a partly shared layer keeps, which ``with_head_maps`` (whole layers) refuses:
+    the caller's plan was built so (benchmarks.group_units.unit_plan)."""
     return plan.with_head_maps(maps) if shared_heads is None else dataclasses.replace(plan, head_maps=dict(maps))
 
 

@@ -54,16 +54,18 @@ class FrontierPoint:
 
     def command(self, model: str, calibration_args: str = "") -> str:
         """The convert command of this plan; ``calibration_args`` (--calib ...) follow calibrated maps."""
-        spans = " ".join(f"--span {span}" for span in self.spans)
         head_map = f" --head-map {self.mode}{calibration_args}" if self.mode != "identity" else ""
-        return f"sa-export convert {model} {spans}{head_map}"
+        return self._convert(model) + head_map
 
     def heal_command(self, model: str, calibration_files: str = "") -> str:
         """The convert command that fits this plan's maps with low-rank corrections
         (``--head-map fit --lora-rank``, on ``calibration_files``: --calib ...). The search
         does not measure it: a fit takes minutes where a point takes seconds."""
-        spans = " ".join(f"--span {span}" for span in self.spans)
-        return f"sa-export convert {model} {spans} --head-map fit --lora-rank {HEAL_LORA_RANK}{calibration_files}"
+        return f"{self._convert(model)} --head-map fit --lora-rank {HEAL_LORA_RANK}{calibration_files}"
+
+    def _convert(self, model: str) -> str:
+        """``sa-export convert MODEL`` with this plan's spans."""
+        return f"sa-export convert {model} " + " ".join(f"--span {span}" for span in self.spans)
 
     def to_json(self) -> dict:
         return {

@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import time
 
 from sa_export.accuracy.adapters import PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import collect_statistics, head_sources_from
-from sa_export.accuracy.distill import FIT_STEPS_WITH_CORRECTIONS, fit_maps_and_temperatures
+from sa_export.accuracy.distill import FIT_STEPS_WITH_CORRECTIONS, fit_maps_and_temperatures, plan_with_fitted_maps
 from sa_export.accuracy.frontier import HEAL_LORA_RANK, forward_selection
 from sa_export.accuracy.evaluate import base_log_probs, divergence, load_for_reference, perplexity
 from sa_export.accuracy.texts import CALIB_TOKENS, LORA_CALIB_TOKENS, other_domain_text_path, split_texts, unseen_domain_tokens
@@ -110,8 +109,8 @@ def main() -> None:
     evaluation, calibration = split_texts(tokenizer, None, None, args.eval_tokens, calib_tokens)
     code_file = other_domain_text_path()
     code, code_calibration = split_texts(tokenizer, code_file, code_file, args.eval_tokens, calib_tokens)
-    texts = {"calib-domain": evaluation.ids, "other-domain": code.ids}
-    texts["wiki"] = unseen_domain_tokens(tokenizer, None, args.eval_tokens).ids  # a domain that neither the search nor a fit reads
+    # Wikipedia: a domain that neither the search nor a fit reads.
+    texts = {"calib-domain": evaluation.ids, "other-domain": code.ids, "wiki": unseen_domain_tokens(tokenizer, None, args.eval_tokens).ids}
     searches = {"news": calibration.ids[: args.search_tokens]}
     if args.search_texts == "news,code":
         searches["code"] = code_calibration.ids[: args.search_tokens]
@@ -211,7 +210,7 @@ def _fit_with_corrections(model, plan: SharingPlan, heads: dict[int, tuple[int, 
     adapters.add_sources(model, plan, SOURCE_PROJECTIONS)
     maps, _ = fit_maps_and_temperatures(model, plan, token_ids, plan.head_maps, FIT_STEPS_WITH_CORRECTIONS, adapters=adapters, shared_heads=heads,
                                         on_validate=lambda step, kl: print(f"    step {step}: held-out KL {kl:.5f} ({time.perf_counter() - started:.0f} s)", flush=True))
-    return dataclasses.replace(plan, head_maps=maps), adapters  # a map may read a partly shared layer (unit_plan)
+    return plan_with_fitted_maps(plan, maps, heads), adapters
 
 
 if __name__ == "__main__":
