@@ -123,9 +123,10 @@ def _simplex_least_squares(gram: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def calibrate_head_maps(
-    stats: AttentionStatistics, plan: SharingPlan, mode: str, layer_kinds=None
+    stats: AttentionStatistics, plan: SharingPlan, mode: str, layer_kinds=None, extra_source_layers: int = EXTRA_SOURCE_LAYERS
 ) -> dict[int, HeadMap]:
-    """Head maps for every shared layer of ``plan`` under ``mode``."""
+    """Head maps for every shared layer of ``plan`` under ``mode``; ``extra_source_layers``:
+    how many layers besides the anchors mix-few reads."""
     if mode == "calibrated":
         mode = CALIBRATED_DEFAULT
     if mode not in HEAD_MAP_MODES + EXPERIMENTAL_MODES:
@@ -136,7 +137,7 @@ def calibrate_head_maps(
         return {}
     allowed = None  # every earlier unshared layer of the shared layer's kind
     if mode == "mix-few":
-        allowed = set(plan.anchors.values()) | set(_most_used_layers(calibrate_head_maps(stats, plan, "mix", layer_kinds), plan))
+        allowed = set(plan.anchors.values()) | set(_most_used_layers(calibrate_head_maps(stats, plan, "mix", layer_kinds), plan, extra_source_layers))
         mode = "mix"
     heads = stats.num_heads
     maps: dict[int, HeadMap] = {}
@@ -175,12 +176,12 @@ def head_sources_from(stats: AttentionStatistics, head: tuple[int, int], pairs: 
     return tuple(pairs[i] for i in top), tuple(float(x) for x in w)
 
 
-def _most_used_layers(maps: dict[int, HeadMap], plan: SharingPlan) -> list[int]:
-    """The EXTRA_SOURCE_LAYERS non-anchor layers carrying the most mixture weight in ``maps``."""
+def _most_used_layers(maps: dict[int, HeadMap], plan: SharingPlan, count: int) -> list[int]:
+    """The ``count`` non-anchor layers carrying the most mixture weight in ``maps``."""
     mass: Counter = Counter()
     for head_map in maps.values():
         for sources, weights in zip(head_map.sources, head_map.weights):
             for (layer, _), weight in zip(sources, weights):
                 mass[layer] += weight
     anchors = set(plan.anchors.values())
-    return [layer for layer, _ in mass.most_common() if layer not in anchors][:EXTRA_SOURCE_LAYERS]
+    return [layer for layer, _ in mass.most_common() if layer not in anchors][:count]

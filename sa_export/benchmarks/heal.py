@@ -1,6 +1,6 @@
 """Does fitting on two domains, or adapting the shared layers' own weights, hold on a third?
 
-    python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N]
+    python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N] [--extra-source-layers N]
         [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--soft-target-temperature T] [--correction-scales S,...] [--seeds N,...]
         [--fit-temperature] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
-from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
+from sa_export.accuracy.calibration import EXTRA_SOURCE_LAYERS, FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, FIT_CHUNKS_PER_STEP, FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity
 from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tail, unseen_domain_tokens
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--projections", default=",".join(PROJECTIONS), help=f"which of each shared layer's projections +lora corrects (MLP: {','.join(MLP_PROJECTIONS)})")
     parser.add_argument("--source-projections", help=f"also correct these projections of every layer the maps read (convert and eval: {','.join(SOURCE_PROJECTIONS)})")
     parser.add_argument("--fit-steps", type=int, default=FIT_STEPS)
+    parser.add_argument("--extra-source-layers", type=int, default=EXTRA_SOURCE_LAYERS, help="layers besides the anchor whose heads the maps read (mix-few's start)")
     parser.add_argument("--adapter-learning-rates", default=str(ADAPTER_LEARNING_RATE), help="+lora configs: fit once at each of these rates (comma-separated)")
     parser.add_argument("--adapter-weight-decay", type=float, default=0.0, help="+lora configs: AdamW's decay of the corrections toward none")
     parser.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden states' distance from the base model's in the fit's loss (0: the divergence alone)")
@@ -120,7 +121,8 @@ def main() -> None:
         for name, rate in runs:
             label = name if rate == ADAPTER_LEARNING_RATE else f"{name} lr {rate:g}"
             on = next((text for prefix, text in CALIBRATION_OF.items() if name.startswith(prefix)), "news")
-            start = calibrate_head_maps(stats[on], plan, FIT_START)
+            start = calibrate_head_maps(stats[on], plan, FIT_START, extra_source_layers=args.extra_source_layers)
+            print(f"  {span} {label}: the maps read layers {sorted({l for m in start.values() for l in m.layers})}", flush=True)
             fits = []
             for seed in seeds:
                 named = label if len(seeds) == 1 else f"{label} seed {seed}"
@@ -144,7 +146,7 @@ def main() -> None:
                 soup = _Fit(_average_maps([fit.maps for fit in fits]), corrections, sum(fit.seconds for fit in fits), _average_temperatures([fit.log_temperatures for fit in fits]))
                 _judge(f"{label} soup of {len(fits)}", soup, 1.0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "fit_temperature": args.fit_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "extra_source_layers": args.extra_source_layers, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "fit_temperature": args.fit_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
 
 
 class _Fit(NamedTuple):

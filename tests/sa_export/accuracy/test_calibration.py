@@ -35,6 +35,10 @@ def test_head_map_modes_respect_their_source_rules(stats):
     assert {l for hm in calibrate_head_maps(stats, plan, "mix-anchor").values() for src in hm.sources for l, _ in src} == {2}
     few = {l for hm in calibrate_head_maps(stats, plan, "mix-few").values() for src in hm.sources for l, _ in src}
     assert len(few) <= 2 and few <= {0, 1, 2}
+    later = build_plan(["4-5"], 6)  # anchor 3; the free mixture may read 0-3
+    for extra in (0, 1, 2):
+        read = {l for hm in calibrate_head_maps(stats, later, "mix-few", extra_source_layers=extra).values() for src in hm.sources for l, _ in src}
+        assert len(read - {3}) <= extra and read <= {0, 1, 2, 3}
     anywhere = calibrate_head_maps(stats, plan, "argmax-any")
     assert all(src[0][0] in (0, 1, 2) for src in anywhere[4].sources)
     # calibrated is argmax: one anchor head per head, which prefill can recompute (graph_passes.gqa_phases)
