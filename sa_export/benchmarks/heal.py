@@ -72,8 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.chunk_tokens, args.chunks_per_step, args.fit_steps) < 1:
         parser.error("--chunk-tokens, --chunks-per-step and --fit-steps must be at least 1")
-    if min(args.hidden_weight, args.adapter_weight_decay) < 0:
-        parser.error("--hidden-weight and --adapter-weight-decay must be at least 0")
+    if min(args.hidden_weight, args.adapter_weight_decay, args.extra_source_layers) < 0:
+        parser.error("--hidden-weight, --adapter-weight-decay and --extra-source-layers must be at least 0")
     if args.soft_target_temperature <= 0:
         parser.error("--soft-target-temperature must be above 0")
     try:

@@ -8,8 +8,9 @@ from sa_export.benchmarks import heal
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--hidden-weight", "-1"], "--hidden-weight and --adapter-weight-decay must be at least 0"),
-        (["--adapter-weight-decay", "-0.5"], "--hidden-weight and --adapter-weight-decay must be at least 0"),
+        (["--hidden-weight", "-1"], "--hidden-weight, --adapter-weight-decay and --extra-source-layers must be at least 0"),
+        (["--adapter-weight-decay", "-0.5"], "--hidden-weight, --adapter-weight-decay and --extra-source-layers must be at least 0"),
+        (["--extra-source-layers", "-1"], "--hidden-weight, --adapter-weight-decay and --extra-source-layers must be at least 0"),
         (["--chunk-tokens", "0"], "must be at least 1"),
         (["--configs", "fit-9"], "unknown configs fit-9"),
         (["--more-texts", "no-such-text.txt"], "--more-texts: no file no-such-text.txt"),
