@@ -17,7 +17,7 @@ from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.frontier import DEFAULT_POOL, DEFAULT_SEARCH_COST, recommend, save_plot, search_frontier
 from sa_export.accuracy.texts import (
-    TokenText, calib_tokens_for, default_text_path, other_domain_text_path, other_domain_tokens, split_texts, unseen_domain_tokens,
+    TokenText, calib_paths, calib_tokens_for, other_domain_for, split_texts,
 )
 
 
@@ -106,7 +106,7 @@ class AnalysisResult:
         first = self.frontier[0]
         texts = list(first.ppl)
         lines = [f"{self.out}: frontier.json, frontier.png, similarity.json, similarity.png",
-                 f"base ppl: " + ", ".join(f"{t} {first.base_ppl[t]:.2f}" for t in texts)]
+                 "base ppl: " + ", ".join(f"{t} {first.base_ppl[t]:.2f}" for t in texts)]
         lines.append(f"{'mode':>10} {'KV saved':>8}  " + "  ".join(f"{t + ' penalty':>20}" for t in texts) + "  spans")
         for point in self.frontier:
             cells = "  ".join(f"{100 * point.penalty(t):>+19.1f}%" for t in texts)
@@ -264,7 +264,7 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
         evaluation = evaluation or held_out
         ids = tail.ids[: request.search_tokens]
         search[f"search:{path.name}"] = TokenText(ids, f"{tail.source}, the first {len(ids)}")
-    texts = {"calib-domain": evaluation, "other-domain": _other_domain(request, tokenizer, paths)}
+    texts = {"calib-domain": evaluation, "other-domain": other_domain_for(tokenizer, request.other_text, paths, request.eval_tokens)}
     return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared,
                            request.search_pool or DEFAULT_POOL, request.search_cost)
 
@@ -281,7 +281,7 @@ def _calibration_args(request: AnalyzeRequest, tokens: bool = True) -> str:
 
 def _calib_paths(request: AnalyzeRequest) -> tuple[list, list[Path]]:
     files = list(request.calib_file) if isinstance(request.calib_file, tuple) else [request.calib_file]
-    return files, [Path(file).resolve() if file else default_text_path().resolve() for file in files]
+    return files, calib_paths(request.calib_file)
 
 
 def _refuse_a_bad_frontier_request(request: AnalyzeRequest) -> None:
@@ -294,13 +294,3 @@ def _refuse_a_bad_frontier_request(request: AnalyzeRequest) -> None:
                          "(fit is fitted through the model: convert the plan the frontier picks with --head-map fit)")
     if request.other_text is not None and Path(request.other_text).resolve() in _calib_paths(request)[1]:
         raise UsageError(f"--other-text {request.other_text} is also a --calib text; the frontier reports plans on a domain its search never reads")
-
-
-def _other_domain(request: AnalyzeRequest, tokenizer, calib_paths: list[Path]):
-    """--other-text, else torch.nn.Module's source, else (when that is a calibration text) the
-    Wikipedia excerpt: the report's other domain is never one the search reads."""
-    if request.other_text is not None:
-        return other_domain_tokens(tokenizer, request.other_text, request.eval_tokens)
-    if other_domain_text_path().resolve() in calib_paths:
-        return unseen_domain_tokens(tokenizer, None, request.eval_tokens)
-    return other_domain_tokens(tokenizer, None, request.eval_tokens)

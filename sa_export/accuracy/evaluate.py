@@ -15,7 +15,7 @@ from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
 from sa_export.core.progress import progress_bar, step
-from sa_export.accuracy.texts import TokenText, calib_tokens_for, other_domain_tokens, split_texts
+from sa_export.accuracy.texts import TokenText, calib_files_for, calib_paths, calib_tokens_for, other_domain_for, split_texts
 from sa_export.accuracy.reference import shared_attention
 
 @torch.no_grad()
@@ -209,7 +209,8 @@ def evaluate(request: EvalRequest) -> EvalResult:
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     kinds = getattr(config, "layer_types", None)
     plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force)
-    evaluation, calibration = split_texts(tokenizer, request.text_file, request.calib_file, request.max_tokens, calib_tokens_for(request.calib_tokens, request.lora_rank))
+    calib_files = calib_files_for(request.calib_file, request.lora_rank)
+    evaluation, calibration = split_texts(tokenizer, request.text_file, calib_files, request.max_tokens, calib_tokens_for(request.calib_tokens, request.lora_rank))
     if len(evaluation.ids) < 2:
         raise UsageError("the evaluation text has fewer than 2 tokens")
     adapters = None
@@ -233,7 +234,8 @@ def evaluate(request: EvalRequest) -> EvalResult:
         sa = perplexity(sa_model, ids, request.context, plan)
     other = None
     if (request.other_text or "").lower() != "none":
-        text = other_domain_tokens(tokenizer, request.other_text, request.max_tokens)
+        read = calib_paths(calib_files) if request.head_map != "identity" else []
+        text = other_domain_for(tokenizer, request.other_text, read, request.max_tokens)
         with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens)"):
             other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context)}
             with corrected():

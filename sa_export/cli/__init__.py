@@ -128,7 +128,9 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
 @head_map_option()
 @fit_options
 @click.option("--text", "text_file", type=click.Path(), help="Evaluation text (default: English news text shipped with gensim).")
-@click.option("--other-text", help="Also evaluate on this text of another domain; none skips it. [default: torch.nn.Module's Python source]")
+@click.option("--other-text", help="Also evaluate on this text of another domain; none skips it. "
+              "[default: torch.nn.Module's Python source, or gensim's Wikipedia excerpt when the calibration reads that source, "
+              "as it does with --lora-rank unless --calib]")
 @calib_option
 @click.option("--max-tokens", type=click.IntRange(2), default=4096, show_default=True, help="Tokens of text to evaluate.")
 @calib_tokens_option

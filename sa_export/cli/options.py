@@ -135,8 +135,8 @@ def fit_options(function):
 
 calib_option = click.option(
     "--calib", "calib_file", type=click.Path(), multiple=True, callback=lambda ctx, param, value: tuple(value) or None,
-    help="Calibration text (default: the tail of the default text). Repeat it to calibrate on several domains: "
-    "--calib-tokens from the tail of each.",
+    help="Calibration text (default: the tail of the default text; with --lora-rank, also the tail of torch.nn.Module's "
+    "source). Repeat it to calibrate on several domains: --calib-tokens from the tail of each.",
 )
 prefill_chunk_option = click.option(
     "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,

@@ -276,7 +276,8 @@ def _output_estimate(source: ModelSource, copies: int = 2) -> int:
 
 
 def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, reference: ModelSource, kinds, tmp: Path):
-    """Head maps fitted on calibration text (the tail of the default text unless --calib).
+    """Head maps fitted on calibration text (unless --calib, the tail of the default text, and
+    with --lora-rank that of the other-domain text too: ``texts.calib_files_for``).
 
     With --lora-rank, the corrections fitted with them are folded into ``hf_model`` (the
     reference from then on) and saved in ``tmp``; the third value is the manifest's record
@@ -284,9 +285,10 @@ def _calibrate(hf_model, tokenizer, plan: SharingPlan, request: ConvertRequest, 
     if tokenizer is None:
         raise UsageError(f"--head-map {request.head_map} calibrates on text, and {reference.name} has no tokenizer; use --head-map identity")
     from sa_export.accuracy.evaluate import calibrated_plan
-    from sa_export.accuracy.texts import calib_tokens_for, split_texts
+    from sa_export.accuracy.texts import calib_files_for, calib_tokens_for, split_texts
 
-    _, calibration = split_texts(tokenizer, None, request.calib_file, 0, calib_tokens_for(request.calib_tokens, request.lora_rank))
+    files = calib_files_for(request.calib_file, request.lora_rank)
+    _, calibration = split_texts(tokenizer, None, files, 0, calib_tokens_for(request.calib_tokens, request.lora_rank))
     adapters = None
     if request.lora_rank and plan.anchors:
         from sa_export.accuracy.adapters import LowRankAdapters

@@ -96,16 +96,3 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     assert leftovers(tmp_path / "refused") == []
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-maps", "identity,fit")
     assert refused.exit_code == 2 and "--frontier-maps identity,fit: choose among" in refused.stderr
-
-
-def test_the_frontier_reports_on_wikipedia_when_the_code_text_is_searched(tiny_llama_with_tokenizer):
-    from transformers import AutoTokenizer
-
-    from sa_export.accuracy.analysis import AnalyzeRequest, _other_domain
-    from sa_export.accuracy.texts import other_domain_text_path
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_with_tokenizer)
-    request = AnalyzeRequest("model", tiny_llama_with_tokenizer / "out", frontier=True, eval_tokens=64)
-    searched_code = _other_domain(request, tokenizer, [other_domain_text_path().resolve()])
-    assert "enwiki" in searched_code.source and len(searched_code.ids) == 64
-    assert _other_domain(request, tokenizer, []).source.startswith(str(other_domain_text_path().resolve()))

@@ -152,3 +152,20 @@ def test_eval_calibrates_on_every_calib_file(tiny_llama_with_tokenizer, tmp_path
     assert data["calib_tokens"] == 512 and "first.txt" in data["calib_text"] and "second.txt" in data["calib_text"]
     result = run_cli("analyze", tiny_llama_with_tokenizer, "--calib", first, "--calib", second, "-o", tmp_path / "analysis")
     assert result.exit_code == 2 and "one --calib" in result.stderr
+
+
+def test_eval_with_corrections_calibrates_on_two_domains_and_reports_a_third(monkeypatch, tiny_llama_with_tokenizer, tmp_path):
+    """Without --calib, a fit with corrections reads news and Python source, so the other
+    domain the report gives is the Wikipedia excerpt, not the Python source it read."""
+    from sa_export.accuracy.texts import other_domain_text_path
+
+    move_fitted_corrections(monkeypatch)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(300)))
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--context", "128", "--max-tokens", "256",
+                     "--head-map", "fit", "--fit-steps", "1", "--calib-tokens", "512", "--lora-rank", "2", "--json", report)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert str(default_text_path().resolve()) in data["calib_text"] and str(other_domain_text_path().resolve()) in data["calib_text"]
+    assert "enwiki" in data["other_domain"]["source"]

@@ -113,3 +113,23 @@ def test_sampled_text_is_the_models_own_documents_and_leaves_the_generator_alone
     assert len(set(text.ids)) > 10  # sampled, not one greedy loop
     assert sampled_tokens(model, 40, sequence_tokens=8, batch=2, seed=3).ids == text.ids
     assert sampled_tokens(model, 40, sequence_tokens=8, batch=2, seed=4).ids != text.ids
+
+
+def test_a_fit_with_corrections_calibrates_on_news_and_code_unless_told():
+    from sa_export.accuracy.texts import calib_files_for, default_text_path, other_domain_text_path
+
+    assert calib_files_for(None, lora_rank=0) is None  # the default text's tail
+    assert calib_files_for(None, lora_rank=8) == (str(default_text_path()), str(other_domain_text_path()))
+    assert calib_files_for(("mine.txt",), lora_rank=8) == ("mine.txt",)
+
+
+def test_the_other_domain_is_never_one_the_calibration_read(tokenizer, tmp_path):
+    from sa_export.accuracy.texts import default_text_path, other_domain_for, other_domain_text_path
+
+    code = other_domain_text_path().resolve()
+    assert str(code) in other_domain_for(tokenizer, None, [default_text_path().resolve()], 64).source
+    wiki = other_domain_for(tokenizer, None, [default_text_path().resolve(), code], 64)
+    assert "enwiki" in wiki.source and len(wiki.ids) == 64
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a text of the user's own " * 20)
+    assert str(mine.resolve()) in other_domain_for(tokenizer, mine, [code], 64).source  # asked for: as it is

@@ -23,6 +23,8 @@ def test_lora_corrections_are_folded_into_the_graph(monkeypatch, tiny_llama_with
     assert result.parity.passed, result.parity.summary_line()
     record = result.manifest.head_map["corrections"]
     assert record["file"] == CORRECTIONS_NAME and record["rank"] == 2
+    calibrated_on = result.manifest.head_map["calibration"]["source"]  # no --calib: news and Python source (texts.calib_files_for)
+    assert "lee_background.cor" in calibrated_on and "module.py" in calibrated_on
     sources = result.manifest.plan.anchor_layers  # the shared layers' V/O, and Q/K of every layer they read
     assert record["corrects"] == [f"{s}_{p}" for s in sources for p in ("k_proj", "q_proj")] + ["3_o_proj", "3_v_proj", "4_o_proj", "4_v_proj"]
     assert CORRECTIONS_NAME in result.manifest.files and not (out / "corrected").exists()
