@@ -122,7 +122,7 @@ def main() -> None:
             label = name if rate == ADAPTER_LEARNING_RATE else f"{name} lr {rate:g}"
             on = next((text for prefix, text in CALIBRATION_OF.items() if name.startswith(prefix)), "news")
             start = calibrate_head_maps(stats[on], plan, FIT_START, extra_source_layers=args.extra_source_layers)
-            print(f"  {span} {label}: the maps read layers {sorted({l for m in start.values() for l in m.layers})}", flush=True)
+            print(f"  {span} {label}: the shared layers read layers {list(plan.with_head_maps(start).anchor_layers)}", flush=True)
             fits = []
             for seed in seeds:
                 named = label if len(seeds) == 1 else f"{label} seed {seed}"
