@@ -147,6 +147,11 @@ class LowRankAdapters(torch.nn.Module):
         save_file(tensors, str(path))
         return {"file": Path(path).name, **self.record()}
 
+    @property
+    def layers(self) -> set[int]:
+        """The layers whose projections are corrected."""
+        return {_layer_order(key)[0] for key in self.targets}
+
     def record(self) -> dict:
         """What a report or manifest says of the corrections."""
         return {"rank": self.rank, "corrects": sorted(self.targets, key=_layer_order), "parameters": self.parameter_count()}

@@ -11,7 +11,7 @@ import numpy as np
 from sa_export.core.atomic import atomic_directory, refuse_existing
 from sa_export.accuracy.calibration import FITTED_MODES, HEAD_MAP_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
 from sa_export.core.errors import UsageError
-from sa_export.accuracy.evaluate import load_for_reference, perplexity
+from sa_export.accuracy.evaluate import layer_inputs_of, load_for_reference, perplexity
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
@@ -201,14 +201,15 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
         heal_command = chosen.heal_command(request.model, _calibration_args(request, tokens=False)) if chosen else None
     elif request.share is not None or request.kv_saving is not None:
         ids = calibration.ids[: request.search_tokens]
-        with step(f"base perplexity on {len(ids)} calibration tokens"):
+        with step(f"base perplexity and layer inputs on {len(ids)} calibration tokens"):
             base = perplexity(hf_model, ids, 1024)
+            inputs = layer_inputs_of(hf_model, ids, 1024)  # each candidate runs from its anchor
         pool = ranking[: request.candidates]
         with progress_bar(f"span search: perplexity of {len(pool)} candidates (head map {request.head_map})", unit="span") as advance:
             for number, candidate in enumerate(pool):
                 plan = build_plan([candidate.span], config.num_hidden_layers, [candidate.anchor], kinds)
                 plan = plan.with_head_maps(calibrate_head_maps(stats, plan, request.head_map, kinds))
-                ppl = perplexity(hf_model, ids, 1024, plan)
+                ppl = perplexity(hf_model, ids, 1024, plan, inputs=inputs)
                 searched.append(dataclasses.replace(candidate, ppl=ppl, base_ppl=base))
                 advance(number + 1, len(pool))
         searched.sort(key=lambda c: c.ppl)

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from sa_export.accuracy.adapters import LowRankAdapters
+from sa_export.accuracy.layer_inputs import LayerInputs, first_changed_layer, free_bytes
 from sa_export.accuracy.reference import shared_attention
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
@@ -39,7 +40,6 @@ HOLD_OUT_EVERY = 4  # every fourth chunk validates, when there are at least this
 VALIDATE_EVERY = 10
 TEACHER_CACHE_BYTES = 6 << 30  # the base model's log-probabilities are kept when they fit in this (3 x 16,384 tokens of SmolLM2: 4.8 GB)
 TEACHER_CACHE_SHARE = 0.5  # ... and in this share of the memory the device has free (an 8 GB Jetson)
-MEMINFO = "/proc/meminfo"
 
 
 def default_fit_steps(corrected: bool) -> int:
@@ -122,9 +122,10 @@ def fit_maps_and_temperatures(
     held_out = list(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else []
     training = [i for i in range(len(chunks)) if i not in held_out]
     held_out = held_out or training  # too short to hold any out: validate on all
-    teacher = _Teacher(model, chunks, min(plan.shared_layers) if hidden_weight else None)
     fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature).to(model.device)
     structure = plan_with_fitted_maps(plan, fitted.head_maps(), shared_heads)  # the sources; weights come from ``fitted``
+    changed = first_changed_layer(structure, adapters.layers if adapters is not None else ())
+    teacher = _Teacher(model, chunks, min(plan.shared_layers) if hidden_weight else None, changed)
     groups = [{"params": list(fitted.parameters()), "lr": FIT_LEARNING_RATE, "weight_decay": 0.0}]
     if adapters is not None:
         groups.append({"params": list(adapters.parameters()), "lr": adapter_learning_rate, "weight_decay": adapter_weight_decay})
@@ -181,13 +182,17 @@ class _Teacher:
 
     Called, it gives the base model's: computed once and kept (fp16) when all of them fit
     in ``teacher_cache_budget``, else computed again at each use (outside any SA block).
-    ``log_probs`` runs the model as it is now: inside ``shared_attention``, the SA model.
+    ``log_probs`` runs the model as it is now: inside ``shared_attention``, the SA model,
+    from layer ``changed_from`` (the first the fit changes) on the input the base model
+    fed it (``layer_inputs``: the layers below are the base model's, and run once).
     With ``hidden_from``, ``base_and_hidden`` also gives the base model's hidden states at the output of
     that layer and every later one (kept alike: SmolLM2's are 38 MB a layer for 32,768 tokens).
     """
 
-    def __init__(self, model, chunks: list[list[int]], hidden_from: int | None = None):
+    def __init__(self, model, chunks: list[list[int]], hidden_from: int | None = None, changed_from: int = 0):
         self.model, self.chunks, self.hidden_from = model, chunks, hidden_from
+        self.changed_from = changed_from
+        self.inputs = LayerInputs(model, [changed_from])  # filled by each run of the base model
         first = self._base(0)
         self.kept = None
         per_chunk = sum(t.numel() for t in first) * 2
@@ -209,31 +214,34 @@ class _Teacher:
 
     def log_probs_and_hidden(self, index: int, hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities [tokens, vocab] and, with ``hidden_from`` and ``hidden``, hidden states [layers, tokens, width]."""
-        ids = torch.tensor([self.chunks[index]], device=self.model.device)
         collect = hidden and self.hidden_from is not None
-        output = self.model(input_ids=ids, output_hidden_states=collect)
+        output, start = self.inputs.run(index, self._ids(index), self.changed_from, output_hidden_states=collect)
+        return self._split(output, start if collect else None)
+
+    def _ids(self, index: int) -> torch.Tensor:
+        return torch.tensor([self.chunks[index]], device=self.model.device)
+
+    def _split(self, output, start: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         log_probs = torch.log_softmax(output.logits[0].float(), -1)
-        if not collect:
+        if start is None:
             return log_probs, None
-        # hidden_states[0] is the embedding; [i + 1] the output of layer i
-        return log_probs, torch.stack([h[0].float() for h in output.hidden_states[self.hidden_from + 1 :]])
+        # hidden_states[0] enters the first layer run (``start``); [i + 1] is the output of layer start + i
+        return log_probs, torch.stack([h[0].float() for h in output.hidden_states[self.hidden_from - start + 1 :]])
 
     @torch.no_grad()
     def _base(self, index: int, hidden: bool = True) -> tuple[torch.Tensor, ...]:
-        log_probs, states = self.log_probs_and_hidden(index, hidden)
+        """The base model's, run whole: its layer inputs are kept for the SA model's runs."""
+        ids = self._ids(index)
+        output = self.model(input_ids=ids, output_hidden_states=True)
+        self.inputs.keep(index, ids, output)
+        log_probs, states = self._split(output, 0 if hidden and self.hidden_from is not None else None)
         return (log_probs,) if states is None else (log_probs, states)
 
 
 def teacher_cache_budget(device: torch.device) -> int:
     """Bytes of teacher log-probabilities to keep: TEACHER_CACHE_BYTES, or less where the
     device has less free memory (``MemAvailable`` for the CPU; unknown: the fixed budget)."""
-    free = None
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        with contextlib.suppress(OSError, ValueError, StopIteration):  # psutil would be a dependency for this one number
-            with open(MEMINFO) as meminfo:
-                free = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
+    free = free_bytes(device)
     return TEACHER_CACHE_BYTES if free is None else min(TEACHER_CACHE_BYTES, int(free * TEACHER_CACHE_SHARE))
 
 

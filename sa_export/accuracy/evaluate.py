@@ -11,6 +11,7 @@ import torch
 from sa_export.accuracy.calibration import FIT_START, FITTED_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.output_maps import output_errors, output_head_maps
 from sa_export.accuracy.distill import FIT_STEPS, default_fit_steps, fit_maps_and_temperatures
+from sa_export.accuracy.layer_inputs import LayerInputs, first_changed_layer
 from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
@@ -19,14 +20,20 @@ from sa_export.accuracy.texts import TokenText, calib_files_for, calib_paths, ca
 from sa_export.accuracy.reference import shared_attention
 
 @torch.no_grad()
-def perplexity(model, token_ids: list[int], context: int, plan: SharingPlan | None = None, log_temperatures=None, shared_heads=None) -> float:
+def perplexity(
+    model, token_ids: list[int], context: int, plan: SharingPlan | None = None, log_temperatures=None, shared_heads=None,
+    inputs: LayerInputs | None = None,
+) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of ``context`` tokens
-    (``log_temperatures``, ``shared_heads``: see ``reference.shared_attention``)."""
+    (``log_temperatures``, ``shared_heads``: see ``reference.shared_attention``).
+    ``inputs``: the base model's layer inputs on these windows (``layer_inputs_of``), so
+    that the layers below the plan's first run once, not once per plan."""
     total_nll = 0.0
     total = 0
+    first = first_changed_layer(plan)
     with shared_attention(model, plan, log_temperatures=log_temperatures, shared_heads=shared_heads):
-        for window in _windows(model, token_ids, context):
-            logits = model(input_ids=window).logits[0, :-1].float()
+        for index, window in enumerate(_windows(model, token_ids, context)):
+            logits = (inputs.run(index, window, first)[0] if inputs is not None else model(input_ids=window)).logits[0, :-1].float()
             targets = window[0, 1:].to(logits.device)
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
             total_nll += float(nll)
@@ -43,18 +50,27 @@ def base_log_probs(model, token_ids: list[int], context: int) -> list[torch.Tens
 
 
 @torch.no_grad()
-def divergence(model, token_ids: list[int], context: int, base: list[torch.Tensor], plan: SharingPlan, shared_heads=None) -> float:
+def divergence(
+    model, token_ids: list[int], context: int, base: list[torch.Tensor], plan: SharingPlan, shared_heads=None, inputs: LayerInputs | None = None,
+) -> float:
     """Mean KL(base || SA) per token: how far the plan moves the model's next-token
     distribution, whichever token the text has next (a perplexity change can also fall,
     where the SA model happens to predict the text better). benchmarks.group_units ranks
-    plans by either."""
+    plans by either. ``inputs``: as for ``perplexity``."""
     total, count = 0.0, 0
+    first = first_changed_layer(plan)
     with shared_attention(model, plan, shared_heads=shared_heads):
-        for window, teacher in zip(_windows(model, token_ids, context), base):
-            student = torch.log_softmax(model(input_ids=window).logits[0].float(), -1)
+        for index, (window, teacher) in enumerate(zip(_windows(model, token_ids, context), base)):
+            output = inputs.run(index, window, first)[0] if inputs is not None else model(input_ids=window)
+            student = torch.log_softmax(output.logits[0].float(), -1)
             total += float((teacher.exp() * (teacher - student)).sum())
             count += teacher.shape[0]
     return total / count
+
+
+def layer_inputs_of(model, token_ids: list[int], context: int) -> LayerInputs:
+    """The base model's input to every layer on the windows ``perplexity`` reads."""
+    return LayerInputs.of_windows(model, list(_windows(model, token_ids, context)), range(model.config.num_hidden_layers))
 
 
 def _windows(model, token_ids: list[int], context: int):

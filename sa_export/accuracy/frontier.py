@@ -22,11 +22,11 @@ import time
 import torch
 
 from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_maps
-from sa_export.accuracy.evaluate import perplexity
+from sa_export.accuracy.evaluate import layer_inputs_of, perplexity
 from sa_export.accuracy.texts import TokenText
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import SharingPlan, build_plan, consecutive_runs
-from sa_export.core.progress import progress_bar
+from sa_export.core.progress import progress_bar, step
 
 WINDOW = 1024
 # The corrections' rank in the heal command: rank 8 measured best on 26-29 and 23-26 (README, heal).
@@ -100,17 +100,21 @@ DEFAULT_SEARCH_COST = "mean"
 DEFAULT_POOL = 12
 
 
-@dataclasses.dataclass
-class _Search:
-    """Perplexities of plans on the search texts, against the base model's."""
+class _Measure:
+    """Perplexities of plans on some texts, each run from the plan's first layer on the
+    base model's inputs to it (``layer_inputs``): the layers below run once per text."""
 
-    hf_model: object
-    texts: dict[str, TokenText]
-    base: dict[str, float]
+    def __init__(self, hf_model, texts: dict[str, TokenText]):
+        self.hf_model, self.texts = hf_model, texts
+        self.inputs = {name: layer_inputs_of(hf_model, text.ids, WINDOW) for name, text in texts.items()}
+        self.base = self.perplexities(None)
+
+    def perplexities(self, plan: SharingPlan | None) -> dict[str, float]:
+        return {name: perplexity(self.hf_model, text.ids, WINDOW, plan, inputs=self.inputs[name]) for name, text in self.texts.items()}
 
     def cost(self, plan: SharingPlan) -> dict[str, float]:
-        """Relative penalty of ``plan`` on each search text."""
-        return {name: perplexity(self.hf_model, text.ids, WINDOW, plan) / self.base[name] - 1 for name, text in self.texts.items()}
+        """Relative penalty of ``plan`` on each text."""
+        return {name: ppl / self.base[name] - 1 for name, ppl in self.perplexities(plan).items()}
 
 
 def forward_selection(pool: list, size: int, plan_cost, progress=None) -> tuple[list, list[float]]:
@@ -119,13 +123,13 @@ def forward_selection(pool: list, size: int, plan_cost, progress=None) -> tuple[
     and the cost of the plan after each step; the plan of n units is the first n."""
     chosen: list = []
     trail: list[float] = []
-    for step in range(size):
+    for taken in range(size):
         scores = {}
         for candidate in pool:
             if candidate not in chosen:
                 scores[candidate] = plan_cost([*chosen, candidate])
                 if progress is not None:
-                    progress(len(scores), len(pool) - step)
+                    progress(len(scores), len(pool) - taken)
         best = min(scores, key=scores.get)
         chosen.append(best)
         trail.append(scores[best])
@@ -155,8 +159,9 @@ def search_frontier(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     itemsize = torch.finfo(next(hf_model.parameters()).dtype).bits // 8
     started = time.perf_counter()
-    searcher = _Search(hf_model, search, {name: perplexity(hf_model, text.ids, WINDOW) for name, text in search.items()})
-    base = {name: perplexity(hf_model, text.ids, WINDOW) for name, text in texts.items()}
+    with step(f"base model's layer inputs on {', '.join(search)} and {', '.join(texts)}"):
+        searcher, judge = _Measure(hf_model, search), _Measure(hf_model, texts)
+    base = judge.base
     # Every layer that can be shared alone: its previous layer is of its kind.
     singles = [layer for layer in range(1, num_layers) if kinds is None or kinds[layer] == kinds[layer - 1]]
     points: list[FrontierPoint] = []
@@ -183,7 +188,7 @@ def search_frontier(
             for k in range(1, steps + 1):
                 layers = sorted(order[:k])
                 plan = _plan(layers, num_layers, stats, mode, kinds)
-                ppl = {name: perplexity(hf_model, text.ids, WINDOW, plan) for name, text in texts.items()}
+                ppl = judge.perplexities(plan)
                 points.append(FrontierPoint(
                     mode, tuple(layers), tuple(spans_of(layers)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
                     search_penalty=cost[tuple(layers)],

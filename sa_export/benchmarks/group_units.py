@@ -39,7 +39,7 @@ from sa_export.accuracy.adapters import PROJECTIONS, SOURCE_PROJECTIONS, LowRank
 from sa_export.accuracy.calibration import collect_statistics, head_sources_from
 from sa_export.accuracy.distill import FIT_STEPS_WITH_CORRECTIONS, fit_maps_and_temperatures, plan_with_fitted_maps
 from sa_export.accuracy.frontier import HEAL_LORA_RANK, forward_selection
-from sa_export.accuracy.evaluate import base_log_probs, divergence, load_for_reference, perplexity
+from sa_export.accuracy.evaluate import base_log_probs, divergence, layer_inputs_of, load_for_reference, perplexity
 from sa_export.accuracy.texts import CALIB_TOKENS, LORA_CALIB_TOKENS, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.plan import HeadMap, SharingPlan
 from sa_export.core.progress import progress_bar
@@ -124,13 +124,14 @@ def main() -> None:
           + ", search " + ", ".join(f"{name} {value:.2f}" for name, value in base_search.items()))
 
     teachers = {name: base_log_probs(model, ids, WINDOW) for name, ids in searches.items()} if args.criterion == "kl" else None
+    inputs = {name: layer_inputs_of(model, ids, WINDOW) for name, ids in searches.items()}  # each plan runs from its first changed layer
 
     def penalty_on_search(units):
         plan, heads = unit_plan(units, stats, args.mode, num_layers, group_size)
         if teachers is not None:
-            costs = [divergence(model, ids, WINDOW, teachers[name], plan, heads) for name, ids in searches.items()]
+            costs = [divergence(model, ids, WINDOW, teachers[name], plan, heads, inputs[name]) for name, ids in searches.items()]
         else:
-            costs = [perplexity(model, ids, WINDOW, plan, shared_heads=heads) / base_search[name] - 1 for name, ids in searches.items()]
+            costs = [perplexity(model, ids, WINDOW, plan, shared_heads=heads, inputs=inputs[name]) / base_search[name] - 1 for name, ids in searches.items()]
         return sum(costs) / len(costs)
 
     candidates = {

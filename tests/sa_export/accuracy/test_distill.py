@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sa_export.accuracy.calibration import calibrate_head_maps, collect_statistics
-from sa_export.accuracy import distill
+from sa_export.accuracy import distill, layer_inputs
 from sa_export.accuracy.distill import FIT_CHUNK_TOKENS, fit_head_maps
 from sa_export.accuracy.reference import shared_attention
 from sa_export.core.plan import HeadMap, build_plan
@@ -154,11 +154,11 @@ def test_a_fit_with_corrections_takes_more_steps_unless_told():
 def test_the_teacher_keeps_at_most_half_the_memory_the_host_has_free(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:        8000000 kB\nMemFree:          100000 kB\nMemAvailable:    4194304 kB\n")
-    monkeypatch.setattr(distill, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(layer_inputs, "MEMINFO", str(meminfo))
     assert distill.teacher_cache_budget(torch.device("cpu")) == 2 << 30
     meminfo.write_text("MemAvailable:  100000000 kB\n")
     assert distill.teacher_cache_budget(torch.device("cpu")) == distill.TEACHER_CACHE_BYTES
-    monkeypatch.setattr(distill, "MEMINFO", str(tmp_path / "absent"))
+    monkeypatch.setattr(layer_inputs, "MEMINFO", str(tmp_path / "absent"))
     assert distill.teacher_cache_budget(torch.device("cpu")) == distill.TEACHER_CACHE_BYTES
 
 
@@ -197,3 +197,27 @@ def test_a_map_may_read_the_heads_that_a_partly_shared_layer_keeps():
     fitted = distill.fit_maps_and_temperatures(model, plan, ids, start, steps=10, shared_heads=borrowed,
                                                on_validate=lambda step, divergence: seen.append(divergence))[0]
     assert fitted[4].layers == (3,) and seen[-1] <= seen[0]
+
+
+@pytest.mark.parametrize("hidden_weight", [0.0, 1.0], ids=["divergence", "hidden"])
+def test_the_fit_from_the_first_changed_layer_is_the_fit_of_the_whole_model(hidden_weight, monkeypatch):
+    """The student runs from the lowest layer the fit changes, here layer 1, whose V
+    projection a correction takes; run whole, the fit takes the same steps."""
+    from sa_export.accuracy.adapters import LowRankAdapters
+
+    def fit(model, ids, plan, start):
+        adapters = LowRankAdapters(model, [3, 4], rank=2)
+        adapters.add(model, {1: ("v_proj",)})
+        calls, heard = [], []
+        model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+        maps = distill.fit_maps_and_temperatures(
+            model, plan, ids, start, steps=4, adapters=adapters, hidden_weight=hidden_weight, on_validate=lambda step, kl: heard.append(kl))[0]
+        return maps, heard, len(calls)
+
+    maps, heard, calls = fit(*_anchor_copies_started_wrong())
+    monkeypatch.setattr(layer_inputs.LayerInputs, "start_for", lambda self, first: 0)
+    whole_maps, whole_heard, whole_calls = fit(*_anchor_copies_started_wrong())
+    assert heard == pytest.approx(whole_heard, rel=1e-4)  # the held-out divergence at the start and after the steps
+    for layer, head_map in whole_maps.items():
+        np.testing.assert_allclose(maps[layer].weights, head_map.weights, rtol=1e-4, atol=1e-6)
+    assert calls < whole_calls / 2  # layer 0 ran for the teacher only

@@ -43,7 +43,7 @@ ALONE = {"news": {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.9, 5: 0.5, 6: 0.6, 7: 0.7}, "code
 TOGETHER = {frozenset({2, 3}): 5.0}
 
 
-def _table_perplexity(model, ids, context, plan=None):
+def _table_perplexity(model, ids, context, plan=None, inputs=None):
     text = "news" if ids[0] == 0 else "code"
     if plan is None:
         return 10.0
@@ -55,6 +55,7 @@ def _table_perplexity(model, ids, context, plan=None):
 @pytest.fixture
 def table_model(monkeypatch):
     monkeypatch.setattr(frontier, "perplexity", _table_perplexity)
+    monkeypatch.setattr(frontier, "layer_inputs_of", lambda model, ids, context: None)
     config = types.SimpleNamespace(num_hidden_layers=8, num_key_value_heads=2, head_dim=4, hidden_size=8, num_attention_heads=2)
     return types.SimpleNamespace(parameters=lambda: iter([torch.zeros(1)])), config
 
