@@ -201,9 +201,9 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
         heal_command = chosen.heal_command(request.model, _calibration_args(request, tokens=False)) if chosen else None
     elif request.share is not None or request.kv_saving is not None:
         ids = calibration.ids[: request.search_tokens]
-        with step(f"base perplexity and layer inputs on {len(ids)} calibration tokens"):
-            base = perplexity(hf_model, ids, 1024)
-            inputs = layer_inputs_of(hf_model, ids, 1024)  # each candidate runs from its anchor
+        with step(f"layer inputs and base perplexity on {len(ids)} calibration tokens"):
+            inputs = layer_inputs_of(hf_model, ids, 1024)  # each candidate runs from its first changed layer
+            base = perplexity(hf_model, ids, 1024, inputs=inputs)
         pool = ranking[: request.candidates]
         with progress_bar(f"span search: perplexity of {len(pool)} candidates (head map {request.head_map})", unit="span") as advance:
             for number, candidate in enumerate(pool):

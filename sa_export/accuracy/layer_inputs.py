@@ -33,12 +33,12 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def first_changed_layer(plan: SharingPlan | None, also: Iterable[int] = ()) -> int:
+def first_changed_layer(plan: SharingPlan | None, also: Iterable[int] = ()) -> int | None:
     """The lowest layer whose computation ``plan`` (and corrections of ``also``) touches:
-    it borrows, or it lends probabilities, which the reference keeps as it runs."""
-    if plan is None:
-        return 0
-    return min([*plan.shared_layers, *plan.anchor_layers, *also], default=0)
+    it borrows, or it lends probabilities, which the reference keeps as it runs. None where
+    nothing changes (no plan): the base model, which may run from the last kept layer."""
+    changed = [*plan.shared_layers, *plan.anchor_layers, *also] if plan is not None else [*also]
+    return min(changed, default=None)
 
 
 def _decoder_layers(model) -> tuple[torch.nn.Module, str] | None:
@@ -98,13 +98,13 @@ class LayerInputs:
                 again, _ = self._from(self.layers[-1], index)
             self.verified = bool(torch.allclose(again.logits.float(), output.logits.float(), atol=SAME_LOGITS, rtol=SAME_LOGITS))
 
-    def start_for(self, first_changed: int) -> int:
-        """The layer a run for a plan changing ``first_changed`` on starts from (0: whole)."""
+    def start_for(self, first_changed: int | None) -> int:
+        """The layer a run for a plan changing ``first_changed`` on (None: nothing) starts from (0: whole)."""
         if not self.verified:
             return 0
-        return max((layer for layer in self.layers if layer <= first_changed), default=0)
+        return max((layer for layer in self.layers if first_changed is None or layer <= first_changed), default=0)
 
-    def run(self, index: int, ids: torch.Tensor, first_changed: int, **kwargs):
+    def run(self, index: int, ids: torch.Tensor, first_changed: int | None, **kwargs):
         """The model's output on window ``index`` (ids ``ids``), and the layer it started from:
         ``hidden_states``, when asked, then start with that layer's input."""
         start = self.start_for(first_changed)

@@ -118,13 +118,13 @@ def main() -> None:
     stats = collect_statistics(model, calibration.ids[:CALIB_TOKENS])
     groups = config.num_key_value_heads
     group_size = config.num_attention_heads // groups
-    base_search = {name: perplexity(model, ids, WINDOW) for name, ids in searches.items()}
+    inputs = {name: layer_inputs_of(model, ids, WINDOW) for name, ids in searches.items()}  # each plan runs from its first changed layer
+    base_search = {name: perplexity(model, ids, WINDOW, inputs=inputs[name]) for name, ids in searches.items()}
     base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
     print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items())
           + ", search " + ", ".join(f"{name} {value:.2f}" for name, value in base_search.items()))
 
     teachers = {name: base_log_probs(model, ids, WINDOW) for name, ids in searches.items()} if args.criterion == "kl" else None
-    inputs = {name: layer_inputs_of(model, ids, WINDOW) for name, ids in searches.items()}  # each plan runs from its first changed layer
 
     def penalty_on_search(units):
         plan, heads = unit_plan(units, stats, args.mode, num_layers, group_size)

@@ -23,7 +23,7 @@ from sa_export.accuracy.adapters import LowRankAdapters
 from sa_export.accuracy.calibration import FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import layer_inputs_of, load_for_reference, perplexity
-from sa_export.accuracy.layer_inputs import LayerInputs
+from sa_export.accuracy.layer_inputs import LayerInputs, first_changed_layer
 from sa_export.accuracy.texts import LORA_CALIB_TOKENS, other_domain_text_path, split_texts
 from sa_export.core.plan import build_plan
 
@@ -64,14 +64,13 @@ def main() -> None:
             fit_maps_and_temperatures(model, plan, calibration, start, args.fit_steps, adapters=adapters, on_validate=lambda step, kl: heard[way].append(kl))
         fit_seconds[way] = time.perf_counter() - started
         print(f"fit {args.span}, {args.fit_steps} steps, {way}: {fit_seconds[way]:.1f} s (first changed layer "
-              f"{min([*plan.with_head_maps(start).anchor_layers, *adapters.layers])}); held-out KL "
+              f"{first_changed_layer(plan.with_head_maps(start), adapters.layers)}); held-out KL "
               + " -> ".join(f"{kl:.5f}" for kl in heard[way]), flush=True)
     print(f"fit: from the first changed layer / whole = {fit_seconds['from the first changed layer'] / fit_seconds['whole']:.3f}")
 
     singles = [build_plan([f"{layer}-{layer}"], config.num_hidden_layers) for layer in range(1, config.num_hidden_layers)]
     started = time.perf_counter()
-    with _whole_runs():
-        whole = [perplexity(model, news.ids, WINDOW, single) for single in singles]
+    whole = [perplexity(model, news.ids, WINDOW, single) for single in singles]  # no layer inputs: whole runs
     whole_seconds = time.perf_counter() - started
     started = time.perf_counter()
     inputs = layer_inputs_of(model, news.ids, WINDOW)

@@ -31,7 +31,9 @@ def test_a_plan_runs_from_its_first_layer_and_measures_what_the_whole_model_does
     below = _calls(model.model.layers[1])
     assert perplexity(model, ids, CONTEXT, plan, inputs=inputs) == pytest.approx(perplexity(model, ids, CONTEXT, plan), rel=1e-6)
     assert len(below) == 4  # the whole run's 4 windows; the run from layer 2 skipped it
-    assert perplexity(model, ids, CONTEXT, None, inputs=inputs) == pytest.approx(perplexity(model, ids, CONTEXT), rel=1e-6)
+    base = perplexity(model, ids, CONTEXT, None, inputs=inputs)
+    assert len(below) == 4  # the base model changes nothing: it runs from the last kept layer
+    assert base == pytest.approx(perplexity(model, ids, CONTEXT), rel=1e-6)
 
 
 def test_a_model_that_adds_to_its_input_embeddings_runs_whole():
