@@ -31,14 +31,23 @@ def calib_tokens_for(calib_tokens: int | None, lora_rank: int = 0) -> int:
     return calib_tokens or (LORA_CALIB_TOKENS if lora_rank else CALIB_TOKENS)
 
 
-def calib_files_for(calib_file, lora_rank: int = 0):
+def calib_files_for(calib_file, lora_rank: int = 0, added=()):
     """The calibration files asked for, else the default for the request: the default text's
     tail (None), or with LoRA corrections the tails of two domains, news and Python source.
     A fit with corrections on both held better on a third domain, which it never read, than
-    one on news alone (README, heal)."""
-    if calib_file or not lora_rank:
+    one on news alone (README, heal). ``added`` (--add-calib) come after those files, so a
+    user's own text joins the default domains instead of replacing them."""
+    if not calib_file and lora_rank:
+        calib_file = (str(default_text_path()), str(other_domain_text_path()))
+    if not added:
         return calib_file
-    return (str(default_text_path()), str(other_domain_text_path()))
+    files = tuple(calib_file) if isinstance(calib_file, (list, tuple)) else (calib_file,)
+    read = calib_paths(files)
+    for file in added:
+        if Path(file).resolve() in read:
+            raise UsageError(f"--add-calib {file}: the calibration already reads it")
+        read.append(Path(file).resolve())
+    return tuple(str(path) for path in calib_paths(files)) + tuple(added)
 
 
 def calib_paths(calib_file) -> list[Path]:

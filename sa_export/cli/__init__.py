@@ -8,7 +8,7 @@ import click
 
 from sa_export import __version__
 from sa_export.cli.options import (
-    quiet_libraries, write_json, accept_keys_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
+    quiet_libraries, write_json, accept_keys_option, add_calib_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.core.errors import UsageError
@@ -34,6 +34,7 @@ def main():
 @head_map_option()
 @fit_options
 @calib_option
+@add_calib_option
 @calib_tokens_option
 @click.option("--target", type=click.Choice(target_names()), default="cpu", show_default=True, help="Deployment target (`sa-export targets` lists them; jetson-orin = jetson-orin-nano-8gb).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
@@ -58,7 +59,7 @@ def main():
 @force_option
 @accept_keys_option
 @handle_errors
-def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force, accept_unknown_config_keys):
+def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, add_calib, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force, accept_unknown_config_keys):
     """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
 
     \b
@@ -70,6 +71,7 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, c
 
     if out is None:
         out = Path(f"{Path(model).name}-sa")
+    calib_file = _with_added_calib(calib_file, add_calib, lora_rank)
     request = ConvertRequest(
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
@@ -81,6 +83,15 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, c
     click.echo("\n".join(result.lines()))
     write_json(json_file, result.summary_json())
     raise_on_failure(result.parity, result.target)
+
+
+def _with_added_calib(calib_file, add_calib, lora_rank):
+    """--calib's files (or the request's default texts) followed by --add-calib's."""
+    if not add_calib:
+        return calib_file
+    from sa_export.accuracy.texts import calib_files_for
+
+    return calib_files_for(calib_file, lora_rank or 0, add_calib)
 
 
 @main.command()
@@ -132,6 +143,7 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
               "[default: torch.nn.Module's Python source, or gensim's Wikipedia excerpt when the calibration reads that source, "
               "as it does with --lora-rank unless --calib]")
 @calib_option
+@add_calib_option
 @click.option("--max-tokens", type=click.IntRange(2), default=4096, show_default=True, help="Tokens of text to evaluate.")
 @calib_tokens_option
 @click.option("--context", type=click.IntRange(2), default=1024, show_default=True, help="Window length for perplexity.")
@@ -144,10 +156,11 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
 @force_option
 @accept_keys_option
 @handle_errors
-def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_file, other_text, calib_file, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, precision, json_file, force, accept_unknown_config_keys):
+def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_file, other_text, calib_file, add_calib, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, precision, json_file, force, accept_unknown_config_keys):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.accuracy.evaluate import EvalRequest, evaluate
 
+    calib_file = _with_added_calib(calib_file, add_calib, lora_rank)
     result = evaluate(
         EvalRequest(
             model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,

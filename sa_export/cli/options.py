@@ -136,7 +136,13 @@ def fit_options(function):
 calib_option = click.option(
     "--calib", "calib_file", type=click.Path(), multiple=True, callback=lambda ctx, param, value: tuple(value) or None,
     help="Calibration text (default: the tail of the default text; with --lora-rank, also the tail of torch.nn.Module's "
-    "source). Repeat it to calibrate on several domains: --calib-tokens from the tail of each.",
+    "source). Repeat it to calibrate on several domains: --calib-tokens from the tail of each. It replaces the default texts; "
+    "--add-calib adds to them.",
+)
+add_calib_option = click.option(
+    "--add-calib", "add_calib", type=click.Path(), multiple=True,
+    help="Calibrate on this text as well as on the default texts (or the --calib files): repeat it for several. "
+    "--calib alone replaces the defaults.",
 )
 prefill_chunk_option = click.option(
     "--prefill-chunk", type=click.IntRange(0), default=512, show_default=True,

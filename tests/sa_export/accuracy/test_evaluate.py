@@ -150,6 +150,19 @@ def test_eval_calibrates_on_every_calib_file(tiny_llama_with_tokenizer, tmp_path
     assert result.exit_code == 0, result.stderr
     data = json.loads(report.read_text())
     assert data["calib_tokens"] == 512 and "first.txt" in data["calib_text"] and "second.txt" in data["calib_text"]
+    added = tmp_path / "added.json"
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--other-text", "none", "--head-map", "argmax",
+                     "--calib", first, "--add-calib", second, "--calib-tokens", "256", "--json", added)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(added.read_text())["sa_ppl"] == data["sa_ppl"]  # --calib A --add-calib B reads what two --calib do
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--other-text", "none", "--head-map", "argmax",
+                     "--add-calib", second, "--calib-tokens", "256", "--json", added)
+    assert result.exit_code == 0, result.stderr
+    calib_text = json.loads(added.read_text())["calib_text"]
+    assert str(default_text_path().resolve()) in calib_text and "second.txt" in calib_text  # the default text, then the added one
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--head-map", "argmax",
+                     "--calib", first, "--add-calib", first)
+    assert result.exit_code == 2 and "already reads" in result.stderr
     result = run_cli("analyze", tiny_llama_with_tokenizer, "--calib", first, "--calib", second, "-o", tmp_path / "analysis")
     assert result.exit_code == 2 and "one --calib" in result.stderr
 

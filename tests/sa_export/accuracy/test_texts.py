@@ -123,6 +123,20 @@ def test_a_fit_with_corrections_calibrates_on_news_and_code_unless_told():
     assert calib_files_for(("mine.txt",), lora_rank=8) == ("mine.txt",)
 
 
+def test_added_calibration_texts_follow_the_default_ones(tmp_path):
+    from sa_export.accuracy.texts import calib_files_for, default_text_path, other_domain_text_path
+
+    news, code = str(default_text_path().resolve()), str(other_domain_text_path().resolve())
+    mine = str(tmp_path / "mine.txt")
+    assert calib_files_for(None, lora_rank=0, added=(mine,)) == (news, mine)
+    assert calib_files_for(None, lora_rank=8, added=(mine,)) == (news, code, mine)
+    assert calib_files_for((code,), lora_rank=8, added=(mine,)) == (code, mine)  # --calib replaces, --add-calib adds
+    with pytest.raises(UsageError, match="already reads"):
+        calib_files_for(None, lora_rank=8, added=(code,))
+    with pytest.raises(UsageError, match="already reads"):
+        calib_files_for(None, lora_rank=0, added=(mine, mine))
+
+
 def test_the_other_domain_is_never_one_the_calibration_read(tokenizer, tmp_path):
     from sa_export.accuracy.texts import default_text_path, other_domain_for, other_domain_text_path
 
