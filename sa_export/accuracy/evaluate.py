@@ -16,7 +16,7 @@ from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
 from sa_export.core.progress import progress_bar, step
-from sa_export.accuracy.texts import TokenText, calib_files_for, calib_paths, calib_tokens_for, other_domain_for, split_texts
+from sa_export.accuracy.texts import TokenText, calib_files_for, calib_paths, calib_tokens_for, other_domain_texts, split_texts
 from sa_export.accuracy.reference import shared_attention
 
 @torch.no_grad()
@@ -95,7 +95,7 @@ class EvalResult:
     kv_fraction_saved: float
     tasks: dict = dataclasses.field(default_factory=dict)
     precision: str = "fp32"
-    other: dict | None = None  # the same on text of another domain: source, base_ppl, sa_ppl
+    others: tuple[dict, ...] = ()  # the same on texts of other domains: source, tokens, base_ppl, sa_ppl
     corrections: dict | None = None  # LoRA corrections fitted with the maps: rank, corrects, parameters
 
     @property
@@ -124,8 +124,7 @@ class EvalResult:
             f"delta         {self.delta:+.3f} ({100 * (self.sa_ppl / self.base_ppl - 1):+.1f}%) "
             f"for {100 * self.kv_fraction_saved:.1f}% less KV cache"
         )
-        if self.other is not None:
-            other = self.other
+        for other in self.others:
             lines.append(f"other domain  {other['source']}")
             lines.append(
                 f"              base ppl {other['base_ppl']:.3f}, SA ppl {other['sa_ppl']:.3f}, "
@@ -155,7 +154,8 @@ class EvalResult:
             "kv_fraction_saved": self.kv_fraction_saved,
             "tasks": self.tasks,
             "precision": self.precision,
-            "other_domain": self.other,
+            "other_domain": self.others[0] if self.others else None,  # the first of other_domains
+            "other_domains": list(self.others),
             "corrections": self.corrections,
         }
 
@@ -177,7 +177,7 @@ class EvalRequest:
     tasks_limit: int | None = None
     accept_unknown_config_keys: bool = False
     precision: str = "fp32"  # int4: the weights of the builder's int4 graph, dequantized
-    other_text: str | None = None  # another domain's text; "none": skip (default: Python source)
+    other_texts: tuple[str, ...] = ()  # texts of other domains; ("none",): skip; (): texts.other_domain_for's default
     fit_steps: int | None = None  # None: distill.default_fit_steps
     lora_rank: int = 0  # with head map fit: LoRA corrections of the shared layers (accuracy.adapters)
 
@@ -229,6 +229,8 @@ def evaluate(request: EvalRequest) -> EvalResult:
     evaluation, calibration = split_texts(tokenizer, request.text_file, calib_files, request.max_tokens, calib_tokens_for(request.calib_tokens, request.lora_rank))
     if len(evaluation.ids) < 2:
         raise UsageError("the evaluation text has fewer than 2 tokens")
+    # Read before the fit, so that a wrong path fails in seconds, not after minutes of fitting.
+    other_texts = other_domain_texts(tokenizer, request.other_texts, calib_paths(calib_files) if request.head_map != "identity" else [], request.max_tokens)
     adapters = None
     if request.lora_rank:
         from sa_export.accuracy.adapters import LowRankAdapters
@@ -248,14 +250,13 @@ def evaluate(request: EvalRequest) -> EvalResult:
         base = perplexity(hf_model, ids, request.context)
     with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"), corrected():
         sa = perplexity(sa_model, ids, request.context, plan)
-    other = None
-    if (request.other_text or "").lower() != "none":
-        read = calib_paths(calib_files) if request.head_map != "identity" else []
-        text = other_domain_for(tokenizer, request.other_text, read, request.max_tokens)
-        with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens)"):
+    others = []
+    for text in other_texts:
+        with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens of {text.source.split(' tokens ')[0]})"):
             other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context)}
             with corrected():
                 other["sa_ppl"] = perplexity(sa_model, text.ids, request.context, plan)
+        others.append(other)
     tasks = {}
     if request.tasks:
         if adapters is not None:
@@ -268,7 +269,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
     used_calibration = request.head_map != "identity"
     return EvalResult(
         source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,
-        request.context, saved, tasks, request.precision, other, adapters.record() if adapters is not None else None,
+        request.context, saved, tasks, request.precision, tuple(others), adapters.record() if adapters is not None else None,
     )
 
 

@@ -89,6 +89,28 @@ def other_domain_for(tokenizer, other_text, calibrated: list[Path], max_tokens: 
     return other_domain_tokens(tokenizer, None, max_tokens)
 
 
+def other_domain_texts(tokenizer, other_texts, calibrated: list[Path], max_tokens: int) -> list[TokenText]:
+    """Each of ``other_texts`` ("default": ``other_domain_for``'s choice), or that default
+    alone when none is given; ``("none",)`` skips them. A text the calibration reads is
+    refused: an other domain's figure is one of text no fit has seen."""
+    names = list(other_texts) or ["default"]
+    if any(name.lower() == "none" for name in names):
+        if len(names) > 1:
+            raise UsageError("--other-text none skips the other domains; give it alone")
+        return []
+    texts, seen = [], set()
+    for name in names:
+        default = name.lower() == "default"
+        key = "default" if default else Path(name).resolve()
+        if key in seen:
+            raise UsageError(f"--other-text {name} is given twice")
+        if key in calibrated:
+            raise UsageError(f"--other-text {name} is also a calibration text; give text of a domain the calibration never reads")
+        seen.add(key)
+        texts.append(other_domain_for(tokenizer, None if default else name, calibrated, max_tokens))
+    return texts
+
+
 def unseen_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> TokenText:
     """The first ``max_tokens`` tokens of a third domain's text: a plain file, or by default
     the articles of gensim's Wikipedia excerpt (redirects left out), one after another."""

@@ -139,7 +139,9 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
 @head_map_option()
 @fit_options
 @click.option("--text", "text_file", type=click.Path(), help="Evaluation text (default: English news text shipped with gensim).")
-@click.option("--other-text", help="Also evaluate on this text of another domain; none skips it. "
+@click.option("--other-text", "other_texts", multiple=True,
+              help="Also evaluate on this text of another domain (repeat it for several; one fit serves them all); "
+              "default names the default text below, none skips them. A calibration text is refused. "
               "[default: torch.nn.Module's Python source, or gensim's Wikipedia excerpt when the calibration reads that source, "
               "as it does with --lora-rank unless --calib]")
 @calib_option
@@ -156,7 +158,7 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
 @force_option
 @accept_keys_option
 @handle_errors
-def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_file, other_text, calib_file, add_calib, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, precision, json_file, force, accept_unknown_config_keys):
+def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_file, other_texts, calib_file, add_calib, max_tokens, calib_tokens, context, tasks, tasks_path, tasks_limit, precision, json_file, force, accept_unknown_config_keys):
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.accuracy.evaluate import EvalRequest, evaluate
 
@@ -165,7 +167,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
         EvalRequest(
             model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,
             tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else (), tasks_path=tasks_path, tasks_limit=tasks_limit,
-            accept_unknown_config_keys=accept_unknown_config_keys, precision=precision, other_text=other_text,
+            accept_unknown_config_keys=accept_unknown_config_keys, precision=precision, other_texts=tuple(other_texts),
             fit_steps=fit_steps, lora_rank=lora_rank,
         )
     )

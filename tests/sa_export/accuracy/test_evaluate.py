@@ -32,14 +32,35 @@ def test_eval_other_domain_can_be_given_or_skipped(tiny_llama_with_tokenizer, tm
     other = tmp_path / "other.txt"
     other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(300)))
     reports = {}
-    for name in ("given", "none"):
+    for name, values in {"given": [other], "both": [other, "default"], "none": ["none"]}.items():
         reports[name] = tmp_path / f"{name}.json"
-        value = other if name == "given" else "none"
-        result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "2-4", "--text", text, "--context", "128",
-                         "--other-text", value, "--json", reports[name])
+        options = [item for value in values for item in ("--other-text", value)]
+        result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "2-4", "--text", text, "--context", "128", *options, "--json", reports[name])
         assert result.exit_code == 0, result.stderr
-    assert json.loads(reports["given"].read_text())["other_domain"]["source"].startswith(str(other.resolve()))
-    assert json.loads(reports["none"].read_text())["other_domain"] is None
+    given, both, none = (json.loads(reports[name].read_text()) for name in ("given", "both", "none"))
+    assert given["other_domain"]["source"].startswith(str(other.resolve())) and len(given["other_domains"]) == 1
+    # several texts in one run: each as it is alone, in the order given
+    assert both["other_domains"][0] == given["other_domain"] and "module.py" in both["other_domains"][1]["source"]
+    assert both["other_domains"][1]["sa_ppl"] != both["other_domains"][0]["sa_ppl"]
+    assert none["other_domain"] is None and none["other_domains"] == []
+
+
+def test_eval_refuses_other_texts_before_it_calibrates(tiny_llama_with_tokenizer, tmp_path):
+    """A missing file, a text given twice and a calibration text fail in seconds with exit 2, before any fit."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(300)))
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{(i * 11) % 250 + 3}" for i in range(900)))
+    common = ["eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--head-map", "fit", "--fit-steps", "1", "--calib", calib]
+    for options, message in (
+        (["--other-text", tmp_path / "missing.txt"], "not found"),
+        (["--other-text", calib], "also a calibration text"),
+        (["--other-text", text, "--other-text", text], "given twice"),
+        (["--other-text", text, "--other-text", "none"], "give it alone"),
+    ):
+        result = run_cli(*common, *options)
+        assert result.exit_code == 2 and message in result.stderr, (options, result.stderr)
+        assert "fitting" not in result.stderr
 
 
 def test_eval_int4_evaluates_the_builders_quantized_weights(tiny_llama_with_tokenizer, tmp_path):
