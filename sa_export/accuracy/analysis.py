@@ -17,7 +17,7 @@ from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.frontier import DEFAULT_POOL, DEFAULT_SEARCH_COST, recommend, save_plot, search_frontier
 from sa_export.accuracy.texts import (
-    TokenText, calib_paths, calib_tokens_for, other_domain_for, split_texts,
+    TokenText, calib_paths, calib_tokens_for, other_domain_texts, split_texts,
 )
 
 
@@ -37,7 +37,7 @@ class AnalyzeRequest:
     frontier: bool = False  # search plans of 1..max_shared layers per mode (sa_export.accuracy.frontier)
     max_shared: int = 8
     max_penalty: float | None = None
-    other_text: str | None = None
+    other_texts: tuple[str, ...] = ()  # frontier: texts of other domains (texts.other_domain_texts)
     frontier_modes: tuple[str, ...] = ("identity", "mix-few")  # the accurate mixture whose decode step is never slower
     eval_tokens: int = 2048  # of each frontier evaluation text
     search_pool: int | None = None  # frontier: single layers each greedy step tries (None: frontier.DEFAULT_POOL)
@@ -265,7 +265,9 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
         evaluation = evaluation or held_out
         ids = tail.ids[: request.search_tokens]
         search[f"search:{path.name}"] = TokenText(ids, f"{tail.source}, the first {len(ids)}")
-    texts = {"calib-domain": evaluation, "other-domain": other_domain_for(tokenizer, request.other_text, paths, request.eval_tokens)}
+    others = other_domain_texts(tokenizer, request.other_texts, paths, request.eval_tokens)
+    # The first keeps the name "other-domain" that --max-penalty and readers of frontier.json know.
+    texts = {"calib-domain": evaluation, **{_other_name(index, text): text for index, text in enumerate(others)}}
     return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared,
                            request.search_pool or DEFAULT_POOL, request.search_cost)
 
@@ -293,5 +295,16 @@ def _refuse_a_bad_frontier_request(request: AnalyzeRequest) -> None:
     if unknown or not request.frontier_modes:
         raise UsageError(f"--frontier-maps {','.join(request.frontier_modes)}: choose among {', '.join(searchable)} "
                          "(fit is fitted through the model: convert the plan the frontier picks with --head-map fit)")
-    if request.other_text is not None and Path(request.other_text).resolve() in _calib_paths(request)[1]:
-        raise UsageError(f"--other-text {request.other_text} is also a --calib text; the frontier reports plans on a domain its search never reads")
+    # Checked before the model loads and the statistics are collected, so that a bad path costs seconds.
+    for name in request.other_texts:
+        if name.lower() == "none":
+            raise UsageError("--other-text none: the frontier reports every plan on a domain its search never reads; give a file or default")
+        if name.lower() != "default" and not Path(name).is_file():
+            raise UsageError(f"--other-text {name}: text file not found; pass an existing file")
+        if name.lower() != "default" and Path(name).resolve() in _calib_paths(request)[1]:
+            raise UsageError(f"--other-text {name} is also a --calib text; the frontier reports plans on a domain its search never reads")
+
+
+def _other_name(index: int, text: TokenText) -> str:
+    """The frontier's name of its ``index``-th other-domain text: other-domain, then other-domain:FILE."""
+    return "other-domain" if index == 0 else f"other-domain:{Path(text.file).name}"

@@ -252,7 +252,7 @@ def evaluate(request: EvalRequest) -> EvalResult:
         sa = perplexity(sa_model, ids, request.context, plan)
     others = []
     for text in other_texts:
-        with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens of {text.source.split(' tokens ')[0]})"):
+        with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens of {text.file})"):
             other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context)}
             with corrected():
                 other["sa_ppl"] = perplexity(sa_model, text.ids, request.context, plan)

@@ -200,6 +200,7 @@ def search_frontier(
     report = {
         "seconds": round(time.perf_counter() - started, 1), "device": str(next(hf_model.parameters()).device),
         "texts": {name: text.to_json() for name, text in search.items()}, "cost": search_cost, "pool": pool,
+        "judged_texts": {name: text.to_json() for name, text in texts.items()},
         "plans_searched": sum(len(plans) for plans in searched.values()), "plans": searched,
     }
     return points, report

@@ -200,6 +200,11 @@ class TokenText:
     ids: list[int]
     source: str  # file and token range, for reports
 
+    @property
+    def file(self) -> str:
+        """The source without its token range."""
+        return self.source.rsplit(" tokens ", 1)[0]
+
     def to_json(self) -> dict:
         return {"source": self.source, "tokens": len(self.ids)}
 

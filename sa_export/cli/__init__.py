@@ -194,13 +194,14 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
               "the cheapest shared alone; fewer search faster. [default: 12]")
 @click.option("--search-cost", type=click.Choice(["mean", "worst"]), default="mean", show_default=True,
               help="Frontier, several --calib: rank plans by their mean or their worst relative penalty over the search texts.")
-@click.option("--max-penalty", type=click.FloatRange(0), help="Frontier: the largest saving whose perplexity penalty (e.g. 0.04 = +4%) holds on both texts.")
-@click.option("--other-text", help="Frontier: text of another domain than every --calib. "
+@click.option("--max-penalty", type=click.FloatRange(0), help="Frontier: the largest saving whose perplexity penalty (e.g. 0.04 = +4%) holds on every text it reports on.")
+@click.option("--other-text", "other_texts", multiple=True,
+              help="Frontier: text of another domain than every --calib; repeat it to report on several (default names the default text). "
               "[default: torch.nn.Module's Python source, or gensim's Wikipedia excerpt when that source is a --calib]")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @accept_keys_option
 @handle_errors
-def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, search_cost, max_penalty, other_text, overwrite, accept_unknown_config_keys):
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, search_cost, max_penalty, other_texts, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
     from sa_export.accuracy.analysis import AnalyzeRequest, analyze as run_analyze
@@ -215,7 +216,7 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
         AnalyzeRequest(
             model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,
             accept_unknown_config_keys=accept_unknown_config_keys, frontier=frontier, max_shared=max_shared,
-            max_penalty=max_penalty, other_text=other_text, search_pool=search_pool, search_cost=search_cost,
+            max_penalty=max_penalty, other_texts=tuple(other_texts), search_pool=search_pool, search_cost=search_cost,
             frontier_modes=tuple(mode.strip() for mode in frontier_maps.split(",") if mode.strip()),
         )
     )

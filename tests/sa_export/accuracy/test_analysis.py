@@ -72,14 +72,15 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
 
 
 def test_frontier_searches_on_every_calibration_text_and_reports_on_another_domain(tiny_llama_with_tokenizer, tmp_path):
-    first, second, other = (tmp_path / f"{name}.txt" for name in ("first", "second", "other"))
+    first, second, other, third = (tmp_path / f"{name}.txt" for name in ("first", "second", "other", "third"))
     first.write_text(" ".join([*(f"w{(i * 7) % 250 + 3}" for i in range(2100)), *(f"w{(i * 11) % 240 + 5}" for i in range(600))]))
     second.write_text(" ".join(f"w{(i * 17) % 230 + 4}" for i in range(700)))
     other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(600)))
+    third.write_text(" ".join(f"w{(i * 19) % 210 + 6}" for i in range(600)))
     out = tmp_path / "analysis"
     result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "2", "--search-pool", "2",
                      "--frontier-maps", "mix-few", "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other,
-                     "--kv-saving", "0.15")
+                     "--other-text", third, "--kv-saving", "0.15")
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads((out / "frontier.json").read_text())
     assert set(data["search"]["texts"]) == {"search:first.txt", "search:second.txt"} and data["search"]["pool"] == 2
@@ -87,12 +88,18 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     assert [point["mode"] for point in data["points"]] == ["mix-few", "mix-few"]
     for point in data["points"]:
         assert set(point["search_penalty"]) == {"search:first.txt", "search:second.txt"}
-        assert set(point["penalty"]) == {"calib-domain", "other-domain"}
+        assert set(point["penalty"]) == {"calib-domain", "other-domain", "other-domain:third.txt"}
+        assert point["penalty"]["other-domain:third.txt"] != point["penalty"]["other-domain"]
+    judged = data["search"]["judged_texts"]
+    assert str(other.resolve()) in judged["other-domain"]["source"] and str(third.resolve()) in judged["other-domain:third.txt"]["source"]
     assert "plans on search:first.txt, search:second.txt" in result.output
     assert data["convert_command"].endswith(f" --head-map mix-few --calib {first} --calib {second} --calib-tokens 512")
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--max-shared", "1",
                       "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", second)
     assert refused.exit_code == 2 and "also a --calib text" in refused.stderr
     assert leftovers(tmp_path / "refused") == []
+    for bad, message in ((tmp_path / "missing.txt", "not found"), ("none", "never reads")):
+        refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--other-text", bad)
+        assert refused.exit_code == 2 and message in refused.stderr and "loading" not in refused.stderr
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-maps", "identity,fit")
     assert refused.exit_code == 2 and "--frontier-maps identity,fit: choose among" in refused.stderr
