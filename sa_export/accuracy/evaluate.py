@@ -17,9 +17,10 @@ from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.texts import TokenText, calib_files_for, calib_paths, calib_tokens_for, other_domain_texts, split_texts
+from sa_export.accuracy.intervals import PenaltyInterval, penalty_interval
 from sa_export.accuracy.reference import shared_attention
 
-@torch.no_grad()
+
 def perplexity(
     model, token_ids: list[int], context: int, plan: SharingPlan | None = None, log_temperatures=None, shared_heads=None,
     inputs: LayerInputs | None = None,
@@ -28,17 +29,28 @@ def perplexity(
     (``log_temperatures``, ``shared_heads``: see ``reference.shared_attention``).
     ``inputs``: the base model's layer inputs on these windows (``layer_inputs_of``), so
     that the layers below the plan's first run once, not once per plan."""
-    total_nll = 0.0
-    total = 0
+    return perplexity_of(token_nlls(model, token_ids, context, plan, log_temperatures, shared_heads, inputs))
+
+
+@torch.no_grad()
+def token_nlls(
+    model, token_ids: list[int], context: int, plan: SharingPlan | None = None, log_temperatures=None, shared_heads=None,
+    inputs: LayerInputs | None = None,
+) -> torch.Tensor:
+    """The next-token NLL of every predicted token (fp32, CPU), window after window, as
+    ``perplexity`` reads them (``intervals.penalty_interval`` pairs two models' losses)."""
+    losses = []
     first = first_changed_layer(plan)
     with shared_attention(model, plan, log_temperatures=log_temperatures, shared_heads=shared_heads):
         for index, window in enumerate(_windows(model, token_ids, context)):
             logits = (inputs.run(index, window, first)[0] if inputs is not None else model(input_ids=window)).logits[0, :-1].float()
             targets = window[0, 1:].to(logits.device)
-            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-            total_nll += float(nll)
-            total += len(targets)
-    return math.exp(total_nll / total)
+            losses.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu())
+    return torch.cat(losses)
+
+
+def perplexity_of(nlls: torch.Tensor) -> float:
+    return math.exp(float(nlls.double().mean()))
 
 
 @torch.no_grad()
@@ -95,7 +107,8 @@ class EvalResult:
     kv_fraction_saved: float
     tasks: dict = dataclasses.field(default_factory=dict)
     precision: str = "fp32"
-    others: tuple[dict, ...] = ()  # the same on texts of other domains: source, tokens, base_ppl, sa_ppl
+    others: tuple[dict, ...] = ()  # the same on texts of other domains: source, tokens, base_ppl, sa_ppl, penalty_interval
+    interval: PenaltyInterval | None = None  # how sure the penalty is on this text (accuracy.intervals)
     corrections: dict | None = None  # LoRA corrections fitted with the maps: rank, corrects, parameters
 
     @property
@@ -124,12 +137,16 @@ class EvalResult:
             f"delta         {self.delta:+.3f} ({100 * (self.sa_ppl / self.base_ppl - 1):+.1f}%) "
             f"for {100 * self.kv_fraction_saved:.1f}% less KV cache"
         )
+        if self.interval is not None:
+            lines.append(f"              {self.interval.describe()}")
         for other in self.others:
             lines.append(f"other domain  {other['source']}")
             lines.append(
                 f"              base ppl {other['base_ppl']:.3f}, SA ppl {other['sa_ppl']:.3f}, "
                 f"delta {other['sa_ppl'] - other['base_ppl']:+.3f} ({100 * (other['sa_ppl'] / other['base_ppl'] - 1):+.1f}%)"
             )
+            if other["penalty_interval"] is not None:
+                lines.append(f"              {PenaltyInterval.from_json(other['penalty_interval']).describe()}")
         for task, sides in self.tasks.items():
             for metric in sorted(sides.get("base", {})):
                 if "stderr" not in metric:
@@ -154,6 +171,7 @@ class EvalResult:
             "kv_fraction_saved": self.kv_fraction_saved,
             "tasks": self.tasks,
             "precision": self.precision,
+            "penalty_interval": self.interval.to_json() if self.interval else None,
             "other_domain": self.others[0] if self.others else None,  # the first of other_domains
             "other_domains": list(self.others),
             "corrections": self.corrections,
@@ -247,16 +265,16 @@ def evaluate(request: EvalRequest) -> EvalResult:
         _load_quantized_weights(source, hf_model, request)
     ids = evaluation.ids
     with step(f"perplexity of the base model on {len(ids)} tokens"):
-        base = perplexity(hf_model, ids, request.context)
+        base = token_nlls(hf_model, ids, request.context)
     with step(f"perplexity of the SA model ({plan.describe()}, head map {request.head_map})"), corrected():
-        sa = perplexity(sa_model, ids, request.context, plan)
+        sa = token_nlls(sa_model, ids, request.context, plan)
     others = []
     for text in other_texts:
         with step(f"perplexity of both on text of another domain ({len(text.ids)} tokens of {text.file})"):
-            other = {"source": text.source, "tokens": len(text.ids), "base_ppl": perplexity(hf_model, text.ids, request.context)}
+            other_base = token_nlls(hf_model, text.ids, request.context)
             with corrected():
-                other["sa_ppl"] = perplexity(sa_model, text.ids, request.context, plan)
-        others.append(other)
+                other_sa = token_nlls(sa_model, text.ids, request.context, plan)
+        others.append(_other_report(text, other_base, other_sa))
     tasks = {}
     if request.tasks:
         if adapters is not None:
@@ -268,9 +286,19 @@ def evaluate(request: EvalRequest) -> EvalResult:
     saved = plan.kv_fraction_saved
     used_calibration = request.head_map != "identity"
     return EvalResult(
-        source.name, plan, request.head_map, base, sa, evaluation, calibration if used_calibration else None,
-        request.context, saved, tasks, request.precision, tuple(others), adapters.record() if adapters is not None else None,
+        source.name, plan, request.head_map, perplexity_of(base), perplexity_of(sa), evaluation, calibration if used_calibration else None,
+        request.context, saved, tasks, request.precision, tuple(others), interval=penalty_interval(base, sa),
+        corrections=adapters.record() if adapters is not None else None,
     )
+
+
+def _other_report(text: TokenText, base: torch.Tensor, sa: torch.Tensor) -> dict:
+    """An entry of other_domains: both perplexities on ``text`` and how sure their penalty is."""
+    interval = penalty_interval(base, sa)
+    return {
+        "source": text.source, "tokens": len(text.ids), "base_ppl": perplexity_of(base), "sa_ppl": perplexity_of(sa),
+        "penalty_interval": interval.to_json() if interval else None,
+    }
 
 
 def _corrected_quantized(source, hf_model, tokenizer, adapters, request: EvalRequest):

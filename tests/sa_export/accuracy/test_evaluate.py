@@ -24,6 +24,11 @@ def test_eval_reports_both_perplexities_and_json(tiny_llama_with_tokenizer, tmp_
     assert "module.py" in other["source"] and other["tokens"] > 2
     assert other["base_ppl"] > 1 and other["sa_ppl"] > 1 and other["base_ppl"] != data["base_ppl"]
     assert "other domain" in result.output
+    # how sure each penalty is: a 95% interval over blocks of 128 tokens, around the penalty given
+    for report in (data, other):
+        interval, penalty = report["penalty_interval"], report["sa_ppl"] / report["base_ppl"] - 1
+        assert interval["low"] < penalty < interval["high"] and interval["block_tokens"] == 128
+    assert data["penalty_interval"]["blocks"] == 599 // 128 and result.output.count("95% interval") == 2
 
 
 def test_eval_other_domain_can_be_given_or_skipped(tiny_llama_with_tokenizer, tmp_path):

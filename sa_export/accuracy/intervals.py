@@ -1,0 +1,50 @@
+"""How sure a perplexity penalty is on the text it was measured on.
+
+Both models read the same tokens, so the penalty is judged on paired differences of
+their next-token losses: text that is hard for both cancels out. Neighbouring tokens
+share context, so their differences are not independent; the text is cut into blocks
+of consecutive tokens and the standard error is that of the block means (the batch-means
+method), from which a normal interval follows. It says how far the figure could move on
+another text of the same kind and length, not how far another fit (seed) would move it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+BLOCK_TOKENS = 128
+Z_95 = 1.959963984540054  # two-sided 95% quantile of the normal distribution
+
+
+@dataclasses.dataclass(frozen=True)
+class PenaltyInterval:
+    low: float  # relative penalty SA / base - 1 at the interval's ends
+    high: float
+    blocks: int
+    block_tokens: int
+
+    def describe(self) -> str:
+        return f"95% interval {100 * self.low:+.1f}% to {100 * self.high:+.1f}% ({self.blocks} blocks of {self.block_tokens} tokens)"
+
+    def to_json(self) -> dict:
+        return {"low": self.low, "high": self.high, "confidence": 0.95, "blocks": self.blocks, "block_tokens": self.block_tokens}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PenaltyInterval:
+        return cls(data["low"], data["high"], data["blocks"], data["block_tokens"])
+
+
+def penalty_interval(base_nlls, sa_nlls, block_tokens: int = BLOCK_TOKENS) -> PenaltyInterval | None:
+    """95% interval of SA perplexity / base perplexity - 1 from the per-token losses of both
+    models on the same tokens; None when the text has fewer than two blocks."""
+    diff = np.asarray(sa_nlls, dtype=np.float64) - np.asarray(base_nlls, dtype=np.float64)
+    blocks = diff.size // block_tokens
+    if blocks < 2:
+        return None
+    means = diff[: blocks * block_tokens].reshape(blocks, block_tokens).mean(axis=1)
+    centre = float(diff.mean())  # the penalty the report gives is exp of this mean, minus 1
+    error = float(means.std(ddof=1)) / math.sqrt(blocks)
+    return PenaltyInterval(math.expm1(centre - Z_95 * error), math.expm1(centre + Z_95 * error), blocks, block_tokens)
