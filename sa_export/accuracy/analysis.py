@@ -80,6 +80,7 @@ class AnalysisResult:
     frontier: list = dataclasses.field(default_factory=list)  # FrontierPoint
     frontier_search: dict | None = None  # frontier.search_frontier's report
     heal_command: str | None = None  # the frontier's pick with fitted maps and corrections
+    recommended: object = None  # the FrontierPoint of --kv-saving or --max-penalty
 
     def lines(self) -> list[str]:
         """What `analyze` prints."""
@@ -115,6 +116,10 @@ class AnalysisResult:
         lines.append(f"search took {search.get('seconds', 0):.0f} s on {search.get('device', 'cpu')}: "
                      f"{search.get('plans_searched', 0)} plans on {', '.join(search.get('texts', {}))}")
         lines.append(f"apply: {self.command}" if self.command else "no point asked for (--kv-saving F or --max-penalty P picks one)")
+        if self.recommended is not None:
+            point = self.recommended
+            lines.append("  its penalty: " + ", ".join(
+                f"{t} {100 * point.penalty(t):+.1f}%" + (f" ({point.intervals[t].describe()})" if point.intervals.get(t) else "") for t in texts))
         if self.heal_command:
             lines.append(f"heal it: {self.heal_command}")
             lines.append("  (fits the maps with low-rank corrections on the --calib texts: a lower penalty, most on their domains, "
@@ -245,7 +250,8 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
                 "heal_command": heal_command,
             })
             save_plot(points, list(points[0].ppl), tmp / "frontier.png", f"{source.name}: perplexity penalty vs KV cache saved")
-    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command, points, report, heal_command)
+    return AnalysisResult(Path(request.out).absolute(), stats, ranking, searched, length, calibration.source, command, points, report, heal_command,
+                          recommended=chosen)
 
 
 def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stats, calibration):

@@ -22,7 +22,8 @@ import time
 import torch
 
 from sa_export.accuracy.calibration import AttentionStatistics, calibrate_head_maps
-from sa_export.accuracy.evaluate import layer_inputs_of, perplexity
+from sa_export.accuracy.evaluate import layer_inputs_of, perplexity_of, token_nlls
+from sa_export.accuracy.intervals import PenaltyInterval, penalty_interval
 from sa_export.accuracy.texts import TokenText
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import SharingPlan, build_plan, consecutive_runs
@@ -43,6 +44,7 @@ class FrontierPoint:
     ppl: dict[str, float]  # text name -> SA perplexity
     base_ppl: dict[str, float]
     search_penalty: dict[str, float] = dataclasses.field(default_factory=dict)  # search text name -> relative penalty
+    intervals: dict[str, PenaltyInterval | None] = dataclasses.field(default_factory=dict)  # text name -> how sure the penalty is
 
     def penalty(self, text: str) -> float:
         """Relative perplexity penalty: SA / base - 1."""
@@ -73,6 +75,7 @@ class FrontierPoint:
             "kv_fraction_saved": self.kv_fraction_saved, "kv_bytes_saved_per_token": self.kv_bytes_saved_per_token,
             "ppl": self.ppl, "base_ppl": self.base_ppl, "penalty": {text: self.penalty(text) for text in self.ppl},
             "search_penalty": self.search_penalty,
+            "penalty_interval": {text: interval.to_json() if interval else None for text, interval in self.intervals.items()},
         }
 
 
@@ -107,10 +110,19 @@ class _Measure:
     def __init__(self, hf_model, texts: dict[str, TokenText]):
         self.hf_model, self.texts = hf_model, texts
         self.inputs = {name: layer_inputs_of(hf_model, text.ids, WINDOW) for name, text in texts.items()}
-        self.base = self.perplexities(None)
+        self.base_nlls = self.nlls(None)
+        self.base = {name: perplexity_of(nlls) for name, nlls in self.base_nlls.items()}
+
+    def nlls(self, plan: SharingPlan | None) -> dict[str, torch.Tensor]:
+        """Per-token losses of ``plan`` on each text."""
+        return {name: token_nlls(self.hf_model, text.ids, WINDOW, plan, inputs=self.inputs[name]) for name, text in self.texts.items()}
 
     def perplexities(self, plan: SharingPlan | None) -> dict[str, float]:
-        return {name: perplexity(self.hf_model, text.ids, WINDOW, plan, inputs=self.inputs[name]) for name, text in self.texts.items()}
+        return {name: perplexity_of(nlls) for name, nlls in self.nlls(plan).items()}
+
+    def intervals(self, nlls: dict[str, torch.Tensor]) -> dict[str, PenaltyInterval | None]:
+        """How sure the penalty of the plan that lost ``nlls`` is on each text."""
+        return {name: penalty_interval(self.base_nlls[name], losses) for name, losses in nlls.items()}
 
     def cost(self, plan: SharingPlan) -> dict[str, float]:
         """Relative penalty of ``plan`` on each text."""
@@ -188,10 +200,11 @@ def search_frontier(
             for k in range(1, steps + 1):
                 layers = sorted(order[:k])
                 plan = _plan(layers, num_layers, stats, mode, kinds)
-                ppl = judge.perplexities(plan)
+                nlls = judge.nlls(plan)
+                ppl = {name: perplexity_of(losses) for name, losses in nlls.items()}
                 points.append(FrontierPoint(
                     mode, tuple(layers), tuple(spans_of(layers)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
-                    search_penalty=cost[tuple(layers)],
+                    search_penalty=cost[tuple(layers)], intervals=judge.intervals(nlls),
                 ))
                 advance(k, steps)
         # Every plan measured, cheapest first: what the search weighed the chosen plans against.
@@ -232,9 +245,10 @@ def save_plot(points: list[FrontierPoint], texts: list[str], path, title: str) -
     for axis, text in zip(axes[0], texts):
         for mode in dict.fromkeys(p.mode for p in points):
             mine = sorted((p for p in points if p.mode == mode), key=lambda p: p.kv_fraction_saved)
-            axis.plot([100 * p.kv_fraction_saved for p in mine], [100 * p.penalty(text) for p in mine], marker="o", label=mode)
+            errors = [[100 * (p.penalty(text) - _ends(p, text)[0]) for p in mine], [100 * (_ends(p, text)[1] - p.penalty(text)) for p in mine]]
+            axis.errorbar([100 * p.kv_fraction_saved for p in mine], [100 * p.penalty(text) for p in mine], yerr=errors, marker="o", capsize=3, label=mode)
         axis.set_xlabel("KV cache saved (%)")
-        axis.set_ylabel("perplexity penalty (%)")
+        axis.set_ylabel("perplexity penalty (%), 95% interval")
         axis.set_title(text)
         axis.grid(alpha=0.3)
         axis.legend()
@@ -242,3 +256,9 @@ def save_plot(points: list[FrontierPoint], texts: list[str], path, title: str) -
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _ends(point: FrontierPoint, text: str) -> tuple[float, float]:
+    """The ends of a point's 95% interval on ``text`` (the penalty itself where it has none)."""
+    interval = point.intervals.get(text)
+    return (interval.low, interval.high) if interval else (point.penalty(text), point.penalty(text))

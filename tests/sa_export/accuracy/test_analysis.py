@@ -52,10 +52,13 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
     for point in points:
         assert set(point["penalty"]) == {"calib-domain", "other-domain"} and point["spans"] == spans_of(point["shared_layers"])
         assert point["kv_fraction_saved"] == len(point["shared_layers"]) / 12
+        for text, interval in point["penalty_interval"].items():  # how sure each penalty is, on each text
+            assert interval["low"] <= point["penalty"][text] <= interval["high"] and interval["blocks"] >= 2
     assert data["recommended"]["kv_fraction_saved"] >= 0.15 and data["search"]["seconds"] > 0
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     command = data["convert_command"]
     assert command in result.output and command.startswith("sa-export convert ")
+    assert "its penalty: calib-domain" in result.output and result.output.count("95% interval") == 2
     args = shlex.split(command)[2:]
     # Calibrated maps carry the text they were calibrated on, so that convert builds the maps measured here.
     assert ("--head-map" in args) == (args[-4:] == ["--calib", str(calib), "--calib-tokens", "512"])

@@ -1,3 +1,4 @@
+import math
 import types
 
 import pytest
@@ -52,9 +53,14 @@ def _table_perplexity(model, ids, context, plan=None, inputs=None):
     return 10.0 + sum(ALONE[text][layer] for layer in shared) + extra
 
 
+def _table_nlls(model, ids, context, plan=None, inputs=None):
+    """Per-token losses whose perplexity is the table's."""
+    return torch.full((len(ids) - 1,), math.log(_table_perplexity(model, ids, context, plan)))
+
+
 @pytest.fixture
 def table_model(monkeypatch):
-    monkeypatch.setattr(frontier, "perplexity", _table_perplexity)
+    monkeypatch.setattr(frontier, "token_nlls", _table_nlls)
     monkeypatch.setattr(frontier, "layer_inputs_of", lambda model, ids, context: None)
     config = types.SimpleNamespace(num_hidden_layers=8, num_key_value_heads=2, head_dim=4, hidden_size=8, num_attention_heads=2)
     return types.SimpleNamespace(parameters=lambda: iter([torch.zeros(1)])), config
