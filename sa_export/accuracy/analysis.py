@@ -273,7 +273,10 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
         search[f"search:{path.name}"] = TokenText(ids, f"{tail.source}, the first {len(ids)}")
     others = other_domain_texts(tokenizer, request.other_texts, paths, request.eval_tokens)
     # The first keeps the name "other-domain" that --max-penalty and readers of frontier.json know.
-    texts = {"calib-domain": evaluation, **{_other_name(index, text): text for index, text in enumerate(others)}}
+    texts = {"calib-domain": evaluation}
+    for index, text in enumerate(others):
+        name = _other_name(index, text)
+        texts[name if name not in texts else f"{name} ({index + 1})"] = text  # two files of one name in two folders
     return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared,
                            request.search_pool or DEFAULT_POOL, request.search_cost)
 

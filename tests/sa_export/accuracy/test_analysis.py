@@ -80,10 +80,13 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     second.write_text(" ".join(f"w{(i * 17) % 230 + 4}" for i in range(700)))
     other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(600)))
     third.write_text(" ".join(f"w{(i * 19) % 210 + 6}" for i in range(600)))
+    (tmp_path / "more").mkdir()
+    namesake = tmp_path / "more" / "third.txt"  # a file of the same name in another folder keeps its own entry
+    namesake.write_text(" ".join(f"w{(i * 23) % 220 + 7}" for i in range(600)))
     out = tmp_path / "analysis"
     result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "2", "--search-pool", "2",
                      "--frontier-maps", "mix-few", "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other,
-                     "--other-text", third, "--kv-saving", "0.15")
+                     "--other-text", third, "--other-text", namesake, "--kv-saving", "0.15")
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads((out / "frontier.json").read_text())
     assert set(data["search"]["texts"]) == {"search:first.txt", "search:second.txt"} and data["search"]["pool"] == 2
@@ -91,7 +94,7 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     assert [point["mode"] for point in data["points"]] == ["mix-few", "mix-few"]
     for point in data["points"]:
         assert set(point["search_penalty"]) == {"search:first.txt", "search:second.txt"}
-        assert set(point["penalty"]) == {"calib-domain", "other-domain", "other-domain:third.txt"}
+        assert set(point["penalty"]) == {"calib-domain", "other-domain", "other-domain:third.txt", "other-domain:third.txt (3)"}
         assert point["penalty"]["other-domain:third.txt"] != point["penalty"]["other-domain"]
     judged = data["search"]["judged_texts"]
     assert str(other.resolve()) in judged["other-domain"]["source"] and str(third.resolve()) in judged["other-domain:third.txt"]["source"]
