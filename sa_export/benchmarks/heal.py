@@ -22,6 +22,9 @@ For each span, side by side, from the same `mix-few` start:
 Each is judged on held-out news, held-out Python source (the head of the file whose tail
 ``fit-2`` fits), Wikipedia articles in wiki markup, a domain that no fit but ``fit-2w+lora``
 reads, and the head of each ``--more-texts`` file.
+Each penalty is printed with its 95% interval in brackets (``accuracy.intervals``: the
+base model's and the config's losses on the same tokens, paired) and the fraction of
+identity's penalty it is.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from typing import NamedTuple
 from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import EXTRA_SOURCE_LAYERS, FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, FIT_CHUNKS_PER_STEP, FIT_STEPS, fit_maps_and_temperatures
-from sa_export.accuracy.evaluate import load_for_reference, perplexity
+from sa_export.accuracy.evaluate import load_for_reference, perplexity_of, token_nlls
+from sa_export.accuracy.intervals import penalty_interval
 from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tail, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import HeadMap, build_plan
@@ -104,18 +108,18 @@ def main() -> None:
     if any(name.startswith("fit-2w") for name in configs):
         calibration["wiki"] = calibration["both"] + unseen_domain_tail(tokenizer, None, args.tokens, args.calib_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()} if configs else {}
-    base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
-    print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items()), flush=True)
+    base = {name: token_nlls(model, ids, WINDOW) for name, ids in texts.items()}  # per-token losses: the intervals pair them
+    print("base ppl " + ", ".join(f"{name} {perplexity_of(nlls):.2f}" for name, nlls in base.items()), flush=True)
     rows = []
     for span in args.spans.split(","):
         plan = build_plan(span.split("+"), config.num_hidden_layers)  # 25-25+27-29: two spans, each with its anchor
-        identity = {name: perplexity(model, ids, WINDOW, plan) for name, ids in texts.items()}
+        identity = {name: token_nlls(model, ids, WINDOW, plan) for name, ids in texts.items()}
         _report(rows, span, "identity", identity, base, identity, 0.0, 0)
 
         def _judge(named: str, fit: _Fit, scale: float) -> None:
             with _corrected(fit.adapters, scale):
-                ppl = {text: perplexity(model, ids, WINDOW, plan.with_head_maps(fit.maps), fit.log_temperatures) for text, ids in texts.items()}
-            _report(rows, span, named, ppl, base, identity, fit.seconds, fit.adapters.parameter_count() if fit.adapters is not None else 0)
+                nlls = {text: token_nlls(model, ids, WINDOW, plan.with_head_maps(fit.maps), fit.log_temperatures) for text, ids in texts.items()}
+            _report(rows, span, named, nlls, base, identity, fit.seconds, fit.adapters.parameter_count() if fit.adapters is not None else 0)
 
         runs = [(name, rate) for name in configs for rate in (rates if name.endswith("+lora") else [ADAPTER_LEARNING_RATE])]
         for name, rate in runs:
@@ -146,7 +150,7 @@ def main() -> None:
                 soup = _Fit(_average_maps([fit.maps for fit in fits]), corrections, sum(fit.seconds for fit in fits), _average_temperatures([fit.log_temperatures for fit in fits]))
                 _judge(f"{label} soup of {len(fits)}", soup, 1.0)
     if args.json:
-        write_json_atomic(args.json, {"base": base, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "extra_source_layers": args.extra_source_layers, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "fit_temperature": args.fit_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        write_json_atomic(args.json, {"base": {name: perplexity_of(nlls) for name, nlls in base.items()}, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "extra_source_layers": args.extra_source_layers, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "fit_temperature": args.fit_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
 
 
 class _Fit(NamedTuple):
@@ -184,19 +188,28 @@ def _average_temperatures(fits: list[dict | None]) -> dict | None:
     return {layer: sum(fit[layer] for fit in fits) / len(fits) for layer in fits[0]}
 
 
-def _report(rows: list, span: str, name: str, ppl: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:
+def _report(rows: list, span: str, name: str, nlls: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:
+    """Add and print one row: per text, perplexity, penalty with its 95% interval, and the
+    fraction of identity's penalty; ``nlls``, ``base`` and ``identity`` map text to per-token losses."""
     row = {"span": span, "config": name, "fit_s": seconds, "adapter_parameters": parameters, "texts": {}}
-    for text, value in ppl.items():
-        penalty = value - base[text]
-        of_identity = penalty / (identity[text] - base[text]) if identity[text] != base[text] else None
-        row["texts"][text] = {"ppl": value, "penalty_percent": 100 * penalty / base[text], "of_identity": of_identity}
+    for text, losses in nlls.items():
+        value, base_ppl, identity_ppl = perplexity_of(losses), perplexity_of(base[text]), perplexity_of(identity[text])
+        penalty = value - base_ppl
+        of_identity = penalty / (identity_ppl - base_ppl) if identity_ppl != base_ppl else None
+        interval = penalty_interval(base[text], losses)
+        row["texts"][text] = {"ppl": value, "penalty_percent": 100 * penalty / base_ppl, "of_identity": of_identity,
+                              "penalty_interval": interval.to_json() if interval is not None else None}
     rows.append(row)
     cells = "  ".join(
-        f"{text} {cell['ppl']:.2f} ({cell['penalty_percent']:+.1f}%, {'-' if cell['of_identity'] is None else format(cell['of_identity'], '.2f')})"
+        f"{text} {cell['ppl']:.2f} ({cell['penalty_percent']:+.1f}%{_interval_cell(cell['penalty_interval'])}, "
+        f"{'-' if cell['of_identity'] is None else format(cell['of_identity'], '.2f')})"
         for text, cell in row["texts"].items()
     )
     print(f"{span} {name:>11}: {cells}  [{seconds:.0f} s]", flush=True)
 
+
+def _interval_cell(interval: dict | None) -> str:
+    return "" if interval is None else f" [{100 * interval['low']:+.1f} to {100 * interval['high']:+.1f}]"
 
 if __name__ == "__main__":
     main()

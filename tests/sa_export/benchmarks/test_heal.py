@@ -41,3 +41,22 @@ def test_the_soup_of_fitted_temperatures_is_their_mean_per_head_and_none_when_no
     soup = heal._average_temperatures([{3: torch.tensor([0.2, -0.4])}, {3: torch.tensor([0.4, 0.0])}])
     assert soup[3].tolist() == pytest.approx([0.3, -0.2])
     assert heal._average_temperatures([None, None]) is None
+
+
+def test_a_row_gives_each_penalty_with_its_interval_and_its_fraction_of_identitys(capsys):
+    import math
+
+    import torch
+
+    base = torch.full((512,), 2.0, dtype=torch.float64)
+    identity = base + 0.4
+    fitted = base + torch.tensor([0.05, 0.15], dtype=torch.float64).repeat_interleave(128).repeat(2)  # blocks of 128 tokens: 0.1 more loss on average
+    rows = []
+    heal._report(rows, "26-29", "fit-2+lora", {"news": fitted}, {"news": base}, {"news": identity}, 12.0, 64)
+    cell = rows[0]["texts"]["news"]
+    assert cell["ppl"] == pytest.approx(math.exp(2.1))
+    assert cell["penalty_percent"] == pytest.approx(100 * math.expm1(0.1))
+    assert cell["of_identity"] == pytest.approx(math.expm1(0.1) / math.expm1(0.4))
+    error = 1.959963984540054 * 0.1 / math.sqrt(3) / 2  # the block means' standard deviation over the root of 4 blocks
+    assert cell["penalty_interval"] == pytest.approx({"low": math.expm1(0.1 - error), "high": math.expm1(0.1 + error), "confidence": 0.95, "blocks": 4, "block_tokens": 128})
+    assert "news 8.17 (+10.5% [+4.4 to +17.0], 0.21)" in capsys.readouterr().out
