@@ -27,6 +27,7 @@ corrections on news and code (what ``convert --head-map fit --lora-rank 8`` does
 ``--calib``: 120 steps, 16,384 tokens of each, the sources' Q and K corrected too) and
 judges it. Every plan is also judged on Wikipedia articles, which neither the search nor a fit reads; ``--plan``
 judges the plans it names instead of searching.
+Each judged penalty comes with its 95% interval in brackets (``accuracy.intervals``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from sa_export.accuracy.adapters import PROJECTIONS, SOURCE_PROJECTIONS, LowRank
 from sa_export.accuracy.calibration import collect_statistics, head_sources_from
 from sa_export.accuracy.distill import FIT_STEPS_WITH_CORRECTIONS, fit_maps_and_temperatures, plan_with_fitted_maps
 from sa_export.accuracy.frontier import HEAL_LORA_RANK, forward_selection
-from sa_export.accuracy.evaluate import base_log_probs, divergence, layer_inputs_of, load_for_reference, perplexity
+from sa_export.accuracy.evaluate import base_log_probs, divergence, layer_inputs_of, load_for_reference, perplexity, perplexity_of, token_nlls
+from sa_export.accuracy.intervals import penalty_interval
 from sa_export.accuracy.texts import CALIB_TOKENS, LORA_CALIB_TOKENS, other_domain_text_path, split_texts, unseen_domain_tokens
 from sa_export.core.plan import HeadMap, SharingPlan
 from sa_export.core.progress import progress_bar
@@ -120,7 +122,8 @@ def main() -> None:
     group_size = config.num_attention_heads // groups
     inputs = {name: layer_inputs_of(model, ids, WINDOW) for name, ids in searches.items()}  # each plan runs from its first changed layer
     base_search = {name: perplexity(model, ids, WINDOW, inputs=inputs[name]) for name, ids in searches.items()}
-    base = {name: perplexity(model, ids, WINDOW) for name, ids in texts.items()}
+    base_nlls = {name: token_nlls(model, ids, WINDOW) for name, ids in texts.items()}  # per-token losses: the intervals pair them
+    base = {name: perplexity_of(nlls) for name, nlls in base_nlls.items()}
     print("base ppl " + ", ".join(f"{name} {value:.2f}" for name, value in base.items())
           + ", search " + ", ".join(f"{name} {value:.2f}" for name, value in base_search.items()))
 
@@ -172,13 +175,15 @@ def main() -> None:
             print(f"  {label}: fit {time.perf_counter() - fit_started:.0f} s", flush=True)
         for name, (fitted, adapters) in fits.items():
             with adapters.active() if adapters is not None else contextlib.nullcontext():
-                ppl = {text: perplexity(model, ids, WINDOW, fitted, shared_heads=heads) for text, ids in texts.items()}
+                nlls = {text: token_nlls(model, ids, WINDOW, fitted, shared_heads=heads) for text, ids in texts.items()}
+            intervals = {text: penalty_interval(base_nlls[text], nlls[text]) for text in texts}
             row = {
                 "unit": unit, "maps": name, "kv_fraction_saved": _layers_worth(chosen, groups) / (2 * num_layers), "units": [list(c) for c in chosen],
-                "ppl": ppl, "penalty": {text: ppl[text] / base[text] - 1 for text in texts},
+                "ppl": {text: perplexity_of(nlls[text]) for text in texts}, "penalty": {text: perplexity_of(nlls[text]) / base[text] - 1 for text in texts},
+                "penalty_interval": {text: interval.to_json() if interval is not None else None for text, interval in intervals.items()},
             }
             rows.append(row)
-            cells = " ".join(f"{100 * row['penalty'][text]:>+21.1f}%" for text in texts)
+            cells = " ".join(f"{_penalty_cell(row['penalty'][text], intervals[text]):>22}" for text in texts)
             print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {name:>8} {cells}  {label}", flush=True)
     print(f"\nsearch {searched_s:.0f} s, total {time.perf_counter() - started:.0f} s")
     if args.json:
@@ -188,6 +193,11 @@ def main() -> None:
             # cheapest: each unit's cost alone; forward: the plan's cost once that unit joined it
             "search_cost": {unit: [[list(k), v] for k, v in table.items()] for unit, table in cost.items()},
         })
+
+
+def _penalty_cell(penalty: float, interval) -> str:
+    """'+3.1% [+2.0,+4.2]': the penalty and its 95% interval, in percent."""
+    return f"{100 * penalty:+.1f}%" + ("" if interval is None else f" [{100 * interval.low:+.1f},{100 * interval.high:+.1f}]")
 
 
 def _named_plan(text: str) -> tuple[str, list[tuple[int, int | None]]]:

@@ -1,7 +1,8 @@
 import numpy as np
 
 from sa_export.accuracy.calibration import AttentionStatistics
-from sa_export.benchmarks.group_units import unit_plan
+from sa_export.accuracy.intervals import PenaltyInterval
+from sa_export.benchmarks.group_units import _penalty_cell, unit_plan
 
 
 def _stats(maps=None, layers=5, heads=4, group_size=2):
@@ -49,3 +50,8 @@ def test_a_named_plan_reads_whole_layers_and_kv_groups():
     assert _named_plan("26.1 25 26.0") == ("kv-group", [(25, None), (26, 0), (26, 1)])
     assert _named_plan("27 25") == ("layer", [(25, None), (27, None)])
     assert _layers_worth(_named_plan("25 26.0 26.1")[1], 3) == 1 + 2 / 3
+
+
+def test_a_penalty_cell_gives_the_interval_when_the_text_has_one():
+    assert _penalty_cell(0.031, PenaltyInterval(0.02, 0.042, 32, 128)) == "+3.1% [+2.0,+4.2]"
+    assert _penalty_cell(-0.004, None) == "-0.4%"
