@@ -17,7 +17,7 @@ from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.frontier import DEFAULT_POOL, DEFAULT_SEARCH_COST, recommend, save_plot, search_frontier
 from sa_export.accuracy.texts import (
-    TokenText, calib_paths, calib_tokens_for, other_domain_texts, split_texts,
+    TokenText, calib_paths, calib_tokens_for, other_domain_texts, other_text_files, split_texts,
 )
 
 
@@ -298,6 +298,8 @@ def _calib_paths(request: AnalyzeRequest) -> tuple[list, list[Path]]:
 
 def _refuse_a_bad_frontier_request(request: AnalyzeRequest) -> None:
     if not request.frontier:
+        if request.other_texts:
+            raise UsageError("--other-text judges the frontier's plans; give it with --frontier")
         return
     searchable = [mode for mode in HEAD_MAP_MODES if mode not in FITTED_MODES]
     unknown = [mode for mode in request.frontier_modes if mode not in searchable]
@@ -305,13 +307,9 @@ def _refuse_a_bad_frontier_request(request: AnalyzeRequest) -> None:
         raise UsageError(f"--frontier-maps {','.join(request.frontier_modes)}: choose among {', '.join(searchable)} "
                          "(fit is fitted through the model: convert the plan the frontier picks with --head-map fit)")
     # Checked before the model loads and the statistics are collected, so that a bad path costs seconds.
-    for name in request.other_texts:
-        if name.lower() == "none":
-            raise UsageError("--other-text none: the frontier reports every plan on a domain its search never reads; give a file or default")
-        if name.lower() != "default" and not Path(name).is_file():
-            raise UsageError(f"--other-text {name}: text file not found; pass an existing file")
-        if name.lower() != "default" and Path(name).resolve() in _calib_paths(request)[1]:
-            raise UsageError(f"--other-text {name} is also a --calib text; the frontier reports plans on a domain its search never reads")
+    if any(name.lower() == "none" for name in request.other_texts):
+        raise UsageError("--other-text none: the frontier reports every plan on a domain its search never reads; give a file or default")
+    other_text_files(request.other_texts, _calib_paths(request)[1])
 
 
 def _other_name(index: int, text: TokenText) -> str:

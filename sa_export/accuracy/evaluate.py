@@ -17,7 +17,7 @@ from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.texts import TokenText, calib_files_for, calib_paths, calib_tokens_for, other_domain_texts, split_texts
-from sa_export.accuracy.intervals import PenaltyInterval, penalty_interval
+from sa_export.accuracy.intervals import PenaltyInterval, describe, penalty_interval
 from sa_export.accuracy.reference import shared_attention
 
 
@@ -137,16 +137,15 @@ class EvalResult:
             f"delta         {self.delta:+.3f} ({100 * (self.sa_ppl / self.base_ppl - 1):+.1f}%) "
             f"for {100 * self.kv_fraction_saved:.1f}% less KV cache"
         )
-        if self.interval is not None:
-            lines.append(f"              {self.interval.describe()}")
+        lines.append(f"              {describe(self.interval)}")
         for other in self.others:
             lines.append(f"other domain  {other['source']}")
             lines.append(
                 f"              base ppl {other['base_ppl']:.3f}, SA ppl {other['sa_ppl']:.3f}, "
                 f"delta {other['sa_ppl'] - other['base_ppl']:+.3f} ({100 * (other['sa_ppl'] / other['base_ppl'] - 1):+.1f}%)"
             )
-            if other["penalty_interval"] is not None:
-                lines.append(f"              {PenaltyInterval.from_json(other['penalty_interval']).describe()}")
+            interval = other["penalty_interval"]
+            lines.append(f"              {describe(PenaltyInterval.from_json(interval) if interval is not None else None)}")
         for task, sides in self.tasks.items():
             for metric in sorted(sides.get("base", {})):
                 if "stderr" not in metric:

@@ -245,7 +245,8 @@ def save_plot(points: list[FrontierPoint], texts: list[str], path, title: str) -
     for axis, text in zip(axes[0], texts):
         for mode in dict.fromkeys(p.mode for p in points):
             mine = sorted((p for p in points if p.mode == mode), key=lambda p: p.kv_fraction_saved)
-            errors = [[100 * (p.penalty(text) - _ends(p, text)[0]) for p in mine], [100 * (_ends(p, text)[1] - p.penalty(text)) for p in mine]]
+            # max(0, ...): the interval's centre and the penalty are one number computed two ways, and may differ in the last bit
+            errors = [[max(0.0, 100 * (p.penalty(text) - _ends(p, text)[0])) for p in mine], [max(0.0, 100 * (_ends(p, text)[1] - p.penalty(text))) for p in mine]]
             axis.errorbar([100 * p.kv_fraction_saved for p in mine], [100 * p.penalty(text) for p in mine], yerr=errors, marker="o", capsize=3, label=mode)
         axis.set_xlabel("KV cache saved (%)")
         axis.set_ylabel("perplexity penalty (%), 95% interval")

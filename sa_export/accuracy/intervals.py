@@ -4,8 +4,10 @@ Both models read the same tokens, so the penalty is judged on paired differences
 their next-token losses: text that is hard for both cancels out. Neighbouring tokens
 share context, so their differences are not independent; the text is cut into blocks
 of consecutive tokens and the standard error is that of the block means (the batch-means
-method), from which a normal interval follows. It says how far the figure could move on
-another text of the same kind and length, not how far another fit (seed) would move it.
+method), with Student's t for so few blocks. Blocks are 512 tokens: on Wikipedia articles
+the error still grew from 128- to 512-token blocks (by 35%), and stopped growing
+there (``benchmarks.interval_blocks``). It says how far the figure could move on another
+text of the same kind and length, not how far another fit (seed) would move it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import dataclasses
 import math
 
 import numpy as np
+from scipy import stats
 
-BLOCK_TOKENS = 128
-Z_95 = 1.959963984540054  # two-sided 95% quantile of the normal distribution
+BLOCK_TOKENS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,11 @@ class PenaltyInterval:
         return cls(data["low"], data["high"], data["blocks"], data["block_tokens"])
 
 
+def describe(interval: PenaltyInterval | None) -> str:
+    """The interval in words, or why there is none."""
+    return interval.describe() if interval is not None else f"no 95% interval: fewer than two blocks of {BLOCK_TOKENS} tokens"
+
+
 def penalty_interval(base_nlls, sa_nlls, block_tokens: int = BLOCK_TOKENS) -> PenaltyInterval | None:
     """95% interval of SA perplexity / base perplexity - 1 from the per-token losses of both
     models on the same tokens; None when the text has fewer than two blocks."""
@@ -46,5 +53,5 @@ def penalty_interval(base_nlls, sa_nlls, block_tokens: int = BLOCK_TOKENS) -> Pe
         return None
     means = diff[: blocks * block_tokens].reshape(blocks, block_tokens).mean(axis=1)
     centre = float(diff.mean())  # the penalty the report gives is exp of this mean, minus 1
-    error = float(means.std(ddof=1)) / math.sqrt(blocks)
-    return PenaltyInterval(math.expm1(centre - Z_95 * error), math.expm1(centre + Z_95 * error), blocks, block_tokens)
+    error = float(means.std(ddof=1)) / math.sqrt(blocks) * float(stats.t.ppf(0.975, blocks - 1))
+    return PenaltyInterval(math.expm1(centre - error), math.expm1(centre + error), blocks, block_tokens)

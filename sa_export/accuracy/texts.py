@@ -93,22 +93,44 @@ def other_domain_texts(tokenizer, other_texts, calibrated: list[Path], max_token
     """Each of ``other_texts`` ("default": ``other_domain_for``'s choice), or that default
     alone when none is given; ``("none",)`` skips them. A text the calibration reads is
     refused: an other domain's figure is one of text no fit has seen."""
+    texts = []
+    for name in other_text_files(other_texts, calibrated):
+        text = other_domain_for(tokenizer, name, calibrated, max_tokens)
+        if len(text.ids) < 2:
+            raise UsageError(f"--other-text {name or 'default'}: {len(text.ids)} tokens, too few to score; give a longer text")
+        texts.append(text)
+    return texts
+
+
+def other_text_files(other_texts, calibrated: list[Path]) -> list[str | None]:
+    """The files ``other_texts`` names (None: the default text), checked without reading
+    them, so that a wrong path, a text named twice (``default`` included, as the file it
+    stands for) or a calibration text fails before a model loads; [] for ``none``."""
     names = list(other_texts) or ["default"]
     if any(name.lower() == "none" for name in names):
         if len(names) > 1:
             raise UsageError("--other-text none skips the other domains; give it alone")
         return []
-    texts, seen = [], set()
+    files, seen = [], set()
     for name in names:
         default = name.lower() == "default"
-        key = "default" if default else Path(name).resolve()
+        if not default and not Path(name).is_file():
+            raise UsageError(f"--other-text {name}: text file not found; pass an existing file")
+        key = _default_other_file(calibrated) if default else Path(name).resolve()
         if key in seen:
-            raise UsageError(f"--other-text {name} is given twice")
+            raise UsageError(f"--other-text {name} is given twice" + (" (default is that file)" if default or key == _default_other_file(calibrated) else ""))
         if key in calibrated:
             raise UsageError(f"--other-text {name} is also a calibration text; give text of a domain the calibration never reads")
         seen.add(key)
-        texts.append(other_domain_for(tokenizer, None if default else name, calibrated, max_tokens))
-    return texts
+        files.append(None if default else name)
+    return files
+
+
+def _default_other_file(calibrated: list[Path]) -> Path | str:
+    """What ``default`` stands for: torch.nn.Module's source, or the Wikipedia excerpt
+    (read as articles, so no file given by path is that text) when the calibration reads it."""
+    source = other_domain_text_path().resolve()
+    return source if source not in calibrated else "the Wikipedia excerpt"
 
 
 def unseen_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> TokenText:

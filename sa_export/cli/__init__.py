@@ -71,7 +71,7 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, a
 
     if out is None:
         out = Path(f"{Path(model).name}-sa")
-    calib_file = _with_added_calib(calib_file, add_calib, lora_rank)
+    calib_file = _with_added_calib(calib_file, add_calib, lora_rank, head_map)
     request = ConvertRequest(
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
@@ -85,10 +85,12 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, a
     raise_on_failure(result.parity, result.target)
 
 
-def _with_added_calib(calib_file, add_calib, lora_rank):
+def _with_added_calib(calib_file, add_calib, lora_rank, head_map):
     """--calib's files (or the request's default texts) followed by --add-calib's."""
     if not add_calib:
         return calib_file
+    if head_map == "identity":
+        raise UsageError("--add-calib adds calibration text, which --head-map identity does not read; give a calibrated --head-map")
     from sa_export.accuracy.texts import calib_files_for
 
     return calib_files_for(calib_file, lora_rank or 0, add_calib)
@@ -162,7 +164,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.accuracy.evaluate import EvalRequest, evaluate
 
-    calib_file = _with_added_calib(calib_file, add_calib, lora_rank)
+    calib_file = _with_added_calib(calib_file, add_calib, lora_rank, head_map)
     result = evaluate(
         EvalRequest(
             model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,

@@ -3,6 +3,7 @@ import json
 import numpy as np
 
 from sa_export.accuracy.analysis import rank_spans
+from sa_export.accuracy.texts import other_domain_text_path
 from tests.helpers import leftovers, run_cli
 
 
@@ -38,8 +39,8 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
 
     from sa_export.accuracy.frontier import spans_of
 
-    other = tmp_path / "other.txt"
-    other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(600)))
+    other = tmp_path / "other.txt"  # long enough for two blocks of an interval
+    other.write_text(" ".join(f"w{(i * 13) % 200 + 3}" for i in range(1200)))
     calib = tmp_path / "calib.txt"  # held-out head (evaluation) and tail (calibration) share no passage
     calib.write_text(" ".join([*(f"w{(i * 7) % 250 + 3}" for i in range(2100)), *(f"w{(i * 11) % 240 + 5}" for i in range(600))]))
     out = tmp_path / "analysis"
@@ -52,6 +53,7 @@ def test_frontier_writes_plot_and_points_and_its_command_converts(tiny_llama_wit
     for point in points:
         assert set(point["penalty"]) == {"calib-domain", "other-domain"} and point["spans"] == spans_of(point["shared_layers"])
         assert point["kv_fraction_saved"] == len(point["shared_layers"]) / 12
+        assert set(point["penalty_interval"]) == set(point["penalty"])
         for text, interval in point["penalty_interval"].items():  # how sure each penalty is, on each text
             assert interval["low"] <= point["penalty"][text] <= interval["high"] and interval["blocks"] >= 2
     assert data["recommended"]["kv_fraction_saved"] >= 0.15 and data["search"]["seconds"] > 0
@@ -98,14 +100,20 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
         assert point["penalty"]["other-domain:third.txt"] != point["penalty"]["other-domain"]
     judged = data["search"]["judged_texts"]
     assert str(other.resolve()) in judged["other-domain"]["source"] and str(third.resolve()) in judged["other-domain:third.txt"]["source"]
+    assert str(namesake.resolve()) in judged["other-domain:third.txt (3)"]["source"]
+    assert all(point["penalty"]["other-domain:third.txt (3)"] != point["penalty"]["other-domain:third.txt"] for point in data["points"])
     assert "plans on search:first.txt, search:second.txt" in result.output
     assert data["convert_command"].endswith(f" --head-map mix-few --calib {first} --calib {second} --calib-tokens 512")
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--max-shared", "1",
                       "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", second)
-    assert refused.exit_code == 2 and "also a --calib text" in refused.stderr
+    assert refused.exit_code == 2 and "also a calibration text" in refused.stderr
     assert leftovers(tmp_path / "refused") == []
-    for bad, message in ((tmp_path / "missing.txt", "not found"), ("none", "never reads")):
-        refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--other-text", bad)
-        assert refused.exit_code == 2 and message in refused.stderr and "loading" not in refused.stderr
+    for bad, message in (([tmp_path / "missing.txt"], "not found"), (["none"], "never reads"), ([other, other], "given twice"),
+                         (["default", other_domain_text_path()], "given twice (default is that file)")):
+        options = [item for name in bad for item in ("--other-text", name)]
+        refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", *options)
+        assert refused.exit_code == 2 and message in refused.stderr and "loading" not in refused.stderr, (bad, refused.stderr)
+    refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--other-text", other)  # it judges the frontier's plans
+    assert refused.exit_code == 2 and "give it with --frontier" in refused.stderr and "loading" not in refused.stderr
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-maps", "identity,fit")
     assert refused.exit_code == 2 and "--frontier-maps identity,fit: choose among" in refused.stderr

@@ -1,6 +1,6 @@
 import json
 
-from sa_export.accuracy.texts import default_text_path
+from sa_export.accuracy.texts import default_text_path, other_domain_text_path
 from tests.helpers import move_fitted_corrections, run_cli
 
 
@@ -11,12 +11,12 @@ def test_default_text_is_available_offline():
 
 def test_eval_reports_both_perplexities_and_json(tiny_llama_with_tokenizer, tmp_path):
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(600)))
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(1200)))
     report = tmp_path / "eval.json"
     result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "2-4", "--text", text, "--context", "128", "--json", report)
     assert result.exit_code == 0, result.stderr
     data = json.loads(report.read_text())
-    assert data["eval_tokens"] == 600 and data["calib_tokens"] == 0
+    assert data["eval_tokens"] == 1200 and data["calib_tokens"] == 0
     assert data["base_ppl"] > 1 and data["sa_ppl"] > 1 and data["base_ppl"] != data["sa_ppl"]
     assert "base ppl" in result.output and "SA ppl" in result.output
     # and the same on text of another domain (default: Python source)
@@ -24,11 +24,11 @@ def test_eval_reports_both_perplexities_and_json(tiny_llama_with_tokenizer, tmp_
     assert "module.py" in other["source"] and other["tokens"] > 2
     assert other["base_ppl"] > 1 and other["sa_ppl"] > 1 and other["base_ppl"] != data["base_ppl"]
     assert "other domain" in result.output
-    # how sure each penalty is: a 95% interval over blocks of 128 tokens, around the penalty given
+    # how sure each penalty is: a 95% interval over blocks of 512 tokens, around the penalty given
     for report in (data, other):
         interval, penalty = report["penalty_interval"], report["sa_ppl"] / report["base_ppl"] - 1
-        assert interval["low"] < penalty < interval["high"] and interval["block_tokens"] == 128
-    assert data["penalty_interval"]["blocks"] == 599 // 128 and result.output.count("95% interval") == 2
+        assert interval["low"] < penalty < interval["high"] and interval["block_tokens"] == 512
+    assert data["penalty_interval"]["blocks"] == 1190 // 512 and result.output.count("95% interval") == 2  # 10 windows of 128 score 1,190 tokens
 
 
 def test_eval_other_domain_can_be_given_or_skipped(tiny_llama_with_tokenizer, tmp_path):
@@ -42,6 +42,8 @@ def test_eval_other_domain_can_be_given_or_skipped(tiny_llama_with_tokenizer, tm
         options = [item for value in values for item in ("--other-text", value)]
         result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "2-4", "--text", text, "--context", "128", *options, "--json", reports[name])
         assert result.exit_code == 0, result.stderr
+        # 300 tokens are less than two blocks: each penalty on them says it has no interval (the default other text is longer)
+        assert result.output.count("no 95% interval: fewer than two blocks of 512 tokens") == 1 + values.count(other)
     given, both, none = (json.loads(reports[name].read_text()) for name in ("given", "both", "none"))
     assert given["other_domain"]["source"].startswith(str(other.resolve())) and len(given["other_domains"]) == 1
     # several texts in one run: each as it is alone, in the order given
@@ -56,12 +58,16 @@ def test_eval_refuses_other_texts_before_it_calibrates(tiny_llama_with_tokenizer
     text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(300)))
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"w{(i * 11) % 250 + 3}" for i in range(900)))
+    short = tmp_path / "short.txt"
+    short.write_text("w5")
     common = ["eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--head-map", "fit", "--fit-steps", "1", "--calib", calib]
     for options, message in (
         (["--other-text", tmp_path / "missing.txt"], "not found"),
         (["--other-text", calib], "also a calibration text"),
         (["--other-text", text, "--other-text", text], "given twice"),
         (["--other-text", text, "--other-text", "none"], "give it alone"),
+        (["--other-text", "default", "--other-text", other_domain_text_path()], "given twice (default is that file)"),
+        (["--other-text", short], "too few to score"),
     ):
         result = run_cli(*common, *options)
         assert result.exit_code == 2 and message in result.stderr, (options, result.stderr)
@@ -189,6 +195,8 @@ def test_eval_calibrates_on_every_calib_file(tiny_llama_with_tokenizer, tmp_path
     result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--head-map", "argmax",
                      "--calib", first, "--add-calib", first)
     assert result.exit_code == 2 and "already reads" in result.stderr
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--text", text, "--add-calib", second)  # identity maps read no calibration
+    assert result.exit_code == 2 and "--head-map identity does not read" in result.stderr
     result = run_cli("analyze", tiny_llama_with_tokenizer, "--calib", first, "--calib", second, "-o", tmp_path / "analysis")
     assert result.exit_code == 2 and "one --calib" in result.stderr
 

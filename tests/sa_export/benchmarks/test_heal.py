@@ -48,15 +48,15 @@ def test_a_row_gives_each_penalty_with_its_interval_and_its_fraction_of_identity
 
     import torch
 
-    base = torch.full((512,), 2.0, dtype=torch.float64)
+    base = torch.full((2048,), 2.0, dtype=torch.float64)
     identity = base + 0.4
-    fitted = base + torch.tensor([0.05, 0.15], dtype=torch.float64).repeat_interleave(128).repeat(2)  # blocks of 128 tokens: 0.1 more loss on average
+    fitted = base + torch.tensor([0.05, 0.15], dtype=torch.float64).repeat_interleave(512).repeat(2)  # blocks of 512 tokens: 0.1 more loss on average
     rows = []
     heal._report(rows, "26-29", "fit-2+lora", {"news": fitted}, {"news": base}, {"news": identity}, 12.0, 64)
     cell = rows[0]["texts"]["news"]
     assert cell["ppl"] == pytest.approx(math.exp(2.1))
     assert cell["penalty_percent"] == pytest.approx(100 * math.expm1(0.1))
     assert cell["of_identity"] == pytest.approx(math.expm1(0.1) / math.expm1(0.4))
-    error = 1.959963984540054 * 0.1 / math.sqrt(3) / 2  # the block means' standard deviation over the root of 4 blocks
-    assert cell["penalty_interval"] == pytest.approx({"low": math.expm1(0.1 - error), "high": math.expm1(0.1 + error), "confidence": 0.95, "blocks": 4, "block_tokens": 128})
-    assert "news 8.17 (+10.5% [+4.4 to +17.0], 0.21)" in capsys.readouterr().out
+    error = 3.18244630528 * 0.1 / math.sqrt(3) / 2  # t (3 degrees of freedom) times the block means' deviation over the root of 4 blocks
+    assert cell["penalty_interval"] == pytest.approx({"low": math.expm1(0.1 - error), "high": math.expm1(0.1 + error), "confidence": 0.95, "blocks": 4, "block_tokens": 512})
+    assert "news 8.17 (+10.5% [+0.8 to +21.2], 0.21)" in capsys.readouterr().out
