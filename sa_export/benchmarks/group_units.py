@@ -162,7 +162,7 @@ def main() -> None:
         ranked[unit] = sorted(cost[unit], key=cost[unit].get)
     searched_s = time.perf_counter() - started
     rows = []
-    print(f"\n{'KV saved':>8} {'unit':>9} {'maps':>8} " + " ".join(f"{name + ' penalty':>22}" for name in texts) + "  units")
+    print(f"\n{'KV saved':>8} {'unit':>9} {'maps':>8} " + " ".join(f"{name + ' penalty':>25}" for name in texts) + "  units")
     chosen_plans = named or [(unit, sorted(ranked[unit][: size * per_layer[unit]])) for size in sizes for unit in units]
     for unit, chosen in chosen_plans:
         plan, heads = unit_plan(chosen, stats, args.mode, num_layers, group_size)
@@ -183,7 +183,7 @@ def main() -> None:
                 "penalty_interval": {text: interval.to_json() if interval is not None else None for text, interval in intervals.items()},
             }
             rows.append(row)
-            cells = " ".join(f"{_penalty_cell(row['penalty'][text], intervals[text]):>22}" for text in texts)
+            cells = " ".join(f"{_penalty_cell(row['penalty'][text], intervals[text]):>25}" for text in texts)
             print(f"{100 * row['kv_fraction_saved']:>7.1f}% {unit:>9} {name:>8} {cells}  {label}", flush=True)
     print(f"\nsearch {searched_s:.0f} s, total {time.perf_counter() - started:.0f} s")
     if args.json:
