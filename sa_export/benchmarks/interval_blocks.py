@@ -40,7 +40,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens of each text")
     parser.add_argument("--blocks", default="32,64,128,256,512,1023", help="block lengths, comma-separated")
     args = parser.parse_args()
-    lengths = [int(n) for n in args.blocks.split(",")]
+    try:
+        lengths = [int(n) for n in args.blocks.split(",")]
+    except ValueError:
+        parser.error(f"--blocks takes comma-separated numbers of tokens, not {args.blocks!r}")
     if any(n < 1 or args.tokens // n < 2 for n in lengths):
         parser.error("every block length must be at least 1 and leave two blocks of --tokens")
     _, config, model, tokenizer = load_for_reference(args.model)
