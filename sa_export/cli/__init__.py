@@ -200,10 +200,12 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
 @click.option("--other-text", "other_texts", multiple=True,
               help="Frontier: text of another domain than every --calib; repeat it to report on several (default names the default text). "
               "[default: torch.nn.Module's Python source, or gensim's Wikipedia excerpt when that source is a --calib]")
+@click.option("--eval-tokens", type=click.IntRange(2), help="Frontier: tokens of each text the plans are judged on; more give narrower "
+              "95% intervals (blocks of 512 tokens) and take longer to judge. [default: 2048]")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @accept_keys_option
 @handle_errors
-def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, search_cost, max_penalty, other_texts, overwrite, accept_unknown_config_keys):
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, search_cost, max_penalty, other_texts, eval_tokens, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
     from sa_export.accuracy.analysis import AnalyzeRequest, analyze as run_analyze
@@ -212,6 +214,8 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
         out = Path(f"{Path(model).name}-analysis")
     if calib_file is not None and len(calib_file) > 1 and not frontier:
         raise UsageError("analyze's span search calibrates on one text: pass one --calib (several are for --frontier)")
+    if eval_tokens is not None and not frontier:
+        raise UsageError("--eval-tokens sets the text the frontier's plans are judged on; give it with --frontier")
     if calib_file is not None and len(calib_file) == 1:
         calib_file = calib_file[0]
     result = run_analyze(
@@ -219,7 +223,7 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
             model, out, calib_file, calib_tokens, share, kv_saving, head_map, candidates, overwrite=overwrite,
             accept_unknown_config_keys=accept_unknown_config_keys, frontier=frontier, max_shared=max_shared,
             max_penalty=max_penalty, other_texts=tuple(other_texts), search_pool=search_pool, search_cost=search_cost,
-            frontier_modes=tuple(mode.strip() for mode in frontier_maps.split(",") if mode.strip()),
+            eval_tokens=eval_tokens or AnalyzeRequest.eval_tokens, frontier_modes=tuple(mode.strip() for mode in frontier_maps.split(",") if mode.strip()),
         )
     )
     click.echo("\n".join(result.lines()))

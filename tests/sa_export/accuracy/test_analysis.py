@@ -88,7 +88,7 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     out = tmp_path / "analysis"
     result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "2", "--search-pool", "2",
                      "--frontier-maps", "mix-few", "--calib", first, "--calib", second, "--calib-tokens", "512", "--other-text", other,
-                     "--other-text", third, "--other-text", namesake, "--kv-saving", "0.15")
+                     "--other-text", third, "--other-text", namesake, "--kv-saving", "0.15", "--eval-tokens", "1024")
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads((out / "frontier.json").read_text())
     assert set(data["search"]["texts"]) == {"search:first.txt", "search:second.txt"} and data["search"]["pool"] == 2
@@ -101,6 +101,7 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
     judged = data["search"]["judged_texts"]
     assert str(other.resolve()) in judged["other-domain"]["source"] and str(third.resolve()) in judged["other-domain:third.txt"]["source"]
     assert str(namesake.resolve()) in judged["other-domain:third.txt (3)"]["source"]
+    assert judged["calib-domain"]["tokens"] == 1024  # --eval-tokens: the held-out head judged
     assert all(point["penalty"]["other-domain:third.txt (3)"] != point["penalty"]["other-domain:third.txt"] for point in data["points"])
     assert "plans on search:first.txt, search:second.txt" in result.output
     assert data["convert_command"].endswith(f" --head-map mix-few --calib {first} --calib {second} --calib-tokens 512")
@@ -113,7 +114,8 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
         options = [item for name in bad for item in ("--other-text", name)]
         refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", *options)
         assert refused.exit_code == 2 and message in refused.stderr and "loading" not in refused.stderr, (bad, refused.stderr)
-    refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--other-text", other)  # it judges the frontier's plans
-    assert refused.exit_code == 2 and "give it with --frontier" in refused.stderr and "loading" not in refused.stderr
+    for option in (["--other-text", other], ["--eval-tokens", "4096"]):  # both are about the frontier's judged texts
+        refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", *option)
+        assert refused.exit_code == 2 and "give it with --frontier" in refused.stderr and "loading" not in refused.stderr
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-maps", "identity,fit")
     assert refused.exit_code == 2 and "--frontier-maps identity,fit: choose among" in refused.stderr
