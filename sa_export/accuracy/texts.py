@@ -84,7 +84,7 @@ def other_domain_for(tokenizer, other_text, calibrated: list[Path], max_tokens: 
     the Wikipedia excerpt: a report's other domain is never one its calibration read."""
     if other_text is not None:
         return other_domain_tokens(tokenizer, other_text, max_tokens)
-    if other_domain_text_path().resolve() in calibrated:
+    if _default_reads_wiki(calibrated):
         return unseen_domain_tokens(tokenizer, None, max_tokens)
     return other_domain_tokens(tokenizer, None, max_tokens)
 
@@ -111,14 +111,16 @@ def other_text_files(other_texts, calibrated: list[Path]) -> list[str | None]:
         if len(names) > 1:
             raise UsageError("--other-text none skips the other domains; give it alone")
         return []
+    # What default stands for: no file given by path is the Wikipedia excerpt, which is read as articles.
+    default_file = "the Wikipedia excerpt" if _default_reads_wiki(calibrated) else other_domain_text_path().resolve()
     files, seen = [], set()
     for name in names:
         default = name.lower() == "default"
         if not default and not Path(name).is_file():
             raise UsageError(f"--other-text {name}: text file not found; pass an existing file")
-        key = _default_other_file(calibrated) if default else Path(name).resolve()
+        key = default_file if default else Path(name).resolve()
         if key in seen:
-            raise UsageError(f"--other-text {name} is given twice" + (" (default is that file)" if default or key == _default_other_file(calibrated) else ""))
+            raise UsageError(f"--other-text {name} is given twice" + (" (default is that file)" if key == default_file else ""))
         if key in calibrated:
             raise UsageError(f"--other-text {name} is also a calibration text; give text of a domain the calibration never reads")
         seen.add(key)
@@ -126,11 +128,9 @@ def other_text_files(other_texts, calibrated: list[Path]) -> list[str | None]:
     return files
 
 
-def _default_other_file(calibrated: list[Path]) -> Path | str:
-    """What ``default`` stands for: torch.nn.Module's source, or the Wikipedia excerpt
-    (read as articles, so no file given by path is that text) when the calibration reads it."""
-    source = other_domain_text_path().resolve()
-    return source if source not in calibrated else "the Wikipedia excerpt"
+def _default_reads_wiki(calibrated: list[Path]) -> bool:
+    """Whether the default other text is the Wikipedia excerpt: torch.nn.Module's source is a calibration text."""
+    return other_domain_text_path().resolve() in calibrated
 
 
 def unseen_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> TokenText:

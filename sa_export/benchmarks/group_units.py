@@ -177,9 +177,10 @@ def main() -> None:
             with adapters.active() if adapters is not None else contextlib.nullcontext():
                 nlls = {text: token_nlls(model, ids, WINDOW, fitted, shared_heads=heads) for text, ids in texts.items()}
             intervals = {text: penalty_interval(base_nlls[text], nlls[text]) for text in texts}
+            ppl = {text: perplexity_of(nlls[text]) for text in texts}
             row = {
                 "unit": unit, "maps": name, "kv_fraction_saved": _layers_worth(chosen, groups) / (2 * num_layers), "units": [list(c) for c in chosen],
-                "ppl": {text: perplexity_of(nlls[text]) for text in texts}, "penalty": {text: perplexity_of(nlls[text]) / base[text] - 1 for text in texts},
+                "ppl": ppl, "penalty": {text: ppl[text] / base[text] - 1 for text in texts},
                 "penalty_interval": {text: interval.to_json() if interval is not None else None for text, interval in intervals.items()},
             }
             rows.append(row)
@@ -197,7 +198,7 @@ def main() -> None:
 
 def _penalty_cell(penalty: float, interval) -> str:
     """'+3.1% [+2.0,+4.2]': the penalty and its 95% interval, in percent."""
-    return f"{100 * penalty:+.1f}%" + ("" if interval is None else f" [{100 * interval.low:+.1f},{100 * interval.high:+.1f}]")
+    return f"{100 * penalty:+.1f}%" + ("" if interval is None else f" {interval.brackets(',')}")
 
 
 def _named_plan(text: str) -> tuple[str, list[tuple[int, int | None]]]:

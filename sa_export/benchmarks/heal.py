@@ -192,6 +192,7 @@ def _report(rows: list, span: str, name: str, nlls: dict, base: dict, identity: 
     """Add and print one row: per text, perplexity, penalty with its 95% interval, and the
     fraction of identity's penalty; ``nlls``, ``base`` and ``identity`` map text to per-token losses."""
     row = {"span": span, "config": name, "fit_s": seconds, "adapter_parameters": parameters, "texts": {}}
+    cells = []
     for text, losses in nlls.items():
         value, base_ppl, identity_ppl = perplexity_of(losses), perplexity_of(base[text]), perplexity_of(identity[text])
         penalty = value - base_ppl
@@ -199,17 +200,11 @@ def _report(rows: list, span: str, name: str, nlls: dict, base: dict, identity: 
         interval = penalty_interval(base[text], losses)
         row["texts"][text] = {"ppl": value, "penalty_percent": 100 * penalty / base_ppl, "of_identity": of_identity,
                               "penalty_interval": interval.to_json() if interval is not None else None}
+        cells.append(f"{text} {value:.2f} ({100 * penalty / base_ppl:+.1f}%{'' if interval is None else ' ' + interval.brackets()}, "
+                     f"{'-' if of_identity is None else format(of_identity, '.2f')})")
     rows.append(row)
-    cells = "  ".join(
-        f"{text} {cell['ppl']:.2f} ({cell['penalty_percent']:+.1f}%{_interval_cell(cell['penalty_interval'])}, "
-        f"{'-' if cell['of_identity'] is None else format(cell['of_identity'], '.2f')})"
-        for text, cell in row["texts"].items()
-    )
-    print(f"{span} {name:>11}: {cells}  [{seconds:.0f} s]", flush=True)
+    print(f"{span} {name:>11}: {'  '.join(cells)}  [{seconds:.0f} s]", flush=True)
 
-
-def _interval_cell(interval: dict | None) -> str:
-    return "" if interval is None else f" [{100 * interval['low']:+.1f} to {100 * interval['high']:+.1f}]"
 
 if __name__ == "__main__":
     main()

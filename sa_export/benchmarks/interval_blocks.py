@@ -16,21 +16,12 @@ from __future__ import annotations
 import argparse
 import math
 
-import numpy as np
-from scipy import stats
-
 from sa_export.accuracy.evaluate import load_for_reference, token_nlls
+from sa_export.accuracy.intervals import block_error, half_width
 from sa_export.accuracy.texts import split_texts, unseen_domain_tokens
 from sa_export.core.plan import build_plan
 
 WINDOW = 1024
-
-
-def block_errors(differences: np.ndarray, block_tokens: int) -> tuple[int, float]:
-    """Blocks, and the standard error of the mean difference from their means."""
-    blocks = differences.size // block_tokens
-    means = differences[: blocks * block_tokens].reshape(blocks, block_tokens).mean(axis=1)
-    return blocks, float(means.std(ddof=1)) / math.sqrt(blocks)
 
 
 def main() -> None:
@@ -54,8 +45,8 @@ def main() -> None:
         differences = (token_nlls(model, ids, WINDOW, plan) - token_nlls(model, ids, WINDOW)).double().numpy()
         print(f"{name}: {differences.size} tokens, {args.span} identity penalty {100 * math.expm1(differences.mean()):+.1f}%", flush=True)
         for length in lengths:
-            blocks, error = block_errors(differences, length)
-            print(f"  blocks of {length:>5}: {blocks:>4}, standard error {error:.5f}, 95% half-width {error * stats.t.ppf(0.975, blocks - 1):.5f}", flush=True)
+            blocks, error = block_error(differences, length)
+            print(f"  blocks of {length:>5}: {blocks:>4}, standard error {error:.5f}, 95% half-width {half_width(blocks, error):.5f}", flush=True)
 
 
 if __name__ == "__main__":

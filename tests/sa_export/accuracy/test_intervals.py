@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from sa_export.accuracy.intervals import PenaltyInterval, penalty_interval
+from sa_export.accuracy.intervals import PenaltyInterval, block_error, penalty_interval
 
 
 def test_the_interval_is_the_batch_means_t_interval():
@@ -46,3 +46,11 @@ def test_blocks_shorter_than_the_passages_would_understate_the_error():
     short = penalty_interval(np.zeros(sa.size), sa, block_tokens=128)
     default = penalty_interval(np.zeros(sa.size), sa)
     assert default.block_tokens == 512 and (default.high - default.low) > 1.6 * (short.high - short.low)
+
+
+def test_the_error_of_blocks_is_the_deviation_of_their_means_over_the_root_of_their_number():
+    differences = np.array([0.1, 0.1, 0.3, 0.3, 0.1, 0.1, 0.3, 0.3, 0.5])  # the ninth is left over
+    blocks, error = block_error(differences, 2)
+    assert blocks == 4 and error == pytest.approx(math.sqrt(4 * 0.1**2 / 3) / 2)
+    assert block_error(differences, 4) == (2, pytest.approx(0.0))  # 0.2 and 0.2
+    assert PenaltyInterval(0.02, 0.042, 2, 4).brackets() == "[+2.0 to +4.2]"
