@@ -10,6 +10,7 @@ from graph_passes.fp32_softmax import Fp32SoftmaxPass
 from graph_passes.in_place_cache import InPlaceCachePass, writes_caches_in_place
 from graph_passes.sequences import DECOMPOSED, GROUP_QUERY_ATTENTION, graph_family, run_sequence, sharing_sequence
 from graph_passes.share_gqa import ShareGqaPass
+from graph_passes.share_kv_groups import SharePartOfLayerPass
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "InPlaceCachePass",
     "RewriteReport",
     "ShareGqaPass",
+    "SharePartOfLayerPass",
     "ShareProbabilitiesPass",
     "apply_sharing_plan",
     "cache_layers",

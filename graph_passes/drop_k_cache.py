@@ -11,7 +11,7 @@ from sa_export.core.plan import SharingPlan
 
 
 class DropKCachePass(ir.passes.InPlacePass):
-    """Drop ``present.N.key`` and ``past_key_values.N.key`` of every shared layer.
+    """Drop ``present.N.key`` and ``past_key_values.N.key`` of every wholly shared layer.
 
     The present output goes first, then dead nodes, then the past input, which must
     have no consumer left: a remaining one means part of the K path is still live.
@@ -23,7 +23,7 @@ class DropKCachePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        shared = set(self.plan.shared_layers)
+        shared = set(self.plan.whole_layers)  # a partly shared layer keeps part of it
         present = [v for v in graph.outputs if v.name in {present_name(n, "key") for n in shared}]
         for value in present:
             graph.outputs.remove(value)

@@ -25,10 +25,11 @@ from graph_passes.narrow_projections import (
     ShapeFromLiveSplitOutputPass,
 )
 from graph_passes.share_gqa import ShareGqaPass, find_gqa_layers, is_gqa_graph
+from graph_passes.share_kv_groups import SharePartOfLayerPass
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 from graph_passes.unfuse_attention import UnfuseAttentionPass
 from sa_export.core.cache_names import past_name
-from sa_export.core.errors import AttentionPatternError, SAExportError
+from sa_export.core.errors import AttentionPatternError, PlanError, SAExportError
 from sa_export.core.plan import SharingPlan
 
 DECOMPOSED = "decomposed"
@@ -59,14 +60,18 @@ class SharingSequence(ir.passes.PassManager):
         require_cache_for(model, self.plan.num_layers)
         self._io_before = io_types(model)
         if not is_gqa_graph(model.graph):
-            self._shared_blocks = [b for b in find_attention_blocks(model.graph) if self.plan.is_shared(b.layer)]
+            self._shared_blocks = [b for b in find_attention_blocks(model.graph) if b.layer in self.plan.whole_layers]
 
     def ensures(self, model: ir.Model) -> None:
         ensure_full_io_types(model, self._io_before)
-        inputs = {v.name for v in model.graph.inputs}
-        for layer in self.plan.shared_layers:
+        inputs = {v.name: v for v in model.graph.inputs}
+        for layer in self.plan.whole_layers:
             if past_name(layer, "key") in inputs:
                 raise AttentionPatternError(layer, "the shared layer still has its K cache after the rewrite")
+        for layer in self.plan.shared_groups:
+            past = inputs.get(past_name(layer, "key"))
+            if past is None or past.shape[1] != len(self.plan.kept_groups(layer)):
+                raise AttentionPatternError(layer, f"the partly shared layer's K cache does not hold its {len(self.plan.kept_groups(layer))} kept KV groups")
         remaining = set(map(id, model.graph))
         for block in self._shared_blocks:
             for node in (block.scores_matmul, block.softmax):
@@ -102,6 +107,10 @@ def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32", in
     """The passes that apply ``plan`` to a graph of ``family`` in ``precision``; with
     ``in_place_cache`` (decomposed family) the caches become buffers written by TensorScatter."""
     if family == GROUP_QUERY_ATTENTION:
+        if plan.shared_groups:
+            raise PlanError(
+                "sharing part of a layer (a KV group, L.G) needs the decomposed graph: convert with --exporter dynamo"
+            )
         # The rewrite adds many small constants (indices, shapes), often equal; ONNX Runtime
         # holds each initializer of a loaded session on its own (about 2 KB each).
         return SharingSequence([ShareGqaPass(plan), RemoveUnusedNodesPass(), DeduplicateInitializersPass()], plan)
@@ -110,6 +119,7 @@ def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32", in
         passes.append(Fp32SoftmaxPass())  # after unfusing, so that every Softmax is found
     passes += [
         ShareProbabilitiesPass(plan),
+        SharePartOfLayerPass(plan),
         DropKCachePass(plan),
         RemoveUnusedNodesPass(),
         ShapeFromLiveSplitOutputPass(),

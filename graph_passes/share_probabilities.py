@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 
@@ -25,30 +27,37 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         blocks = {block.layer: block for block in find_attention_blocks(model.graph)}
         modified = False
-        for layer, anchor in sorted(self.plan.anchors.items()):
+        for layer in self.plan.whole_layers:  # partly shared layers: share_kv_groups
             if layer not in blocks:
                 raise AttentionPatternError(layer, "no attention block found for this shared layer")
-            head_map = self.plan.head_map(layer)
-            for source in self.plan.sources_of(layer):
-                if source not in blocks:
-                    raise AttentionPatternError(source, f"layer {layer} reads this layer's probabilities, but it has no attention block (is it shared itself?)")
             context = blocks[layer].context_matmul
-            if head_map is None:
-                source = blocks[anchor].probs
-            else:
-                source = _mixed_probs(model.graph, {l: b.probs for l, b in blocks.items()}, layer, head_map, context)
-            context.replace_input_with(0, source)
+            context.replace_input_with(0, borrowed_probs(model.graph, blocks, self.plan, layer, context))
             modified = True
         return ir.passes.PassResult(model, modified)
 
 
-def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_map: HeadMap, before: ir.Node) -> ir.Value:
-    """Probabilities for a shared layer under a head map.
+def borrowed_probs(graph: ir.Graph, blocks: dict, plan: SharingPlan, layer: int, before: ir.Node, rows: Sequence[int] | None = None) -> ir.Value:
+    """The probabilities shared ``layer`` borrows, inserted before ``before``: the anchor's, or
+    its head map's; ``rows``: only those heads' (a partly shared layer's borrowed heads)."""
+    head_map = plan.head_map(layer)
+    for source in plan.sources_of(layer):
+        if source not in blocks:
+            raise AttentionPatternError(source, f"layer {layer} reads this layer's probabilities, but it has no attention block (is it shared itself?)")
+    if head_map is None and rows is None:
+        return blocks[plan.anchors[layer]].probs
+    if head_map is None:  # the same heads of the anchor (rows are only given for a partly shared layer)
+        head_map = HeadMap.from_anchor_heads(plan.anchors[layer], range(plan.kv_heads * plan.heads_per_group))
+    return _mixed_probs(graph, {l: b.probs for l, b in blocks.items()}, layer, head_map, before, rows)
+
+
+def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_map: HeadMap, before: ir.Node, rows: Sequence[int] | None = None) -> ir.Value:
+    """Probabilities for a shared layer under a head map (of its heads ``rows``, default all).
 
     Concat of the source layers' probabilities on the head axis (when more than one),
     then a Gather with [heads] indices (one source per head) or a MatMul by the
     [heads, sources] mixture matrix (a convex mixture).
     """
+    rows = list(range(head_map.num_heads)) if rows is None else list(rows)
     layers = head_map.layers
     first = probs[layers[0]]
     heads = head_map.num_heads
@@ -64,7 +73,7 @@ def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_m
     else:
         stacked = first
     if head_map.width == 1:
-        index = np.asarray([layers.index(l) * heads + h for ((l, h),) in head_map.sources], dtype=np.int64)
+        index = np.asarray([layers.index(l) * heads + h for ((l, h),) in (head_map.sources[r] for r in rows)], dtype=np.int64)
         gather = ir.node("Gather", [stacked, add_initializer(graph, f"{prefix}.head_sources", index)], attributes={"axis": 1}, name=f"{prefix}.gather_heads")
         nodes.append(gather)
         result = gather.outputs[0]
@@ -72,13 +81,21 @@ def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_m
         # A convex mixture is a [heads, sources] matrix applied on the head axis: one MatMul
         # over [batch, sources, S*T], with no [heads, k, S, T] intermediate.
         dtype = first.dtype.numpy() if first.dtype is not None else np.float32
-        matrix = mixture_matrix([head_map], layers, heads, dtype)
+        matrix = mixture_matrix([head_map], layers, heads, dtype)[rows]
         flat_shape = add_initializer(graph, f"{prefix}.flat_shape", np.asarray([0, len(layers) * heads, -1], dtype=np.int64))
         flat = ir.node("Reshape", [stacked, flat_shape], name=f"{prefix}.flatten_sources")
         mix = ir.node("MatMul", [add_initializer(graph, f"{prefix}.head_mixture", matrix), flat.outputs[0]], name=f"{prefix}.mix_sources")
-        shape = ir.node("Shape", [first], name=f"{prefix}.probs_shape")
+        if len(rows) == heads:
+            shape = ir.node("Shape", [first], name=f"{prefix}.probs_shape")
+            nodes.append(shape)
+        else:  # [batch, rows, S, T]: the sources' shape with the rows' head count
+            batch = ir.node("Shape", [first], attributes={"start": 0, "end": 1}, name=f"{prefix}.probs_batch")
+            tail = ir.node("Shape", [first], attributes={"start": 2}, name=f"{prefix}.probs_tail")
+            count = add_initializer(graph, f"{prefix}.rows", np.asarray([len(rows)], dtype=np.int64))
+            shape = ir.node("Concat", [batch.outputs[0], count, tail.outputs[0]], attributes={"axis": 0}, name=f"{prefix}.probs_shape")
+            nodes += [batch, tail, shape]
         unflat = ir.node("Reshape", [mix.outputs[0], shape.outputs[0]], name=f"{prefix}.unflatten")
-        nodes += [flat, mix, shape, unflat]
+        nodes += [flat, mix, unflat]
         result = unflat.outputs[0]
     result.name = f"{prefix}.probs"
     if first.type is not None:

@@ -30,7 +30,7 @@ class Profile:
 
 
 def profiles_for(manifest: Manifest, max_batch: int, max_context: int, max_prefill: int) -> list[Profile]:
-    kv, head_dim = manifest.cache.num_kv_heads, manifest.cache.head_dim
+    head_dim = manifest.cache.head_dim
     past_inputs = [past for layer in manifest.layout for past, _ in layer.pairs()]
     token_inputs = [n for n in ("input_ids", "position_ids") if n in manifest.io]
     opt_batch = 1
@@ -44,9 +44,11 @@ def profiles_for(manifest: Manifest, max_batch: int, max_context: int, max_prefi
         # In-place buffers hold the capacity in every step; the mask says how much is filled.
         capacity = manifest.cache.max_length or max_context
         for name in past_inputs:
+            kv = manifest.cache.kv_heads_of(name)
             prefill[name] = decode[name] = ShapeRange((1, kv, capacity, head_dim), (opt_batch, kv, capacity, head_dim), (max_batch, kv, capacity, head_dim))
         return [Profile("prefill", prefill), Profile("decode", decode)]
     for name in past_inputs:
+        kv = manifest.cache.kv_heads_of(name)  # a partly shared layer's K cache keeps fewer
         prefill[name] = ShapeRange((1, kv, 0, head_dim), (opt_batch, kv, 0, head_dim), (max_batch, kv, 0, head_dim))
         decode[name] = ShapeRange((1, kv, 1, head_dim), (opt_batch, kv, decode_opt, head_dim), (max_batch, kv, max_context - 1, head_dim))
     return [Profile("prefill", prefill), Profile("decode", decode)]

@@ -12,6 +12,7 @@ from sa_export.accuracy.calibration import FIT_START, FITTED_MODES, AttentionSta
 from sa_export.accuracy.output_maps import output_errors, output_head_maps
 from sa_export.accuracy.distill import FIT_STEPS, default_fit_steps, fit_maps_and_temperatures
 from sa_export.accuracy.layer_inputs import LayerInputs, first_changed_layer
+from sa_export.core.architectures import ModelShape
 from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
 from sa_export.core.plan import SharingPlan, build_plan
@@ -241,7 +242,7 @@ def calibrated_plan(
 def evaluate(request: EvalRequest) -> EvalResult:
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     kinds = getattr(config, "layer_types", None)
-    plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force)
+    plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force, **ModelShape.from_config(config).head_groups)
     calib_files = calib_files_for(request.calib_file, request.lora_rank)
     evaluation, calibration = split_texts(tokenizer, request.text_file, calib_files, request.max_tokens, calib_tokens_for(request.calib_tokens, request.lora_rank))
     if len(evaluation.ids) < 2:

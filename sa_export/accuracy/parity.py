@@ -80,8 +80,12 @@ class _Reference:
         return out.logits.float().numpy(), out.past_key_values
 
 
-def _cache_tensor(cache, layer: int, kind: str) -> np.ndarray:
+def _cache_tensor(cache, layer: int, kind: str, plan: SharingPlan) -> np.ndarray:
+    """The reference's cache of one layer, as the graph keeps it: a partly shared layer's K
+    cache holds the KV groups it keeps (the reference computes every group's)."""
     keys, values = cache.layers[layer].keys, cache.layers[layer].values
+    if kind == "key" and plan.is_partly_shared(layer):
+        keys = keys[:, list(plan.kept_groups(layer))]
     return (keys if kind == "key" else values).float().numpy()
 
 
@@ -118,7 +122,7 @@ def run_parity(
                 if name is not None:
                     # Cache entries at padded positions are never read; compare the real ones.
                     actual = outputs[name].transpose(0, 2, 1, 3)[real]
-                    expected = _cache_tensor(cache, layer.layer, kind).transpose(0, 2, 1, 3)[real]
+                    expected = _cache_tensor(cache, layer.layer, kind, plan).transpose(0, 2, 1, 3)[real]
                     comparisons.append(
                         OutputComparison.of(f"{case.name}/prefill/{name}", actual, expected, tolerance.cache_atol, tolerance.min_cosine)
                     )

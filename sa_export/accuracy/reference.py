@@ -98,7 +98,7 @@ class _SharingState:
         self.plan = plan
         self.weights = weights or {}
         self.log_temperatures = log_temperatures or {}
-        self.shared_heads = shared_heads or {}
+        self.shared_heads = {**plan.shared_heads, **(shared_heads or {})}  # the plan's partly shared layers, unless told
         self.anchor_layers = set(plan.anchor_layers)
         self.probs: dict[int, torch.Tensor] = {}
 

@@ -51,6 +51,11 @@ class ModelShape:
         kinds = getattr(config, "layer_types", None) or ["full_attention"] * layers
         return cls(config.model_type, layers, heads, kv_heads, head_dim, config.hidden_size, tuple(kinds))
 
+    @property
+    def head_groups(self) -> dict[str, int]:
+        """How the query heads fall into KV groups, as ``build_plan`` takes them (``**shape.head_groups``)."""
+        return {"kv_heads": self.num_kv_heads, "num_heads": self.num_heads}
+
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int = 4) -> int:
         """Bytes of one token's K (or V) cache in one layer."""
         return self.num_kv_heads * self.head_dim * dtype_bytes

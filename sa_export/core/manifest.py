@@ -36,6 +36,7 @@ class LayerCache:
     key_output: str | None
     value_input: str | None
     value_output: str | None
+    key_heads: int | None = None  # a partly shared layer's K cache: the KV groups it keeps; None: all
 
     @property
     def has_key(self) -> bool:
@@ -55,7 +56,7 @@ class LayerCache:
         return pairs
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "layer": self.layer,
             "k_cache": self.has_key,
             "v_cache": self.has_value,
@@ -64,10 +65,13 @@ class LayerCache:
             "value_input": self.value_input,
             "value_output": self.value_output,
         }
+        if self.key_heads is not None:
+            data["key_heads"] = self.key_heads
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> LayerCache:
-        return cls(data["layer"], data["key_input"], data["key_output"], data["value_input"], data["value_output"])
+        return cls(data["layer"], data["key_input"], data["key_output"], data["value_input"], data["value_output"], data.get("key_heads"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +83,10 @@ class KVSavings:
 
     @classmethod
     def of(cls, layers: list[LayerCache], num_kv_heads: int, head_dim: int, dtype: str) -> KVSavings:
-        per_tensor = num_kv_heads * head_dim * itemsize(dtype)
-        base = 2 * len(layers) * per_tensor
-        sa = sum(per_tensor * (layer.has_key + layer.has_value) for layer in layers)
+        per_head = head_dim * itemsize(dtype)
+        base = 2 * len(layers) * num_kv_heads * per_head
+        key_heads = [layer.key_heads if layer.key_heads is not None else num_kv_heads for layer in layers]
+        sa = sum(per_head * (heads * layer.has_key + num_kv_heads * layer.has_value) for layer, heads in zip(layers, key_heads))
         return cls(base, sa, base - sa, round((base - sa) / base, 6) if base else 0.0)
 
 
@@ -101,6 +106,17 @@ class CacheInfo:
     @property
     def itemsize(self) -> int:
         return itemsize(self.dtype)
+
+    def key_share(self, layer: LayerCache) -> float:
+        """How much of its K cache (and of the Q K^T a step computes) a layer keeps: 1, none, or
+        for a partly shared layer the share of its KV groups it keeps."""
+        if not layer.has_key:
+            return 0.0
+        return 1.0 if layer.key_heads is None else layer.key_heads / self.num_kv_heads
+
+    def kv_heads_of(self, past: str) -> int:
+        """KV heads of one cache input: a partly shared layer's K cache holds only the groups it keeps."""
+        return next((l.key_heads for l in self.layers if l.key_input == past and l.key_heads is not None), self.num_kv_heads)
 
     def to_json(self) -> dict:
         data = {

@@ -15,6 +15,7 @@ import numpy as np
 from sa_export.core.errors import PlanError
 
 _SPAN_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_GROUP_RE = re.compile(r"^\s*(\d+)\.(\d+)\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Span:
     def parse(cls, text: str) -> Span:
         match = _SPAN_RE.match(text)
         if not match:
-            raise PlanError(f"span {text!r} is not of the form A-B (for example --span 23-26)")
+            raise PlanError(f"span {text!r} is not of the form A-B (for example --span 23-26) or L.G (KV group G of layer L)")
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
         if end < start:
@@ -39,6 +40,29 @@ class Span:
 
     def __str__(self) -> str:
         return f"{self.start}-{self.end}"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class KvGroup:
+    """One KV group of one layer (``--span 26.1``): the query heads that read one KV head.
+    Its K cache can go when every one of those heads borrows its probabilities."""
+
+    layer: int
+    group: int
+
+    @classmethod
+    def parse(cls, text: str) -> KvGroup | None:
+        """The group ``text`` names (L.G), or None when it is not of that form."""
+        match = _GROUP_RE.match(text)
+        return cls(int(match.group(1)), int(match.group(2))) if match else None
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.group}"
+
+
+def parse_span(text: str) -> Span | KvGroup:
+    """A span A-B (or A) of whole layers, or one KV group L.G."""
+    return KvGroup.parse(text) or Span.parse(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +111,48 @@ class HeadMap:
 
 @dataclasses.dataclass(frozen=True)
 class SharingPlan:
-    """Anchor of every shared layer, and the optional per-head map into the anchor."""
+    """Anchor of every shared layer, and the optional per-head map into the anchor.
+
+    A layer in ``shared_groups`` is shared in part: only the query heads of those KV groups
+    borrow, the others keep their own attention, and its K cache keeps the other groups'
+    heads. ``kv_heads`` and ``heads_per_group`` (the model's) are set when any layer is."""
 
     num_layers: int
     anchors: Mapping[int, int]  # shared layer -> anchor layer
     head_maps: Mapping[int, HeadMap] = dataclasses.field(default_factory=dict)
+    shared_groups: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    kv_heads: int = 0
+    heads_per_group: int = 0
 
     @property
     def shared_layers(self) -> tuple[int, ...]:
+        """Every layer that borrows probabilities, in whole or in part."""
         return tuple(sorted(self.anchors))
+
+    @property
+    def whole_layers(self) -> tuple[int, ...]:
+        """The shared layers that lose their whole K cache."""
+        return tuple(layer for layer in self.shared_layers if layer not in self.shared_groups)
+
+    def is_partly_shared(self, layer: int) -> bool:
+        return layer in self.shared_groups
+
+    def borrowed_heads(self, layer: int) -> tuple[int, ...] | None:
+        """The query heads of a partly shared layer that borrow; None for a whole layer."""
+        groups = self.shared_groups.get(layer)
+        if groups is None:
+            return None
+        return tuple(g * self.heads_per_group + h for g in groups for h in range(self.heads_per_group))
+
+    def kept_groups(self, layer: int) -> tuple[int, ...]:
+        """The KV groups whose K cache a partly shared layer keeps."""
+        shared = set(self.shared_groups.get(layer, ()))
+        return tuple(g for g in range(self.kv_heads) if g not in shared)
+
+    @property
+    def shared_heads(self) -> dict[int, tuple[int, ...]]:
+        """Borrowed heads of every partly shared layer (the reference's ``shared_heads``)."""
+        return {layer: self.borrowed_heads(layer) for layer in sorted(self.shared_groups)}
 
     @property
     def anchor_layers(self) -> tuple[int, ...]:
@@ -107,8 +164,10 @@ class SharingPlan:
 
     @property
     def kv_fraction_saved(self) -> float:
-        """Share of the KV cache that sharing removes: one K cache of every shared layer (all layers alike)."""
-        return kv_fraction_saved(len(self.anchors), self.num_layers)
+        """Share of the KV cache that sharing removes: one K cache of every shared layer (all layers
+        alike), and of a partly shared layer the share of its K cache its shared groups hold."""
+        partial = sum(len(groups) / self.kv_heads for groups in self.shared_groups.values())
+        return kv_fraction_saved(len(self.whole_layers) + partial, self.num_layers)
 
     def is_shared(self, layer: int) -> bool:
         return layer in self.anchors
@@ -140,11 +199,15 @@ class SharingPlan:
         return "calibrated"
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "num_layers": self.num_layers,
             "shared": {str(k): v for k, v in sorted(self.anchors.items())},
             "head_maps": {str(k): v.to_json() for k, v in sorted(self.head_maps.items())},
         }
+        if self.shared_groups:  # written only when used, so whole-layer plans read as before
+            data["shared_groups"] = {str(k): list(v) for k, v in sorted(self.shared_groups.items())}
+            data["kv_heads"], data["heads_per_group"] = self.kv_heads, self.heads_per_group
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping) -> SharingPlan:
@@ -152,13 +215,16 @@ class SharingPlan:
             num_layers=int(data["num_layers"]),
             anchors={int(k): int(v) for k, v in data["shared"].items()},
             head_maps={int(k): HeadMap.from_json(v) for k, v in data.get("head_maps", {}).items()},
+            shared_groups={int(k): tuple(int(g) for g in v) for k, v in data.get("shared_groups", {}).items()},
+            kv_heads=int(data.get("kv_heads", 0)),
+            heads_per_group=int(data.get("heads_per_group", 0)),
         )
 
     def describe(self) -> str:
         groups: dict[int, list[int]] = {}
         for layer, anchor in sorted(self.anchors.items()):
             groups.setdefault(anchor, []).append(layer)
-        parts = [f"layers {_compact(ls)} <- anchor {a}" for a, ls in sorted(groups.items())]
+        parts = [f"layers {', '.join(self._describe_layers(ls))} <- anchor {a}" for a, ls in sorted(groups.items())]
         mapped = [self.head_map(layer) for layer in self.anchors]
         mapped = [m for m in mapped if m is not None]
         if mapped:
@@ -166,8 +232,18 @@ class SharingPlan:
             parts.append(f"head maps on {len(mapped)} layers ({width} source head{'s' if width > 1 else ''} each)")
         return "; ".join(parts)
 
+    def _describe_layers(self, layers: Sequence[int]) -> list[str]:
+        """``23-26``; with partly shared layers, runs of whole ones and each partial one's
+        groups: ``25, 26.0+1, 28``."""
+        if not any(self.is_partly_shared(layer) for layer in layers):
+            return [_compact(layers)]
+        whole = [layer for layer in layers if not self.is_partly_shared(layer)]
+        named = {run[0]: _compact(run) for run in consecutive_runs(whole)}
+        named.update({layer: f"{layer}." + "+".join(map(str, self.shared_groups[layer])) for layer in layers if self.is_partly_shared(layer)})
+        return [named[first] for first in sorted(named)]
 
-def kv_fraction_saved(shared_layers: int, num_layers: int) -> float:
+
+def kv_fraction_saved(shared_layers: float, num_layers: int) -> float:
     return shared_layers / (2 * num_layers)
 
 
@@ -198,11 +274,13 @@ def _compact(layers: Sequence[int]) -> str:
 
 
 def build_plan(
-    spans: Sequence[str | Span],
+    spans: Sequence[str | Span | KvGroup],
     num_layers: int,
     anchors: Sequence[int] = (),
     layer_kinds: Sequence[str] | None = None,
     force: bool = False,
+    kv_heads: int = 0,
+    num_heads: int = 0,
 ) -> SharingPlan:
     """Validate spans and anchors against a model with ``num_layers`` layers.
 
@@ -210,8 +288,42 @@ def build_plan(
     anchor for every span, or one anchor per span in order. ``layer_kinds`` names the
     attention kind of each layer (for example "full_attention" / "sliding_attention");
     a shared layer whose kind differs from its anchor's is refused unless ``force``.
+    A span may also name one KV group (``26.1``: ``kv_heads`` and ``num_heads`` say how
+    the model's heads fall into groups); the groups of one layer together count as one
+    span of that layer, and a layer all of whose groups are named is shared whole.
     """
-    parsed = [s if isinstance(s, Span) else Span.parse(s) for s in spans]
+    items = [s if isinstance(s, (Span, KvGroup)) else parse_span(s) for s in spans]
+    groups = _groups_by_layer([i for i in items if isinstance(i, KvGroup)], num_layers, kv_heads, num_heads)
+    if groups and len(anchors) > 1:
+        raise PlanError("with KV groups (L.G), give --anchor once for all spans or not at all")
+    spans = [i for i in items if isinstance(i, Span)] + [Span(layer, layer) for layer in groups]
+    partial = {layer: g for layer, g in groups.items() if len(g) < kv_heads}
+    plan = _build_whole_plan(spans, num_layers, anchors, layer_kinds, force)
+    if not partial:
+        return plan
+    return dataclasses.replace(plan, shared_groups=partial, kv_heads=kv_heads, heads_per_group=num_heads // kv_heads)
+
+
+def _groups_by_layer(groups: Sequence[KvGroup], num_layers: int, kv_heads: int, num_heads: int) -> dict[int, tuple[int, ...]]:
+    """The KV groups named for each layer, checked against the model."""
+    if groups and (kv_heads <= 0 or num_heads <= 0 or num_heads % kv_heads):
+        raise PlanError(f"--span {groups[0]} names a KV group, but this model's KV heads are not known here; share whole layers")
+    by_layer: dict[int, set[int]] = {}
+    for item in groups:
+        if item.group >= kv_heads:
+            raise PlanError(f"--span {item}: layer {item.layer} has {kv_heads} KV groups (0-{kv_heads - 1})")
+        if item.layer >= num_layers:
+            raise PlanError(f"--span {item} is out of range: the model has {num_layers} layers (0-{num_layers - 1})")
+        if item.group in by_layer.get(item.layer, ()):
+            raise PlanError(f"--span {item} is given twice")
+        by_layer.setdefault(item.layer, set()).add(item.group)
+    return {layer: tuple(sorted(g)) for layer, g in sorted(by_layer.items())}
+
+
+def _build_whole_plan(
+    spans: Sequence[Span], num_layers: int, anchors: Sequence[int], layer_kinds: Sequence[str] | None, force: bool
+) -> SharingPlan:
+    parsed = list(spans)
     if not parsed:
         raise PlanError("no --span given; name the layers to share, for example --span 23-26")
     last = num_layers - 1

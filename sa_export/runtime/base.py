@@ -35,7 +35,7 @@ class ManifestModel:
         self.out_dir = Path(out_dir)
         self.manifest = Manifest.read(self.out_dir)
         self.layout: tuple[LayerCache, ...] = self.manifest.layout
-        cache = self.manifest.cache
+        cache = self.cache_info = self.manifest.cache
         self.cache_dtype = NUMPY_DTYPES[cache.dtype]
         self.num_kv_heads = cache.num_kv_heads
         self.head_dim = cache.head_dim
@@ -52,8 +52,10 @@ class ManifestModel:
             if self.max_length and capacity > self.max_length:
                 raise UsageError(f"{capacity} positions exceed the model's max_length {self.max_length}")
         length = capacity if self.shared_buffer else 0
-        shape = (batch, self.num_kv_heads, length, self.head_dim)
-        return {past: np.zeros(shape, self.cache_dtype) for layer in self.layout for past, _ in layer.pairs()}
+        return {
+            past: np.zeros((batch, self.cache_info.kv_heads_of(past), length, self.head_dim), self.cache_dtype)
+            for layer in self.layout for past, _ in layer.pairs()
+        }
 
     def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **cache}

@@ -56,15 +56,16 @@ def decode_step_cost(manifest: Manifest, weight_bytes: int, context: int, batch:
     plus Q K^T (layers that compute attention) and probs @ V (every layer)."""
     cache = manifest.cache
     per_token = cache.savings.bytes_per_token_sa
-    attention_layers = sum(1 for layer in cache.layers if layer.has_key)
+    attention_layers = sum(cache.key_share(layer) for layer in cache.layers)
     flops = batch * (2 * weight_bytes / WEIGHT_BYTES_PER_PARAMETER[manifest.precision] + 2 * _num_heads(manifest) * cache.head_dim * context * (attention_layers + manifest.num_layers))
     return StepCost(weight_bytes, batch * context * per_token, flops)
 
 
 def qk_projection_bytes(manifest: Manifest) -> int:
-    """Bytes of the Q and K projection weights that sharing removes (layers without a K cache)."""
+    """Bytes of the Q and K projection weights that sharing removes (layers without a K cache,
+    and the shared KV groups' share of a partly shared layer's)."""
     cache = manifest.cache
-    shared = sum(1 for layer in cache.layers if not layer.has_key)
+    shared = sum(1 - cache.key_share(layer) for layer in cache.layers)
     heads = _num_heads(manifest)
     hidden = manifest.model.hidden_size if manifest.model else heads * cache.head_dim
     return int(shared * hidden * (heads + cache.num_kv_heads) * cache.head_dim * WEIGHT_BYTES_PER_PARAMETER[manifest.precision])

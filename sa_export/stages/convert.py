@@ -12,7 +12,8 @@ from sa_export.accuracy.compare import ParityReport
 from sa_export.core.atomic import atomic_directory, refuse_existing
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import Manifest
-from sa_export.core.plan import SharingPlan, Span, build_plan
+from sa_export.core.architectures import ModelShape
+from sa_export.core.plan import KvGroup, SharingPlan, build_plan, parse_span
 from sa_export.core.progress import console, step
 from sa_export.export import AUTO, DEFAULT_EXPORTER as DYNAMO, Exporter, ExportOptions, choose_exporter, get_exporter
 from sa_export.export.onnx_io import load_onnx, save_onnx
@@ -145,8 +146,9 @@ def validate(request: ConvertRequest) -> _Validated:
     refuse_existing(Path(request.out), request.overwrite)
     if request.unshared and request.spans:
         raise UsageError("an unshared conversion takes no --span")
-    for span in request.spans:
-        Span.parse(span)  # fail on a malformed span before loading anything
+    groups = [item for item in map(parse_span, request.spans) if isinstance(item, KvGroup)]  # fails on a malformed span early
+    if groups and request.exporter not in (AUTO, DYNAMO):
+        raise UsageError(f"--span {groups[0]} shares part of a layer, which only the decomposed graph can: use --exporter dynamo")
     source = resolve_model(request.model)
     reference = reference_source(request, source)
     if source.kind == "onnx" and reference is None and request.check:
@@ -165,6 +167,8 @@ def validate(request: ConvertRequest) -> _Validated:
     why = None  # the reason of an automatic choice, said when the export starts
     if request.exporter == AUTO and (source.kind != "hf" or request.opset is not None):
         exporter = get_exporter(DYNAMO)  # an ONNX input is not exported; --opset asks for the dynamo export
+    elif request.exporter == AUTO and groups:
+        exporter, why = get_exporter(DYNAMO), f"--span {groups[0]} shares part of a layer, which only the decomposed graph can"
     elif request.exporter == AUTO:
         exporter, why = choose_exporter(config, target, source, precision)
     else:
@@ -195,7 +199,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
     if request.unshared:
         plan = SharingPlan(num_layers, {})
     else:
-        plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force)
+        groups = ModelShape.from_config(config).head_groups if config is not None else {}
+        plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force, **groups)
     if config is not None and config.num_hidden_layers != num_layers:
         raise UsageError(f"--reference has {config.num_hidden_layers} layers but the ONNX graph has {num_layers}")
 

@@ -20,6 +20,7 @@ ONNX_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.
 def cache_layout(graph: ir.Graph, num_layers: int) -> tuple[LayerCache, ...]:
     inputs = cache_layers(graph)
     outputs = {v.name for v in graph.outputs}
+    heads = {v.name: v.shape[1] for v in graph.inputs if v.shape is not None and len(v.shape) == 4}
     layout = []
     for layer in range(num_layers):
         names = inputs.get(layer, {})
@@ -28,7 +29,10 @@ def cache_layout(graph: ir.Graph, num_layers: int) -> tuple[LayerCache, ...]:
             name = present_name(layer, kind)
             return name if kind in names and name in outputs else None
 
-        layout.append(LayerCache(layer, names.get("key"), present("key"), names.get("value"), present("value")))
+        key, value = names.get("key"), names.get("value")
+        # A K cache narrower than the V cache: a partly shared layer's, which keeps some KV groups.
+        narrower = key is not None and value is not None and heads.get(key) != heads.get(value)
+        layout.append(LayerCache(layer, key, present("key"), value, present("value"), heads[key] if narrower else None))
     return tuple(layout)
 
 

@@ -92,7 +92,8 @@ def decode_step_ms(out_dir: Path, context: int, steps: int) -> float:
             buffers.append(array)
     for layer in manifest.layout:
         for past, present in layer.pairs():
-            shape = (1, cache.num_kv_heads, past_length, cache.head_dim)
+            heads = cache.kv_heads_of(past)
+            shape = (1, heads, past_length, cache.head_dim)
             past_buffer = cuda.DeviceArray(shape=shape, dtype=NUMPY_DTYPES[cache.dtype])
             execution.set_input_shape(past, shape)
             execution.set_tensor_address(past, past_buffer.ptr)
@@ -100,7 +101,7 @@ def decode_step_ms(out_dir: Path, context: int, steps: int) -> float:
             if in_place:
                 execution.set_tensor_address(present, past_buffer.ptr)  # the same buffer, written in place
             else:
-                present_buffer = cuda.DeviceArray(shape=(1, cache.num_kv_heads, context, cache.head_dim), dtype=NUMPY_DTYPES[cache.dtype])
+                present_buffer = cuda.DeviceArray(shape=(1, heads, context, cache.head_dim), dtype=NUMPY_DTYPES[cache.dtype])
                 execution.set_tensor_address(present, present_buffer.ptr)
                 buffers.append(present_buffer)
     logits = cuda.DeviceArray(shape=(1, 1, manifest.model.vocab_size), dtype=NUMPY_DTYPES[manifest.io["logits"]])

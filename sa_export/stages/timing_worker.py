@@ -31,7 +31,7 @@ def decode_inputs(model, batch: int, context: int, seed: int):
     cache = model.empty_cache(batch, context)
     length = context if model.shared_buffer else context - 1
     for name in cache:
-        cache[name] = rng.standard_normal((batch, model.num_kv_heads, length, model.head_dim)).astype(model.cache_dtype)
+        cache[name] = rng.standard_normal((batch, cache[name].shape[1], length, model.head_dim)).astype(model.cache_dtype)
     ids = rng.integers(0, 100, (batch, 1))
     mask = np.ones((batch, context), np.int64)
     return ids, mask, cache

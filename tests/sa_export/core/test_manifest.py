@@ -50,3 +50,22 @@ def test_a_changed_artifact_is_refused(converted_tiny_llama, tmp_path):
     (copy / "tokenizer.json").write_text("{}")
     with pytest.raises(ManifestError, match="sha256"):
         Manifest.read(copy).verify_artifacts(copy)
+
+
+def test_a_partly_shared_layer_has_a_narrower_k_cache():
+    from sa_export.core.manifest import CacheInfo, KVSavings, LayerCache
+
+    layers = [
+        LayerCache(0, "k0", "pk0", "v0", "pv0"),
+        LayerCache(1, "k1", "pk1", "v1", "pv1", key_heads=1),  # one of 3 KV groups kept
+        LayerCache(2, None, None, "v2", "pv2"),
+    ]
+    savings = KVSavings.of(layers, 3, 64, "float32")
+    per_head = 64 * 4
+    assert savings.bytes_per_token_base == 6 * 3 * per_head
+    assert savings.bytes_per_token_sa == (3 + 3 + 1 + 3 + 3) * per_head
+    cache = CacheInfo(3, 64, "float32", "", "concat", savings, tuple(layers))
+    assert [cache.kv_heads_of(name) for name in ("k0", "k1", "v1")] == [3, 1, 3]
+    assert [cache.key_share(layer) for layer in layers] == [1.0, 1 / 3, 0.0]
+    assert CacheInfo.from_json(cache.to_json()) == cache
+    assert "key_heads" not in layers[0].to_json() and layers[1].to_json()["key_heads"] == 1

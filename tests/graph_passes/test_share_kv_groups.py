@@ -1,0 +1,140 @@
+"""Sharing part of a layer (one KV group) on the decomposed graph: narrowed Q/K path and K cache, parity."""
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from sa_export.accuracy.parity import run_parity
+from sa_export.core.errors import AttentionPatternError, CheckFailed
+from sa_export.core.manifest import Manifest
+from sa_export.core.plan import HeadMap
+from sa_export.hf.models import load_reference, resolve_model
+from sa_export.runtime import SAModel
+from sa_export.stages.convert import ConvertRequest, convert
+from tests.conftest import build_tiny_model
+from tests.helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    """The tiny Llama with Q and K scaled up: its attention is peaked, so which heads borrow
+    moves the logits (random tiny weights attend almost uniformly, and any heads would do)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_model("llama", tmp_path_factory.mktemp("sharp") / "llama")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def group_llama(sharp_llama, tmp_path_factory):
+    """Group 0 of layer 3 and the whole of layer 4 (4 heads, 2 KV groups), parity checked by convert."""
+    out = tmp_path_factory.mktemp("groups") / "llama-sa"
+    convert(ConvertRequest(model=str(sharp_llama), spans=("3.0", "4"), out=out))
+    return out
+
+
+def test_a_partly_shared_layer_keeps_the_k_cache_of_its_other_group(group_llama):
+    manifest = Manifest.read(group_llama)
+    assert manifest.exporter == "dynamo"  # chosen for the group: the default CPU graph cannot share part of a layer
+    layers = {layer.layer: layer for layer in manifest.layout}
+    assert layers[3].has_key and layers[3].key_heads == 1 and not layers[4].has_key
+    assert manifest.cache.kv_heads_of("past_key_values.3.key") == 1 and manifest.cache.kv_heads_of("past_key_values.3.value") == 2
+    # 24 cache tensors of 2 KV heads: layer 4's K cache and half of layer 3's are gone.
+    assert manifest.cache.savings.fraction_saved == pytest.approx(1.5 / 12)
+    graph = ir.load(group_llama / "model.onnx").graph
+    shapes = {v.name: v.shape for v in [*graph.inputs, *graph.outputs]}
+    assert shapes["past_key_values.3.key"][1] == 1 and shapes["present.3.key"][1] == 1
+    # Layer 3 computes scores for its 2 kept heads only: the Q projection's columns of heads 2-3.
+    widths = sorted(v.const_value.shape[1] for v in graph.initializers.values() if v.name.startswith("sa.layer3.") and v.name.endswith("_kept.weight"))
+    assert widths == [16, 32]  # K: one group of 16; Q: two heads of 16
+
+
+def test_the_graph_matches_the_reference_that_borrows_those_heads_and_no_other(group_llama, sharp_llama):
+    manifest = Manifest.read(group_llama)
+    model, tokenizer = load_reference(resolve_model(str(sharp_llama)), allow_pickle=False)
+    assert run_parity(SAModel(group_llama), model, manifest.plan, tokenizer, decode_steps=4).passed
+    # The other group borrowing instead: the logits, not only the cache, tell the two apart.
+    other = run_parity(SAModel(group_llama), model, dataclasses.replace(manifest.plan, shared_groups={3: (1,)}), tokenizer, decode_steps=4)
+    assert not other.passed
+    assert min(c.max_abs for c in other.comparisons if c.name.endswith("prefill/logits")) > 0.01
+    with pytest.raises(CheckFailed, match="has shape"):  # the whole layer: a cache of another width
+        run_parity(SAModel(group_llama), model, dataclasses.replace(manifest.plan, shared_groups={}), tokenizer, decode_steps=4)
+
+
+@pytest.mark.parametrize("arch, anchors", [("qwen2", ()), ("qwen3", ()), ("gemma2", (1,))])
+def test_groups_share_on_other_architectures(tiny_models, tmp_path, arch, anchors):
+    # Q/K biases (Qwen2), per-head Q/K norms (Qwen3), softcapped scores and alternating
+    # sliding layers (Gemma 2: layer 3 is global, as layer 1); parity is checked by convert.
+    result = convert(ConvertRequest(model=str(tiny_models[arch]), spans=("3.1",), anchors=anchors, out=tmp_path / "sa"))
+    assert result.parity.passed and result.plan.shared_groups == {3: (1,)}
+
+
+@pytest.mark.parametrize(
+    "head_map",
+    [
+        HeadMap.from_anchor_heads(2, (3, 1, 0, 2)),  # one source per head: a Gather of the borrowed rows
+        HeadMap((((2, 3), (1, 0)), ((2, 1), (1, 2)), ((2, 0), (1, 1)), ((2, 2), (1, 3))), ((0.7, 0.3),) * 4),  # a mixture
+    ],
+)
+def test_head_maps_reach_the_borrowed_heads_in_head_order(sharp_llama, tmp_path, head_map):
+    """Group 0 of layer 3 borrows (heads 0 and 1, in front of the kept 2 and 3): any slip in
+    which rows of the map it takes or where they go back among the kept heads moves the logits."""
+    import onnxruntime as ort
+    import torch
+
+    from graph_passes import apply_sharing_plan
+    from sa_export.accuracy.reference import shared_attention
+    from sa_export.core.plan import build_plan
+    from sa_export.export.dynamo import export_dynamo
+    from sa_export.export.onnx_io import save_onnx
+    from sa_export.hf.models import ModelSource, load_hf_model
+
+    hf = load_hf_model(ModelSource("hf", sharp_llama, "tiny"))
+    plan = build_plan(["3.0"], 6, kv_heads=2, num_heads=4).with_head_maps({3: head_map})
+    model = ir.load(export_dynamo(hf, tmp_path / "export"))
+    apply_sharing_plan(model, plan)
+    (tmp_path / "sa").mkdir()
+    save_onnx(model, tmp_path / "sa")
+    session = ort.InferenceSession(str(tmp_path / "sa" / "model.onnx"))
+    ids = np.arange(3, 13, dtype=np.int64)[None]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(10, dtype=np.int64)[None]}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values"):
+            feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), np.float32)
+    logits = session.run(["logits"], feeds)[0]
+    with torch.no_grad(), shared_attention(hf, plan):
+        expected = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+    with torch.no_grad():
+        base = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+    assert np.abs(base - expected).max() > 0.01  # the heads borrowed change the model
+
+
+def test_fused_qkv_projections_cannot_share_part_of_a_layer(tiny_models, tmp_path):
+    with pytest.raises(AttentionPatternError, match="separate Q and K projections"):
+        convert(ConvertRequest(model=str(tiny_models["phi3"]), spans=("3.1",), out=tmp_path / "sa"))
+    assert not (tmp_path / "sa").exists()
+
+
+def test_the_group_query_attention_graph_is_refused_in_a_line(tiny_llama_with_tokenizer, tmp_path):
+    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3.0", "--exporter", "genai", "-o", tmp_path / "sa")
+    assert result.exit_code == 2 and "use --exporter dynamo" in result.output + result.stderr
+    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3.2", "-o", tmp_path / "sa")
+    assert result.exit_code == 2 and "has 2 KV groups (0-1)" in result.output + result.stderr
+
+
+def test_the_tensorrt_graph_shares_a_group_in_fp16_with_caches_written_in_place(sharp_llama, tmp_path):
+    # jetson-orin: fp16 with fp32 scores and Softmax, TensorScatter cache writes; parity on ONNX Runtime.
+    result = convert(ConvertRequest(model=str(sharp_llama), spans=("3.1", "4"), out=tmp_path / "sa", target="jetson-orin"))
+    assert result.parity.passed and result.manifest.cache.buffer == "shared"
+    script = (tmp_path / "sa" / "bundle" / "build_engine.sh").read_text()
+    assert "past_key_values.3.key:1x1x" in script and "past_key_values.2.key:1x2x" in script  # the engine's profiles
