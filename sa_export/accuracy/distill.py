@@ -113,7 +113,7 @@ def fit_maps_and_temperatures(
     ``soft_target_temperature`` flattens both distributions in the fit's divergence (``_kl``);
     the held-out divergence that picks the maps kept is always at 1. ``seed`` orders the chunks each step reads.
     ``shared_heads``: only these query heads of a layer borrow (``reference.shared_attention``;
-    PyTorch only, no graph pass shares part of a layer)."""
+    a plan's own partly shared layers need not be given)."""
     chunks = [token_ids[i : i + chunk_tokens] for i in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens)]
     if not chunks:
         raise UsageError(f"head map fit: the calibration text needs at least {chunk_tokens} tokens")

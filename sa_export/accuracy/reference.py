@@ -136,9 +136,10 @@ def shared_attention(
 
     ``weights``: per shared layer, [heads, width] tensors that replace its head map's weights.
     ``log_temperatures``: per shared layer, [heads] (see ``mix_probs``).
-    ``shared_heads``: per shared layer, the query heads that borrow (PyTorch only, to measure
-    finer units of sharing than a layer, such as one KV group); the layer's other heads keep
-    their own attention. A layer not listed borrows on every head.
+    ``shared_heads``: per shared layer, the query heads that borrow (a finer unit of sharing
+    than a layer); the layer's other heads keep their own attention. The plan's partly shared
+    layers (``SharingPlan.shared_groups``, KV groups, as the graph shares them) are taken
+    unless given here; a layer in neither borrows on every head.
     """
     _register()
     modules = attention_modules(model)

@@ -17,8 +17,9 @@ unit that makes the whole plan cheapest on the search text (the frontier's
 cheapest alone: n steps, about n times the singles' cost).
 Head maps come from the same attention statistics in both (``--mode``),
 so only the unit differs. Each plan is then judged on held-out text of the calibration's
-domain and on text of another domain, which the search never reads. Only the PyTorch
-reference can share part of a layer (``reference.shared_attention(shared_heads=)``).
+domain and on text of another domain, which the search never reads. Here a borrowed head
+may read the kept heads of a partly shared layer (``reference.shared_attention(shared_heads=)``);
+``convert --span L.G`` shares the same groups, with maps that read only unshared layers.
 
 ``--search-texts news,code`` ranks by the mean relative penalty on the tails of both
 texts (as ``analyze --frontier`` does with two ``--calib``), ``--min-layer`` searches only

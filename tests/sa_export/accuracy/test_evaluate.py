@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from sa_export.accuracy.texts import default_text_path, other_domain_text_path
 from tests.helpers import move_fitted_corrections, run_cli
 
@@ -216,3 +218,16 @@ def test_eval_with_corrections_calibrates_on_two_domains_and_reports_a_third(mon
     data = json.loads(report.read_text())
     assert str(default_text_path().resolve()) in data["calib_text"] and str(other_domain_text_path().resolve()) in data["calib_text"]
     assert "enwiki" in data["other_domain"]["source"]
+
+
+def test_eval_shares_one_kv_group(tiny_llama_with_tokenizer, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(1200)))
+    reports = {span: tmp_path / f"eval-{span}.json" for span in ("3.0", "3")}
+    for span, report in reports.items():
+        result = run_cli("eval", tiny_llama_with_tokenizer, "--span", span, "--text", text, "--context", "128", "--other-text", "none", "--json", report)
+        assert result.exit_code == 0, result.stderr
+    group, whole = (json.loads(reports[span].read_text()) for span in ("3.0", "3"))
+    # Half of one layer's K cache of 12 cache tensors; and the other half of the heads still attend.
+    assert group["kv_fraction_saved"] == pytest.approx(0.5 / 12) and whole["kv_fraction_saved"] == pytest.approx(1 / 12)
+    assert group["base_ppl"] == whole["base_ppl"] and group["sa_ppl"] not in (whole["sa_ppl"], whole["base_ppl"])
