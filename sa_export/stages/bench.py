@@ -196,6 +196,8 @@ def graph_description(manifest: Manifest) -> str:
     else:
         graph = f"{exporter} export, decomposed attention, cache concatenated each step"
         sa = "; SA: shared layers read the anchor's softmax, Q/K removed"
+        if manifest.plan.shared_groups:
+            sa += "; partly shared layers (KV groups) keep the other groups' Q/K and Softmax, concatenated with the borrowed heads'"
     return graph + (sa if shared else ", no sharing")
 
 
@@ -311,6 +313,7 @@ def run_bench(
         "sa": {"dir": str(out_dir), "graph": graph_description(manifest)},
         "baseline": {"dir": str(base_path), "graph": graph_description(base_manifest)},
         "sa_graph_kind": graph_kind,
+        "partly_shared_layers": sorted(manifest.plan.shared_groups),
         "threads": threads,
         "memory": memory,
         "repeats": sampling.repeats,
@@ -355,7 +358,9 @@ def bench_lines(result: dict) -> list[str]:
     above = [f"{r['tokens']} tokens" for r in measured if r["peak_rss_sa_bytes"] > r["peak_rss_base_bytes"]]
     if measured:
         lines.append(f"SA's prefill peak RSS above the baseline's at: {', '.join(above)}" if above else "SA's prefill peak RSS is not above the baseline's at any length")
-    if result["sa_graph_kind"] != "fused":
+    if result["sa_graph_kind"] != "fused" and result.get("partly_shared_layers"):
+        lines.append("note: OUT shares part of a layer (KV groups), which only the decomposed graph (the TensorRT path) can; ONNX Runtime's fastest graph shares whole layers")
+    elif result["sa_graph_kind"] != "fused":
         lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
     peaks = result.get("timing_peak_rss_bytes") or {}
     if peaks.get("sa") and peaks.get("base"):

@@ -138,3 +138,9 @@ def test_the_tensorrt_graph_shares_a_group_in_fp16_with_caches_written_in_place(
     assert result.parity.passed and result.manifest.cache.buffer == "shared"
     script = (tmp_path / "sa" / "bundle" / "build_engine.sh").read_text()
     assert "past_key_values.3.key:1x1x" in script and "past_key_values.2.key:1x2x" in script  # the engine's profiles
+
+
+def test_bench_says_what_a_partly_shared_graph_runs(group_llama):
+    from sa_export.stages.bench import graph_description
+
+    assert "partly shared layers (KV groups)" in graph_description(Manifest.read(group_llama))
