@@ -79,7 +79,9 @@ class SharePartOfLayerPass(ir.passes.InPlacePass):
         gather = ir.node("Gather", [concat.outputs[0], add_initializer(graph, f"{prefix}.head_order", order)], attributes={"axis": 1}, name=f"{prefix}.head_order")
         graph.insert_before(block.context_matmul, [concat, gather])
         gather.outputs[0].name = f"{prefix}.probs_in_head_order"
-        gather.outputs[0].dtype = own.dtype
+        dtype = own.dtype or other.dtype or block.context_matmul.inputs[1].dtype  # the unfused Attention op's probs carry none
+        if dtype is not None:
+            gather.outputs[0].dtype = dtype
         block.context_matmul.replace_input_with(0, gather.outputs[0])
 
 

@@ -144,3 +144,9 @@ def test_bench_says_what_a_partly_shared_graph_runs(group_llama):
     from sa_export.stages.bench import graph_description
 
     assert "partly shared layers (KV groups)" in graph_description(Manifest.read(group_llama))
+
+
+def test_the_attention_op_of_opset_23_is_unfused_then_shared_in_part(sharp_llama, tmp_path):
+    # The ONNX Attention op repeats K itself; unfused, its repeat is narrowed like the export's.
+    result = convert(ConvertRequest(model=str(sharp_llama), spans=("3.0", "4"), out=tmp_path / "sa", opset=23))
+    assert result.parity.passed and result.manifest.cache.kv_heads_of("past_key_values.3.key") == 1
