@@ -175,6 +175,8 @@ def validate(request: ConvertRequest) -> _Validated:
         exporter = get_exporter(request.exporter)
     exporter.refuse(config, target, source.kind)
     if precision not in exporter.precisions:
+        if groups:
+            raise UsageError(f"--span {groups[0]} shares part of a layer, which only the dynamo export can, in {', '.join(exporter.precisions)}; got --precision {precision}")
         raise UsageError(f"--exporter {exporter.name} builds {', '.join(exporter.precisions)} graphs; got --precision {precision}")
     request = dataclasses.replace(request, precision=precision, target=target.name, exporter=exporter.name, opset=exporter.resolve_opset(request.opset))
     return _Validated(request, source, reference, config, target, exporter, why)

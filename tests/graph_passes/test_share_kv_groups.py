@@ -130,6 +130,9 @@ def test_the_group_query_attention_graph_is_refused_in_a_line(tiny_llama_with_to
     assert result.exit_code == 2 and "use --exporter dynamo" in result.output + result.stderr
     result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3.2", "-o", tmp_path / "sa")
     assert result.exit_code == 2 and "has 2 KV groups (0-1)" in result.output + result.stderr
+    result = run_cli("convert", tiny_llama_with_tokenizer, "--span", "3.1", "--precision", "int4", "-o", tmp_path / "sa")
+    assert result.exit_code == 2 and "--span 3.1 shares part of a layer" in result.output + result.stderr  # int4 is the builder's graph
+    assert not (tmp_path / "sa").exists()
 
 
 def test_the_tensorrt_graph_shares_a_group_in_fp16_with_caches_written_in_place(sharp_llama, tmp_path):
