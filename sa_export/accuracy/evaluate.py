@@ -157,6 +157,7 @@ class EvalResult:
         return {
             "model": self.model,
             "shared_layers": list(self.plan.shared_layers),
+            "shared_groups": {str(k): list(v) for k, v in self.plan.shared_groups.items()},  # partly shared layers' KV groups
             "anchors": {str(k): v for k, v in self.plan.anchors.items()},
             "head_map": self.head_map,
             "base_ppl": self.base_ppl,
@@ -243,6 +244,8 @@ def evaluate(request: EvalRequest) -> EvalResult:
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     kinds = getattr(config, "layer_types", None)
     plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force, **ModelShape.from_config(config).head_groups)
+    if plan.shared_groups and request.precision != "fp32":  # int4 is the builder's graph, which shares whole layers
+        raise UsageError(f"a plan that shares part of a layer (KV groups) converts in fp32 or fp16 only; eval it without --precision {request.precision}")
     calib_files = calib_files_for(request.calib_file, request.lora_rank)
     evaluation, calibration = split_texts(tokenizer, request.text_file, calib_files, request.max_tokens, calib_tokens_for(request.calib_tokens, request.lora_rank))
     if len(evaluation.ids) < 2:

@@ -71,6 +71,7 @@ class ConvertResult:
         return {
             "out": str(self.out),
             "shared_layers": list(self.plan.shared_layers),
+            "shared_groups": {str(k): list(v) for k, v in self.plan.shared_groups.items()},  # partly shared layers' KV groups
             "anchors": {str(k): v for k, v in self.plan.anchors.items()},
             "kv_cache": dataclasses.asdict(self.manifest.cache.savings),
             "weight_bytes_removed": self.rewrite.weight_bytes_removed,

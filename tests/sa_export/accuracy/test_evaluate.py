@@ -231,3 +231,9 @@ def test_eval_shares_one_kv_group(tiny_llama_with_tokenizer, tmp_path):
     # Half of one layer's K cache of 12 cache tensors; and the other half of the heads still attend.
     assert group["kv_fraction_saved"] == pytest.approx(0.5 / 12) and whole["kv_fraction_saved"] == pytest.approx(1 / 12)
     assert group["base_ppl"] == whole["base_ppl"] and group["sa_ppl"] not in (whole["sa_ppl"], whole["base_ppl"])
+    assert group["shared_groups"] == {"3": [0]} and whole["shared_groups"] == {}
+
+
+def test_eval_refuses_kv_groups_in_int4_before_it_loads_weights(tiny_llama_with_tokenizer):
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3.0", "--precision", "int4")
+    assert result.exit_code == 2 and "shares part of a layer" in result.output + result.stderr
