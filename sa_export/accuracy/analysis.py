@@ -42,6 +42,7 @@ class AnalyzeRequest:
     eval_tokens: int = 2048  # of each frontier evaluation text
     search_pool: int | None = None  # frontier: single layers each greedy step tries (None: frontier.DEFAULT_POOL)
     search_cost: str = DEFAULT_SEARCH_COST  # frontier: a plan's cost over several search texts (frontier.SEARCH_COSTS)
+    frontier_units: tuple[str, ...] = ("layer",)  # frontier: what a plan adds one at a time (frontier.UNITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +109,11 @@ class AnalysisResult:
         texts = list(first.ppl)
         lines = [f"{self.out}: frontier.json, frontier.png, similarity.json, similarity.png",
                  "base ppl: " + ", ".join(f"{t} {first.base_ppl[t]:.2f}" for t in texts)]
-        lines.append(f"{'mode':>10} {'KV saved':>8}  " + "  ".join(f"{t + ' penalty':>20}" for t in texts) + "  spans")
+        width = max(10, *(len(point.label) for point in self.frontier))
+        lines.append(f"{'mode':>{width}} {'KV saved':>8}  " + "  ".join(f"{t + ' penalty':>20}" for t in texts) + "  spans")
         for point in self.frontier:
             cells = "  ".join(f"{100 * point.penalty(t):>+19.1f}%" for t in texts)
-            lines.append(f"{point.mode:>10} {100 * point.kv_fraction_saved:>7.1f}%  {cells}  {' '.join(point.spans)}")
+            lines.append(f"{point.label:>{width}} {100 * point.kv_fraction_saved:>7.1f}%  {cells}  {' '.join(point.spans)}")
         search = self.frontier_search or {}
         lines.append(f"search took {search.get('seconds', 0):.0f} s on {search.get('device', 'cpu')}: "
                      f"{search.get('plans_searched', 0)} plans on {', '.join(search.get('texts', {}))}")
@@ -278,7 +280,7 @@ def _frontier(request: AnalyzeRequest, source, config, hf_model, tokenizer, stat
         name = _other_name(index, text)
         texts[name if name not in texts else f"{name} ({index + 1})"] = text  # two files of one name in two folders
     return search_frontier(hf_model, config, stats, search, texts, list(request.frontier_modes), request.max_shared,
-                           request.search_pool or DEFAULT_POOL, request.search_cost)
+                           request.search_pool or DEFAULT_POOL, request.search_cost, request.frontier_units)
 
 
 def _calibration_args(request: AnalyzeRequest, tokens: bool = True) -> str:

@@ -26,10 +26,13 @@ from sa_export.accuracy.evaluate import layer_inputs_of, perplexity_of, token_nl
 from sa_export.accuracy.intervals import PenaltyInterval, penalty_interval
 from sa_export.accuracy.texts import TokenText
 from sa_export.core.errors import UsageError
-from sa_export.core.plan import SharingPlan, build_plan, consecutive_runs
+from sa_export.core.architectures import ModelShape
+from sa_export.core.plan import KvGroup, SharingPlan, build_plan, consecutive_runs
 from sa_export.core.progress import progress_bar, step
 
 WINDOW = 1024
+LAYER, KV_GROUP = "layer", "kv-group"  # units of sharing the search adds one at a time
+UNITS = (LAYER, KV_GROUP)
 # The corrections' rank in the heal command: rank 8 measured best on 26-29 and 23-26 (README, heal).
 HEAL_LORA_RANK = 8
 
@@ -45,6 +48,11 @@ class FrontierPoint:
     base_ppl: dict[str, float]
     search_penalty: dict[str, float] = dataclasses.field(default_factory=dict)  # search text name -> relative penalty
     intervals: dict[str, PenaltyInterval | None] = dataclasses.field(default_factory=dict)  # text name -> how sure the penalty is
+    unit: str = LAYER  # what the search added one at a time
+
+    @property
+    def label(self) -> str:
+        return curve_label(self.mode, self.unit)
 
     def penalty(self, text: str) -> float:
         """Relative perplexity penalty: SA / base - 1."""
@@ -71,7 +79,7 @@ class FrontierPoint:
 
     def to_json(self) -> dict:
         return {
-            "mode": self.mode, "shared_layers": list(self.shared_layers), "spans": list(self.spans),
+            "mode": self.mode, "unit": self.unit, "shared_layers": list(self.shared_layers), "spans": list(self.spans),
             "kv_fraction_saved": self.kv_fraction_saved, "kv_bytes_saved_per_token": self.kv_bytes_saved_per_token,
             "ppl": self.ppl, "base_ppl": self.base_ppl, "penalty": {text: self.penalty(text) for text in self.ppl},
             "search_penalty": self.search_penalty,
@@ -79,14 +87,40 @@ class FrontierPoint:
         }
 
 
+def curve_label(mode: str, unit: str) -> str:
+    """The curve a point is on: the head-map mode, and the unit when it is not a layer."""
+    return mode if unit == LAYER else f"{mode}, KV groups"
+
+
 def spans_of(layers: list[int]) -> list[str]:
     """Maximal runs of consecutive layers, as --span arguments."""
     return [f"{run[0]}-{run[-1]}" for run in consecutive_runs(layers)]
 
 
-def _plan(layers: list[int], num_layers: int, stats: AttentionStatistics, mode: str, kinds) -> SharingPlan:
-    plan = build_plan(spans_of(layers), num_layers, (), kinds)
+def unit_spans(units: list) -> list[str]:
+    """--span arguments of a plan's units: whole layers in maximal runs (A-B), KV groups as L.G."""
+    return spans_of(sorted(u for u in units if isinstance(u, int))) + [str(g) for g in sorted(u for u in units if isinstance(u, KvGroup))]
+
+
+def _plan(units: list, num_layers: int, stats: AttentionStatistics, mode: str, kinds, groups: dict[str, int] | None = None) -> SharingPlan:
+    """The plan of ``units`` (layers, or KV groups with ``groups``: the model's head counts), with the mode's maps."""
+    plan = build_plan(unit_spans(units), num_layers, (), kinds, **(groups or {}))
     return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, kinds))
+
+
+def plan_spans(plan: SharingPlan) -> list[str]:
+    """The --span arguments that build ``plan``: its whole layers in maximal runs, then the
+    groups of its partly shared layers (a layer whose every group is shared reads as whole)."""
+    return spans_of(list(plan.whole_layers)) + [f"{layer}.{g}" for layer, groups in sorted(plan.shared_groups.items()) for g in groups]
+
+
+def _layers_of(units) -> tuple[int, ...]:
+    return tuple(sorted({u.layer if isinstance(u, KvGroup) else u for u in units}))
+
+
+def _unit_key(units) -> tuple:
+    """A plan's units, sorted, as frontier.json names them (layers as numbers, groups as L.G)."""
+    return tuple(str(u) if isinstance(u, KvGroup) else u for u in sorted(units))
 
 
 # How a plan's penalties on the search texts make its cost. The mean is the default: on
@@ -150,13 +184,14 @@ def forward_selection(pool: list, size: int, plan_cost, progress=None) -> tuple[
 
 def search_frontier(
     hf_model, config, stats: AttentionStatistics, search: dict[str, TokenText], texts: dict[str, TokenText], modes: list[str],
-    max_shared: int, pool: int = DEFAULT_POOL, search_cost: str = DEFAULT_SEARCH_COST,
+    max_shared: int, pool: int = DEFAULT_POOL, search_cost: str = DEFAULT_SEARCH_COST, units: tuple[str, ...] = (LAYER,),
 ) -> tuple[list[FrontierPoint], dict]:
-    """Frontier points for k = 1..max_shared shared layers in each mode, and a report of the
-    search: how long it took, on which texts, and every plan it measured.
+    """Frontier points for k = 1..max_shared shared layers in each mode (and unit), and a
+    report of the search: how long it took, on which texts, and every plan it measured.
 
     ``search``: the texts plans are chosen on (``search_cost`` of the relative penalties on them);
-    ``texts``: the texts the chosen plans are reported on.
+    ``texts``: the texts the chosen plans are reported on; ``units``: layers, KV groups or both
+    (each a search of its own).
     """
     num_layers = config.num_hidden_layers
     if not 1 <= max_shared < num_layers // 2 + 1:
@@ -165,11 +200,13 @@ def search_frontier(
         raise UsageError(f"--search-pool {pool}: give at least 1")
     if search_cost not in SEARCH_COSTS:
         raise UsageError(f"--search-cost {search_cost}: choose {' or '.join(SEARCH_COSTS)}")
+    if not units or not set(units) <= set(UNITS):
+        raise UsageError(f"--frontier-unit {','.join(units)}: choose {' or '.join(UNITS)}, or both")
     aggregate = SEARCH_COSTS[search_cost]
     kinds = getattr(config, "layer_types", None)
-    heads = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = ModelShape.from_config(config)
     itemsize = torch.finfo(next(hf_model.parameters()).dtype).bits // 8
+    kv_bytes_per_token = 2 * num_layers * shape.num_kv_heads * shape.head_dim * itemsize
     started = time.perf_counter()
     with step(f"base model's layer inputs on {', '.join(search)} and {', '.join(texts)}"):
         searcher, judge = _Measure(hf_model, search), _Measure(hf_model, texts)
@@ -179,40 +216,47 @@ def search_frontier(
     points: list[FrontierPoint] = []
     searched: dict[str, list[dict]] = {}
     for mode in modes:
-        cost: dict[tuple[int, ...], dict[str, float]] = {}
-        with progress_bar(f"frontier ({mode}): each layer shared alone, on {', '.join(search)}", unit="layer") as advance:
-            for number, layer in enumerate(singles):
-                cost[(layer,)] = searcher.cost(_plan([layer], num_layers, stats, mode, kinds))
-                advance(number + 1, len(singles))
-        candidates = sorted(singles, key=lambda layer: aggregate(cost[(layer,)]))[:pool]
+        for unit in units:
+            grouped = unit == KV_GROUP
+            label = curve_label(mode, unit)
+            pieces = [KvGroup(layer, g) for layer in singles for g in range(shape.num_kv_heads)] if grouped else singles
+            groups = shape.head_groups if grouped else None
+            cost: dict[tuple, dict[str, float]] = {}
 
-        # Spans merged from single layers keep a valid anchor: a single's previous layer is of its kind.
-        def plan_cost(layers: list[int]) -> float:
-            key = tuple(sorted(layers))
-            if key not in cost:
-                cost[key] = searcher.cost(_plan(list(key), num_layers, stats, mode, kinds))
-            return aggregate(cost[key])
+            # Spans merged from single layers keep a valid anchor: a single's previous layer is of its kind.
+            def plan_cost(chosen: list) -> float:
+                key = tuple(sorted(chosen))
+                if key not in cost:
+                    cost[key] = searcher.cost(_plan(list(key), num_layers, stats, mode, kinds, groups))
+                return aggregate(cost[key])
 
-        steps = min(max_shared, len(candidates))
-        with progress_bar(f"frontier ({mode}): plans of 1-{steps} layers, each the best of {len(candidates)} additions", unit="plan") as advance:
-            order, _ = forward_selection(candidates, steps, plan_cost, advance)
-        with progress_bar(f"frontier ({mode}): the chosen plans on {', '.join(texts)}", unit="plan") as advance:
-            for k in range(1, steps + 1):
-                layers = sorted(order[:k])
-                plan = _plan(layers, num_layers, stats, mode, kinds)
-                nlls = judge.nlls(plan)
-                ppl = {name: perplexity_of(losses) for name, losses in nlls.items()}
-                points.append(FrontierPoint(
-                    mode, tuple(layers), tuple(spans_of(layers)), plan.kv_fraction_saved, k * heads * head_dim * itemsize, ppl, base,
-                    search_penalty=cost[tuple(layers)], intervals=judge.intervals(nlls),
-                ))
-                advance(k, steps)
-        # Every plan measured, cheapest first: what the search weighed the chosen plans against.
-        searched[mode] = [{"shared_layers": list(layers), "search_penalty": penalty}
-                          for layers, penalty in sorted(cost.items(), key=lambda item: (len(item[0]), aggregate(item[1])))]
+            with progress_bar(f"frontier ({label}): each {unit} shared alone, on {', '.join(search)}", unit=unit) as advance:
+                for number, piece in enumerate(pieces):
+                    plan_cost([piece])
+                    advance(number + 1, len(pieces))
+            candidates = sorted(pieces, key=lambda piece: aggregate(cost[(piece,)]))[:pool]
+            # As many KV groups as max_shared layers hold: the same savings, in finer steps.
+            steps = min(max_shared * (shape.num_kv_heads if grouped else 1), len(candidates))
+            with progress_bar(f"frontier ({label}): plans of 1-{steps} {unit}s, each the best of {len(candidates)} additions", unit="plan") as advance:
+                order, _ = forward_selection(candidates, steps, plan_cost, advance)
+            with progress_bar(f"frontier ({label}): the chosen plans on {', '.join(texts)}", unit="plan") as advance:
+                for k in range(1, steps + 1):
+                    chosen = sorted(order[:k])
+                    plan = _plan(chosen, num_layers, stats, mode, kinds, groups)
+                    nlls = judge.nlls(plan)
+                    ppl = {name: perplexity_of(losses) for name, losses in nlls.items()}
+                    points.append(FrontierPoint(
+                        mode, _layers_of(chosen), tuple(plan_spans(plan)), plan.kv_fraction_saved,
+                        round(plan.kv_fraction_saved * kv_bytes_per_token), ppl, base,
+                        search_penalty=cost[tuple(chosen)], intervals=judge.intervals(nlls), unit=unit,
+                    ))
+                    advance(k, steps)
+            # Every plan measured, cheapest first: what the search weighed the chosen plans against.
+            searched[label] = [{"shared_layers" if not grouped else "shared_groups": list(_unit_key(key)), "search_penalty": penalty}
+                               for key, penalty in sorted(cost.items(), key=lambda item: (len(item[0]), aggregate(item[1])))]
     report = {
         "seconds": round(time.perf_counter() - started, 1), "device": str(next(hf_model.parameters()).device),
-        "texts": {name: text.to_json() for name, text in search.items()}, "cost": search_cost, "pool": pool,
+        "texts": {name: text.to_json() for name, text in search.items()}, "cost": search_cost, "pool": pool, "units": list(units),
         "judged_texts": {name: text.to_json() for name, text in texts.items()},
         "plans_searched": sum(len(plans) for plans in searched.values()), "plans": searched,
     }
@@ -243,11 +287,11 @@ def save_plot(points: list[FrontierPoint], texts: list[str], path, title: str) -
 
     fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
     for axis, text in zip(axes[0], texts):
-        for mode in dict.fromkeys(p.mode for p in points):
-            mine = sorted((p for p in points if p.mode == mode), key=lambda p: p.kv_fraction_saved)
+        for label in dict.fromkeys(p.label for p in points):
+            mine = sorted((p for p in points if p.label == label), key=lambda p: p.kv_fraction_saved)
             # max(0, ...): the interval's centre and the penalty are one number computed two ways, and may differ in the last bit
             errors = [[max(0.0, 100 * (p.penalty(text) - _ends(p, text)[0])) for p in mine], [max(0.0, 100 * (_ends(p, text)[1] - p.penalty(text))) for p in mine]]
-            axis.errorbar([100 * p.kv_fraction_saved for p in mine], [100 * p.penalty(text) for p in mine], yerr=errors, marker="o", capsize=3, label=mode)
+            axis.errorbar([100 * p.kv_fraction_saved for p in mine], [100 * p.penalty(text) for p in mine], yerr=errors, marker="o", capsize=3, label=label)
         axis.set_xlabel("KV cache saved (%)")
         axis.set_ylabel("perplexity penalty (%), 95% interval")
         axis.set_title(text)

@@ -192,6 +192,9 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
 @click.option("--max-shared", type=click.IntRange(1), default=8, show_default=True, help="Frontier: most layers to share.")
 @click.option("--frontier-maps", default="identity,mix-few", show_default=True,
               help="Frontier: the head-map modes to search, comma-separated (each mode is a search of its own).")
+@click.option("--frontier-unit", "frontier_units", default="layer", show_default=True,
+              help="Frontier: what a plan adds one at a time: layer, kv-group (one KV group of a layer, --span L.G; up to as many "
+              "groups as --max-shared layers hold, so the same savings in finer steps; converts with the dynamo export), or layer,kv-group for both curves.")
 @click.option("--search-pool", type=click.IntRange(1), help="Frontier: each plan adds the best of this many layers, "
               "the cheapest shared alone; fewer search faster. [default: 12]")
 @click.option("--search-cost", type=click.Choice(["mean", "worst"]), default="mean", show_default=True,
@@ -205,7 +208,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @accept_keys_option
 @handle_errors
-def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, search_pool, search_cost, max_penalty, other_texts, eval_tokens, overwrite, accept_unknown_config_keys):
+def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, frontier_units, search_pool, search_cost, max_penalty, other_texts, eval_tokens, overwrite, accept_unknown_config_keys):
     """Layer-by-layer attention similarity (similarity.json, similarity.png), a ranking of spans,
     and with --share/--kv-saving a perplexity search that prints the convert command to use."""
     from sa_export.accuracy.analysis import AnalyzeRequest, analyze as run_analyze
@@ -216,6 +219,13 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
         raise UsageError("analyze's span search calibrates on one text: pass one --calib (several are for --frontier)")
     if eval_tokens is not None and not frontier:
         raise UsageError("--eval-tokens sets the text the frontier's plans are judged on; give it with --frontier")
+    units = tuple(unit.strip() for unit in frontier_units.split(",") if unit.strip())
+    if units != ("layer",) and not frontier:
+        raise UsageError("--frontier-unit sets what the frontier's plans add; give it with --frontier")
+    from sa_export.accuracy.frontier import UNITS
+
+    if not units or not set(units) <= set(UNITS) or len(set(units)) != len(units):
+        raise UsageError(f"--frontier-unit {frontier_units}: choose {' or '.join(UNITS)}, or both (layer,kv-group)")
     if calib_file is not None and len(calib_file) == 1:
         calib_file = calib_file[0]
     result = run_analyze(
@@ -224,6 +234,7 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
             accept_unknown_config_keys=accept_unknown_config_keys, frontier=frontier, max_shared=max_shared,
             max_penalty=max_penalty, other_texts=tuple(other_texts), search_pool=search_pool, search_cost=search_cost,
             eval_tokens=eval_tokens or AnalyzeRequest.eval_tokens, frontier_modes=tuple(mode.strip() for mode in frontier_maps.split(",") if mode.strip()),
+            frontier_units=units,
         )
     )
     click.echo("\n".join(result.lines()))

@@ -14,7 +14,7 @@ from sa_export.hf.models import load_reference, resolve_model
 from sa_export.runtime import SAModel
 from sa_export.stages.convert import ConvertRequest, convert
 from tests.conftest import build_tiny_model
-from tests.helpers import run_cli
+from tests.helpers import move_fitted_corrections, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,17 @@ def test_the_attention_op_of_opset_23_is_unfused_then_shared_in_part(sharp_llama
     # The ONNX Attention op repeats K itself; unfused, its repeat is narrowed like the export's.
     result = convert(ConvertRequest(model=str(sharp_llama), spans=("3.0", "4"), out=tmp_path / "sa", opset=23))
     assert result.parity.passed and result.manifest.cache.kv_heads_of("past_key_values.3.key") == 1
+
+
+def test_fitted_maps_and_corrections_reach_a_partly_shared_layer(monkeypatch, tiny_llama_with_tokenizer, tmp_path):
+    # --head-map fit: mixtures over the sources' heads, of which the graph takes the borrowed rows;
+    # the corrections fold into V/O of layers 3 and 4 and Q/K of the sources.
+    move_fitted_corrections(monkeypatch)
+    request = ConvertRequest(
+        model=str(tiny_llama_with_tokenizer), spans=("3.0", "4"), out=tmp_path / "sa", head_map="fit", fit_steps=2, lora_rank=2,
+        calib_tokens=2048, decode_steps=4,
+    )
+    result = convert(request)
+    assert result.parity.passed and result.plan.shared_groups == {3: (0,)}
+    assert any(m.width > 1 for m in result.plan.head_maps.values())  # mixtures, not one head each
+    assert "3_v_proj" in result.manifest.head_map["corrections"]["corrects"]

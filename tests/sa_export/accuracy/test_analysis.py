@@ -119,3 +119,32 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
         assert refused.exit_code == 2 and "give it with --frontier" in refused.stderr and "loading" not in refused.stderr
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-maps", "identity,fit")
     assert refused.exit_code == 2 and "--frontier-maps identity,fit: choose among" in refused.stderr
+
+
+def test_frontier_of_kv_groups_has_finer_points_and_its_command_converts(tiny_llama_with_tokenizer, tmp_path):
+    """Layers and KV groups side by side: the tiny Llama's 2 KV groups a layer make points of 1/24
+    of the cache, half a layer's; the recommended group plan converts (dynamo) and passes check."""
+    import shlex
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join([*(f"w{(i * 7) % 250 + 3}" for i in range(2100)), *(f"w{(i * 11) % 240 + 5}" for i in range(600))]))
+    out = tmp_path / "analysis"
+    result = run_cli("analyze", tiny_llama_with_tokenizer, "-o", out, "--frontier", "--max-shared", "1", "--frontier-maps", "identity",
+                     "--frontier-unit", "layer,kv-group", "--search-pool", "3", "--kv-saving", "0.04", "--calib", calib, "--calib-tokens", "512")
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads((out / "frontier.json").read_text())
+    by_unit = {unit: [p for p in data["points"] if p["unit"] == unit] for unit in ("layer", "kv-group")}
+    assert [p["kv_fraction_saved"] for p in by_unit["layer"]] == [1 / 12]
+    assert [p["kv_fraction_saved"] for p in by_unit["kv-group"]] == [1 / 24, 2 / 24]  # as many groups as 1 layer holds
+    first = by_unit["kv-group"][0]
+    assert len(first["spans"]) == 1 and "." in first["spans"][0] and first["kv_bytes_saved_per_token"] == 16 * 4
+    assert set(data["search"]["plans"]) == {"identity", "identity, KV groups"} and data["search"]["units"] == ["layer", "kv-group"]
+    assert "identity, KV groups" in result.output
+    command = data["convert_command"]
+    assert command == f"sa-export convert {tiny_llama_with_tokenizer} --span {first['spans'][0]}"  # the least saving of 4% or more
+    converted = run_cli("convert", *shlex.split(command)[2:], "-o", tmp_path / "sa")
+    assert converted.exit_code == 0 and "parity PASSED" in converted.output, converted.output + converted.stderr
+    refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-unit", "head")
+    assert refused.exit_code == 2 and "--frontier-unit head: choose" in refused.stderr and "loading" not in refused.stderr
+    refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier-unit", "kv-group")
+    assert refused.exit_code == 2 and "give it with --frontier" in refused.stderr

@@ -62,7 +62,7 @@ def _table_nlls(model, ids, context, plan=None, inputs=None):
 def table_model(monkeypatch):
     monkeypatch.setattr(frontier, "token_nlls", _table_nlls)
     monkeypatch.setattr(frontier, "layer_inputs_of", lambda model, ids, context: None)
-    config = types.SimpleNamespace(num_hidden_layers=8, num_key_value_heads=2, head_dim=4, hidden_size=8, num_attention_heads=2)
+    config = types.SimpleNamespace(model_type="llama", num_hidden_layers=8, num_key_value_heads=2, head_dim=4, hidden_size=8, num_attention_heads=2)
     return types.SimpleNamespace(parameters=lambda: iter([torch.zeros(1)])), config
 
 
