@@ -73,7 +73,10 @@ def other_domain_text_path() -> Path:
 
 
 def other_domain_tokens(tokenizer, path: str | Path | None, max_tokens: int) -> TokenText:
-    """The first ``max_tokens`` tokens of the other-domain text (default: torch.nn.Module's source)."""
+    """The first ``max_tokens`` tokens of the other-domain text (default: torch.nn.Module's source).
+    gensim's Wikipedia dump, named by its path, is read as ``default`` reads it: its articles."""
+    if path is not None and _is_wiki_dump(Path(path)):
+        return unseen_domain_tokens(tokenizer, None, max_tokens)
     text, file = read_text(path or other_domain_text_path())
     ids = tokenizer(text)["input_ids"][:max_tokens]
     return TokenText(ids, f"{file} tokens 0-{len(ids)}")
@@ -207,11 +210,24 @@ def _wiki_articles(dump: Path, max_characters: int) -> str:
     return "\n\n".join(articles)
 
 
+def _is_wiki_dump(file: Path) -> bool:
+    location = package_file(*UNSEEN_DOMAIN_TEXT)
+    return location is not None and file.is_file() and file.resolve() == location.resolve()
+
+
+# Magic numbers of the compressed and binary files a text path may name by mistake.
+_NOT_TEXT = {b"BZh": "bzip2-compressed", b"\x1f\x8b": "gzip-compressed", b"\xfd7zXZ": "xz-compressed", b"PK\x03\x04": "a zip archive"}
+
+
 def read_text(path: str | Path | None) -> tuple[str, Path]:
     file = Path(path) if path else default_text_path()
     if not file.is_file():
         raise UsageError(f"text file {file} not found; pass an existing file")
-    text = file.read_text(encoding="utf-8", errors="replace")
+    data = file.read_bytes()
+    kind = next((what for magic, what in _NOT_TEXT.items() if data.startswith(magic)), "binary" if b"\x00" in data[:65536] else None)
+    if kind is not None:  # read as text it would score as garbage, and no figure would say so
+        raise UsageError(f"{file} is {kind}, not text; decompress it or pass a text file")
+    text = data.decode("utf-8", errors="replace")
     if not text.strip():
         raise UsageError(f"text file {file} is empty")
     return text, file.resolve()

@@ -147,3 +147,26 @@ def test_the_other_domain_is_never_one_the_calibration_read(tokenizer, tmp_path)
     mine = tmp_path / "mine.txt"
     mine.write_text("a text of the user's own " * 20)
     assert str(mine.resolve()) in other_domain_for(tokenizer, mine, [code], 64).source  # asked for: as it is
+
+
+def test_compressed_and_binary_files_are_refused_not_scored_as_text(tmp_path):
+    import bz2
+    import gzip
+
+    from sa_export.accuracy.texts import read_text
+
+    (tmp_path / "a.bz2").write_bytes(bz2.compress(b"some words " * 100))
+    (tmp_path / "a.gz").write_bytes(gzip.compress(b"some words " * 100))
+    (tmp_path / "a.bin").write_bytes(b"words\x00\x01\x02" * 100)
+    for name, kind in (("a.bz2", "bzip2-compressed"), ("a.gz", "gzip-compressed"), ("a.bin", "binary")):
+        with pytest.raises(UsageError, match=f"is {kind}, not text"):
+            read_text(tmp_path / name)
+    assert read_text(_write(tmp_path / "a.txt", [5, 6]))[0] == "w5 w6"
+
+
+def test_the_wikipedia_dump_named_by_its_path_reads_as_its_articles(tokenizer):
+    from sa_export.accuracy.texts import UNSEEN_DOMAIN_TEXT, other_domain_tokens, unseen_domain_tokens
+    from sa_export.core.resources import package_file
+
+    named = other_domain_tokens(tokenizer, package_file(*UNSEEN_DOMAIN_TEXT), 500)
+    assert named == unseen_domain_tokens(tokenizer, None, 500) and len(named.ids) == 500
