@@ -27,7 +27,7 @@ from sa_export.accuracy.intervals import PenaltyInterval, penalty_interval
 from sa_export.accuracy.texts import TokenText
 from sa_export.core.errors import UsageError
 from sa_export.core.architectures import ModelShape
-from sa_export.core.plan import KvGroup, SharingPlan, build_plan, consecutive_runs
+from sa_export.core.plan import KvGroup, SharingPlan, Span, build_plan, consecutive_runs
 from sa_export.core.progress import progress_bar, step
 
 WINDOW = 1024
@@ -97,14 +97,11 @@ def spans_of(layers: list[int]) -> list[str]:
     return [f"{run[0]}-{run[-1]}" for run in consecutive_runs(layers)]
 
 
-def unit_spans(units: list) -> list[str]:
-    """--span arguments of a plan's units: whole layers in maximal runs (A-B), KV groups as L.G."""
-    return spans_of(sorted(u for u in units if isinstance(u, int))) + [str(g) for g in sorted(u for u in units if isinstance(u, KvGroup))]
-
-
 def _plan(units: list, num_layers: int, stats: AttentionStatistics, mode: str, kinds, groups: dict[str, int] | None = None) -> SharingPlan:
-    """The plan of ``units`` (layers, or KV groups with ``groups``: the model's head counts), with the mode's maps."""
-    plan = build_plan(unit_spans(units), num_layers, (), kinds, **(groups or {}))
+    """The plan of ``units`` (layers, or KV groups with ``groups``: the model's head counts), with the mode's maps.
+    Each layer is a span of its own: consecutive ones take the same anchor as their run would."""
+    units = [unit if isinstance(unit, KvGroup) else Span(unit, unit) for unit in units]
+    plan = build_plan(units, num_layers, (), kinds, **(groups or {}))
     return plan.with_head_maps(calibrate_head_maps(stats, plan, mode, kinds))
 
 

@@ -65,6 +65,12 @@ def parse_span(text: str) -> Span | KvGroup:
     return KvGroup.parse(text) or Span.parse(text)
 
 
+def kv_groups_in(spans: Sequence[str]) -> list[KvGroup]:
+    """The KV groups among --span arguments (each argument checked, so a malformed one fails
+    before anything loads): what decides, before a model is read, which graph a plan needs."""
+    return [item for item in map(parse_span, spans) if isinstance(item, KvGroup)]
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadMap:
     """Where each query head of a shared layer takes its probabilities from.

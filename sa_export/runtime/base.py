@@ -37,7 +37,6 @@ class ManifestModel:
         self.layout: tuple[LayerCache, ...] = self.manifest.layout
         cache = self.cache_info = self.manifest.cache
         self.cache_dtype = NUMPY_DTYPES[cache.dtype]
-        self.num_kv_heads = cache.num_kv_heads
         self.head_dim = cache.head_dim
 
         # "shared": each present is its past's buffer of max_length positions, written in place.

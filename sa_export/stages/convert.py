@@ -13,7 +13,7 @@ from sa_export.core.atomic import atomic_directory, refuse_existing
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import Manifest
 from sa_export.core.architectures import ModelShape
-from sa_export.core.plan import KvGroup, SharingPlan, build_plan, parse_span
+from sa_export.core.plan import SharingPlan, build_plan, kv_groups_in
 from sa_export.core.progress import console, step
 from sa_export.export import AUTO, DEFAULT_EXPORTER as DYNAMO, Exporter, ExportOptions, choose_exporter, get_exporter
 from sa_export.export.onnx_io import load_onnx, save_onnx
@@ -147,7 +147,7 @@ def validate(request: ConvertRequest) -> _Validated:
     refuse_existing(Path(request.out), request.overwrite)
     if request.unshared and request.spans:
         raise UsageError("an unshared conversion takes no --span")
-    groups = [item for item in map(parse_span, request.spans) if isinstance(item, KvGroup)]  # fails on a malformed span early
+    groups = kv_groups_in(request.spans)  # fails on a malformed span early
     if groups and request.exporter not in (AUTO, DYNAMO):
         raise UsageError(f"--span {groups[0]} shares part of a layer, which only the decomposed graph can: use --exporter dynamo")
     source = resolve_model(request.model)
@@ -202,8 +202,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
     if request.unshared:
         plan = SharingPlan(num_layers, {})
     else:
-        groups = ModelShape.from_config(config).head_groups if config is not None else {}
-        plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force, **groups)
+        head_groups = ModelShape.from_config(config).head_groups if config is not None else {}
+        plan = build_plan(list(request.spans), num_layers, request.anchors, kinds, request.force, **head_groups)
     if config is not None and config.num_hidden_layers != num_layers:
         raise UsageError(f"--reference has {config.num_hidden_layers} layers but the ONNX graph has {num_layers}")
 

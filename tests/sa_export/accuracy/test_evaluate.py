@@ -237,3 +237,4 @@ def test_eval_shares_one_kv_group(tiny_llama_with_tokenizer, tmp_path):
 def test_eval_refuses_kv_groups_in_int4_before_it_loads_weights(tiny_llama_with_tokenizer):
     result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3.0", "--precision", "int4")
     assert result.exit_code == 2 and "shares part of a layer" in result.output + result.stderr
+    assert "loading" not in result.stderr  # refused from the spans alone, before the model loads
