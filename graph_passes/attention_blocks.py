@@ -11,7 +11,6 @@ node names, which differ between exporters.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable
 
 import onnx_ir as ir

@@ -24,7 +24,8 @@ from graph_passes.narrow_projections import (
     NarrowSplitProjectionsPass,
     ShapeFromLiveSplitOutputPass,
 )
-from graph_passes.share_gqa import ShareGqaPass, find_gqa_layers, is_gqa_graph
+from graph_passes.gqa_layers import find_gqa_layers, is_gqa_graph
+from graph_passes.share_gqa import ShareGqaPass
 from graph_passes.share_kv_groups import SharePartOfLayerPass
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 from graph_passes.unfuse_attention import UnfuseAttentionPass

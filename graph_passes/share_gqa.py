@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.gqa_phases import PhasedAnchor, anchor_by_phase, if_by_phase, recompute_attention, recompute_mapped_attention
-from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder, find_gqa_layers, is_gqa_graph, replace_gqa_node
+from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder, find_gqa_layers, replace_gqa_node
 from graph_passes.projections import MS_DOMAIN, column_slice
 from sa_export.core.errors import PlanError
 from sa_export.core.plan import HeadMap, SharingPlan, consecutive_runs, mixture_matrix

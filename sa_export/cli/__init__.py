@@ -51,6 +51,9 @@ def main():
 @click.option("--max-context", type=click.IntRange(2), help="Longest context (prompt + generated) to plan for; exit 1 if it does not fit the target.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-sa).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against PyTorch.")
+@click.option("--no-export-cache", is_flag=True,
+              help="Export anew, without reading or keeping the graph exported before for the same model files, exporter, options and "
+              "packages (kept in $SA_EXPORT_CACHE/exports, ~/.cache/sa-export by default; SA_EXPORT_CACHE_EXPORTS_GB caps it, 8 by default).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (the old one stays intact until the new one is complete).")
 @click.option("--reference", metavar="HF_DIR", help="PyTorch model to check an ONNX input against.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin weights (runs code from the file: trusted sources only).")
@@ -59,7 +62,7 @@ def main():
 @force_option
 @accept_keys_option
 @handle_errors
-def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, add_calib, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, overwrite, reference, allow_pickle, decode_steps, json_file, force, accept_unknown_config_keys):
+def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, add_calib, calib_tokens, target, precision, exporter, opset, max_batch, max_context, out, no_check, no_export_cache, overwrite, reference, allow_pickle, decode_steps, json_file, force, accept_unknown_config_keys):
     """Convert MODEL (HF directory, ONNX with past key values, or alias smollm2-135m) to an SA ONNX model.
 
     \b
@@ -77,7 +80,7 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, a
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
         decode_steps=decode_steps, head_map=head_map, fit_steps=fit_steps, lora_rank=lora_rank, calib_file=calib_file, calib_tokens=calib_tokens,
         max_batch=max_batch, max_context=max_context, exporter=exporter, opset=int(opset) if opset else None,
-        accept_unknown_config_keys=accept_unknown_config_keys,
+        accept_unknown_config_keys=accept_unknown_config_keys, export_cache=not no_export_cache,
     )
     result = run_convert(request)
     click.echo("\n".join(result.lines()))

@@ -38,7 +38,7 @@ def current_umask() -> int:
     return mask
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
@@ -122,7 +122,7 @@ def atomic_directory(out: Path, overwrite: bool = False, needed_bytes=None):
         except Exception as exc:
             cause = _disk_cause(exc)
             if cause is not None:
-                raise disk_error(cause, out, _tree_bytes(tmp), needed_bytes() if needed_bytes else None) from None
+                raise disk_error(cause, out, tree_bytes(tmp), needed_bytes() if needed_bytes else None) from None
             raise
         raise_if_terminated()
         _move_into_place(tmp, out, overwrite)

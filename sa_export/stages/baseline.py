@@ -9,8 +9,9 @@ from graph_passes import apply_sharing_plan
 from sa_export.core.atomic import atomic_directory
 from sa_export.core.manifest import Manifest
 from sa_export.core.plan import SharingPlan
-from sa_export.core.progress import step
+from sa_export.core.progress import console, step
 from sa_export.export import Exporter, ExportOptions
+from sa_export.export.cache import export_graph
 from sa_export.export.onnx_io import save_onnx
 from sa_export.hf.models import load_config
 from sa_export.stages.check import manifest_source
@@ -28,8 +29,9 @@ def build_baseline(manifest: Manifest, target: Path, exporter: Exporter) -> None
     options = ExportOptions(manifest.precision, opset, accept_unknown_config_keys=accepted)
     plan = SharingPlan(config.num_hidden_layers, {})
     with atomic_directory(target, overwrite=True) as tmp:
-        with step(f"building the baseline: {source.name} without sharing, {exporter.describe(options)}"):
-            graph_model = exporter.export(source, options, tmp / "export")
+        console.print(f"building the baseline: {source.name} without sharing, {exporter.describe(options)}", soft_wrap=True)
+        graph_model = export_graph(exporter, source, options, tmp / "export")
+        with step("rewriting and saving the baseline"):
             apply_sharing_plan(graph_model, plan, manifest.precision)  # the same graph family as the SA model
             files = save_onnx(graph_model, tmp)
             shutil.rmtree(tmp / "export", ignore_errors=True)

@@ -16,6 +16,7 @@ from sa_export.core.architectures import ModelShape
 from sa_export.core.plan import SharingPlan, build_plan, kv_groups_in
 from sa_export.core.progress import console, step
 from sa_export.export import AUTO, DEFAULT_EXPORTER as DYNAMO, Exporter, ExportOptions, choose_exporter, get_exporter
+from sa_export.export.cache import export_graph
 from sa_export.export.onnx_io import load_onnx, save_onnx
 from sa_export.hf.models import ModelSource, load_config, load_reference, resolve_model
 from sa_export.stages.check import check_directory
@@ -51,6 +52,7 @@ class ConvertRequest:
     opset: int | None = None
     accept_unknown_config_keys: bool = False
     unshared: bool = False  # the same pipeline without sharing: the baseline engine of gpu-check
+    export_cache: bool = True  # reuse the graph exported before for this model (export.cache)
 
     def export_options(self) -> ExportOptions:
         return ExportOptions(self.precision or "fp32", self.opset, self.allow_pickle, self.accept_unknown_config_keys)
@@ -224,8 +226,9 @@ def convert(request: ConvertRequest) -> ConvertResult:
                     from sa_export.accuracy.adapters import save_corrected_checkpoint
 
                     exported = save_corrected_checkpoint(hf_model, tokenizer, tmp / "corrected", reference.name)
-            with step(f"exporting to ONNX with {job.exporter.describe(options)}", timings, "export"):
-                graph_model = job.exporter.export(exported, options, tmp / "export", hf_model)
+            # A corrected checkpoint is new with every fit: its export is not kept.
+            use_cache = request.export_cache and corrections is None
+            graph_model = export_graph(job.exporter, exported, options, tmp / "export", hf_model, use_cache, timings)
             shutil.rmtree(tmp / "corrected", ignore_errors=True)
         in_place = target.writes_caches_in_place
         what = plan.describe() + ("; caches written in place (TensorScatter)" if in_place else "")

@@ -1,0 +1,146 @@
+"""Exported unshared graphs, kept for the next convert of the same model.
+
+The export is a convert's longest step that depends on nothing the user varies between
+converts of one model (SmolLM2's dynamo export: about 80 s on 2 cores; the sharing passes
+that follow take seconds). So the exported graph is kept under the cache directory
+(``SA_EXPORT_CACHE``, ``~/.cache/sa-export`` by default), in ``exports/KEY``, and a
+convert or a bench baseline with the same key loads it instead of exporting.
+
+The key is a digest of everything the export reads: the content of every file of the
+model directory (not its path or dates: a checkpoint saved again in place is a new key),
+the exporter and its options, the versions of the packages that export, and the source
+of sa-export's export and loading code. A hit is then the graph the export would have
+written; parity against PyTorch still runs after it, as after an export.
+
+Storing is best-effort: a cache that cannot take the graph (no room, not writable) says
+so in a line and the convert goes on. Entries are written to a temporary sibling and
+renamed into place, so a reader never sees half an entry; the least recently used are
+removed past ``SA_EXPORT_CACHE_EXPORTS_GB`` (8 by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from sa_export.core.atomic import tree_bytes
+from sa_export.core.progress import console, step
+from sa_export.export.base import Exporter, ExportOptions
+from sa_export.export.onnx_io import MODEL_FILE, load_onnx, save_onnx
+from sa_export.hf.models import ModelSource, cache_dir
+
+EXPORTS = "exports"
+DEFAULT_LIMIT_GB = 8.0
+# Packages whose versions change what an export writes.
+_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime-genai", "sa-export")
+# sa-export's own code an export runs: the exporters and the model loading.
+_CODE = (Path(__file__).parent, Path(__file__).parents[1] / "hf")
+
+
+def _file_digest(path: Path) -> str:
+    # The content every time, not sizes and dates: SmolLM2's 540 MB take under a second.
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def model_digest(path: Path) -> str:
+    """A digest of the content of every file of a model directory (or of one file)."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256(json.dumps([(p.name, _file_digest(p)) for p in files]).encode()).hexdigest()
+
+
+def export_key(source: ModelSource, exporter: Exporter, options: ExportOptions) -> str:
+    code = sorted(p for root in _CODE for p in root.glob("*.py"))
+    parts = {
+        "model": model_digest(source.path),
+        "exporter": exporter.name,
+        "options": [options.precision, exporter.resolve_opset(options.opset), options.accept_unknown_config_keys],
+        "packages": {package: _version(package) for package in _PACKAGES},
+        "code": [(p.name, _file_digest(p)) for p in code],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def limit_bytes() -> int:
+    return int(float(os.environ.get("SA_EXPORT_CACHE_EXPORTS_GB", DEFAULT_LIMIT_GB)) * 2**30)
+
+
+def export_graph(
+    exporter: Exporter, source: ModelSource, options: ExportOptions, export_dir: Path, eager_fp32_model=None,
+    use_cache: bool = True, timings: dict | None = None,
+) -> ir.Model:
+    """The unshared graph of ``source``: loaded from the cache when the same key was
+    exported before, else exported (into ``export_dir``) and kept for the next time."""
+    entry = cache_dir() / EXPORTS / export_key(source, exporter, options) if use_cache else None
+    if entry is not None and (entry / MODEL_FILE).is_file():
+        with step(f"reusing the {exporter.name} export kept for these model files", timings, "export"):
+            with contextlib.suppress(OSError):
+                os.utime(entry)  # recently used: the last to go
+            return load_onnx(entry / MODEL_FILE)
+    with step(f"exporting to ONNX with {exporter.describe(options)}", timings, "export"):
+        model = exporter.export(source, options, export_dir, eager_fp32_model)
+    if entry is not None:
+        started = time.perf_counter()
+        why_not = _store(model, entry)
+        if why_not is None:
+            console.print(f"[green]✓[/green] kept the export for the next convert of this model in {entry} [dim]({time.perf_counter() - started:.1f} s)[/dim]", soft_wrap=True)
+        else:
+            console.print(f"[yellow]![/yellow] the export is not kept for the next convert: {why_not}", soft_wrap=True)
+    return model
+
+
+def _store(model: ir.Model, entry: Path) -> str | None:
+    """Save ``model`` as ``entry``; None, or why it could not."""
+    partial = entry.parent / f".{entry.name}.{os.getpid()}"
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        limit = limit_bytes()
+        if size > limit:
+            return f"{size / 2**30:.1f} GiB is over SA_EXPORT_CACHE_EXPORTS_GB ({limit / 2**30:.1f} GiB)"
+        free = shutil.disk_usage(entry.parent).free
+        if free < 2 * size:
+            return f"{free / 2**30:.1f} GiB free in {entry.parent}"
+        _evict(entry.parent, limit - size)
+        partial.mkdir()
+        save_onnx(model, partial)
+        try:
+            partial.rename(entry)
+        except OSError:  # another process stored the same key first: its entry serves
+            shutil.rmtree(partial, ignore_errors=True)
+        return None
+    except OSError as exc:
+        return f"{exc.strerror or exc} ({exc.filename or entry.parent})"
+    finally:
+        if partial.exists():  # a failure or an interrupt left it half-written
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _evict(root: Path, room: int) -> None:
+    """Remove the least recently used entries until the others fit in ``room`` bytes.
+    An entry used in the last ten minutes stays (another process may be reading it)."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+    sizes = {p: tree_bytes(p) for p in entries}
+    total = sum(sizes.values())
+    for path in entries:
+        if total <= room:
+            break
+        if time.time() - path.stat().st_mtime < 600:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        total -= sizes[path]
