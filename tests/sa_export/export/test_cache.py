@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from sa_export.export import get_exporter
 from sa_export.export.base import Exporter, ExportOptions
-from sa_export.export.cache import EXPORTS, _evict, _store, export_graph, export_key
+from sa_export.export.cache import EXPORTS, _evict, _keep, export_graph, export_key
 from sa_export.hf.models import ModelSource
 from tests.helpers import run_cli
 
@@ -18,7 +18,7 @@ def _lm_graph(scale: float = 1.0) -> ir.Model:
     """The smallest graph load_onnx takes for an LM: input_ids, one past, logits, one weight."""
     ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1, 1]))
     past = ir.Value(name="past_key_values.0.key", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 1, 1, 2]))
-    weight = ir.Value(name="w", const_value=ir.tensor(np.full((2,), scale, np.float32)))
+    weight = ir.Value(name="w", const_value=ir.tensor(np.full((1, 1, 1, 256), scale, np.float32)))
     node = ir.node("Mul", [past, weight], name="mul")
     node.outputs[0].name = "logits"
     graph = ir.Graph([ids, past], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 18})
@@ -36,7 +36,14 @@ class _Counting(Exporter):
 
     def export(self, source, options, export_dir, eager_fp32_model=None):
         self.calls += 1
-        return _lm_graph()
+        return _written(_lm_graph(), export_dir)
+
+
+def _written(model: ir.Model, directory):
+    """The model as an exporter leaves it: saved with its weights in external data, loaded lazily."""
+    directory.mkdir(parents=True)
+    ir.save(model, directory / "model.onnx", external_data="model.onnx.data")
+    return ir.load(directory / "model.onnx")
 
 
 def test_the_graph_is_exported_once_then_read_back(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -74,9 +81,20 @@ def test_the_key_is_the_content_of_the_files_and_what_exports_them(tiny_llama, t
 
 def test_a_cache_that_cannot_keep_the_export_says_why_and_loses_nothing(tmp_path):
     (tmp_path / "file").write_text("x")
-    why = _store(_lm_graph(), tmp_path / "file" / EXPORTS / "key")
-    assert why is not None and "Not a directory" in why
-    assert (tmp_path / "file").read_text() == "x"
+    exported = _written(_lm_graph(2.0), tmp_path / "export")
+    model, why = _keep(exported, tmp_path / "export", tmp_path / "file" / EXPORTS / "key")
+    assert model is exported and why is not None and "Not a directory" in why
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "export" / "model.onnx.data").is_file()
+    assert model.graph.initializers["w"].const_value.numpy().max() == 2.0  # its weights read where they were
+
+
+def test_a_kept_export_is_moved_not_copied_and_read_from_the_cache(tmp_path):
+    exported = _written(_lm_graph(3.0), tmp_path / "export")
+    data = (tmp_path / "export" / "model.onnx.data").stat().st_ino
+    model, why = _keep(exported, tmp_path / "export", tmp_path / "cache" / "key")
+    assert why is None and not (tmp_path / "export").exists()
+    assert (tmp_path / "cache" / "key" / "model.onnx.data").stat().st_ino == data
+    assert model.graph.initializers["w"].const_value.numpy().max() == 3.0
 
 
 def test_the_least_recently_used_exports_go_first_and_recent_ones_stay(tmp_path):
