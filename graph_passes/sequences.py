@@ -119,8 +119,8 @@ def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32", in
     if precision == "fp16":
         passes.append(Fp32SoftmaxPass())  # after unfusing, so that every Softmax is found
     passes += [
+        SharePartOfLayerPass(plan),  # first: a later layer's map may read the heads a partly shared layer keeps
         ShareProbabilitiesPass(plan),
-        SharePartOfLayerPass(plan),
         DropKCachePass(plan),
         RemoveUnusedNodesPass(),
         ShapeFromLiveSplitOutputPass(),

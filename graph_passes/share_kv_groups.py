@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from graph_passes.attention_blocks import AttentionBlock, find_attention_blocks
 from graph_passes.initializers import add_initializer
-from graph_passes.share_probabilities import borrowed_probs
+from graph_passes.share_probabilities import borrowed_probs, head_order_name
 from sa_export.core.cache_names import past_name, present_name
 from sa_export.core.errors import AttentionPatternError
 from sa_export.core.plan import SharingPlan
@@ -76,7 +76,7 @@ class SharePartOfLayerPass(ir.passes.InPlacePass):
         prefix = f"sa.layer{layer}"
         concat = ir.node("Concat", [own, other], attributes={"axis": 1}, name=f"{prefix}.own_and_borrowed")
         order = np.argsort(np.asarray([*kept, *borrowed])).astype(np.int64)  # back to head order
-        gather = ir.node("Gather", [concat.outputs[0], add_initializer(graph, f"{prefix}.head_order", order)], attributes={"axis": 1}, name=f"{prefix}.head_order")
+        gather = ir.node("Gather", [concat.outputs[0], add_initializer(graph, f"{prefix}.head_order", order)], attributes={"axis": 1}, name=head_order_name(layer))
         graph.insert_before(block.context_matmul, [concat, gather])
         gather.outputs[0].name = f"{prefix}.probs_in_head_order"
         dtype = own.dtype or other.dtype or block.context_matmul.inputs[1].dtype  # the unfused Attention op's probs carry none

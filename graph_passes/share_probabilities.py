@@ -27,7 +27,7 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         blocks = {block.layer: block for block in find_attention_blocks(model.graph)}
         modified = False
-        for layer in self.plan.whole_layers:  # partly shared layers: share_kv_groups
+        for layer in self.plan.whole_layers:  # partly shared layers: share_kv_groups, which runs first
             if layer not in blocks:
                 raise AttentionPatternError(layer, "no attention block found for this shared layer")
             context = blocks[layer].context_matmul
@@ -36,18 +36,39 @@ class ShareProbabilitiesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+def head_order_name(layer: int) -> str:
+    """The node that gives a partly shared layer's probabilities, its own and borrowed, in head order (share_kv_groups)."""
+    return f"sa.layer{layer}.head_order"
+
+
+def _source_probs(graph: ir.Graph, blocks: dict, plan: SharingPlan, layer: int) -> dict[int, ir.Value]:
+    """The probabilities of every layer ``layer`` reads, [batch, heads, S, T] in head order.
+    A partly shared source gives its probs @ V's input, where its kept heads are its own
+    (a map reads only those: ``SharingPlan.with_head_maps``); it is shared first."""
+    found = {}
+    for source in plan.sources_of(layer):
+        if plan.is_partly_shared(source):
+            node = next((n for n in graph if n.name == head_order_name(source)), None)
+            if node is None:
+                raise AttentionPatternError(source, f"layer {layer} reads the heads this partly shared layer keeps, which is not shared yet")
+            found[source] = node.outputs[0]
+        elif source in blocks:
+            found[source] = blocks[source].probs
+        else:
+            raise AttentionPatternError(source, f"layer {layer} reads this layer's probabilities, but it has no attention block (is it shared itself?)")
+    return found
+
+
 def borrowed_probs(graph: ir.Graph, blocks: dict, plan: SharingPlan, layer: int, before: ir.Node, rows: Sequence[int] | None = None) -> ir.Value:
     """The probabilities shared ``layer`` borrows, inserted before ``before``: the anchor's, or
     its head map's; ``rows``: only those heads' (a partly shared layer's borrowed heads)."""
     head_map = plan.head_map(layer)
-    for source in plan.sources_of(layer):
-        if source not in blocks:
-            raise AttentionPatternError(source, f"layer {layer} reads this layer's probabilities, but it has no attention block (is it shared itself?)")
+    probs = _source_probs(graph, blocks, plan, layer)
     if head_map is None and rows is None:
-        return blocks[plan.anchors[layer]].probs
+        return probs[plan.anchors[layer]]
     if head_map is None:  # the same heads of the anchor (rows are only given for a partly shared layer)
         head_map = HeadMap.from_anchor_heads(plan.anchors[layer], range(plan.kv_heads * plan.heads_per_group))
-    return _mixed_probs(graph, {l: b.probs for l, b in blocks.items()}, layer, head_map, before, rows)
+    return _mixed_probs(graph, probs, layer, head_map, before, rows)
 
 
 def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_map: HeadMap, before: ir.Node, rows: Sequence[int] | None = None) -> ir.Value:

@@ -147,9 +147,9 @@ def calibrate_head_maps(
         else:
             candidates = [
                 l for l in range(layer)
-                if not plan.is_shared(l) and (layer_kinds is None or layer_kinds[l] == layer_kinds[layer]) and (allowed is None or l in allowed)
+                if l not in plan.whole_layers and (layer_kinds is None or layer_kinds[l] == layer_kinds[layer]) and (allowed is None or l in allowed)
             ]
-        pairs = [(l, g) for l in candidates for g in range(heads)]
+        pairs = [(l, g) for l in candidates for g in range(heads) if g not in (plan.borrowed_heads(l) or ())]  # a partly shared layer's kept heads
         sources, weights = [], []
         for head in range(heads):
             allowed_pairs = pairs

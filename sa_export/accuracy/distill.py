@@ -50,14 +50,15 @@ def default_fit_steps(corrected: bool) -> int:
 class _FittedMaps(torch.nn.Module):
     """Per shared layer: [heads, sources] mixture logits and [heads] log gains."""
 
-    def __init__(self, start: dict[int, HeadMap], heads: int, temperature: bool = False):
+    def __init__(self, start: dict[int, HeadMap], heads: int, temperature: bool = False, borrowed: dict[int, tuple[int, ...]] | None = None):
         super().__init__()
         self.sources: dict[int, tuple[tuple[int, int], ...]] = {}
         self.logits = torch.nn.ParameterDict()
         self.log_gains = torch.nn.ParameterDict()
         self.log_temperatures = torch.nn.ParameterDict() if temperature else None
+        borrowed = borrowed or {}  # heads of partly shared layers that borrow: no map reads them
         for layer, head_map in sorted(start.items()):
-            sources = tuple((source, head) for source in head_map.layers for head in range(heads))
+            sources = tuple((source, head) for source in head_map.layers for head in range(heads) if head not in borrowed.get(source, ()))
             weights = torch.full((head_map.num_heads, len(sources)), WEIGHT_FLOOR, dtype=torch.float64)
             for head, (pairs, start_weights) in enumerate(zip(head_map.sources, head_map.weights)):
                 for pair, weight in zip(pairs, start_weights):
@@ -122,7 +123,7 @@ def fit_maps_and_temperatures(
     held_out = list(range(HOLD_OUT_EVERY - 1, len(chunks), HOLD_OUT_EVERY)) if len(chunks) >= HOLD_OUT_EVERY else []
     training = [i for i in range(len(chunks)) if i not in held_out]
     held_out = held_out or training  # too short to hold any out: validate on all
-    fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature).to(model.device)
+    fitted = _FittedMaps(start, next(iter(start.values())).num_heads, temperature, {**plan.shared_heads, **(shared_heads or {})}).to(model.device)
     structure = plan_with_fitted_maps(plan, fitted.head_maps(), shared_heads)  # the sources; weights come from ``fitted``
     changed = first_changed_layer(structure, adapters.layers if adapters is not None else ())
     teacher = _Teacher(model, chunks, min(plan.shared_layers) if hidden_weight else None, changed)

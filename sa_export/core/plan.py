@@ -191,10 +191,16 @@ class SharingPlan:
         return head_map.layers if head_map else (self.anchors[layer],)
 
     def with_head_maps(self, head_maps: Mapping[int, HeadMap]) -> SharingPlan:
+        """The plan with these maps. A map reads earlier layers that compute their own
+        attention: unshared layers, and the heads a partly shared layer keeps (not those it borrows)."""
         for layer, head_map in head_maps.items():
-            bad = [l for l in head_map.layers if l >= layer or l in self.anchors]
+            bad = [l for l in head_map.layers if l >= layer or l in self.whole_layers]
             if bad:
-                raise PlanError(f"head map of layer {layer} reads layer {bad[0]}, which is not an earlier unshared layer")
+                raise PlanError(f"head map of layer {layer} reads layer {bad[0]}, which is not an earlier layer that computes its attention")
+            borrowed = [(l, h) for pairs in head_map.sources for l, h in pairs if h in (self.borrowed_heads(l) or ())]
+            if borrowed:
+                l, h = borrowed[0]
+                raise PlanError(f"head map of layer {layer} reads head {h} of layer {l}, which borrows it (--span {l}.{h // self.heads_per_group})")
         return dataclasses.replace(self, head_maps=dict(head_maps))
 
     @property

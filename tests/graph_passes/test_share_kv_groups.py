@@ -7,9 +7,9 @@ import onnx_ir as ir
 import pytest
 
 from sa_export.accuracy.parity import run_parity
-from sa_export.core.errors import AttentionPatternError, CheckFailed
+from sa_export.core.errors import AttentionPatternError, CheckFailed, PlanError
 from sa_export.core.manifest import Manifest
-from sa_export.core.plan import HeadMap
+from sa_export.core.plan import HeadMap, build_plan
 from sa_export.hf.models import load_reference, resolve_model
 from sa_export.runtime import SAModel
 from sa_export.stages.convert import ConvertRequest, convert
@@ -78,28 +78,33 @@ def test_groups_share_on_other_architectures(tiny_models, tmp_path, arch, anchor
     assert result.parity.passed and result.plan.shared_groups == {3: (1,)}
 
 
+# Layer 4 reads the heads layer 3 keeps (2 and 3) beside its anchor's: a map may read them.
+READS_KEPT_HEADS = {4: HeadMap((((3, 2), (2, 0)), ((3, 3), (2, 1)), ((3, 3), (2, 2)), ((3, 2), (2, 3))), ((0.6, 0.4),) * 4)}
+
+
 @pytest.mark.parametrize(
-    "head_map",
+    "spans, head_maps",
     [
-        HeadMap.from_anchor_heads(2, (3, 1, 0, 2)),  # one source per head: a Gather of the borrowed rows
-        HeadMap((((2, 3), (1, 0)), ((2, 1), (1, 2)), ((2, 0), (1, 1)), ((2, 2), (1, 3))), ((0.7, 0.3),) * 4),  # a mixture
+        (["3.0"], {3: HeadMap.from_anchor_heads(2, (3, 1, 0, 2))}),  # one source per head: a Gather of the borrowed rows
+        (["3.0"], {3: HeadMap((((2, 3), (1, 0)), ((2, 1), (1, 2)), ((2, 0), (1, 1)), ((2, 2), (1, 3))), ((0.7, 0.3),) * 4)}),  # a mixture
+        (["3.0", "4"], {3: HeadMap.from_anchor_heads(2, (3, 1, 0, 2)), **READS_KEPT_HEADS}),
     ],
 )
-def test_head_maps_reach_the_borrowed_heads_in_head_order(sharp_llama, tmp_path, head_map):
+def test_head_maps_reach_the_borrowed_heads_in_head_order(sharp_llama, tmp_path, spans, head_maps):
     """Group 0 of layer 3 borrows (heads 0 and 1, in front of the kept 2 and 3): any slip in
-    which rows of the map it takes or where they go back among the kept heads moves the logits."""
+    which rows of the map it takes or where they go back among the kept heads moves the logits,
+    and so does any slip in which of layer 3's heads a later layer's map reads."""
     import onnxruntime as ort
     import torch
 
     from graph_passes import apply_sharing_plan
     from sa_export.accuracy.reference import shared_attention
-    from sa_export.core.plan import build_plan
     from sa_export.export.dynamo import export_dynamo
     from sa_export.export.onnx_io import save_onnx
     from sa_export.hf.models import ModelSource, load_hf_model
 
     hf = load_hf_model(ModelSource("hf", sharp_llama, "tiny"))
-    plan = build_plan(["3.0"], 6, kv_heads=2, num_heads=4).with_head_maps({3: head_map})
+    plan = build_plan(spans, 6, kv_heads=2, num_heads=4).with_head_maps(head_maps)
     model = ir.load(export_dynamo(hf, tmp_path / "export"))
     apply_sharing_plan(model, plan)
     (tmp_path / "sa").mkdir()
@@ -117,6 +122,16 @@ def test_head_maps_reach_the_borrowed_heads_in_head_order(sharp_llama, tmp_path,
         base = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(logits - expected).max() < 1e-4
     assert np.abs(base - expected).max() > 0.01  # the heads borrowed change the model
+
+
+def test_a_map_cannot_read_the_heads_a_partly_shared_layer_borrows():
+    plan = build_plan(["3.0", "4"], 6, kv_heads=2, num_heads=4)
+    assert plan.with_head_maps(READS_KEPT_HEADS).sources_of(4) == (2, 3)
+    reads_borrowed = HeadMap((((3, 1), (2, 0)),) * 4, ((0.5, 0.5),) * 4)
+    with pytest.raises(PlanError, match="reads head 1 of layer 3, which borrows it"):
+        plan.with_head_maps({4: reads_borrowed})
+    with pytest.raises(PlanError, match="not an earlier layer that computes its attention"):
+        build_plan(["3", "4"], 6, kv_heads=2, num_heads=4).with_head_maps({4: READS_KEPT_HEADS[4]})
 
 
 def test_fused_qkv_projections_cannot_share_part_of_a_layer(tiny_models, tmp_path):
