@@ -90,7 +90,7 @@ def export_graph(
     exported before, else exported (into ``export_dir``) and kept for the next time."""
     entry = cache_dir() / EXPORTS / export_key(source, exporter, options) if use_cache else None
     if entry is not None and (entry / MODEL_FILE).is_file():
-        with step(f"reusing the {exporter.name} export kept for these model files", timings, "export"):
+        with step(f"reusing the {exporter.name} export kept for these model files", timings, "export_reused"):
             with contextlib.suppress(OSError):
                 os.utime(entry)  # recently used: the last to go
             return load_onnx(entry / MODEL_FILE)

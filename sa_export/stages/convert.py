@@ -112,6 +112,8 @@ def conversion_times(timings: dict[str, float]) -> str:
     parts = []
     if "export" in timings:
         parts.append(f"export {timings['export']:.1f} s")
+    if "export_reused" in timings:  # export.cache: the passes' share of it would mean nothing
+        parts.append(f"export reused ({timings['export_reused']:.1f} s)")
     if "passes" in timings:
         share = f" ({100 * timings['passes'] / timings['export']:.1f}% of export)" if timings.get("export") else ""
         parts.append(f"passes {timings['passes']:.2f} s{share}")

@@ -119,6 +119,7 @@ def test_a_convert_from_the_kept_export_writes_the_graph_an_export_writes(tiny_l
     assert first.exit_code == 0 and "kept the export" in first.stderr, first.stderr
     reused = run_cli("convert", tiny_llama, "--span", "2-4", "-o", tmp_path / "b", *common)  # another plan, the same export
     assert reused.exit_code == 0 and "reusing the dynamo export kept" in reused.stderr and "exporting to ONNX" not in reused.stderr, reused.stderr
+    assert "export reused (" in reused.output and "% of export" not in reused.output
     fresh = run_cli("convert", tiny_llama, "--span", "2-4", "-o", tmp_path / "c", "--no-export-cache", *common)
     assert fresh.exit_code == 0 and "exporting to ONNX" in fresh.stderr and "kept the export" not in fresh.stderr
     assert (tmp_path / "b" / "model.onnx").read_bytes() == (tmp_path / "c" / "model.onnx").read_bytes()
