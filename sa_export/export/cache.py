@@ -113,8 +113,8 @@ def _keep(model: ir.Model, export_dir: Path, entry: Path) -> tuple[ir.Model, str
     back from the entry. Returns the model to use and None, or the exporter's model and why
     it was not kept."""
     partial = entry.parent / f".{entry.name}.{os.getpid()}"
-    external = {Path(v.const_value.base_dir) for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
-    if external - {export_dir}:
+    external = {Path(v.const_value.base_dir).resolve() for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    if external - {export_dir.resolve()}:
         return model, "its weights are not in the exporter's directory"
     moved = False
     try:
