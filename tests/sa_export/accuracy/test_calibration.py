@@ -57,6 +57,27 @@ def test_head_map_modes_respect_their_source_rules(stats):
     assert calibrate_head_maps(stats, plan, "identity") == {}
 
 
+def test_maps_may_read_the_heads_a_partly_shared_layer_keeps_and_no_other(stats):
+    """Layer 3 lends group 0 (heads 0 and 1) and keeps heads 2 and 3; layer 4 is shared whole.
+    Statistics where layer 4's heads look most like layer 3's borrowed heads, then its kept ones."""
+    import dataclasses
+
+    cosine, gram = stats.cosine.copy(), stats.gram.copy()
+    for head in range(4):
+        target = stats.index(4, head)
+        cosine[target, : stats.index(4, 0)] = cosine[: stats.index(4, 0), target] = 0.5  # random tiny heads all look alike
+        for source, similarity in (((3, 0), 0.99), ((3, 1), 0.98), ((3, 2), 0.97), ((3, 3), 0.96)):
+            cosine[target, stats.index(*source)] = cosine[stats.index(*source), target] = similarity
+    alike = dataclasses.replace(stats, cosine=cosine, gram=gram)
+    plan = build_plan(["3.0", "4"], 6, kv_heads=2, num_heads=4)
+    anywhere = calibrate_head_maps(alike, plan, "argmax-any")
+    assert {src[0] for src in anywhere[4].sources} == {(3, 2)}  # the most alike head layer 3 computes itself
+    plan.with_head_maps(anywhere)  # which the plan takes
+    mix = calibrate_head_maps(alike, plan, "mix")
+    assert not {(l, h) for src in mix[4].sources for l, h in src} & {(3, 0), (3, 1)}
+    assert {(3, 2), (3, 3)} <= {(l, h) for src in mix[4].sources for l, h in src}
+
+
 @pytest.mark.parametrize("mode", ["mix", "fit"])
 def test_convert_with_a_mixture_head_map_passes_check(mode, tiny_llama_with_tokenizer, tmp_path):
     import json

@@ -221,3 +221,13 @@ def test_the_fit_from_the_first_changed_layer_is_the_fit_of_the_whole_model(hidd
     for layer, head_map in whole_maps.items():
         np.testing.assert_allclose(maps[layer].weights, head_map.weights, rtol=1e-4, atol=1e-6)
     assert calls < whole_calls / 2  # layer 0 ran for the teacher only
+
+
+def test_a_fitted_map_never_reads_a_head_its_source_layer_borrows():
+    from sa_export.accuracy.distill import _FittedMaps
+
+    # Layer 4 starts from layer 3 (which lends heads 0 and 1) and layer 2; every head of those it may read.
+    start = {4: HeadMap((((3, 2), (2, 0)),) * 4, ((0.5, 0.5),) * 4)}
+    fitted = _FittedMaps(start, 4, borrowed={3: (0, 1)})
+    assert fitted.sources[4] == ((2, 0), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3))
+    assert all(h not in (0, 1) for l, h in fitted.head_maps()[4].sources[0] if l == 3)
