@@ -108,3 +108,32 @@ def test_decode_cost_grows_with_context_and_batch():
 def test_removed_projection_bytes_count_q_and_k_of_shared_layers():
     # One shared layer: hidden 64 x (4 query + 2 key heads) x head dim 16, fp32.
     assert qk_projection_bytes(MANIFEST) == 64 * 6 * 16 * 4
+
+
+def test_the_baseline_follows_the_model_files_content_not_their_path(converted_tiny_llama, tmp_path, monkeypatch):
+    """A model saved again in place is a new baseline: a bench after a model change compares with the new model."""
+    import dataclasses
+    import shutil
+
+    from sa_export.core.manifest import MANIFEST_NAME
+    from sa_export.stages.bench import SAME_EXPORT, baseline_dir
+
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def build(manifest, target, exporter):
+        built.append(target)
+        target.mkdir(parents=True)
+        (target / MANIFEST_NAME).write_text("{}")
+
+    monkeypatch.setattr("sa_export.stages.baseline.build_baseline", build)
+    manifest = Manifest.read(converted_tiny_llama)
+    model = shutil.copytree(manifest.source.path, tmp_path / "model")
+    manifest = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, path=str(model), model=str(model)))
+    first = baseline_dir(converted_tiny_llama, manifest, SAME_EXPORT)
+    assert baseline_dir(converted_tiny_llama, manifest, SAME_EXPORT) == first and built == [first]
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert baseline_dir(converted_tiny_llama, manifest, SAME_EXPORT) != first and len(built) == 2
