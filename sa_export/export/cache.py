@@ -41,6 +41,7 @@ from sa_export.hf.models import ModelSource, cache_dir
 
 EXPORTS = "exports"
 DEFAULT_LIMIT_GB = 8.0
+LARGE_MODEL_BYTES = 4 << 30  # about 4 s of hashing on the CPU that exports
 # Packages whose versions change what an export writes.
 _PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime-genai", "sa-export")
 # sa-export's own code an export runs: the exporters and the model loading.
@@ -88,7 +89,11 @@ def export_graph(
 ) -> ir.Model:
     """The unshared graph of ``source``: loaded from the cache when the same key was
     exported before, else exported (into ``export_dir``) and kept for the next time."""
-    entry = cache_dir() / EXPORTS / export_key(source, exporter, options) if use_cache else None
+    entry = None
+    if use_cache:
+        large = tree_bytes(source.path) > LARGE_MODEL_BYTES  # a second per GiB or so to hash: said, not silent
+        with step("hashing the model files for the export cache", timings, "export_key") if large else contextlib.nullcontext():
+            entry = cache_dir() / EXPORTS / export_key(source, exporter, options)
     if entry is not None and (entry / MODEL_FILE).is_file():
         with step(f"reusing the {exporter.name} export kept for these model files", timings, "export_reused"):
             with contextlib.suppress(OSError):
