@@ -127,6 +127,8 @@ class EvalResult:
         if self.calibration is not None:
             lines.append(f"calib text    {self.calibration.source}")
         lines.append(f"plan          {self.plan.describe()}, head map {self.head_map}")
+        if self.plan.head_maps:
+            lines.append(f"maps read     {self._map_sources_text()}")
         if self.corrections is not None:
             fix = self.corrections
             lines.append(f"corrections   rank {fix['rank']} of {len(fix['corrects'])} projections ({fix['parameters']:,} numbers)")
@@ -153,9 +155,19 @@ class EvalResult:
                     lines.append(f"{task} {metric:12s} base {sides['base'][metric]:.4f}  SA {sides['sa'].get(metric, float('nan')):.4f}")
         return lines
 
+    def map_sources(self) -> dict[int, tuple[int, ...]]:
+        """The layers each shared layer's head map reads (a partly shared one's kept heads among them)."""
+        return {layer: self.plan.sources_of(layer) for layer in self.plan.shared_layers if self.plan.head_map(layer) is not None}
+
+    def _map_sources_text(self) -> str:
+        partly = set(self.plan.shared_groups)
+        named = lambda layer: f"{layer} (kept heads)" if layer in partly else str(layer)  # noqa: E731
+        return "; ".join(f"{layer} <- {', '.join(map(named, sources))}" for layer, sources in self.map_sources().items())
+
     def to_json(self) -> dict:
         return {
             "model": self.model,
+            "map_sources": {str(k): list(v) for k, v in self.map_sources().items()},
             "shared_layers": list(self.plan.shared_layers),
             "shared_groups": {str(k): list(v) for k, v in self.plan.shared_groups.items()},  # partly shared layers' KV groups
             "anchors": {str(k): v for k, v in self.plan.anchors.items()},

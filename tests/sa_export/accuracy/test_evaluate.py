@@ -234,6 +234,20 @@ def test_eval_shares_one_kv_group(tiny_llama_with_tokenizer, tmp_path):
     assert group["shared_groups"] == {"3": [0]} and whole["shared_groups"] == {}
 
 
+def test_eval_says_which_layers_the_maps_read(tiny_llama_with_tokenizer, tmp_path):
+    text, calib = tmp_path / "text.txt", tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250 + 3}" for i in range(1200)))
+    calib.write_text(" ".join(f"w{(i * 11) % 250 + 3}" for i in range(1200)))
+    result = run_cli(
+        "eval", tiny_llama_with_tokenizer, "--span", "3.0", "--span", "4", "--head-map", "mix", "--text", text, "--calib", calib,
+        "--context", "128", "--max-tokens", "512", "--other-text", "none", "--json", tmp_path / "e.json",
+    )
+    assert result.exit_code == 0, result.stderr
+    sources = json.loads((tmp_path / "e.json").read_text())["map_sources"]
+    assert set(sources) == {"3", "4"} and set(sources["3"]) <= {0, 1, 2} and set(sources["4"]) <= {0, 1, 2, 3}
+    assert f"4 <- {', '.join(str(l) if l != 3 else '3 (kept heads)' for l in sources['4'])}" in result.output
+
+
 def test_eval_refuses_kv_groups_in_int4_before_it_loads_weights(tiny_llama_with_tokenizer):
     result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3.0", "--precision", "int4")
     assert result.exit_code == 2 and "shares part of a layer" in result.output + result.stderr
