@@ -34,6 +34,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from sa_export.core.atomic import tree_bytes
+from sa_export.core.errors import UsageError
 from sa_export.core.progress import console, step
 from sa_export.export.base import Exporter, ExportOptions
 from sa_export.export.onnx_io import MODEL_FILE, load_onnx
@@ -80,7 +81,11 @@ def export_key(source: ModelSource, exporter: Exporter, options: ExportOptions) 
 
 
 def limit_bytes() -> int:
-    return int(float(os.environ.get("SA_EXPORT_CACHE_EXPORTS_GB", DEFAULT_LIMIT_GB)) * 2**30)
+    value = os.environ.get("SA_EXPORT_CACHE_EXPORTS_GB", str(DEFAULT_LIMIT_GB))
+    try:
+        return max(0, int(float(value) * 2**30))
+    except ValueError:
+        raise UsageError(f"SA_EXPORT_CACHE_EXPORTS_GB={value!r} is not a size in GiB (8 by default; 0 keeps no export)") from None
 
 
 def export_graph(
@@ -89,7 +94,7 @@ def export_graph(
 ) -> ir.Model:
     """The unshared graph of ``source``: loaded from the cache when the same key was
     exported before, else exported (into ``export_dir``) and kept for the next time."""
-    entry = None
+    entry, limit = None, limit_bytes() if use_cache else 0  # a bad limit fails before the export, not after
     if use_cache:
         large = tree_bytes(source.path) > LARGE_MODEL_BYTES  # a second per GiB or so to hash: said, not silent
         with step("hashing the model files for the export cache", timings, "export_key") if large else contextlib.nullcontext():
@@ -103,7 +108,7 @@ def export_graph(
         model = exporter.export(source, options, export_dir, eager_fp32_model)
     if entry is not None:
         started = time.perf_counter()
-        model, why_not = _keep(model, export_dir, entry)
+        model, why_not = _keep(model, export_dir, entry, limit)
         if why_not is None:
             console.print(f"[green]✓[/green] kept the export for the next convert of this model in {entry} [dim]({time.perf_counter() - started:.1f} s)[/dim]", soft_wrap=True)
         else:
@@ -111,7 +116,7 @@ def export_graph(
     return model
 
 
-def _keep(model: ir.Model, export_dir: Path, entry: Path) -> tuple[ir.Model, str | None]:
+def _keep(model: ir.Model, export_dir: Path, entry: Path, limit: int) -> tuple[ir.Model, str | None]:
     """Keep the export as ``entry``: the exporter's directory is moved there (the builder's
     SmolLM2 export takes 7.1 s, and writing its 540 MB again took 5.6 s; copied only from
     another file system), the graph saved as the exporter returned it, and the model read
@@ -124,7 +129,7 @@ def _keep(model: ir.Model, export_dir: Path, entry: Path) -> tuple[ir.Model, str
     moved = False
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        size, limit = tree_bytes(export_dir), limit_bytes()
+        size = tree_bytes(export_dir)
         if size > limit:
             return model, f"{size / 2**30:.1f} GiB is over SA_EXPORT_CACHE_EXPORTS_GB ({limit / 2**30:.1f} GiB)"
         _evict(entry.parent, limit - size)

@@ -82,7 +82,7 @@ def test_the_key_is_the_content_of_the_files_and_what_exports_them(tiny_llama, t
 def test_a_cache_that_cannot_keep_the_export_says_why_and_loses_nothing(tmp_path):
     (tmp_path / "file").write_text("x")
     exported = _written(_lm_graph(2.0), tmp_path / "export")
-    model, why = _keep(exported, tmp_path / "export", tmp_path / "file" / EXPORTS / "key")
+    model, why = _keep(exported, tmp_path / "export", tmp_path / "file" / EXPORTS / "key", 2**30)
     assert model is exported and why is not None and "Not a directory" in why
     assert (tmp_path / "file").read_text() == "x" and (tmp_path / "export" / "model.onnx.data").is_file()
     assert model.graph.initializers["w"].const_value.numpy().max() == 2.0  # its weights read where they were
@@ -91,7 +91,7 @@ def test_a_cache_that_cannot_keep_the_export_says_why_and_loses_nothing(tmp_path
 def test_a_kept_export_is_moved_not_copied_and_read_from_the_cache(tmp_path):
     exported = _written(_lm_graph(3.0), tmp_path / "export")
     data = (tmp_path / "export" / "model.onnx.data").stat().st_ino
-    model, why = _keep(exported, tmp_path / "export", tmp_path / "cache" / "key")
+    model, why = _keep(exported, tmp_path / "export", tmp_path / "cache" / "key", 2**30)
     assert why is None and not (tmp_path / "export").exists()
     assert (tmp_path / "cache" / "key" / "model.onnx.data").stat().st_ino == data
     assert model.graph.initializers["w"].const_value.numpy().max() == 3.0
@@ -124,3 +124,16 @@ def test_a_convert_from_the_kept_export_writes_the_graph_an_export_writes(tiny_l
     assert fresh.exit_code == 0 and "exporting to ONNX" in fresh.stderr and "kept the export" not in fresh.stderr
     assert (tmp_path / "b" / "model.onnx").read_bytes() == (tmp_path / "c" / "model.onnx").read_bytes()
     assert len(list((tmp_path / "cache" / EXPORTS).iterdir())) == 1
+
+
+def test_a_limit_that_is_not_a_size_is_one_line(monkeypatch):
+    import pytest
+
+    from sa_export.core.errors import UsageError
+    from sa_export.export.cache import limit_bytes
+
+    monkeypatch.setenv("SA_EXPORT_CACHE_EXPORTS_GB", "lots")
+    with pytest.raises(UsageError, match="'lots' is not a size in GiB"):
+        limit_bytes()
+    monkeypatch.setenv("SA_EXPORT_CACHE_EXPORTS_GB", "0.5")
+    assert limit_bytes() == 2**29
