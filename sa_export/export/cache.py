@@ -1,7 +1,7 @@
 """Exported unshared graphs, kept for the next convert of the same model.
 
 The export is a convert's longest step that depends on nothing the user varies between
-converts of one model (SmolLM2's dynamo export: about 80 s on 2 cores; the sharing passes
+converts of one model (SmolLM2's dynamo export: 68.4 s on 2 cores; the sharing passes
 that follow take seconds). So the exported graph is kept under the cache directory
 (``SA_EXPORT_CACHE``, ``~/.cache/sa-export`` by default), in ``exports/KEY``, and a
 convert or a bench baseline with the same key loads it instead of exporting.
