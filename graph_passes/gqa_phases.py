@@ -132,6 +132,8 @@ def recompute_mapped_attention(
     past_ends: list[ir.Value], past_end: ir.Value,
 ) -> ir.Value:
     """Attention of a layer whose head h reads one head of a source layer: [B, S, heads * head_dim].
+    A map of fewer heads than the layer's (a partly shared layer's borrowed heads) gives theirs,
+    its head h in KV group h // heads-per-group of ``v_rows`` and ``present_value``.
 
     When every head reads a head of its own KV group in one layer (argmax-group), that is
     the identity recompute with the queries permuted. Otherwise query heads of one KV group
@@ -155,7 +157,7 @@ def recompute_mapped_attention(
     dtype = layer.node.outputs[0].dtype
     gains = np.array([w[0] for w in head_map.weights], dtype.numpy())
     read = [pairs[0] for pairs in head_map.sources]
-    if len(head_map.layers) == 1 and all(j // rep == h // rep for h, (_, j) in enumerate(read)):
+    if len(read) == n and len(head_map.layers) == 1 and all(j // rep == h // rep for h, (_, j) in enumerate(read)):
         # Every head reads a head of its own KV group: the anchor's K cache serves as it is.
         context = recompute_attention(branch, layer, v_rows, present_value, sources[read[0][0]], [j for _, j in read], past_end=past_end)
         return _with_gains(branch, context, gains, d, dtype)

@@ -4,7 +4,7 @@ Two forms reach the GQA rewrite: ``MatMul(x, W)`` with W of shape [K, N], and ON
 Runtime's ``com.microsoft.MatMulNBits(x, B, scales[, zero_points, g_idx, bias])``, the
 builder's int4 graph, which stores W transposed and packed: B [N, blocks, bytes per block],
 scales and zero points per output row and block. An output column of the projection is a
-row of every MatMulNBits constant, so keeping columns [start, stop) keeps those rows and
+row of every MatMulNBits constant, so keeping some columns keeps those rows and
 leaves the quantized values bit for bit as they were.
 """
 
@@ -49,18 +49,19 @@ def projection_width(node: ir.Node) -> int:
     return node.inputs[1].const_value.shape[-1]
 
 
-def _rows(array: np.ndarray, rows: int, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a per-output-row constant stored [N, ...] or flat [N * m]."""
-    kept = array.reshape(rows, -1)[start:stop]
-    shape = (stop - start, *array.shape[1:]) if array.ndim > 1 else (-1,)
+def _rows(array: np.ndarray, rows: int, columns: np.ndarray) -> np.ndarray:
+    """The rows ``columns`` of a per-output-row constant stored [N, ...] or flat [N * m]."""
+    kept = array.reshape(rows, -1)[columns]
+    shape = (len(columns), *array.shape[1:]) if array.ndim > 1 else (-1,)
     return np.ascontiguousarray(kept.reshape(shape))
 
 
-def column_slice(graph: ir.Graph, before: ir.Node, node: ir.Node, start: int, stop: int, name: str) -> ir.Value:
-    """A new projection, inserted before ``before``, computing columns [start, stop) of ``node``'s output."""
+def column_select(graph: ir.Graph, before: ir.Node, node: ir.Node, columns: np.ndarray, name: str) -> ir.Value:
+    """A new projection, inserted before ``before``, computing the columns ``columns`` of ``node``'s output, in that order."""
+    columns = np.asarray(columns, np.int64)
     if not is_matmul_nbits(node):
         weight = node.inputs[1].const_value.numpy()
-        narrow = add_initializer(graph, f"{name}.weight", np.ascontiguousarray(weight[..., start:stop]))
+        narrow = add_initializer(graph, f"{name}.weight", np.ascontiguousarray(weight[..., columns]))
         new = ir.node("MatMul", [node.inputs[0], narrow], name=name)
         graph.insert_before(before, new)
         return new.outputs[0]
@@ -73,10 +74,10 @@ def column_slice(graph: ir.Graph, before: ir.Node, node: ir.Node, start: int, st
         if value is None:
             narrow_inputs.append(None)
             continue
-        narrow_inputs.append(add_initializer(graph, f"{name}.{suffixes[position]}", _rows(value.const_value.numpy(), rows, start, stop)))
+        narrow_inputs.append(add_initializer(graph, f"{name}.{suffixes[position]}", _rows(value.const_value.numpy(), rows, columns)))
     while narrow_inputs[-1] is None:
         narrow_inputs.pop()
-    attributes = {**attribute_values(node), "N": stop - start}
+    attributes = {**attribute_values(node), "N": len(columns)}
     new = ir.node(MATMUL_NBITS, narrow_inputs, attributes=attributes, domain=MS_DOMAIN, name=name)
     graph.insert_before(before, new)
     return new.outputs[0]

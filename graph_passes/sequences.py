@@ -30,7 +30,7 @@ from graph_passes.share_kv_groups import SharePartOfLayerPass
 from graph_passes.share_probabilities import ShareProbabilitiesPass
 from graph_passes.unfuse_attention import UnfuseAttentionPass
 from sa_export.core.cache_names import past_name
-from sa_export.core.errors import AttentionPatternError, PlanError, SAExportError
+from sa_export.core.errors import AttentionPatternError, SAExportError
 from sa_export.core.plan import SharingPlan
 
 DECOMPOSED = "decomposed"
@@ -108,10 +108,6 @@ def sharing_sequence(family: str, plan: SharingPlan, precision: str = "fp32", in
     """The passes that apply ``plan`` to a graph of ``family`` in ``precision``; with
     ``in_place_cache`` (decomposed family) the caches become buffers written by TensorScatter."""
     if family == GROUP_QUERY_ATTENTION:
-        if plan.shared_groups:
-            raise PlanError(
-                "sharing part of a layer (a KV group, L.G) needs the decomposed graph: convert with --exporter dynamo"
-            )
         # The rewrite adds many small constants (indices, shapes), often equal; ONNX Runtime
         # holds each initializer of a loaded session on its own (about 2 KB each).
         return SharingSequence([ShareGqaPass(plan), RemoveUnusedNodesPass(), DeduplicateInitializersPass()], plan)

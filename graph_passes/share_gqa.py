@@ -36,7 +36,8 @@ import onnx_ir as ir
 
 from graph_passes.gqa_phases import PhasedAnchor, anchor_by_phase, if_by_phase, recompute_attention, recompute_mapped_attention
 from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder, find_gqa_layers, replace_gqa_node
-from graph_passes.projections import MS_DOMAIN, column_slice
+from graph_passes.gqa_kv_groups import borrowed_value_cache, in_head_order, kept_heads_attention
+from graph_passes.projections import MS_DOMAIN, column_select
 from sa_export.core.errors import PlanError
 from sa_export.core.plan import HeadMap, SharingPlan, consecutive_runs, mixture_matrix
 
@@ -67,6 +68,7 @@ class _Positions:
     is_step: ir.Value  # one query row (a decode step): a scalar bool
     past_ends: list[ir.Value]  # per KV head g: [g + 1, total_sequence_length - S], to slice a cache's rows before this step
     past_end: ir.Value  # [total_sequence_length - S]
+    query_len: ir.Value  # [S]
 
 
 def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
@@ -94,7 +96,7 @@ def _cache_positions(graph: ir.Graph, first: GqaLayer) -> _Positions:
     past_end = b.op("Sub", [total_i64, query_len], "past_end")
     # Unused ones (no cross-group head maps) go with RemoveUnusedNodesPass.
     past_ends = [b.op("Concat", [b.const(f"head{g}_end", np.array([g + 1], np.int64)), past_end], f"kv{g}_past_ends", axis=0) for g in range(kv)]
-    return _Positions(write_indices, pads, grouped_shape, is_step, past_ends, past_end)
+    return _Positions(write_indices, pads, grouped_shape, is_step, past_ends, past_end, query_len)
 
 
 def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value | Callable, positions: _Positions, recompute: Callable | None = None,
@@ -110,39 +112,11 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value | Callable, 
     """
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
-    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
-    v = column_slice(b.graph, b.before, layer.qkv, (n + kv) * d, (n + 2 * kv) * d, f"{b.prefix}.v_proj")
-    if layer.bias is not None:
-        v_bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., (n + kv) * d :])
-        v = b.op("Add", [v, b.const("v_proj.bias", v_bias)], "v_proj_bias")
-    v_rows = v
-    v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, kv, d], np.int64))], "v_heads")
-    v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
-    present_value = b.op("TensorScatter", [gqa.inputs[PAST_VALUE], v, positions.write_indices], "write_v_cache", axis=2)
-    dtype = gqa.outputs[0].dtype
-
-    def grouped(builder: NodeBuilder) -> ir.Value:
-        return probs(builder) if callable(probs) else probs
-
-    if recompute is None:
-        context = _probs_times_values(b, layer, grouped(b), present_value, head_slots)
-    else:
-        def step(branch: NodeBuilder) -> list[ir.Value]:
-            context = _probs_times_values(branch, layer, grouped(branch), present_value, head_slots)
-            context.dtype = dtype
-            return [context]
-
-        context = if_by_phase(b, positions.is_step, "attention_by_phase", step, lambda branch: [recompute(branch, layer, v_rows, present_value)], 1).outputs[0]
-        context.dtype = dtype
-
+    groups = list(range(layer.kv_num_heads))
+    context, present_value = _values_attention(b, layer, groups, gqa.inputs[PAST_VALUE], probs, positions, recompute, head_slots)
     output, present_key, old_present_value = gqa.outputs[:3]
-    value_name = old_present_value.name
     ir.convenience.replace_all_uses_with(output, context)
-    ir.convenience.replace_all_uses_with(old_present_value, present_value, replace_graph_outputs=True)
-    old_present_value.name = None
-    present_value.name = value_name
-    present_value.type = old_present_value.type  # the same buffer: its type and shape are the past's
-    present_value.shape = old_present_value.shape
+    _take_place_of(old_present_value, present_value)
     graph.outputs.remove(present_key)
     past_key = gqa.inputs[PAST_KEY]
     graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
@@ -150,12 +124,79 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value | Callable, 
         graph.inputs.remove(past_key)
 
 
-def _probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, present_value: ir.Value, head_slots: list[int] | None = None) -> ir.Value:
+def _take_place_of(old: ir.Value, new: ir.Value) -> None:
+    """``new`` becomes the graph output ``old`` was: its name, uses, type and shape (the same buffer as its past)."""
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+    new.type, new.shape = old.type, old.shape
+
+
+def _partly_shared_layer(graph: ir.Graph, layer: GqaLayer, borrowed_groups: tuple[int, ...], probs: ir.Value | Callable, positions: _Positions,
+                         recompute: Callable | None = None, head_slots: list[int] | None = None) -> None:
+    """Replace a partly shared layer's attention: its own GQA for the heads of the groups it
+    keeps (gqa_kv_groups), and for the borrowed heads ``probs`` (grouped by borrowed KV
+    group) times the V of the borrowed groups, which a cache of their own holds (the kept
+    GQA takes K and V of one head count). ``recompute`` and ``head_slots`` as in _shared_layer,
+    for the borrowed heads."""
+    gqa = layer.node
+    b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
+    kept_groups = [g for g in range(layer.kv_num_heads) if g not in borrowed_groups]
+    kept = kept_heads_attention(graph, layer, kept_groups)
+    past, present = borrowed_value_cache(graph, layer, len(borrowed_groups))
+    borrowed_builder = NodeBuilder(graph, gqa, f"{b.prefix}.borrowed")
+    borrowed, present_value = _values_attention(borrowed_builder, layer, list(borrowed_groups), past, probs, positions, recompute, head_slots)
+    present_value.name = present.name
+    present_value.type, present_value.shape = present.type, present.shape
+    graph.outputs.append(present_value)
+    context = in_head_order(b, kept, borrowed, kept_groups, list(borrowed_groups), layer)
+    ir.convenience.replace_all_uses_with(gqa.outputs[0], context)
+    graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
+
+
+def _values_attention(b: NodeBuilder, layer: GqaLayer, groups: list[int], past_value: ir.Value, probs: ir.Value | Callable, positions: _Positions,
+                      recompute: Callable | None, head_slots: list[int] | None) -> tuple[ir.Value, ir.Value]:
+    """The attention of the heads of KV groups ``groups`` on borrowed probabilities: the V
+    columns of those groups, written in place into ``past_value``; returns the context
+    [B, S, heads of groups * head_dim] and the written V buffer."""
+    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
+    columns = np.concatenate([np.arange((n + kv + g) * d, (n + kv + g + 1) * d) for g in groups])
+    v = column_select(b.graph, b.before, layer.qkv, columns, f"{b.prefix}.v_proj")
+    if layer.bias is not None:
+        v_bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., columns])
+        v = b.op("Add", [v, b.const("v_proj.bias", v_bias)], "v_proj_bias")
+    v_rows = v
+    v = b.op("Reshape", [v, b.const("v_heads_shape", np.array([0, 0, len(groups), d], np.int64))], "v_heads")
+    v = b.op("Transpose", [v], "v_bnsd", perm=[0, 2, 1, 3])
+    present_value = b.op("TensorScatter", [past_value, v, positions.write_indices], "write_v_cache", axis=2)
+    dtype = layer.node.outputs[0].dtype
+
+    def grouped(builder: NodeBuilder) -> ir.Value:
+        return probs(builder) if callable(probs) else probs
+
+    if recompute is None:
+        return _probs_times_values(b, layer, grouped(b), present_value, head_slots, len(groups)), present_value
+
+    def step(branch: NodeBuilder) -> list[ir.Value]:
+        context = _probs_times_values(branch, layer, grouped(branch), present_value, head_slots, len(groups))
+        context.dtype = dtype
+        return [context]
+
+    context = if_by_phase(b, positions.is_step, "attention_by_phase", step, lambda branch: [recompute(branch, layer, v_rows, present_value)], 1).outputs[0]
+    context.dtype = dtype
+    return context, present_value
+
+
+def _probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, present_value: ir.Value, head_slots: list[int] | None = None,
+                        kv: int | None = None) -> ir.Value:
     """The padded, grouped probabilities times the V buffer: [B, S, heads * head_dim].
 
     ``head_slots``: ``grouped`` is [B, kv, rows, S, T] with rows < heads / kv, and head h
-    takes output row ``head_slots[h]`` (counted over kv * rows)."""
-    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
+    takes output row ``head_slots[h]`` (counted over kv * rows). ``kv``: the KV groups
+    the V buffer holds (default all the layer's), each with its heads."""
+    kv = kv or layer.kv_num_heads
+    n, d = kv * (layer.num_heads // layer.kv_num_heads), layer.head_dim
     # [B, kv, rep, S, T] @ [B, kv, 1, T, D]: each query head reads its KV head's cache by
     # broadcasting (no repeated V). One row per product lets decode (S = 1) take MLAS's GEMV
     # path, which reads V as it is; [B, kv, rep * S, T] @ [B, kv, T, D] packs V on every call.
@@ -169,7 +210,8 @@ def _probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, pres
     return context
 
 
-def _mixed_for_run(b: NodeBuilder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value) -> dict[int, ir.Value]:
+def _mixed_for_run(b: NodeBuilder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value,
+                   rows: dict[int, tuple[int, ...]]) -> dict[int, ir.Value]:
     """Padded probabilities of every mapped layer of one run of shared layers.
 
     The sources' probabilities are stacked and padded to the buffer once for the run (the
@@ -184,9 +226,9 @@ def _mixed_for_run(b: NodeBuilder, probs: dict[int, ir.Value], head_maps: dict[i
     flat = b.op("Reshape", [padded, b.const("flat_shape", np.array([0, len(sources) * heads, -1], np.int64))], "flatten_sources")
     mixed = {}
     for layer, head_map in head_maps.items():
-        matrix = mixture_matrix([head_map], sources, heads, dtype)
+        matrix = mixture_matrix([head_map], sources, heads, dtype)[list(rows.get(layer, range(heads)))]
         mixed[layer] = b.op("MatMul", [b.const(f"layer{layer}.head_mixture", matrix), flat], f"layer{layer}.mix_heads")
-    return mixed  # [B, heads, S * buffer]: the grouping Reshape gives [B, kv, rep, S, buffer]
+    return mixed  # [B, heads, S * buffer] ([B, borrowed heads, ...] for ``rows``): the grouping Reshape gives [B, kv, rep, S, buffer]
 
 
 class ShareGqaPass(ir.passes.InPlacePass):
@@ -215,11 +257,19 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         raise PlanError("the GroupQueryAttention layers differ in head counts; convert with the default exporter")
     sources = {source for layer in plan.anchors for source in plan.sources_of(layer)}
     positions = _cache_positions(graph, layers[min(sources)])
+    if plan.reads_kept_heads:
+        partly = next(source for source in sorted(sources) if plan.is_partly_shared(source))
+        raise PlanError(
+            f"a head map reads the heads layer {partly} keeps, which the GroupQueryAttention graph cannot give: convert with --exporter dynamo"
+        )
     head_maps = {layer: plan.head_map(layer) for layer in plan.anchors if plan.head_map(layer) is not None}
     if not head_maps:
         # Identity maps: probabilities stored at decode, recomputed at prefill (gqa_phases).
         phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, positions.grouped_shape) for source in sorted(sources)}
         for layer, anchor in plan.anchors.items():
+            if plan.is_partly_shared(layer):
+                _share_part_on_anchor(graph, layers[layer], plan, phased, positions)
+                continue
             recompute = functools.partial(recompute_attention, anchor=phased[anchor], past_end=positions.past_end)
             _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, recompute)
     elif all(head_map.width == 1 for head_map in head_maps.values()):
@@ -227,6 +277,27 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
     else:
         _share_mixtures(graph, layers, plan, head_maps, sorted(sources), positions)
     model.opset_imports[""] = max(model.opset_imports.get("", 0), TENSOR_SCATTER_OPSET)
+
+
+def _share_part_on_anchor(graph: ir.Graph, layer: GqaLayer, plan: SharingPlan, phased: dict[int, PhasedAnchor], positions: _Positions) -> None:
+    """A partly shared layer of an identity plan: at a decode step the borrowed groups of its
+    anchor's grouped probabilities; at prefill its borrowed heads recomputed from the
+    anchor's queries and K cache, one GQA per borrowed group (recompute_mapped_attention)."""
+    anchor, groups = plan.anchors[layer.layer], plan.shared_groups[layer.layer]
+
+    def probs(b: NodeBuilder) -> ir.Value:
+        return b.op("Gather", [phased[anchor].grouped_probs, b.const("borrowed_groups", np.array(groups, np.int64))], "borrowed_probs", axis=1)
+
+    borrowed = HeadMap.from_anchor_heads(anchor, plan.borrowed_heads(layer.layer))
+    recompute = functools.partial(recompute_mapped_attention, head_map=borrowed, sources=phased, past_ends=positions.past_ends, past_end=positions.past_end)
+    _partly_shared_layer(graph, layer, groups, probs, positions, recompute)
+
+
+def _borrowed_rows(plan: SharingPlan, layer: int, heads: int) -> HeadMap:
+    """A partly shared layer's map of its borrowed heads only (its anchor's same heads without a map)."""
+    head_map = plan.head_map(layer) or HeadMap.from_anchor_heads(plan.anchors[layer], range(heads))
+    rows = plan.borrowed_heads(layer)
+    return HeadMap(tuple(head_map.sources[h] for h in rows), tuple(head_map.weights[h] for h in rows))
 
 
 def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingPlan, head_maps: dict[int, HeadMap],
@@ -243,6 +314,14 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
     heads, kv_heads = layers[sources[0]].num_heads, layers[sources[0]].kv_num_heads
     for layer, anchor in plan.anchors.items():
         gqa = layers[layer]
+        if plan.is_partly_shared(layer):
+            borrowed = _borrowed_rows(plan, layer, heads)
+            groups = plan.shared_groups[layer]
+            indices, head_slots = _gather_rows(borrowed, heads, len(groups))
+            probs = functools.partial(_gathered_heads, head_map=borrowed, sources=phased, indices=indices)
+            recompute = functools.partial(recompute_mapped_attention, head_map=borrowed, sources=phased, past_ends=positions.past_ends, past_end=positions.past_end)
+            _partly_shared_layer(graph, gqa, groups, probs, positions, recompute, head_slots)
+            continue
         if layer in head_maps:
             head_map = head_maps[layer]
             indices, head_slots = _gather_rows(head_map, heads, kv_heads)
@@ -311,14 +390,28 @@ def _share_mixtures(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingP
     # source's probabilities are padded once for the run, and each mapped layer mixes them.
     for run in consecutive_runs(list(plan.anchors)):
         b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
-        run_maps = {layer: head_maps[layer] for layer in run if layer in head_maps}
-        padded = _mixed_for_run(b, probs, run_maps, layers[run[0]].num_heads, positions.pads) if run_maps else {}
+        heads = layers[run[0]].num_heads
+        # A partly shared layer mixes only its borrowed heads' rows; without a map, its anchor's same heads.
+        run_maps = {layer: head_maps.get(layer) or HeadMap.from_anchor_heads(plan.anchors[layer], range(heads))
+                    for layer in run if layer in head_maps or plan.is_partly_shared(layer)}
+        rows = {layer: plan.borrowed_heads(layer) for layer in run if plan.is_partly_shared(layer)}
+        padded = _mixed_for_run(b, probs, run_maps, heads, positions.pads, rows) if run_maps else {}
         anchors = {plan.anchors[layer] for layer in run if layer not in padded}
         by_anchor = {anchor: b.op("Pad", [probs[anchor], positions.pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
         layer_sources = {layer: padded[layer] if layer in padded else by_anchor[plan.anchors[layer]] for layer in run}
         grouped = {}  # layers of one run that read the same probabilities share their grouping
         for layer, source in layer_sources.items():
             if source not in grouped:
-                grouped[source] = b.op("Reshape", [source, positions.grouped_shape], f"layer{layer}_probs_by_kv_head")
+                shape = positions.grouped_shape if layer not in rows else _grouped_shape(b, positions, layers[layer], len(plan.shared_groups[layer]), f"layer{layer}")
+                grouped[source] = b.op("Reshape", [source, shape], f"layer{layer}_probs_by_kv_head")
         for layer in run:
-            _shared_layer(graph, layers[layer], grouped[layer_sources[layer]], positions)
+            if layer in rows:
+                _partly_shared_layer(graph, layers[layer], plan.shared_groups[layer], grouped[layer_sources[layer]], positions)
+            else:
+                _shared_layer(graph, layers[layer], grouped[layer_sources[layer]], positions)
+
+
+def _grouped_shape(b: NodeBuilder, positions: _Positions, layer: GqaLayer, groups: int, name: str) -> ir.Value:
+    """[0, groups, rep, S, -1]: probabilities of ``groups`` KV groups' heads grouped by KV group."""
+    lead = b.const(f"{name}_grouped_lead", np.array([0, groups, layer.num_heads // layer.kv_num_heads], np.int64))
+    return b.op("Concat", [lead, positions.query_len, b.const(f"{name}_minus_one", np.array([-1], np.int64))], f"{name}_grouped_shape", axis=0)

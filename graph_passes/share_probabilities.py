@@ -98,6 +98,12 @@ def _mixed_probs(graph: ir.Graph, probs: dict[int, ir.Value], layer: int, head_m
         gather = ir.node("Gather", [stacked, add_initializer(graph, f"{prefix}.head_sources", index)], attributes={"axis": 1}, name=f"{prefix}.gather_heads")
         nodes.append(gather)
         result = gather.outputs[0]
+        gains = np.asarray([head_map.weights[r][0] for r in rows])
+        if not np.all(gains == 1.0):  # a gain on a head's one source, as the GQA graph applies it
+            dtype = first.dtype.numpy() if first.dtype is not None else np.float32
+            scale = ir.node("Mul", [result, add_initializer(graph, f"{prefix}.head_gains", gains.reshape(1, -1, 1, 1).astype(dtype))], name=f"{prefix}.gains")
+            nodes.append(scale)
+            result = scale.outputs[0]
     else:
         # A convex mixture is a [heads, sources] matrix applied on the head axis: one MatMul
         # over [batch, sources, S*T], with no [heads, k, S, T] intermediate.

@@ -15,7 +15,7 @@ from sa_export.accuracy.layer_inputs import LayerInputs, first_changed_layer
 from sa_export.core.architectures import ModelShape
 from sa_export.core.errors import UsageError
 from sa_export.hf.models import load_config, load_reference, resolve_model
-from sa_export.core.plan import SharingPlan, build_plan, kv_groups_in
+from sa_export.core.plan import SharingPlan, build_plan
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.texts import TokenText, calib_files_for, calib_paths, calib_tokens_for, other_domain_texts, split_texts
 from sa_export.accuracy.intervals import PenaltyInterval, describe, penalty_interval
@@ -253,8 +253,6 @@ def calibrated_plan(
 
 
 def evaluate(request: EvalRequest) -> EvalResult:
-    if request.precision != "fp32" and kv_groups_in(request.spans):  # int4 is the builder's graph, which shares whole layers
-        raise UsageError(f"a plan that shares part of a layer (KV groups) converts in fp32 or fp16 only; eval it without --precision {request.precision}")
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     kinds = getattr(config, "layer_types", None)
     plan = build_plan(list(request.spans), config.num_hidden_layers, list(request.anchors), kinds, request.force, **ModelShape.from_config(config).head_groups)

@@ -17,6 +17,7 @@ import torch
 
 from sa_export.accuracy.compare import FP32_TOLERANCE, OutputComparison, ParityReport, Tolerance, greedy_flips
 from sa_export.accuracy.reference import shared_attention
+from sa_export.core.manifest import LayerCache
 from sa_export.core.plan import SharingPlan
 from sa_export.export import GROUP_QUERY_ATTENTION, exporter_of_manifest
 from sa_export.runtime import SAModel, position_ids_from_mask
@@ -80,13 +81,16 @@ class _Reference:
         return out.logits.float().numpy(), out.past_key_values
 
 
-def _cache_tensor(cache, layer: int, kind: str, plan: SharingPlan) -> np.ndarray:
+def _cache_tensor(cache, layer: LayerCache, kind: str, plan: SharingPlan) -> np.ndarray:
     """The reference's cache of one layer, as the graph keeps it: a partly shared layer's K
-    cache holds the KV groups it keeps (the reference computes every group's)."""
-    keys, values = cache.layers[layer].keys, cache.layers[layer].values
-    if kind == "key" and plan.is_partly_shared(layer):
-        keys = keys[:, list(plan.kept_groups(layer))]
-    return (keys if kind == "key" else values).float().numpy()
+    cache holds the KV groups it keeps (the reference computes every group's), and a split
+    V cache (GroupQueryAttention) the kept groups' in ``value``, the borrowed in ``borrowed_value``."""
+    tensor = cache.layers[layer.layer].keys if kind == "key" else cache.layers[layer.layer].values
+    if kind == "key" and plan.is_partly_shared(layer.layer) or kind == "value" and layer.borrowed_value_input:
+        tensor = tensor[:, list(plan.kept_groups(layer.layer))]
+    elif kind == "borrowed_value":
+        tensor = tensor[:, list(plan.shared_groups[layer.layer])]
+    return tensor.float().numpy()
 
 
 def run_parity(
@@ -118,11 +122,11 @@ def run_parity(
         real = case.attention_mask.astype(bool)  # padded positions carry no meaning
         comparisons.append(OutputComparison.of(f"{case.name}/prefill/logits", ort_logits[real], ref_logits[real], tolerance.logits_atol, tolerance.min_cosine))
         for layer in sa_model.layout:
-            for kind, name in (("key", layer.key_output), ("value", layer.value_output)):
+            for kind, name in (("key", layer.key_output), ("value", layer.value_output), ("borrowed_value", layer.borrowed_value_output)):
                 if name is not None:
                     # Cache entries at padded positions are never read; compare the real ones.
                     actual = outputs[name].transpose(0, 2, 1, 3)[real]
-                    expected = _cache_tensor(cache, layer.layer, kind, plan).transpose(0, 2, 1, 3)[real]
+                    expected = _cache_tensor(cache, layer, kind, plan).transpose(0, 2, 1, 3)[real]
                     comparisons.append(
                         OutputComparison.of(f"{case.name}/prefill/{name}", actual, expected, tolerance.cache_atol, tolerance.min_cosine)
                     )

@@ -24,6 +24,9 @@ from sa_export.core.plan import SharingPlan
 # The builder's node names (onnxruntime-genai 0.18) and the SA rewrite's V projection.
 _LAYER_PROJECTION = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul_Q4$")
 _SHARED_V = re.compile(r"^sa\.layer(\d+)\.v_proj$")
+# A partly shared layer's (gqa_kv_groups): its kept heads' packed Q, K, V, and the borrowed groups' V.
+_KEPT_QKV = re.compile(r"^sa\.layer(\d+)\.kept_qkv$")
+_BORROWED_V = re.compile(r"^sa\.layer(\d+)\.borrowed\.v_proj$")
 _LM_HEAD = "/lm_head/MatMul_Q4"
 EXACT_ACCURACY_LEVEL = 1  # MatMulNBits: fp32 activations and accumulation
 
@@ -83,11 +86,17 @@ def dequantize_gather(node: ir.Node) -> np.ndarray:
     return dequantize_blocks(_const(data), scales, zero, bits, block, scales.shape[1] * block)
 
 
-def graph_weights(graph: ir.Graph, config) -> dict[str, np.ndarray]:
-    """Hugging Face parameter name -> the weight the graph holds for it, dequantized."""
+def graph_weights(graph: ir.Graph, config, plan: SharingPlan | None = None) -> dict[str, np.ndarray | dict[int, np.ndarray]]:
+    """Hugging Face parameter name -> the weight the graph holds for it, dequantized; for
+    the projections of a partly shared layer (``plan``), which the graph holds in part,
+    {output row: row} of the rows it holds."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray | dict[int, np.ndarray]] = {}
+
+    def rows_of(name: str, groups, weight: np.ndarray, per_group: int = 1) -> None:
+        rows = [(g * per_group + i) * head_dim + j for g in groups for i in range(per_group) for j in range(head_dim)]
+        weights.setdefault(name, {}).update(zip(rows, weight))
     for node in graph:
         if node.op_type == "GatherBlockQuantized" and node.domain == MS_DOMAIN:
             weights["model.embed_tokens.weight"] = dequantize_gather(node)
@@ -99,6 +108,17 @@ def graph_weights(graph: ir.Graph, config) -> dict[str, np.ndarray]:
             weights["lm_head.weight"] = dequantize_matmul_nbits(node)
         elif match := _SHARED_V.match(name):
             weights[f"model.layers.{match.group(1)}.self_attn.v_proj.weight"] = dequantize_matmul_nbits(node)
+        elif (match := _KEPT_QKV.match(name) or _BORROWED_V.match(name)) and plan is not None:
+            layer = int(match.group(1))
+            prefix, weight = f"model.layers.{layer}.self_attn", dequantize_matmul_nbits(node)
+            if name.endswith(".borrowed.v_proj"):
+                rows_of(f"{prefix}.v_proj.weight", plan.shared_groups[layer], weight)
+                continue
+            groups, rep = plan.kept_groups(layer), heads // kv_heads
+            q, k = len(groups) * rep * head_dim, len(groups) * head_dim
+            rows_of(f"{prefix}.q_proj.weight", groups, weight[:q], rep)
+            rows_of(f"{prefix}.k_proj.weight", groups, weight[q : q + k])
+            rows_of(f"{prefix}.v_proj.weight", groups, weight[q + k :])
         elif match := _LAYER_PROJECTION.match(name):
             layer, block, projection = match.groups()
             prefix = f"model.layers.{layer}.{'self_attn' if block == 'attn' else 'mlp'}"
@@ -134,7 +154,7 @@ def load_graph_weights(hf_model, graph: ir.Graph, plan: SharingPlan, where: str 
     the graph quantizes it (a full-precision table is the model's own). ``where`` names the
     graph's file in errors.
     """
-    weights = graph_weights(graph, hf_model.config)
+    weights = graph_weights(graph, hf_model.config, plan)
     parameters = dict(hf_model.named_parameters(remove_duplicate=False))
     unused = {f"model.layers.{layer}.self_attn.{qk}_proj.weight" for layer in plan.shared_layers for qk in "qk"}
     linear = {f"{name}.weight" for name, module in hf_model.named_modules(remove_duplicate=False) if isinstance(module, torch.nn.Linear)}
@@ -147,6 +167,12 @@ def load_graph_weights(hf_model, graph: ir.Graph, plan: SharingPlan, where: str 
     with torch.no_grad():
         for name, weight in weights.items():
             parameter = parameters[name]
+            if isinstance(weight, dict):  # rows of a partly shared layer's projection; V has every row, Q and K the kept heads'
+                if name.endswith("v_proj.weight") and len(weight) != parameter.shape[0]:
+                    raise UsageError(f"the quantized graph holds {len(weight)} of the {parameter.shape[0]} rows of {name}")
+                rows = sorted(weight)
+                weight = parameter.detach().float().numpy().copy()
+                weight[rows] = np.stack([weights[name][r] for r in rows])
             if tuple(parameter.shape) != weight.shape:
                 raise UsageError(f"the quantized graph's {name} is {weight.shape}, the model's {tuple(parameter.shape)}")
             parameter.copy_(torch.from_numpy(weight).to(parameter.dtype))

@@ -75,7 +75,7 @@ def mix_probs(
     heads = stored[layers[0]].shape[1]
     index = torch.tensor([[layers.index(l) * heads + h for l, h in src] for src in head_map.sources], device=stacked.device)
     picked = stacked[:, index]  # [batch, heads, k, q, kv]
-    if head_map.width == 1 and weights is None:
+    if head_map.width == 1 and weights is None and all(w == (1.0,) for w in head_map.weights):
         mixed = picked[:, :, 0]
     else:
         if weights is None:

@@ -6,8 +6,10 @@ import re
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
+# ``borrowed_value``: the V cache of the KV groups a partly shared layer borrows, on the
+# GroupQueryAttention graph, where the layer's own GQA takes K and V of its kept groups only.
+PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value|borrowed_value)$")
+PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value|borrowed_value)$")
 ITEMSIZE = {"float32": 4, "float16": 2}
 
 

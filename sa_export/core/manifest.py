@@ -37,6 +37,12 @@ class LayerCache:
     value_input: str | None
     value_output: str | None
     key_heads: int | None = None  # a partly shared layer's K cache: the KV groups it keeps; None: all
+    # The GroupQueryAttention graph splits a partly shared layer's V cache: ``value`` holds
+    # the kept groups' (``value_heads``), which its own GQA reads with the K cache, and
+    # ``borrowed_value`` the borrowed groups', which the borrowed probabilities read.
+    value_heads: int | None = None
+    borrowed_value_input: str | None = None
+    borrowed_value_output: str | None = None
 
     @property
     def has_key(self) -> bool:
@@ -53,6 +59,8 @@ class LayerCache:
             pairs.append((self.key_input, self.key_output))
         if self.value_input and self.value_output:
             pairs.append((self.value_input, self.value_output))
+        if self.borrowed_value_input and self.borrowed_value_output:
+            pairs.append((self.borrowed_value_input, self.borrowed_value_output))
         return pairs
 
     def to_json(self) -> dict:
@@ -67,11 +75,16 @@ class LayerCache:
         }
         if self.key_heads is not None:
             data["key_heads"] = self.key_heads
+        if self.borrowed_value_input is not None:  # written only when split, so other manifests read as before
+            data.update(value_heads=self.value_heads, borrowed_value_input=self.borrowed_value_input, borrowed_value_output=self.borrowed_value_output)
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> LayerCache:
-        return cls(data["layer"], data["key_input"], data["key_output"], data["value_input"], data["value_output"], data.get("key_heads"))
+        return cls(
+            data["layer"], data["key_input"], data["key_output"], data["value_input"], data["value_output"], data.get("key_heads"),
+            data.get("value_heads"), data.get("borrowed_value_input"), data.get("borrowed_value_output"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +99,7 @@ class KVSavings:
         per_head = head_dim * itemsize(dtype)
         base = 2 * len(layers) * num_kv_heads * per_head
         key_heads = [layer.key_heads if layer.key_heads is not None else num_kv_heads for layer in layers]
+        # A split V cache (value and borrowed_value) holds every group's V between its two tensors.
         sa = sum(per_head * (heads * layer.has_key + num_kv_heads * layer.has_value) for layer, heads in zip(layers, key_heads))
         return cls(base, sa, base - sa, round((base - sa) / base, 6) if base else 0.0)
 
@@ -115,8 +129,16 @@ class CacheInfo:
         return 1.0 if layer.key_heads is None else layer.key_heads / self.num_kv_heads
 
     def kv_heads_of(self, past: str) -> int:
-        """KV heads of one cache input: a partly shared layer's K cache holds only the groups it keeps."""
-        return next((l.key_heads for l in self.layers if l.key_input == past and l.key_heads is not None), self.num_kv_heads)
+        """KV heads of one cache input: a partly shared layer's K cache holds only the groups it
+        keeps, and where its V cache is split (GroupQueryAttention), each part its groups."""
+        for layer in self.layers:
+            if past == layer.key_input and layer.key_heads is not None:
+                return layer.key_heads
+            if past == layer.value_input and layer.value_heads is not None:
+                return layer.value_heads
+            if past == layer.borrowed_value_input:
+                return self.num_kv_heads - (layer.value_heads or 0)
+        return self.num_kv_heads
 
     def to_json(self) -> dict:
         data = {

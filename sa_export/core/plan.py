@@ -204,6 +204,11 @@ class SharingPlan:
         return dataclasses.replace(self, head_maps=dict(head_maps))
 
     @property
+    def reads_kept_heads(self) -> bool:
+        """Whether a head map reads the heads a partly shared layer keeps."""
+        return any(self.is_partly_shared(source) for layer in self.anchors for source in self.sources_of(layer))
+
+    @property
     def head_map_mode(self) -> str:
         maps = [self.head_map(layer) for layer in self.anchors]
         if not any(maps):

@@ -193,6 +193,8 @@ def graph_description(manifest: Manifest) -> str:
                    "at prefill one GQA per key and value group read, on the source heads' queries and K caches")
         else:
             sa += "at a decode step the anchor's stored probabilities @ V grouped by KV head, at prefill GQA on the anchor's queries and K cache"
+        if manifest.plan.shared_groups:
+            sa += "; partly shared layers (KV groups) keep a GQA over the kept groups' heads, K and V, and a V cache of the borrowed groups"
     else:
         graph = f"{exporter} export, decomposed attention, cache concatenated each step"
         sa = "; SA: shared layers read the anchor's softmax, Q/K removed"
@@ -318,6 +320,7 @@ def run_bench(
         "baseline": {"dir": str(base_path), "graph": graph_description(base_manifest)},
         "sa_graph_kind": graph_kind,
         "partly_shared_layers": sorted(manifest.plan.shared_groups),
+        "maps_read_kept_heads": manifest.plan.reads_kept_heads,
         "threads": threads,
         "memory": memory,
         "repeats": sampling.repeats,
@@ -362,8 +365,9 @@ def bench_lines(result: dict) -> list[str]:
     above = [f"{r['tokens']} tokens" for r in measured if r["peak_rss_sa_bytes"] > r["peak_rss_base_bytes"]]
     if measured:
         lines.append(f"SA's prefill peak RSS above the baseline's at: {', '.join(above)}" if above else "SA's prefill peak RSS is not above the baseline's at any length")
-    if result["sa_graph_kind"] != "fused" and result.get("partly_shared_layers"):
-        lines.append("note: OUT shares part of a layer (KV groups), which only the decomposed graph (the TensorRT path) can; ONNX Runtime's fastest graph shares whole layers")
+    if result["sa_graph_kind"] != "fused" and result.get("maps_read_kept_heads"):
+        lines.append("note: OUT's head maps read the heads a partly shared layer keeps, which only the decomposed graph (the TensorRT path) gives; "
+                     "maps that do not (`--head-map mix-few` seldom does) convert to ONNX Runtime's fastest graph")
     elif result["sa_graph_kind"] != "fused":
         lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
     peaks = result.get("timing_peak_rss_bytes") or {}

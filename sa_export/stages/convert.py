@@ -145,15 +145,26 @@ class _Validated:
     target: TargetProfile
     exporter: Exporter
     why: str | None = None
+    chosen: bool = False  # --exporter auto chose it
+
+    def for_kept_heads(self, plan: SharingPlan) -> _Validated:
+        """The job for the calibrated ``plan``: where a head map reads the heads a partly
+        shared layer keeps, which only the decomposed graph gives, an automatic choice of the
+        builder's graph becomes the dynamo export (an explicit one fails in the rewrite, in a line)."""
+        if not (plan.reads_kept_heads and self.chosen and self.exporter.name != DYNAMO):
+            return self
+        exporter, why = get_exporter(DYNAMO), "a head map reads the heads a partly shared layer keeps, which only the decomposed graph can give"
+        if self.request.precision not in exporter.precisions:
+            raise UsageError(f"{why}, in {', '.join(exporter.precisions)}; got --precision {self.request.precision}")
+        request = dataclasses.replace(self.request, exporter=exporter.name, opset=exporter.resolve_opset(None))
+        return dataclasses.replace(self, request=request, exporter=exporter, why=why)
 
 
 def validate(request: ConvertRequest) -> _Validated:
     refuse_existing(Path(request.out), request.overwrite)
     if request.unshared and request.spans:
         raise UsageError("an unshared conversion takes no --span")
-    groups = kv_groups_in(request.spans)  # fails on a malformed span early
-    if groups and request.exporter not in (AUTO, DYNAMO):
-        raise UsageError(f"--span {groups[0]} shares part of a layer, which only the decomposed graph can: use --exporter dynamo")
+    kv_groups_in(request.spans)  # fails on a malformed span early
     source = resolve_model(request.model)
     reference = reference_source(request, source)
     if source.kind == "onnx" and reference is None and request.check:
@@ -170,21 +181,18 @@ def validate(request: ConvertRequest) -> _Validated:
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
     why = None  # the reason of an automatic choice, said when the export starts
+    chosen = request.exporter == AUTO
     if request.exporter == AUTO and (source.kind != "hf" or request.opset is not None):
         exporter = get_exporter(DYNAMO)  # an ONNX input is not exported; --opset asks for the dynamo export
-    elif request.exporter == AUTO and groups:
-        exporter, why = get_exporter(DYNAMO), f"--span {groups[0]} shares part of a layer, which only the decomposed graph can"
     elif request.exporter == AUTO:
         exporter, why = choose_exporter(config, target, source, precision)
     else:
         exporter = get_exporter(request.exporter)
     exporter.refuse(config, target, source.kind)
     if precision not in exporter.precisions:
-        if groups:
-            raise UsageError(f"--span {groups[0]} shares part of a layer, which only the dynamo export can, in {', '.join(exporter.precisions)}; got --precision {precision}")
         raise UsageError(f"--exporter {exporter.name} builds {', '.join(exporter.precisions)} graphs; got --precision {precision}")
     request = dataclasses.replace(request, precision=precision, target=target.name, exporter=exporter.name, opset=exporter.resolve_opset(request.opset))
-    return _Validated(request, source, reference, config, target, exporter, why)
+    return _Validated(request, source, reference, config, target, exporter, why, chosen)
 
 
 def convert(request: ConvertRequest) -> ConvertResult:
@@ -218,6 +226,8 @@ def convert(request: ConvertRequest) -> ConvertResult:
         calibration = corrections = None
         if request.head_map != "identity":
             plan, calibration, corrections = _calibrate(hf_model, tokenizer, plan, request, reference, kinds, tmp)
+            job = job.for_kept_heads(plan)
+            request = job.request
         options = request.export_options()
         if graph_model is None:
             if job.why:

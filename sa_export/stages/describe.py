@@ -29,10 +29,14 @@ def cache_layout(graph: ir.Graph, num_layers: int) -> tuple[LayerCache, ...]:
             name = present_name(layer, kind)
             return name if kind in names and name in outputs else None
 
-        key, value = names.get("key"), names.get("value")
-        # A K cache narrower than the V cache: a partly shared layer's, which keeps some KV groups.
-        narrower = key is not None and value is not None and heads.get(key) != heads.get(value)
-        layout.append(LayerCache(layer, key, present("key"), value, present("value"), heads[key] if narrower else None))
+        key, value, borrowed = names.get("key"), names.get("value"), names.get("borrowed_value")
+        # A K cache narrower than all the layer's V: a partly shared layer's, which keeps some
+        # KV groups; on the GroupQueryAttention graph its V cache is split into the kept groups'
+        # and the borrowed groups' (borrowed_value).
+        all_values = (heads.get(value) or 0) + (heads.get(borrowed) or 0) if value is not None else None
+        narrower = key is not None and value is not None and heads.get(key) != all_values
+        split = (heads[value], borrowed, present("borrowed_value")) if borrowed is not None else (None, None, None)
+        layout.append(LayerCache(layer, key, present("key"), value, present("value"), heads[key] if narrower else None, *split))
     return tuple(layout)
 
 

@@ -248,7 +248,3 @@ def test_eval_says_which_layers_the_maps_read(tiny_llama_with_tokenizer, tmp_pat
     assert f"4 <- {', '.join(str(l) if l != 3 else '3 (kept heads)' for l in sources['4'])}" in result.output
 
 
-def test_eval_refuses_kv_groups_in_int4_before_it_loads_weights(tiny_llama_with_tokenizer):
-    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3.0", "--precision", "int4")
-    assert result.exit_code == 2 and "shares part of a layer" in result.output + result.stderr
-    assert "loading" not in result.stderr  # refused from the spans alone, before the model loads

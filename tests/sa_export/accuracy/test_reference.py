@@ -133,3 +133,13 @@ def test_shared_heads_borrow_only_for_the_listed_heads():
     assert not torch.equal(mixed[:, :2], own[:, :2])
     assert torch.equal(every_head, whole)
     assert not torch.allclose(partial, whole) and not torch.allclose(partial, model(ids).logits)
+
+
+def test_a_gain_on_a_heads_one_source_scales_it_as_every_graph_does():
+    from sa_export.accuracy.reference import mix_probs
+    from sa_export.core.plan import HeadMap
+
+    stored = {0: torch.softmax(torch.randn(1, 2, 3, 5), -1)}
+    head_map = HeadMap((((0, 1),), ((0, 0),)), ((0.5,), (1.0,)))
+    mixed = mix_probs(stored, head_map)
+    assert torch.allclose(mixed[:, 0], 0.5 * stored[0][:, 1]) and torch.allclose(mixed[:, 1], stored[0][:, 0])

@@ -1,0 +1,79 @@
+"""Part of a layer shared on the GroupQueryAttention graph: the heads of the KV groups it keeps.
+
+A partly shared layer's own heads keep a GroupQueryAttention node of their own, narrowed
+to them: the packed projection's Q columns of those heads and K and V columns of their
+groups, and a K and V cache of those groups only (GQA takes K and V of one head count).
+The borrowed heads multiply their probabilities by the V of the borrowed groups, which
+the layer writes into a cache of its own, ``past_key_values.L.borrowed_value``
+(share_gqa). The two contexts are put back in head order before the output projection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.gqa_layers import GQA, PAST_KEY, PAST_VALUE, GqaLayer, NodeBuilder
+from graph_passes.projections import MS_DOMAIN, attribute_values, column_select
+from sa_export.core.cache_names import past_name, present_name
+
+
+def _columns(heads, head_dim: int, offset: int = 0) -> np.ndarray:
+    return np.concatenate([np.arange((offset + h) * head_dim, (offset + h + 1) * head_dim) for h in heads]).astype(np.int64)
+
+
+def _narrowed(shape: ir.Shape | None, heads: int) -> ir.Shape | None:
+    return None if shape is None else ir.Shape([shape[0], heads, shape[2], shape[3]])
+
+
+def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int]) -> ir.Value:
+    """A GQA node, before the layer's, over the heads of ``kept_groups``: [B, S, kept heads * head_dim].
+
+    It takes the layer's K and V caches, narrowed to those groups, and gives their presents
+    (the same buffers); the layer's own GQA node is left for the caller to remove."""
+    gqa = layer.node
+    n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
+    rep = n // kv
+    heads = [g * rep + i for g in kept_groups for i in range(rep)]
+    columns = np.concatenate([_columns(heads, d), _columns(kept_groups, d, n), _columns(kept_groups, d, n + kv)])
+    b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
+    packed = column_select(graph, gqa, layer.qkv, columns, f"{b.prefix}.kept_qkv")
+    if layer.bias is not None:
+        bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., columns])
+        packed = b.op("Add", [packed, b.const("kept_qkv.bias", bias)], "kept_qkv_bias")
+    attributes = {**attribute_values(gqa), "num_heads": len(heads), "kv_num_heads": len(kept_groups)}
+    kept = b.node(GQA, [packed, *list(gqa.inputs)[1:]], "kept_heads_gqa", domain=MS_DOMAIN, num_outputs=3, **attributes)
+    for past in (gqa.inputs[PAST_KEY], gqa.inputs[PAST_VALUE]):
+        past.shape = _narrowed(past.shape, len(kept_groups))
+    for old, new in zip(gqa.outputs[1:3], kept.outputs[1:3]):
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name = None
+        new.name = name
+        new.type, new.shape = old.type, _narrowed(old.shape, len(kept_groups))
+    kept.outputs[0].dtype = gqa.outputs[0].dtype
+    return kept.outputs[0]
+
+
+def borrowed_value_cache(graph: ir.Graph, layer: GqaLayer, groups: int) -> tuple[ir.Value, ir.Value]:
+    """A new cache input for the V of the layer's ``groups`` borrowed KV groups, beside its V
+    cache, and a value that describes its present (name, type and shape; the caller makes it)."""
+    past_value = layer.node.inputs[PAST_VALUE]
+    shape = _narrowed(past_value.shape, groups)
+    past = ir.Value(name=past_name(layer.layer, "borrowed_value"), type=past_value.type, shape=shape)
+    graph.inputs.insert(list(graph.inputs).index(past_value) + 1 if past_value.is_graph_input() else len(graph.inputs), past)
+    present = ir.Value(name=present_name(layer.layer, "borrowed_value"), type=past_value.type, shape=shape)
+    return past, present
+
+
+def in_head_order(b: NodeBuilder, kept: ir.Value, borrowed: ir.Value, kept_groups: list[int], borrowed_groups: list[int], layer: GqaLayer) -> ir.Value:
+    """The kept heads' and the borrowed heads' contexts, [B, S, heads * head_dim] in head order."""
+    rep, d = layer.num_heads // layer.kv_num_heads, layer.head_dim
+    order = [g * rep + i for g in [*kept_groups, *borrowed_groups] for i in range(rep)]
+    context = b.op("Concat", [kept, borrowed], "own_and_borrowed", axis=2)
+    if order != sorted(order):
+        by_head = b.op("Reshape", [context, b.const("heads_shape", np.array([0, 0, layer.num_heads, d], np.int64))], "context_by_head")
+        by_head = b.op("Gather", [by_head, b.const("head_order", np.argsort(order).astype(np.int64))], "context_in_head_order", axis=2)
+        context = b.op("Reshape", [by_head, b.const("hidden_shape", np.array([0, 0, layer.num_heads * d], np.int64))], "context")
+    context.dtype = kept.dtype
+    return context
