@@ -197,7 +197,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
               help="Frontier: the head-map modes to search, comma-separated (each mode is a search of its own).")
 @click.option("--frontier-unit", "frontier_units", default="layer", show_default=True,
               help="Frontier: what a plan adds one at a time: layer, kv-group (one KV group of a layer, --span L.G; up to as many "
-              "groups as --max-shared layers hold, so the same savings in finer steps; converts with the dynamo export), or layer,kv-group for both curves.")
+              "groups as --max-shared layers hold, so the same savings in finer steps), or layer,kv-group for both curves.")
 @click.option("--search-pool", type=click.IntRange(1), help="Frontier: each plan adds the best of this many layers, "
               "the cheapest shared alone; fewer search faster. [default: 12]")
 @click.option("--search-cost", type=click.Choice(["mean", "worst"]), default="mean", show_default=True,

@@ -76,7 +76,7 @@ span_option = click.option(
     metavar="A-B|L.G",
     help="Layers A..B (inclusive) reuse the probabilities of the last unshared layer before A. Repeatable. "
     "L.G shares part of layer L: the query heads of its KV group G (0-based) borrow, and its K cache "
-    "keeps the other groups (1/G of the layer's K cache saved per group; needs the decomposed graph, --exporter dynamo).",
+    "keeps the other groups (one KV head's share of the layer's K cache saved per group; every graph takes it).",
 )
 anchor_option = click.option(
     "--anchor",

@@ -4,6 +4,7 @@ import numpy as np
 
 from sa_export.accuracy.analysis import rank_spans
 from sa_export.accuracy.texts import other_domain_text_path
+from sa_export.core.manifest import Manifest
 from tests.helpers import leftovers, run_cli
 
 
@@ -123,7 +124,7 @@ def test_frontier_searches_on_every_calibration_text_and_reports_on_another_doma
 
 def test_frontier_of_kv_groups_has_finer_points_and_its_command_converts(tiny_llama_with_tokenizer, tmp_path):
     """Layers and KV groups side by side: the tiny Llama's 2 KV groups a layer make points of 1/24
-    of the cache, half a layer's; the recommended group plan converts (dynamo) and passes check."""
+    of the cache, half a layer's; the recommended group plan converts (the builder's graph) and passes check."""
     import shlex
 
     calib = tmp_path / "calib.txt"
@@ -144,6 +145,7 @@ def test_frontier_of_kv_groups_has_finer_points_and_its_command_converts(tiny_ll
     assert command == f"sa-export convert {tiny_llama_with_tokenizer} --span {first['spans'][0]}"  # the least saving of 4% or more
     converted = run_cli("convert", *shlex.split(command)[2:], "-o", tmp_path / "sa")
     assert converted.exit_code == 0 and "parity PASSED" in converted.output, converted.output + converted.stderr
+    assert Manifest.read(tmp_path / "sa").exporter == "genai"  # the fastest ONNX Runtime graph shares part of a layer too
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier", "--frontier-unit", "head")
     assert refused.exit_code == 2 and "--frontier-unit head: choose" in refused.stderr and "loading" not in refused.stderr
     refused = run_cli("analyze", tiny_llama_with_tokenizer, "-o", tmp_path / "refused", "--frontier-unit", "kv-group")

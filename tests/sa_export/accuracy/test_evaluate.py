@@ -90,6 +90,12 @@ def test_eval_int4_evaluates_the_builders_quantized_weights(tiny_llama_with_toke
     assert int4["precision"] == "int4" and "int4" in result.output
     assert int4["base_ppl"] != fp32["base_ppl"] and int4["sa_ppl"] != fp32["sa_ppl"]
     assert abs(int4["base_ppl"] / fp32["base_ppl"] - 1) < 0.5  # the same model, quantized
+    # Part of a layer in int4 too (the builder's graph shares it): the same quantized base model.
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3.0", "--text", text, "--context", "128",
+                     "--precision", "int4", "--other-text", "none", "--json", tmp_path / "group.json")
+    assert result.exit_code == 0, result.stderr
+    group = json.loads((tmp_path / "group.json").read_text())
+    assert group["shared_groups"] == {"3": [0]} and group["base_ppl"] == int4["base_ppl"] and group["sa_ppl"] != int4["base_ppl"]
 
 
 def test_eval_needs_a_tokenizer(tiny_llama, tmp_path):
