@@ -78,6 +78,23 @@ def build_tiny_model(arch: str, path: Path, with_tokenizer: bool = False) -> Pat
     return path
 
 
+def build_sharp_llama(path: Path, with_tokenizer: bool = False) -> Path:
+    """The tiny Llama (4 heads, 2 KV groups, 6 layers) with Q and K scaled up: its attention
+    is peaked, so which heads borrow moves the logits (random tiny weights attend almost
+    uniformly, and any heads would do)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model("llama", path, with_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    model.save_pretrained(path)
+    return path
+
+
 def build_tiny_tokenizer(vocab_size: int):
     """A word-level tokenizer over the words w0..wN, enough to exercise text paths."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -13,25 +13,13 @@ from sa_export.core.plan import HeadMap, build_plan
 from sa_export.hf.models import load_reference, resolve_model
 from sa_export.runtime import SAModel
 from sa_export.stages.convert import ConvertRequest, convert
-from tests.conftest import build_tiny_model
+from tests.conftest import build_sharp_llama
 from tests.helpers import move_fitted_corrections, run_cli
 
 
 @pytest.fixture(scope="module")
 def sharp_llama(tmp_path_factory):
-    """The tiny Llama with Q and K scaled up: its attention is peaked, so which heads borrow
-    moves the logits (random tiny weights attend almost uniformly, and any heads would do)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = build_tiny_model("llama", tmp_path_factory.mktemp("sharp") / "llama")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-    model.save_pretrained(path)
-    return path
+    return build_sharp_llama(tmp_path_factory.mktemp("sharp") / "llama")
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +46,20 @@ def test_a_partly_shared_layer_keeps_the_k_cache_of_its_other_group(group_llama)
     assert widths == [16, 32]  # K: one group of 16; Q: two heads of 16
 
 
-def test_the_graph_matches_the_reference_that_borrows_those_heads_and_no_other(group_llama, sharp_llama):
-    manifest = Manifest.read(group_llama)
+def assert_borrows_group_0_of_layer_3(out, sharp_llama, logits: str = "prefill/logits"):
+    """OUT passes parity against the reference whose layer 3 borrows group 0, and fails
+    against the one that borrows group 1: the ``logits`` outputs, not only the cache, tell them apart."""
+    manifest = Manifest.read(out)
     model, tokenizer = load_reference(resolve_model(str(sharp_llama)), allow_pickle=False)
-    assert run_parity(SAModel(group_llama), model, manifest.plan, tokenizer, decode_steps=4).passed
-    # The other group borrowing instead: the logits, not only the cache, tell the two apart.
-    other = run_parity(SAModel(group_llama), model, dataclasses.replace(manifest.plan, shared_groups={3: (1,)}), tokenizer, decode_steps=4)
+    assert run_parity(SAModel(out), model, manifest.plan, tokenizer, decode_steps=4).passed
+    other = run_parity(SAModel(out), model, dataclasses.replace(manifest.plan, shared_groups={3: (1,)}), tokenizer, decode_steps=4)
     assert not other.passed
-    assert min(c.max_abs for c in other.comparisons if c.name.endswith("prefill/logits")) > 0.01
+    assert min(c.max_abs for c in other.comparisons if c.name.endswith(logits)) > 0.01
+    return model, tokenizer, manifest
+
+
+def test_the_graph_matches_the_reference_that_borrows_those_heads_and_no_other(group_llama, sharp_llama):
+    model, tokenizer, manifest = assert_borrows_group_0_of_layer_3(group_llama, sharp_llama)
     with pytest.raises(CheckFailed, match="has shape"):  # the whole layer: a cache of another width
         run_parity(SAModel(group_llama), model, dataclasses.replace(manifest.plan, shared_groups={}), tokenizer, decode_steps=4)
 
