@@ -11,7 +11,11 @@ keeps that speed:
   its cache buffer with ``TensorScatter`` (in place when past and present are bound to
   one buffer, as GQA's are), and multiplies the probabilities by the cache grouped by
   KV head (no repeated V heads);
-* its K cache input and output, Q/K columns and the GQA node are gone.
+* its K cache input and output, Q/K columns and the GQA node are gone;
+* a partly shared layer (``--span L.G``) keeps a GQA over the heads of the groups it keeps
+  and does the above for its borrowed heads, with a V cache of the borrowed groups of its
+  own (gqa_kv_groups). A head map may not read such a layer's kept heads here: its
+  probabilities are not in head order anywhere in this graph.
 
 The probabilities cover ``total_sequence_length`` positions and the V buffer
 ``max_length``; they are padded with zeros to the buffer, so that V is read in place
@@ -242,6 +246,11 @@ class ShareGqaPass(ir.passes.InPlacePass):
         layers = find_gqa_layers(model.graph)
         if sorted(layers) != list(range(self.plan.num_layers)):
             raise PlanError(f"the plan is for {self.plan.num_layers} layers but the graph has GroupQueryAttention for {len(layers)}")
+        if self.plan.reads_kept_heads:
+            partly = min(source for layer in self.plan.anchors for source in self.plan.sources_of(layer) if self.plan.is_partly_shared(source))
+            raise PlanError(
+                f"a head map reads the heads layer {partly} keeps, which the GroupQueryAttention graph cannot give: convert with --exporter dynamo"
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.plan.anchors:
@@ -257,11 +266,6 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
         raise PlanError("the GroupQueryAttention layers differ in head counts; convert with the default exporter")
     sources = {source for layer in plan.anchors for source in plan.sources_of(layer)}
     positions = _cache_positions(graph, layers[min(sources)])
-    if plan.reads_kept_heads:
-        partly = next(source for source in sorted(sources) if plan.is_partly_shared(source))
-        raise PlanError(
-            f"a head map reads the heads layer {partly} keeps, which the GroupQueryAttention graph cannot give: convert with --exporter dynamo"
-        )
     head_maps = {layer: plan.head_map(layer) for layer in plan.anchors if plan.head_map(layer) is not None}
     if not head_maps:
         # Identity maps: probabilities stored at decode, recomputed at prefill (gqa_phases).

@@ -131,6 +131,12 @@ def test_qkv_bias_is_cut_to_its_v_part(tmp_path):
     biases = {i.name: list(i.dims) for i in model.graph.initializer if "bias" in i.name}
     assert biases["sa.layer2.v_proj.bias"] == [32]  # 2 KV heads x 16
     assert not any(name.startswith("model.layers.2.attn.qkv_proj") for name in biases)
+    # Part of a layer: the kept heads' packed bias (Q of 2 heads, K and V of 1 group) and the borrowed group's V bias.
+    result = convert(ConvertRequest(model=str(source), spans=("3.0",), out=tmp_path / "part", exporter="genai"))
+    assert result.parity.passed, result.parity.summary_line()
+    model = onnx.load(tmp_path / "part" / "model.onnx", load_external_data=False)
+    biases = {i.name: list(i.dims) for i in model.graph.initializer if "bias" in i.name}
+    assert biases["sa.layer3.kept_qkv.bias"] == [64] and biases["sa.layer3.borrowed.v_proj.bias"] == [16]
 
 
 @pytest.mark.parametrize(
