@@ -5,17 +5,23 @@ to them: the packed projection's Q columns of those heads and K and V columns of
 groups, and a K and V cache of those groups only (GQA takes K and V of one head count).
 The borrowed heads multiply their probabilities by the V of the borrowed groups, which
 the layer writes into a cache of its own, ``past_key_values.L.borrowed_value``
-(share_gqa). The two contexts are put back in head order before the output projection.
+(gqa_values). The two contexts are put back in head order before the output projection.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from graph_passes.gqa_layers import GQA, PAST_KEY, PAST_VALUE, GqaLayer, NodeBuilder
+from graph_passes.gqa_phases import PhasedAnchor, recompute_mapped_attention
+from graph_passes.gqa_values import Positions, values_attention
 from graph_passes.projections import MS_DOMAIN, attribute_values, column_select
 from sa_export.core.cache_names import past_name, present_name
+from sa_export.core.plan import HeadMap, SharingPlan
 
 
 def _columns(heads, head_dim: int, offset: int = 0) -> np.ndarray:
@@ -77,3 +83,46 @@ def in_head_order(b: NodeBuilder, kept: ir.Value, borrowed: ir.Value, kept_group
         context = b.op("Reshape", [by_head, b.const("hidden_shape", np.array([0, 0, layer.num_heads * d], np.int64))], "context")
     context.dtype = kept.dtype
     return context
+
+
+def partly_shared_layer(graph: ir.Graph, layer: GqaLayer, borrowed_groups: tuple[int, ...], probs: ir.Value | Callable, positions: Positions,
+                         recompute: Callable | None = None, head_slots: list[int] | None = None) -> None:
+    """Replace a partly shared layer's attention: its own GQA for the heads of the groups it
+    keeps (kept_heads_attention), and for the borrowed heads ``probs`` (grouped by borrowed
+    KV group) times the V of the borrowed groups, which a cache of their own holds (the kept
+    GQA takes K and V of one head count). ``recompute`` and ``head_slots`` as in
+    share_gqa's _shared_layer, for the borrowed heads."""
+    gqa = layer.node
+    b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
+    kept_groups = [g for g in range(layer.kv_num_heads) if g not in borrowed_groups]
+    kept = kept_heads_attention(graph, layer, kept_groups)
+    past, present = borrowed_value_cache(graph, layer, len(borrowed_groups))
+    borrowed_builder = NodeBuilder(graph, gqa, f"{b.prefix}.borrowed")
+    borrowed, present_value = values_attention(borrowed_builder, layer, list(borrowed_groups), past, probs, positions, recompute, head_slots)
+    present_value.name = present.name
+    present_value.type, present_value.shape = present.type, present.shape
+    graph.outputs.append(present_value)
+    context = in_head_order(b, kept, borrowed, kept_groups, list(borrowed_groups), layer)
+    ir.convenience.replace_all_uses_with(gqa.outputs[0], context)
+    graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
+
+
+def share_part_on_anchor(graph: ir.Graph, layer: GqaLayer, plan: SharingPlan, phased: dict[int, PhasedAnchor], positions: Positions) -> None:
+    """A partly shared layer of an identity plan: at a decode step the borrowed groups of its
+    anchor's grouped probabilities; at prefill its borrowed heads recomputed from the
+    anchor's queries and K cache, one GQA per borrowed group (recompute_mapped_attention)."""
+    anchor, groups = plan.anchors[layer.layer], plan.shared_groups[layer.layer]
+
+    def probs(b: NodeBuilder) -> ir.Value:
+        return b.op("Gather", [phased[anchor].grouped_probs, b.const("borrowed_groups", np.array(groups, np.int64))], "borrowed_probs", axis=1)
+
+    borrowed = HeadMap.from_anchor_heads(anchor, plan.borrowed_heads(layer.layer))
+    recompute = functools.partial(recompute_mapped_attention, head_map=borrowed, sources=phased, past_ends=positions.past_ends, past_end=positions.past_end)
+    partly_shared_layer(graph, layer, groups, probs, positions, recompute)
+
+
+def borrowed_rows(plan: SharingPlan, layer: int, heads: int) -> HeadMap:
+    """A partly shared layer's map of its borrowed heads only (its anchor's same heads without a map)."""
+    head_map = plan.head_map(layer) or HeadMap.from_anchor_heads(plan.anchors[layer], range(heads))
+    rows = plan.borrowed_heads(layer)
+    return HeadMap(tuple(head_map.sources[h] for h in rows), tuple(head_map.weights[h] for h in rows))
