@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.gqa_layers import GQA, PAST_KEY, PAST_VALUE, GqaLayer, NodeBuilder
+from graph_passes.gqa_layers import GQA, PAST_KEY, PAST_VALUE, QK_OUTPUT_SOFTMAX, GqaLayer, NodeBuilder
 from graph_passes.gqa_phases import PhasedAnchor, recompute_mapped_attention
 from graph_passes.gqa_values import Positions, values_attention
 from graph_passes.projections import MS_DOMAIN, attribute_values, column_select
@@ -32,8 +32,10 @@ def _narrowed(shape: ir.Shape | None, heads: int) -> ir.Shape | None:
     return None if shape is None else ir.Shape([shape[0], heads, shape[2], shape[3]])
 
 
-def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int]) -> ir.Value:
-    """A GQA node, before the layer's, over the heads of ``kept_groups``: [B, S, kept heads * head_dim].
+def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int], with_probs: bool = False) -> tuple[ir.Value, ir.Value | None]:
+    """A GQA node, before the layer's, over the heads of ``kept_groups``: [B, S, kept heads *
+    head_dim], and with ``with_probs`` their probabilities, [B, kept heads, S, total length]
+    (for later layers' mixtures), else None.
 
     It takes the layer's K and V caches, narrowed to those groups, and gives their presents
     (the same buffers); the layer's own GQA node is left for the caller to remove."""
@@ -48,7 +50,9 @@ def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int
         bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., columns])
         packed = b.op("Add", [packed, b.const("kept_qkv.bias", bias)], "kept_qkv_bias")
     attributes = {**attribute_values(gqa), "num_heads": len(heads), "kv_num_heads": len(kept_groups)}
-    kept = b.node(GQA, [packed, *list(gqa.inputs)[1:]], "kept_heads_gqa", domain=MS_DOMAIN, num_outputs=3, **attributes)
+    if with_probs:
+        attributes["qk_output"] = QK_OUTPUT_SOFTMAX
+    kept = b.node(GQA, [packed, *list(gqa.inputs)[1:]], "kept_heads_gqa", domain=MS_DOMAIN, num_outputs=4 if with_probs else 3, **attributes)
     for past in (gqa.inputs[PAST_KEY], gqa.inputs[PAST_VALUE]):
         past.shape = _narrowed(past.shape, len(kept_groups))
     for old, new in zip(gqa.outputs[1:3], kept.outputs[1:3]):
@@ -58,7 +62,11 @@ def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int
         new.name = name
         new.type, new.shape = old.type, _narrowed(old.shape, len(kept_groups))
     kept.outputs[0].dtype = gqa.outputs[0].dtype
-    return kept.outputs[0]
+    if not with_probs:
+        return kept.outputs[0], None
+    probs = kept.outputs[3]
+    probs.name, probs.dtype = f"sa.layer{layer.layer}.kept_probs", gqa.outputs[0].dtype
+    return kept.outputs[0], probs
 
 
 def borrowed_value_cache(graph: ir.Graph, layer: GqaLayer, groups: int) -> tuple[ir.Value, ir.Value]:
@@ -86,16 +94,17 @@ def in_head_order(b: NodeBuilder, kept: ir.Value, borrowed: ir.Value, kept_group
 
 
 def partly_shared_layer(graph: ir.Graph, layer: GqaLayer, borrowed_groups: tuple[int, ...], probs: ir.Value | Callable, positions: Positions,
-                         recompute: Callable | None = None, head_slots: list[int] | None = None) -> None:
+                        recompute: Callable | None = None, head_slots: list[int] | None = None, with_probs: bool = False) -> ir.Value | None:
     """Replace a partly shared layer's attention: its own GQA for the heads of the groups it
     keeps (kept_heads_attention), and for the borrowed heads ``probs`` (grouped by borrowed
     KV group) times the V of the borrowed groups, which a cache of their own holds (the kept
     GQA takes K and V of one head count). ``recompute`` and ``head_slots`` as in
-    share_gqa's _shared_layer, for the borrowed heads."""
+    share_gqa's _shared_layer, for the borrowed heads. Returns the kept heads' probabilities
+    with ``with_probs`` (kept_heads_attention), else None."""
     gqa = layer.node
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
     kept_groups = [g for g in range(layer.kv_num_heads) if g not in borrowed_groups]
-    kept = kept_heads_attention(graph, layer, kept_groups)
+    kept, kept_probs = kept_heads_attention(graph, layer, kept_groups, with_probs)
     past, present = borrowed_value_cache(graph, layer, len(borrowed_groups))
     borrowed_builder = NodeBuilder(graph, gqa, f"{b.prefix}.borrowed")
     borrowed, present_value = values_attention(borrowed_builder, layer, list(borrowed_groups), past, probs, positions, recompute, head_slots)
@@ -105,6 +114,7 @@ def partly_shared_layer(graph: ir.Graph, layer: GqaLayer, borrowed_groups: tuple
     context = in_head_order(b, kept, borrowed, kept_groups, list(borrowed_groups), layer)
     ir.convenience.replace_all_uses_with(gqa.outputs[0], context)
     graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
+    return kept_probs
 
 
 def share_part_on_anchor(graph: ir.Graph, layer: GqaLayer, plan: SharingPlan, phased: dict[int, PhasedAnchor], positions: Positions) -> None:

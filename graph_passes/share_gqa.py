@@ -14,8 +14,8 @@ keeps that speed:
 * its K cache input and output, Q/K columns and the GQA node are gone;
 * a partly shared layer (``--span L.G``) keeps a GQA over the heads of the groups it keeps
   and does the above for its borrowed heads, with a V cache of the borrowed groups of its
-  own (gqa_kv_groups). A head map may not read such a layer's kept heads here: its
-  probabilities are not in head order anywhere in this graph.
+  own (gqa_kv_groups). Maps that read the heads such a layer keeps take them from its
+  kept GQA's probabilities, stored at every step as mixtures' are.
 
 The probabilities cover ``total_sequence_length`` positions and the V buffer
 ``max_length``; they are padded with zeros to the buffer, so that V is read in place
@@ -97,22 +97,24 @@ def _take_place_of(old: ir.Value, new: ir.Value) -> None:
 
 
 def _mixed_for_run(b: NodeBuilder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value,
-                   rows: dict[int, tuple[int, ...]]) -> dict[int, ir.Value]:
+                   rows: dict[int, tuple[int, ...]], kept: dict[int, list[int]]) -> dict[int, ir.Value]:
     """Padded probabilities of every mapped layer of one run of shared layers.
 
     The sources' probabilities are stacked and padded to the buffer once for the run (the
     sources are fewer than the run's layers); each layer multiplies them by its [heads,
     sources * heads] mixture, whose output is already in the layer's shape: nothing of the
-    size of the probabilities is split or padded per layer.
+    size of the probabilities is split or padded per layer. A partly shared source (``kept``)
+    stacks only the heads it keeps, the mixture's columns of those heads.
     """
     sources = sorted({source for head_map in head_maps.values() for source in head_map.layers})
     stacked = b.op("Concat", [probs[s] for s in sources], "stack_sources", axis=1) if len(sources) > 1 else probs[sources[0]]
     dtype = probs[sources[0]].dtype.numpy() if probs[sources[0]].dtype is not None else np.float32
+    columns = [i * heads + h for i, s in enumerate(sources) for h in kept.get(s, range(heads))]
     padded = b.op("Pad", [stacked, pads], "sources_to_buffer")
-    flat = b.op("Reshape", [padded, b.const("flat_shape", np.array([0, len(sources) * heads, -1], np.int64))], "flatten_sources")
+    flat = b.op("Reshape", [padded, b.const("flat_shape", np.array([0, len(columns), -1], np.int64))], "flatten_sources")
     mixed = {}
     for layer, head_map in head_maps.items():
-        matrix = mixture_matrix([head_map], sources, heads, dtype)[list(rows.get(layer, range(heads)))]
+        matrix = mixture_matrix([head_map], sources, heads, dtype)[np.ix_(list(rows.get(layer, range(heads))), columns)]
         mixed[layer] = b.op("MatMul", [b.const(f"layer{layer}.head_mixture", matrix), flat], f"layer{layer}.mix_heads")
     return mixed  # [B, heads, S * buffer] ([B, borrowed heads, ...] for ``rows``): the grouping Reshape gives [B, kv, rep, S, buffer]
 
@@ -128,11 +130,6 @@ class ShareGqaPass(ir.passes.InPlacePass):
         layers = find_gqa_layers(model.graph)
         if sorted(layers) != list(range(self.plan.num_layers)):
             raise PlanError(f"the plan is for {self.plan.num_layers} layers but the graph has GroupQueryAttention for {len(layers)}")
-        if self.plan.reads_kept_heads:
-            partly = min(source for layer in self.plan.anchors for source in self.plan.sources_of(layer) if self.plan.is_partly_shared(source))
-            raise PlanError(
-                f"a head map reads the heads layer {partly} keeps, which the GroupQueryAttention graph cannot give: convert with --exporter dynamo"
-            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.plan.anchors:
@@ -158,7 +155,9 @@ def _share_gqa_layers(model: ir.Model, plan: SharingPlan) -> None:
                 continue
             recompute = functools.partial(recompute_attention, anchor=phased[anchor], past_end=positions.past_end)
             _shared_layer(graph, layers[layer], phased[anchor].grouped_probs, positions, recompute)
-    elif all(head_map.width == 1 for head_map in head_maps.values()):
+    elif all(head_map.width == 1 for head_map in head_maps.values()) and not plan.reads_kept_heads:
+        # (The heads a partly shared layer keeps have no K cache of the full layer's shape to
+        # recompute from at prefill: maps that read them store probabilities, as mixtures do.)
         _share_one_source_heads(graph, layers, plan, head_maps, sorted(sources), positions)
     else:
         _share_mixtures(graph, layers, plan, head_maps, sorted(sources), positions)
@@ -249,18 +248,22 @@ def _distinct_rows(sources: np.ndarray, kv_heads: int) -> tuple[np.ndarray, list
 
 def _share_mixtures(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingPlan, head_maps: dict[int, HeadMap],
                     sources: list[int], positions: Positions) -> None:
-    """Mixtures of several source heads: stored probabilities at every step."""
-    probs = {source: _with_probabilities_output(graph, layers[source]) for source in sources}
+    """Mixtures of several source heads: stored probabilities at every step.
+
+    A partly shared source gives the probabilities of the heads it keeps (its kept GQA's),
+    made when that layer is rewritten: a layer that reads them starts a run of its own."""
+    probs = {source: _with_probabilities_output(graph, layers[source]) for source in sources if not plan.is_partly_shared(source)}
+    kept = {source: [h for h in range(layers[source].num_heads) if h not in plan.borrowed_heads(source)] for source in sources if source not in probs}
     # Per run of consecutive shared layers (every source of the run precedes it): each
     # source's probabilities are padded once for the run, and each mapped layer mixes them.
-    for run in consecutive_runs(list(plan.anchors)):
+    for run in _runs_after_their_sources(plan):
         b = NodeBuilder(graph, layers[run[0]].node, f"sa.layers{run[0]}-{run[-1]}")
         heads = layers[run[0]].num_heads
         # A partly shared layer mixes only its borrowed heads' rows; without a map, its anchor's same heads.
         run_maps = {layer: head_maps.get(layer) or HeadMap.from_anchor_heads(plan.anchors[layer], range(heads))
                     for layer in run if layer in head_maps or plan.is_partly_shared(layer)}
         rows = {layer: plan.borrowed_heads(layer) for layer in run if plan.is_partly_shared(layer)}
-        padded = _mixed_for_run(b, probs, run_maps, heads, positions.pads, rows) if run_maps else {}
+        padded = _mixed_for_run(b, probs, run_maps, heads, positions.pads, rows, kept) if run_maps else {}
         anchors = {plan.anchors[layer] for layer in run if layer not in padded}
         by_anchor = {anchor: b.op("Pad", [probs[anchor], positions.pads], f"anchor{anchor}_probs_to_buffer") for anchor in sorted(anchors)}
         layer_sources = {layer: padded[layer] if layer in padded else by_anchor[plan.anchors[layer]] for layer in run}
@@ -271,7 +274,23 @@ def _share_mixtures(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingP
                 grouped[source] = b.op("Reshape", [source, shape], f"layer{layer}_probs_by_kv_head")
         for layer in run:
             if layer in rows:
-                partly_shared_layer(graph, layers[layer], plan.shared_groups[layer], grouped[layer_sources[layer]], positions)
+                made = partly_shared_layer(graph, layers[layer], plan.shared_groups[layer], grouped[layer_sources[layer]], positions, with_probs=layer in kept)
+                if made is not None:
+                    probs[layer] = made
             else:
                 _shared_layer(graph, layers[layer], grouped[layer_sources[layer]], positions)
 
+
+def _runs_after_their_sources(plan: SharingPlan) -> list[list[int]]:
+    """Runs of consecutive shared layers, each split before a layer whose map reads a
+    partly shared layer of the same run (whose probabilities exist only once it is rewritten)."""
+    runs = []
+    for run in consecutive_runs(list(plan.anchors)):
+        piece: list[int] = []
+        for layer in run:
+            if any(source in piece and plan.is_partly_shared(source) for source in plan.sources_of(layer)):
+                runs.append(piece)
+                piece = []
+            piece.append(layer)
+        runs.append(piece)
+    return runs

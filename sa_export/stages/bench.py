@@ -320,7 +320,6 @@ def run_bench(
         "baseline": {"dir": str(base_path), "graph": graph_description(base_manifest)},
         "sa_graph_kind": graph_kind,
         "partly_shared_layers": sorted(manifest.plan.shared_groups),
-        "maps_read_kept_heads": manifest.plan.reads_kept_heads,
         "threads": threads,
         "memory": memory,
         "repeats": sampling.repeats,
@@ -365,10 +364,7 @@ def bench_lines(result: dict) -> list[str]:
     above = [f"{r['tokens']} tokens" for r in measured if r["peak_rss_sa_bytes"] > r["peak_rss_base_bytes"]]
     if measured:
         lines.append(f"SA's prefill peak RSS above the baseline's at: {', '.join(above)}" if above else "SA's prefill peak RSS is not above the baseline's at any length")
-    if result["sa_graph_kind"] != "fused" and result.get("maps_read_kept_heads"):
-        lines.append("note: OUT's head maps read the heads a partly shared layer keeps, which only the decomposed graph (the TensorRT path) gives; "
-                     "maps that do not (`--head-map mix-few` seldom does) convert to ONNX Runtime's fastest graph")
-    elif result["sa_graph_kind"] != "fused":
+    if result["sa_graph_kind"] != "fused":
         lines.append("note: OUT is a decomposed graph (the TensorRT path); `convert --exporter genai` makes the SA graph that is fast on ONNX Runtime")
     peaks = result.get("timing_peak_rss_bytes") or {}
     if peaks.get("sa") and peaks.get("base"):

@@ -145,19 +145,6 @@ class _Validated:
     target: TargetProfile
     exporter: Exporter
     why: str | None = None
-    chosen: bool = False  # --exporter auto chose it
-
-    def for_kept_heads(self, plan: SharingPlan) -> _Validated:
-        """The job for the calibrated ``plan``: where a head map reads the heads a partly
-        shared layer keeps, which only the decomposed graph gives, an automatic choice of the
-        builder's graph becomes the dynamo export (an explicit one fails in the rewrite, in a line)."""
-        if not (plan.reads_kept_heads and self.chosen and self.exporter.name != DYNAMO):
-            return self
-        exporter, why = get_exporter(DYNAMO), "a head map reads the heads a partly shared layer keeps, which only the decomposed graph can give"
-        if self.request.precision not in exporter.precisions:
-            raise UsageError(f"{why}, in {', '.join(exporter.precisions)}; got --precision {self.request.precision}")
-        request = dataclasses.replace(self.request, exporter=exporter.name, opset=exporter.resolve_opset(None))
-        return dataclasses.replace(self, request=request, exporter=exporter, why=why)
 
 
 def validate(request: ConvertRequest) -> _Validated:
@@ -181,7 +168,6 @@ def validate(request: ConvertRequest) -> _Validated:
     if precision not in target.precisions:
         raise UsageError(f"target {target.name} does not take --precision {precision}; it takes {', '.join(target.precisions)}")
     why = None  # the reason of an automatic choice, said when the export starts
-    chosen = request.exporter == AUTO
     if request.exporter == AUTO and (source.kind != "hf" or request.opset is not None):
         exporter = get_exporter(DYNAMO)  # an ONNX input is not exported; --opset asks for the dynamo export
     elif request.exporter == AUTO:
@@ -192,7 +178,7 @@ def validate(request: ConvertRequest) -> _Validated:
     if precision not in exporter.precisions:
         raise UsageError(f"--exporter {exporter.name} builds {', '.join(exporter.precisions)} graphs; got --precision {precision}")
     request = dataclasses.replace(request, precision=precision, target=target.name, exporter=exporter.name, opset=exporter.resolve_opset(request.opset))
-    return _Validated(request, source, reference, config, target, exporter, why, chosen)
+    return _Validated(request, source, reference, config, target, exporter, why)
 
 
 def convert(request: ConvertRequest) -> ConvertResult:
@@ -226,8 +212,6 @@ def convert(request: ConvertRequest) -> ConvertResult:
         calibration = corrections = None
         if request.head_map != "identity":
             plan, calibration, corrections = _calibrate(hf_model, tokenizer, plan, request, reference, kinds, tmp)
-            job = job.for_kept_heads(plan)
-            request = job.request
         options = request.export_options()
         if graph_model is None:
             if job.why:
