@@ -16,16 +16,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.gqa_layers import GQA, PAST_KEY, PAST_VALUE, QK_OUTPUT_SOFTMAX, GqaLayer, NodeBuilder
+from graph_passes.gqa_layers import GQA, PAST_KEY, PAST_VALUE, QK_OUTPUT_SOFTMAX, GqaLayer, NodeBuilder, take_place_of
 from graph_passes.gqa_phases import PhasedAnchor, recompute_mapped_attention
 from graph_passes.gqa_values import Positions, values_attention
-from graph_passes.projections import MS_DOMAIN, attribute_values, column_select
+from graph_passes.projections import MS_DOMAIN, attribute_values, column_select, head_columns
 from sa_export.core.cache_names import past_name, present_name
 from sa_export.core.plan import HeadMap, SharingPlan
-
-
-def _columns(heads, head_dim: int, offset: int = 0) -> np.ndarray:
-    return np.concatenate([np.arange((offset + h) * head_dim, (offset + h + 1) * head_dim) for h in heads]).astype(np.int64)
 
 
 def _narrowed(shape: ir.Shape | None, heads: int) -> ir.Shape | None:
@@ -43,7 +39,7 @@ def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
     rep = n // kv
     heads = [g * rep + i for g in kept_groups for i in range(rep)]
-    columns = np.concatenate([_columns(heads, d), _columns(kept_groups, d, n), _columns(kept_groups, d, n + kv)])
+    columns = np.concatenate([head_columns(heads, d), head_columns(kept_groups, d, n), head_columns(kept_groups, d, n + kv)])
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
     packed = column_select(graph, gqa, layer.qkv, columns, f"{b.prefix}.kept_qkv")
     if layer.bias is not None:
@@ -56,11 +52,8 @@ def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int
     for past in (gqa.inputs[PAST_KEY], gqa.inputs[PAST_VALUE]):
         past.shape = _narrowed(past.shape, len(kept_groups))
     for old, new in zip(gqa.outputs[1:3], kept.outputs[1:3]):
-        name = old.name
-        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        old.name = None
-        new.name = name
-        new.type, new.shape = old.type, _narrowed(old.shape, len(kept_groups))
+        take_place_of(old, new)
+        new.shape = _narrowed(new.shape, len(kept_groups))
     kept.outputs[0].dtype = gqa.outputs[0].dtype
     if not with_probs:
         return kept.outputs[0], None
@@ -69,15 +62,12 @@ def kept_heads_attention(graph: ir.Graph, layer: GqaLayer, kept_groups: list[int
     return kept.outputs[0], probs
 
 
-def borrowed_value_cache(graph: ir.Graph, layer: GqaLayer, groups: int) -> tuple[ir.Value, ir.Value]:
-    """A new cache input for the V of the layer's ``groups`` borrowed KV groups, beside its V
-    cache, and a value that describes its present (name, type and shape; the caller makes it)."""
+def borrowed_value_cache(graph: ir.Graph, layer: GqaLayer, groups: int) -> ir.Value:
+    """A new cache input for the V of the layer's ``groups`` borrowed KV groups, beside its V cache."""
     past_value = layer.node.inputs[PAST_VALUE]
-    shape = _narrowed(past_value.shape, groups)
-    past = ir.Value(name=past_name(layer.layer, "borrowed_value"), type=past_value.type, shape=shape)
+    past = ir.Value(name=past_name(layer.layer, "borrowed_value"), type=past_value.type, shape=_narrowed(past_value.shape, groups))
     graph.inputs.insert(list(graph.inputs).index(past_value) + 1 if past_value.is_graph_input() else len(graph.inputs), past)
-    present = ir.Value(name=present_name(layer.layer, "borrowed_value"), type=past_value.type, shape=shape)
-    return past, present
+    return past
 
 
 def in_head_order(b: NodeBuilder, kept: ir.Value, borrowed: ir.Value, kept_groups: list[int], borrowed_groups: list[int], layer: GqaLayer) -> ir.Value:
@@ -105,11 +95,11 @@ def partly_shared_layer(graph: ir.Graph, layer: GqaLayer, borrowed_groups: tuple
     b = NodeBuilder(graph, gqa, f"sa.layer{layer.layer}")
     kept_groups = [g for g in range(layer.kv_num_heads) if g not in borrowed_groups]
     kept, kept_probs = kept_heads_attention(graph, layer, kept_groups, with_probs)
-    past, present = borrowed_value_cache(graph, layer, len(borrowed_groups))
+    past = borrowed_value_cache(graph, layer, len(borrowed_groups))
     borrowed_builder = NodeBuilder(graph, gqa, f"{b.prefix}.borrowed")
     borrowed, present_value = values_attention(borrowed_builder, layer, list(borrowed_groups), past, probs, positions, recompute, head_slots)
-    present_value.name = present.name
-    present_value.type, present_value.shape = present.type, present.shape
+    present_value.name = present_name(layer.layer, "borrowed_value")
+    present_value.type, present_value.shape = past.type, past.shape  # written in place: the past's buffer
     graph.outputs.append(present_value)
     context = in_head_order(b, kept, borrowed, kept_groups, list(borrowed_groups), layer)
     ir.convenience.replace_all_uses_with(gqa.outputs[0], context)

@@ -78,16 +78,21 @@ def find_gqa_layers(graph: ir.Graph) -> dict[int, GqaLayer]:
     return layers
 
 
+def take_place_of(old: ir.Value, new: ir.Value) -> None:
+    """``new`` takes ``old``'s name, type, shape and uses, graph outputs included."""
+    name = old.name
+    new.type, new.shape = old.type, old.shape
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
 def replace_gqa_node(graph: ir.Graph, layer: GqaLayer, new: ir.Node) -> None:
     """``new`` (already in the graph) takes the place of the layer's GQA node: its first
     outputs take the old outputs' names, types and uses (graph outputs included)."""
     old = layer.node
     for old_output, new_output in zip(old.outputs, new.outputs):
-        name = old_output.name
-        new_output.type, new_output.shape = old_output.type, old_output.shape
-        ir.convenience.replace_all_uses_with(old_output, new_output, replace_graph_outputs=True)
-        old_output.name = None
-        new_output.name = name
+        take_place_of(old_output, new_output)
     graph.remove(old, safe=True)
     layer.node = new
 

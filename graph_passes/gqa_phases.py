@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, GqaLayer, NodeBuilder, replace_gqa_node
-from graph_passes.projections import MS_DOMAIN, attribute_values
+from graph_passes.projections import MS_DOMAIN, attribute_values, head_columns
 from sa_export.core.plan import HeadMap
 
 
@@ -163,9 +163,6 @@ def recompute_mapped_attention(
         return _with_gains(branch, context, gains, d, dtype)
     columns, cache_axes = branch.const("columns_axis", np.array([2], np.int64)), branch.const("cache_axes", np.array([1, 2], np.int64))
 
-    def head_columns(heads) -> np.ndarray:
-        return np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads]).astype(np.int64)
-
     made: dict[str, ir.Value] = {}
 
     def once(name: str, make: Callable[[], ir.Value]) -> ir.Value:
@@ -200,7 +197,7 @@ def recompute_mapped_attention(
         heads = [j for _, j, _ in piece]
         queries = f"from{source}.q{'_'.join(map(str, heads))}"
         inputs = [
-            once(queries, lambda: branch.op("Gather", [packed, branch.const(f"{queries}_columns", head_columns(heads))], queries, axis=2)),
+            once(queries, lambda: branch.op("Gather", [packed, branch.const(f"{queries}_columns", head_columns(heads, d))], queries, axis=2)),
             slice_columns(packed, n + key_group, f"from{source}.k{key_group}.k"),
             slice_columns(v_rows, value_group, f"v{value_group}.v"),
             past_rows(sources[source].present_key, key_group, f"{tag}.key_cache"),  # one per pair: not held across value groups
@@ -215,7 +212,7 @@ def recompute_mapped_attention(
     context = branch.op("Concat", outputs, "sources_context", axis=2) if len(outputs) > 1 else outputs[0]
     head_slots = [order.index((source, j, h // rep)) for h, (source, j) in enumerate(read)]
     if head_slots != list(range(n)):
-        context = branch.op("Gather", [context, branch.const("head_slot_columns", head_columns(head_slots))], "context_by_head", axis=2)
+        context = branch.op("Gather", [context, branch.const("head_slot_columns", head_columns(head_slots, d))], "context_by_head", axis=2)
     return _with_gains(branch, context, gains, d, dtype)
 
 

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from graph_passes.gqa_layers import PAST_VALUE, SEQLENS_K, TOTAL_LEN, GqaLayer, NodeBuilder
 from graph_passes.gqa_phases import if_by_phase
-from graph_passes.projections import column_select
+from graph_passes.projections import column_select, head_columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +56,12 @@ def cache_positions(graph: ir.Graph, first: GqaLayer) -> Positions:
 
 
 def values_attention(b: NodeBuilder, layer: GqaLayer, groups: list[int], past_value: ir.Value, probs: ir.Value | Callable, positions: Positions,
-                      recompute: Callable | None, head_slots: list[int] | None) -> tuple[ir.Value, ir.Value]:
+                     recompute: Callable | None, head_slots: list[int] | None) -> tuple[ir.Value, ir.Value]:
     """The attention of the heads of KV groups ``groups`` on borrowed probabilities: the V
     columns of those groups, written in place into ``past_value``; returns the context
     [B, S, heads of groups * head_dim] and the written V buffer."""
     n, kv, d = layer.num_heads, layer.kv_num_heads, layer.head_dim
-    columns = np.concatenate([np.arange((n + kv + g) * d, (n + kv + g + 1) * d) for g in groups])
+    columns = head_columns(groups, d, n + kv)
     v = column_select(b.graph, b.before, layer.qkv, columns, f"{b.prefix}.v_proj")
     if layer.bias is not None:
         v_bias = np.ascontiguousarray(layer.bias.inputs[1].const_value.numpy()[..., columns])
@@ -89,7 +89,7 @@ def values_attention(b: NodeBuilder, layer: GqaLayer, groups: list[int], past_va
 
 
 def probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, present_value: ir.Value, head_slots: list[int] | None = None,
-                        kv: int | None = None) -> ir.Value:
+                       kv: int | None = None) -> ir.Value:
     """The padded, grouped probabilities times the V buffer: [B, S, heads * head_dim].
 
     ``head_slots``: ``grouped`` is [B, kv, rows, S, T] with rows < heads / kv, and head h
@@ -113,4 +113,4 @@ def probs_times_values(b: NodeBuilder, layer: GqaLayer, grouped: ir.Value, prese
 def grouped_shape(b: NodeBuilder, positions: Positions, layer: GqaLayer, groups: int, name: str) -> ir.Value:
     """[0, groups, rep, S, -1]: probabilities of ``groups`` KV groups' heads grouped by KV group."""
     lead = b.const(f"{name}_grouped_lead", np.array([0, groups, layer.num_heads // layer.kv_num_heads], np.int64))
-    return b.op("Concat", [lead, positions.query_len, b.const(f"{name}_minus_one", np.array([-1], np.int64))], f"{name}grouped_shape", axis=0)
+    return b.op("Concat", [lead, positions.query_len, b.const(f"{name}_minus_one", np.array([-1], np.int64))], f"{name}_grouped_shape", axis=0)

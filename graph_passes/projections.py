@@ -26,6 +26,11 @@ def attribute_values(node: ir.Node) -> dict:
     return {key: attr.value for key, attr in node.attributes.items()}
 
 
+def head_columns(heads, head_dim: int, offset: int = 0) -> np.ndarray:
+    """The output columns of ``heads`` (each ``head_dim`` wide, counted from head ``offset``) of a projection, in that order."""
+    return np.concatenate([np.arange((offset + h) * head_dim, (offset + h + 1) * head_dim) for h in heads]).astype(np.int64)
+
+
 def is_matmul_nbits(node: ir.Node) -> bool:
     return node.op_type == MATMUL_NBITS and node.domain == MS_DOMAIN
 

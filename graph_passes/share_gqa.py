@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.gqa_kv_groups import borrowed_rows, partly_shared_layer, share_part_on_anchor
-from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, GqaLayer, NodeBuilder, find_gqa_layers, replace_gqa_node
+from graph_passes.gqa_layers import GQA, PAST_KEY, QK_OUTPUT_SOFTMAX, PAST_VALUE, GqaLayer, NodeBuilder, find_gqa_layers, replace_gqa_node, take_place_of
 from graph_passes.gqa_phases import PhasedAnchor, anchor_by_phase, recompute_attention, recompute_mapped_attention
 from graph_passes.gqa_values import Positions, cache_positions, grouped_shape, values_attention
 from graph_passes.projections import MS_DOMAIN
@@ -79,7 +79,7 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value | Callable, 
     context, present_value = values_attention(b, layer, groups, gqa.inputs[PAST_VALUE], probs, positions, recompute, head_slots)
     output, present_key, old_present_value = gqa.outputs[:3]
     ir.convenience.replace_all_uses_with(output, context)
-    _take_place_of(old_present_value, present_value)
+    take_place_of(old_present_value, present_value)  # the same buffer: the past's type and shape
     graph.outputs.remove(present_key)
     past_key = gqa.inputs[PAST_KEY]
     graph.remove([gqa, *([layer.bias] if layer.bias is not None else []), layer.qkv], safe=True)
@@ -87,17 +87,8 @@ def _shared_layer(graph: ir.Graph, layer: GqaLayer, probs: ir.Value | Callable, 
         graph.inputs.remove(past_key)
 
 
-def _take_place_of(old: ir.Value, new: ir.Value) -> None:
-    """``new`` becomes the graph output ``old`` was: its name, uses, type and shape (the same buffer as its past)."""
-    name = old.name
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    old.name = None
-    new.name = name
-    new.type, new.shape = old.type, old.shape
-
-
 def _mixed_for_run(b: NodeBuilder, probs: dict[int, ir.Value], head_maps: dict[int, HeadMap], heads: int, pads: ir.Value,
-                   rows: dict[int, tuple[int, ...]], kept: dict[int, list[int]]) -> dict[int, ir.Value]:
+                   rows: dict[int, tuple[int, ...]], kept: dict[int, tuple[int, ...]]) -> dict[int, ir.Value]:
     """Padded probabilities of every mapped layer of one run of shared layers.
 
     The sources' probabilities are stacked and padded to the buffer once for the run (the
@@ -177,25 +168,21 @@ def _share_one_source_heads(graph: ir.Graph, layers: dict[int, GqaLayer], plan: 
     phased = {source: anchor_by_phase(graph, layers[source], positions.is_step, positions.pads, None) for source in sources}
     heads, kv_heads = layers[sources[0]].num_heads, layers[sources[0]].kv_num_heads
     for layer, anchor in plan.anchors.items():
-        gqa = layers[layer]
-        if plan.is_partly_shared(layer):
-            borrowed = borrowed_rows(plan, layer, heads)
-            groups = plan.shared_groups[layer]
-            indices, head_slots = _gather_rows(borrowed, heads, len(groups))
-            probs = functools.partial(_gathered_heads, head_map=borrowed, sources=phased, indices=indices)
-            recompute = functools.partial(recompute_mapped_attention, head_map=borrowed, sources=phased, past_ends=positions.past_ends, past_end=positions.past_end)
-            partly_shared_layer(graph, gqa, groups, probs, positions, recompute, head_slots)
-            continue
-        if layer in head_maps:
-            head_map = head_maps[layer]
-            indices, head_slots = _gather_rows(head_map, heads, kv_heads)
+        partly = plan.is_partly_shared(layer)
+        if partly or layer in head_maps:
+            # A partly shared layer: the rows of its borrowed heads, grouped by its borrowed groups.
+            head_map = borrowed_rows(plan, layer, heads) if partly else head_maps[layer]
+            indices, head_slots = _gather_rows(head_map, heads, len(plan.shared_groups[layer]) if partly else kv_heads)
             probs = functools.partial(_gathered_heads, head_map=head_map, sources=phased, indices=indices)
             recompute = functools.partial(recompute_mapped_attention, head_map=head_map, sources=phased, past_ends=positions.past_ends, past_end=positions.past_end)
         else:
             head_slots = None
             probs = functools.partial(_grouped_anchor, anchor=phased[anchor], grouped_shape=positions.grouped_shape)
             recompute = functools.partial(recompute_attention, anchor=phased[anchor], past_end=positions.past_end)
-        _shared_layer(graph, gqa, probs, positions, recompute, head_slots)
+        if partly:
+            partly_shared_layer(graph, layers[layer], plan.shared_groups[layer], probs, positions, recompute, head_slots)
+        else:
+            _shared_layer(graph, layers[layer], probs, positions, recompute, head_slots)
 
 
 def _grouped_anchor(b: NodeBuilder, anchor: PhasedAnchor, grouped_shape: ir.Value) -> ir.Value:
@@ -253,7 +240,7 @@ def _share_mixtures(graph: ir.Graph, layers: dict[int, GqaLayer], plan: SharingP
     A partly shared source gives the probabilities of the heads it keeps (its kept GQA's),
     made when that layer is rewritten: a layer that reads them starts a run of its own."""
     probs = {source: _with_probabilities_output(graph, layers[source]) for source in sources if not plan.is_partly_shared(source)}
-    kept = {source: [h for h in range(layers[source].num_heads) if h not in plan.borrowed_heads(source)] for source in sources if source not in probs}
+    kept = {source: plan.kept_heads(source) for source in sources if source not in probs}
     # Per run of consecutive shared layers (every source of the run precedes it): each
     # source's probabilities are padded once for the run, and each mapped layer mixes them.
     for run in _runs_after_their_sources(plan):

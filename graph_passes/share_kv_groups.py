@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from graph_passes.attention_blocks import AttentionBlock, find_attention_blocks
 from graph_passes.initializers import add_initializer
+from graph_passes.projections import head_columns
 from graph_passes.share_probabilities import borrowed_probs, head_order_name
 from sa_export.core.cache_names import past_name, present_name
 from sa_export.core.errors import AttentionPatternError
@@ -55,7 +56,7 @@ class SharePartOfLayerPass(ir.passes.InPlacePass):
         plan, block = self.plan, blocks[layer]
         heads = plan.kv_heads * plan.heads_per_group
         borrowed = plan.borrowed_heads(layer)
-        kept = [h for h in range(heads) if h not in borrowed]
+        kept = plan.kept_heads(layer)
         groups = plan.kept_groups(layer)
         past = inputs.get(past_name(layer, "key"))
         if past is None or past.shape is None or len(past.shape) != 4 or past.shape[1] != plan.kv_heads:
@@ -113,7 +114,7 @@ def _projection(start: ir.Value, width: int, layer: int, what: str) -> ir.Node:
 
 def _narrow_columns(graph: ir.Graph, matmul: ir.Node, heads, head_dim: int, name: str) -> None:
     """Keep the columns of ``heads`` (each ``head_dim`` wide) of the projection, and of its bias."""
-    columns = np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+    columns = head_columns(heads, head_dim)
     matmul.replace_input_with(1, add_initializer(graph, f"{name}.weight", _weight(matmul)[:, columns]))
     for use in list(matmul.outputs[0].uses()):
         add = use.node

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from graph_passes.projections import MS_DOMAIN, attribute_values, is_matmul_nbits
+from graph_passes.projections import MS_DOMAIN, attribute_values, head_columns, is_matmul_nbits
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import SharingPlan
 
@@ -95,8 +95,8 @@ def graph_weights(graph: ir.Graph, config, plan: SharingPlan | None = None) -> d
     weights: dict[str, np.ndarray | dict[int, np.ndarray]] = {}
 
     def rows_of(name: str, groups, weight: np.ndarray, per_group: int = 1) -> None:
-        rows = [(g * per_group + i) * head_dim + j for g in groups for i in range(per_group) for j in range(head_dim)]
-        weights.setdefault(name, {}).update(zip(rows, weight))
+        rows = head_columns([g * per_group + i for g in groups for i in range(per_group)], head_dim)
+        weights.setdefault(name, {}).update(zip(rows.tolist(), weight))
     for node in graph:
         if node.op_type == "GatherBlockQuantized" and node.domain == MS_DOMAIN:
             weights["model.embed_tokens.weight"] = dequantize_gather(node)

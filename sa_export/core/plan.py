@@ -150,6 +150,11 @@ class SharingPlan:
             return None
         return tuple(g * self.heads_per_group + h for g in groups for h in range(self.heads_per_group))
 
+    def kept_heads(self, layer: int) -> tuple[int, ...]:
+        """The query heads of a partly shared layer that keep their own attention."""
+        borrowed = set(self.borrowed_heads(layer) or ())
+        return tuple(h for h in range(self.kv_heads * self.heads_per_group) if h not in borrowed)
+
     def kept_groups(self, layer: int) -> tuple[int, ...]:
         """The KV groups whose K cache a partly shared layer keeps."""
         shared = set(self.shared_groups.get(layer, ()))
