@@ -49,7 +49,8 @@ def test_a_termination_signal_removes_the_partial_output(sig, tiny_llama, tmp_pa
 
 def test_two_converts_racing_to_one_out_end_0_and_2_with_one_complete_out(tiny_llama, tmp_path):
     out = tmp_path / "out"
-    first, second = _convert(tiny_llama, out), _convert(tiny_llama, out)
+    # Both export (a kept export would let the first end before the second checks OUT).
+    first, second = _convert(tiny_llama, out, "--no-export-cache"), _convert(tiny_llama, out, "--no-export-cache")
     results = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
     assert sorted(code for code, _ in results) == [0, 2], results
     loser = next(stderr for code, stderr in results if code == 2)
