@@ -49,7 +49,7 @@ _PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxrunt
 _CODE = (Path(__file__).parent, Path(__file__).parents[1] / "hf")
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     # The content every time, not sizes and dates: SmolLM2's 540 MB take under a second.
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -65,7 +65,7 @@ def _version(package: str) -> str:
 def model_digest(path: Path) -> str:
     """A digest of the content of every file of a model directory (or of one file)."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return hashlib.sha256(json.dumps([(p.name, _file_digest(p)) for p in files]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([(p.name, file_digest(p)) for p in files]).encode()).hexdigest()
 
 
 def export_key(source: ModelSource, exporter: Exporter, options: ExportOptions) -> str:
@@ -75,7 +75,7 @@ def export_key(source: ModelSource, exporter: Exporter, options: ExportOptions) 
         "exporter": exporter.name,
         "options": [options.precision, exporter.resolve_opset(options.opset), options.accept_unknown_config_keys],
         "packages": {package: _version(package) for package in _PACKAGES},
-        "code": [(p.name, _file_digest(p)) for p in code],
+        "code": [(p.name, file_digest(p)) for p in code],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -18,7 +18,6 @@ graph rewritten, so the comparison is fused against fused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import statistics
 from pathlib import Path
 
@@ -215,10 +214,8 @@ def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path
     GroupQueryAttention, in-place cache buffers). ``same-export``: the SA model's own
     exporter and precision without sharing, which isolates what sharing changes.
     """
-    from sa_export.export.cache import model_digest
     from sa_export.hf.models import cache_dir
-    from sa_export.stages.baseline import build_baseline
-    from sa_export.stages.check import manifest_source
+    from sa_export.stages.baseline import baseline_key, build_baseline
 
     exporter = get_exporter(FASTEST_EXPORTER) if kind == FASTEST else exporter_of_manifest(manifest.exporter)
     if kind == FASTEST and manifest.precision not in exporter.precisions:
@@ -226,10 +223,9 @@ def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path
             f"the fastest ONNX Runtime baseline is an {'/'.join(exporter.precisions)} CPU graph and {out_dir} is {manifest.precision}; "
             "pass --baseline same-export"
         )
-    # The model's content, not its path: a checkpoint saved again in place is a new baseline.
-    digest = model_digest(manifest_source(manifest).path)
-    key = hashlib.sha256(f"{digest}|{manifest.precision}|{exporter.name}|{manifest.opset}".encode()).hexdigest()[:16]
-    target = cache_dir() / "baselines" / key
+    # The model's content, not its path (a checkpoint saved again in place is a new
+    # baseline), and the packages and code that build it (an upgrade is a new baseline).
+    target = cache_dir() / "baselines" / baseline_key(manifest, exporter)
     if not (target / MANIFEST_NAME).is_file():
         build_baseline(manifest, target, exporter)
     return target

@@ -137,3 +137,24 @@ def test_the_baseline_follows_the_model_files_content_not_their_path(converted_t
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert baseline_dir(converted_tiny_llama, manifest, SAME_EXPORT) != first and len(built) == 2
+
+
+def test_the_baseline_follows_the_packages_and_the_passes_that_build_it(converted_tiny_llama, monkeypatch):
+    """An upgrade of an exporting package, or a change of a graph pass, is a new baseline:
+    the bench never compares with a graph the installed code would no longer build."""
+    from sa_export.export import exporter_of_manifest
+    from sa_export.export import cache
+    from sa_export.stages import baseline
+
+    manifest = Manifest.read(converted_tiny_llama)
+    exporter = exporter_of_manifest(manifest.exporter)
+    key = baseline.baseline_key(manifest, exporter)
+    assert baseline.baseline_key(manifest, exporter) == key
+    version = cache._version
+    monkeypatch.setattr(cache, "_version", lambda package: "99.0" if package == "onnxruntime-genai" else version(package))
+    assert baseline.baseline_key(manifest, exporter) != key
+    monkeypatch.setattr(cache, "_version", version)
+    digest = baseline.file_digest
+    monkeypatch.setattr(baseline, "file_digest", lambda path: "changed" if path.name == "apply.py" else digest(path))
+    assert baseline.baseline_key(manifest, exporter) != key
+
