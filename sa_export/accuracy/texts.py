@@ -194,6 +194,28 @@ def sampled_tokens(model, max_tokens: int, sequence_tokens: int = 256, batch: in
     return TokenText(ids, f"sampled from the model (seed {seed}), {len(ids)} tokens")
 
 
+def repeated_tokens(source: list[int], max_tokens: int, chunk_tokens: int = 256, seed: int = 0) -> TokenText:
+    """``max_tokens`` tokens of ``source`` rearranged so that every chunk of ``chunk_tokens``
+    (the fit's chunks) copies itself: its first half is the next run of ``source``, its second
+    half spans of 4 to 16 tokens taken verbatim from the first half. Text whose domain is
+    ``source``'s (the first halves spread over all of it) and whose second halves a model predicts by copying, as it predicts the
+    phrases a licence or an article repeats."""
+    import random
+
+    rng, ids, half = random.Random(seed), [], chunk_tokens // 2
+    chunks = max(1, max_tokens // chunk_tokens)
+    stride = max(half, (len(source) - half) // chunks)  # first halves from all of ``source``: each of its texts
+    for offset in range(0, len(source) - half + 1, stride)[:chunks]:
+        first = source[offset : offset + half]
+        copied = []
+        while len(copied) < chunk_tokens - half:
+            length = rng.randint(4, 16)
+            start = rng.randrange(0, half - length)
+            copied.extend(first[start : start + length])
+        ids.extend(first + copied[: chunk_tokens - half])
+    return TokenText(ids[:max_tokens], f"{len(ids[:max_tokens])} tokens of the calibration texts, each chunk's second half copied from its first")
+
+
 def _wiki_articles(dump: Path, max_characters: int) -> str:
     import bz2
     import xml.etree.ElementTree as ElementTree  # the dump is a file of the installed gensim wheel

@@ -18,6 +18,9 @@ For each span, side by side, from the same `mix-few` start:
 - ``fit-2w+lora``: ``fit-2+lora`` distilled also on Wikipedia articles (the dump's tokens
   after its evaluation head), a third of each. Wiki is then a domain the fit reads: judge
   this config on ``--more-texts``, text of a fourth domain.
+- ``fit-2r+lora``: ``fit-2+lora`` distilled also on the same two texts rearranged so that
+  each chunk's second half copies spans of its first (``texts.repeated_tokens``), a third
+  of the whole: the repetition a licence or an article has, in the fit's own domains.
 
 Each is judged on held-out news, held-out Python source (the head of the file whose tail
 ``fit-2`` fits), Wikipedia articles in wiki markup, a domain that no fit but ``fit-2w+lora``
@@ -40,13 +43,13 @@ from sa_export.accuracy.calibration import EXTRA_SOURCE_LAYERS, FIT_START, calib
 from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, FIT_CHUNKS_PER_STEP, FIT_STEPS, fit_maps_and_temperatures
 from sa_export.accuracy.evaluate import load_for_reference, perplexity_of, token_nlls
 from sa_export.accuracy.intervals import penalty_interval
-from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tail, unseen_domain_tokens
+from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_tokens, repeated_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tail, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
 from sa_export.core.plan import HeadMap, build_plan
 
 WINDOW = 1024
-CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora", "fit-2s+lora", "fit-2w+lora")
-CALIBRATION_OF = {"fit-3": "three", "fit-2s": "sampled", "fit-2w": "wiki", "fit-2": "both"}  # by the config's first matching prefix; else news
+CONFIGS = ("fit", "fit-2", "fit-2+lora", "fit+lora", "fit-3+lora", "fit-2s+lora", "fit-2w+lora", "fit-2r+lora")
+CALIBRATION_OF = {"fit-3": "three", "fit-2s": "sampled", "fit-2w": "wiki", "fit-2r": "repeats", "fit-2": "both"}  # by the config's first matching prefix; else news
 
 
 def main() -> None:
@@ -107,6 +110,8 @@ def main() -> None:
         calibration["sampled"] = calibration["both"] + sampled_tokens(model, args.calib_tokens).ids
     if any(name.startswith("fit-2w") for name in configs):
         calibration["wiki"] = calibration["both"] + unseen_domain_tail(tokenizer, None, args.tokens, args.calib_tokens).ids
+    if any(name.startswith("fit-2r") for name in configs):
+        calibration["repeats"] = calibration["both"] + repeated_tokens(calibration["both"], args.calib_tokens, args.chunk_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()} if configs else {}
     base = {name: token_nlls(model, ids, WINDOW) for name, ids in texts.items()}  # per-token losses: the intervals pair them
     print("base ppl " + ", ".join(f"{name} {perplexity_of(nlls):.2f}" for name, nlls in base.items()), flush=True)

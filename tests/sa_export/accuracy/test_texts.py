@@ -170,3 +170,20 @@ def test_the_wikipedia_dump_named_by_its_path_reads_as_its_articles(tokenizer):
 
     named = other_domain_tokens(tokenizer, package_file(*UNSEEN_DOMAIN_TEXT), 500)
     assert named == unseen_domain_tokens(tokenizer, None, 500) and len(named.ids) == 500
+
+
+def test_repeated_text_copies_each_chunks_first_half_into_its_second():
+    from sa_export.accuracy.texts import repeated_tokens
+
+    source = list(range(100_000, 132_768))  # two texts of 16,384 tokens, every token distinct
+    ids = repeated_tokens(source, 4096).ids
+    assert len(ids) == 4096
+    chunks = [ids[i : i + 256] for i in range(0, 4096, 256)]
+    firsts = [chunk[:128] for chunk in chunks]
+    assert all(first == source[first[0] - 100_000 :][:128] for first in firsts)  # runs of the source as they are
+    assert firsts[0][0] == source[0] and firsts[-1][0] - 100_000 > len(source) // 2  # from both texts
+    for chunk in chunks:
+        second, position = chunk[128:], {token: i for i, token in enumerate(chunk[:128])}
+        assert all(token in position for token in second)  # every token copied from the first half
+        runs = [i for i in range(1, 128) if position[second[i]] != position[second[i - 1]] + 1]
+        assert len(runs) < 128 // 4  # in spans of at least 4
