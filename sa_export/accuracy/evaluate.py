@@ -50,6 +50,18 @@ def token_nlls(
     return torch.cat(losses)
 
 
+def copied_tokens(token_ids: list[int], context: int) -> torch.Tensor:
+    """For each token ``token_nlls`` scores, whether its window already held the pair it
+    ends (the token before it and itself): a token a model can predict by copying."""
+    flags = []
+    for start in range(0, len(token_ids) - 1, context):
+        window, seen = token_ids[start : start + context], set()
+        for pair in zip(window, window[1:]):
+            flags.append(pair in seen)
+            seen.add(pair)
+    return torch.tensor(flags, dtype=torch.bool)
+
+
 def perplexity_of(nlls: torch.Tensor) -> float:
     return math.exp(float(nlls.double().mean()))
 

@@ -2,7 +2,7 @@
 
     python -m sa_export.benchmarks.heal [--spans 26-29,25-25+27-29,...] [--configs identity|fit,...] [--rank 8] [--fit-steps N] [--extra-source-layers N]
         [--adapter-learning-rates R,...] [--adapter-weight-decay D] [--hidden-weight W] [--soft-target-temperature T] [--correction-scales S,...] [--seeds N,...]
-        [--fit-temperature] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--json FILE]
+        [--fit-temperature] [--calib-tokens N] [--chunk-tokens N --chunks-per-step N] [--more-texts FILE,...] [--copy-breakdown] [--json FILE]
 
 For each span, side by side, from the same `mix-few` start:
 
@@ -41,7 +41,7 @@ from typing import NamedTuple
 from sa_export.accuracy.adapters import MLP_PROJECTIONS, PROJECTIONS, SOURCE_PROJECTIONS, LowRankAdapters
 from sa_export.accuracy.calibration import EXTRA_SOURCE_LAYERS, FIT_START, calibrate_head_maps, collect_statistics
 from sa_export.accuracy.distill import ADAPTER_LEARNING_RATE, FIT_CHUNK_TOKENS, FIT_CHUNKS_PER_STEP, FIT_STEPS, fit_maps_and_temperatures
-from sa_export.accuracy.evaluate import load_for_reference, perplexity_of, token_nlls
+from sa_export.accuracy.evaluate import copied_tokens, load_for_reference, perplexity_of, token_nlls
 from sa_export.accuracy.intervals import penalty_interval
 from sa_export.accuracy.texts import CALIB_TOKENS, documentation_tokens, other_domain_tokens, repeated_tokens, sampled_tokens, other_domain_text_path, split_texts, unseen_domain_tail, unseen_domain_tokens
 from sa_export.core.atomic import write_json_atomic
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help="tokens of each calibration text (news, code, documentation)")
     parser.add_argument("--unseen-text", help="text of the third domain (default: gensim's Wikipedia excerpt)")
     parser.add_argument("--more-texts", default="", help="more evaluation texts, comma-separated files (each named by its file name)")
+    parser.add_argument("--copy-breakdown", action="store_true", help="also print, per text, the share of the penalty on tokens its window already held after the same token (copyable)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if min(args.chunk_tokens, args.chunks_per_step, args.fit_steps) < 1:
@@ -113,18 +114,19 @@ def main() -> None:
     if any(name.startswith("fit-2r") for name in configs):
         calibration["repeats"] = calibration["both"] + repeated_tokens(calibration["both"], args.calib_tokens, args.chunk_tokens).ids
     stats = {name: collect_statistics(model, ids) for name, ids in calibration.items()} if configs else {}
+    copied = {name: copied_tokens(ids, WINDOW) for name, ids in texts.items()} if args.copy_breakdown else None
     base = {name: token_nlls(model, ids, WINDOW) for name, ids in texts.items()}  # per-token losses: the intervals pair them
     print("base ppl " + ", ".join(f"{name} {perplexity_of(nlls):.2f}" for name, nlls in base.items()), flush=True)
     rows = []
     for span in args.spans.split(","):
         plan = build_plan(span.split("+"), config.num_hidden_layers)  # 25-25+27-29: two spans, each with its anchor
         identity = {name: token_nlls(model, ids, WINDOW, plan) for name, ids in texts.items()}
-        _report(rows, span, "identity", identity, base, identity, 0.0, 0)
+        _report(rows, span, "identity", identity, base, identity, 0.0, 0, copied)
 
         def _judge(named: str, fit: _Fit, scale: float) -> None:
             with _corrected(fit.adapters, scale):
                 nlls = {text: token_nlls(model, ids, WINDOW, plan.with_head_maps(fit.maps), fit.log_temperatures) for text, ids in texts.items()}
-            _report(rows, span, named, nlls, base, identity, fit.seconds, fit.adapters.parameter_count() if fit.adapters is not None else 0)
+            _report(rows, span, named, nlls, base, identity, fit.seconds, fit.adapters.parameter_count() if fit.adapters is not None else 0, copied)
 
         runs = [(name, rate) for name in configs for rate in (rates if name.endswith("+lora") else [ADAPTER_LEARNING_RATE])]
         for name, rate in runs:
@@ -193,9 +195,10 @@ def _average_temperatures(fits: list[dict | None]) -> dict | None:
     return {layer: sum(fit[layer] for fit in fits) / len(fits) for layer in fits[0]}
 
 
-def _report(rows: list, span: str, name: str, nlls: dict, base: dict, identity: dict, seconds: float, parameters: int) -> None:
+def _report(rows: list, span: str, name: str, nlls: dict, base: dict, identity: dict, seconds: float, parameters: int, copied: dict | None = None) -> None:
     """Add and print one row: per text, perplexity, penalty with its 95% interval, and the
-    fraction of identity's penalty; ``nlls``, ``base`` and ``identity`` map text to per-token losses."""
+    fraction of identity's penalty; ``nlls``, ``base`` and ``identity`` map text to per-token losses.
+    With ``copied`` (text to ``copied_tokens``), a line of where the penalty falls."""
     row = {"span": span, "config": name, "fit_s": seconds, "adapter_parameters": parameters, "texts": {}}
     cells = []
     for text, losses in nlls.items():
@@ -209,6 +212,21 @@ def _report(rows: list, span: str, name: str, nlls: dict, base: dict, identity: 
                      f"{'-' if of_identity is None else format(of_identity, '.2f')})")
     rows.append(row)
     print(f"{span} {name:>11}: {'  '.join(cells)}  [{seconds:.0f} s]", flush=True)
+    if copied is not None:
+        parts = []
+        for text, losses in nlls.items():
+            split = _penalty_on(copied[text], (losses - base[text]).double())
+            row["texts"][text]["copied_tokens"] = split
+            parts.append(f"{text} {split['share_of_tokens']:.0%} of tokens, {split['share_of_penalty']:.0%} of the penalty "
+                         f"({split['mean_copied']:+.3f} nats a copied token, {split['mean_other']:+.3f} another)")
+        print(f"{'':>{len(span) + 13}}copied: {'; '.join(parts)}", flush=True)
+
+
+def _penalty_on(copied, change) -> dict:
+    """The share of tokens ``copied`` marks, the share of the summed loss ``change`` on them,
+    and the mean change on them and on the rest."""
+    return {"share_of_tokens": float(copied.double().mean()), "share_of_penalty": float(change[copied].sum() / change.sum()),
+            "mean_copied": float(change[copied].mean()), "mean_other": float(change[~copied].mean())}
 
 
 if __name__ == "__main__":

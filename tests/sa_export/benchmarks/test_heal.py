@@ -60,3 +60,15 @@ def test_a_row_gives_each_penalty_with_its_interval_and_its_fraction_of_identity
     error = 3.18244630528 * 0.1 / math.sqrt(3) / 2  # t (3 degrees of freedom) times the block means' deviation over the root of 4 blocks
     assert cell["penalty_interval"] == pytest.approx({"low": math.expm1(0.1 - error), "high": math.expm1(0.1 + error), "confidence": 0.95, "blocks": 4, "block_tokens": 512})
     assert "news 8.17 (+10.5% [+0.8 to +21.2], 0.21)" in capsys.readouterr().out
+
+
+def test_the_copy_breakdown_marks_tokens_whose_pair_the_window_held_and_splits_the_penalty_there():
+    import torch
+
+    from sa_export.accuracy.evaluate import copied_tokens
+
+    # windows of 5: [1 2 3 1 2] scores 2 3 1 2 (the second "1 2" copied), [3 4 1 2] scores 4 1 2 (a new window forgets)
+    copied = copied_tokens([1, 2, 3, 1, 2, 3, 4, 1, 2], 5)
+    assert copied.tolist() == [False, False, False, True, False, False, False]
+    split = heal._penalty_on(copied, torch.tensor([0.1, 0.1, 0.1, 0.7, 0.0, 0.0, 0.0], dtype=torch.float64))
+    assert split == pytest.approx({"share_of_tokens": 1 / 7, "share_of_penalty": 0.7, "mean_copied": 0.7, "mean_other": 0.05})
