@@ -132,7 +132,7 @@ def _keep(model: ir.Model, export_dir: Path, entry: Path, limit: int) -> tuple[i
         size = tree_bytes(export_dir)
         if size > limit:
             return model, f"{size / 2**30:.1f} GiB is over SA_EXPORT_CACHE_EXPORTS_GB ({limit / 2**30:.1f} GiB)"
-        _evict(entry.parent, limit - size)
+        evict_least_recent(entry.parent, limit - size)
         try:
             export_dir.rename(partial)
             moved = True
@@ -163,7 +163,7 @@ def _reason(exc: OSError, where: Path) -> str:
     return f"{exc.strerror or exc} ({exc.filename or where})"
 
 
-def _evict(root: Path, room: int) -> None:
+def evict_least_recent(root: Path, room: int) -> None:
     """Remove the least recently used entries until the others fit in ``room`` bytes.
     An entry used in the last ten minutes stays (another process may be reading it)."""
     entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)

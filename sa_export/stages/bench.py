@@ -17,7 +17,9 @@ graph rewritten, so the comparison is fused against fused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
 from pathlib import Path
 
@@ -214,6 +216,7 @@ def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path
     GroupQueryAttention, in-place cache buffers). ``same-export``: the SA model's own
     exporter and precision without sharing, which isolates what sharing changes.
     """
+    from sa_export.export.cache import evict_least_recent, limit_bytes
     from sa_export.hf.models import cache_dir
     from sa_export.stages.baseline import baseline_key, build_baseline
 
@@ -226,8 +229,13 @@ def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path
     # The model's content, not its path (a checkpoint saved again in place is a new
     # baseline), and the packages and code that build it (an upgrade is a new baseline).
     target = cache_dir() / "baselines" / baseline_key(manifest, exporter)
-    if not (target / MANIFEST_NAME).is_file():
+    if (target / MANIFEST_NAME).is_file():
+        with contextlib.suppress(OSError):
+            os.utime(target)  # recently used: the last to go
+    else:
         build_baseline(manifest, target, exporter)
+        # Baselines of models and versions no longer used go, as kept exports do, past the same limit.
+        evict_least_recent(target.parent, limit_bytes())
     return target
 
 

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from sa_export.export import get_exporter
 from sa_export.export.base import Exporter, ExportOptions
-from sa_export.export.cache import EXPORTS, _evict, _keep, export_graph, export_key
+from sa_export.export.cache import EXPORTS, evict_least_recent, _keep, export_graph, export_key
 from sa_export.hf.models import ModelSource
 from tests.helpers import run_cli
 
@@ -104,11 +104,11 @@ def test_the_least_recently_used_exports_go_first_and_recent_ones_stay(tmp_path)
         entry.mkdir(parents=True)
         (entry / "model.onnx").write_bytes(b"x" * 1000)
         os.utime(entry, (time.time() - age,) * 2)
-    _evict(root, 1500)  # room for one: the oldest goes, then the next; the third is in use
+    evict_least_recent(root, 1500)  # room for one: the oldest goes, then the next; the third is in use
     assert sorted(p.name for p in root.iterdir()) == ["entry3"]
     (root / "entry4").mkdir()
     (root / "entry4" / "model.onnx").write_bytes(b"x" * 1000)
-    _evict(root, 0)  # both recent: kept, whatever the room
+    evict_least_recent(root, 0)  # both recent: kept, whatever the room
     assert sorted(p.name for p in root.iterdir()) == ["entry3", "entry4"]
 
 

@@ -139,6 +139,29 @@ def test_the_baseline_follows_the_model_files_content_not_their_path(converted_t
     assert baseline_dir(converted_tiny_llama, manifest, SAME_EXPORT) != first and len(built) == 2
 
 
+def test_baselines_no_longer_used_go_past_the_cache_limit(converted_tiny_llama, tmp_path, monkeypatch):
+    import os
+
+    from sa_export.core.manifest import MANIFEST_NAME
+    from sa_export.stages.bench import SAME_EXPORT, baseline_dir
+
+    monkeypatch.setenv("SA_EXPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SA_EXPORT_CACHE_EXPORTS_GB", "0")
+    old, recent = (tmp_path / "cache" / "baselines" / name for name in ("old", "recent"))
+    for entry in (old, recent):
+        entry.mkdir(parents=True)
+        (entry / MANIFEST_NAME).write_text("{}")
+    os.utime(old, (0, 0))  # last used long ago; "recent" may be another bench's, in use
+
+    def build(manifest, target, exporter):
+        target.mkdir(parents=True)
+        (target / MANIFEST_NAME).write_text("{}")
+
+    monkeypatch.setattr("sa_export.stages.baseline.build_baseline", build)
+    target = baseline_dir(converted_tiny_llama, Manifest.read(converted_tiny_llama), SAME_EXPORT)
+    assert target.is_dir() and recent.is_dir() and not old.exists()
+
+
 def test_the_baseline_follows_the_packages_and_the_passes_that_build_it(converted_tiny_llama, monkeypatch):
     """An upgrade of an exporting package, or a change of a graph pass, is a new baseline:
     the bench never compares with a graph the installed code would no longer build."""
