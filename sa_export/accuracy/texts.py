@@ -197,9 +197,9 @@ def sampled_tokens(model, max_tokens: int, sequence_tokens: int = 256, batch: in
 def repeated_tokens(source: list[int], max_tokens: int, chunk_tokens: int = 256, seed: int = 0) -> TokenText:
     """``max_tokens`` tokens of ``source`` rearranged so that every chunk of ``chunk_tokens``
     (the fit's chunks) copies itself: its first half is the next run of ``source``, its second
-    half spans of 4 to 16 tokens taken verbatim from the first half. Text whose domain is
-    ``source``'s (the first halves spread over all of it) and whose second halves a model predicts by copying, as it predicts the
-    phrases a licence or an article repeats."""
+    half spans of 4 to 16 tokens taken verbatim from the first half. Text of ``source``'s
+    domains (the first halves spread over all of it) whose second halves a model predicts by
+    copying, as it predicts the phrases a licence or an article repeats."""
     import random
 
     rng, ids, half = random.Random(seed), [], chunk_tokens // 2

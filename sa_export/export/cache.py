@@ -68,14 +68,25 @@ def model_digest(path: Path) -> str:
     return hashlib.sha256(json.dumps([(p.name, file_digest(p)) for p in files]).encode()).hexdigest()
 
 
+def source_digests(paths) -> list[tuple[str, str]]:
+    """(name, digest) of each Python file of ``paths`` (folders, or files named alone), in path order."""
+    files = sorted(p for root in paths for p in ([root] if root.is_file() else root.glob("*.py")))
+    return [(p.name, file_digest(p)) for p in files]
+
+
+def mark_used(entry: Path) -> None:
+    """Recently used: the last entry ``evict_least_recent`` removes."""
+    with contextlib.suppress(OSError):
+        os.utime(entry)
+
+
 def export_key(source: ModelSource, exporter: Exporter, options: ExportOptions) -> str:
-    code = sorted(p for root in _CODE for p in root.glob("*.py"))
     parts = {
         "model": model_digest(source.path),
         "exporter": exporter.name,
         "options": [options.precision, exporter.resolve_opset(options.opset), options.accept_unknown_config_keys],
         "packages": {package: _version(package) for package in _PACKAGES},
-        "code": [(p.name, file_digest(p)) for p in code],
+        "code": source_digests(_CODE),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -101,8 +112,7 @@ def export_graph(
             entry = cache_dir() / EXPORTS / export_key(source, exporter, options)
     if entry is not None and (entry / MODEL_FILE).is_file():
         with step(f"reusing the {exporter.name} export kept for these model files", timings, "export_reused"):
-            with contextlib.suppress(OSError):
-                os.utime(entry)  # recently used: the last to go
+            mark_used(entry)
             return load_onnx(entry / MODEL_FILE)
     with step(f"exporting to ONNX with {exporter.describe(options)}", timings, "export"):
         model = exporter.export(source, options, export_dir, eager_fp32_model)

@@ -14,7 +14,7 @@ from sa_export.core.manifest import Manifest
 from sa_export.core.plan import SharingPlan
 from sa_export.core.progress import console, step
 from sa_export.export import Exporter, ExportOptions
-from sa_export.export.cache import export_graph, export_key, file_digest
+from sa_export.export.cache import export_graph, export_key, source_digests
 from sa_export.export.onnx_io import save_onnx
 from sa_export.hf.models import load_config
 from sa_export.stages.check import manifest_source
@@ -39,9 +39,7 @@ def baseline_key(manifest: Manifest, exporter: Exporter) -> str:
     code) and the source of the passes that rewrite it, so that no upgrade or change of
     either leaves a bench comparing with a baseline the code would no longer build."""
     export = export_key(manifest_source(manifest), exporter, _baseline_options(manifest, exporter))
-    files = sorted(p for root in _PASS_CODE for p in ([root] if root.is_file() else root.glob("*.py")))
-    passes = [(p.name, file_digest(p)) for p in files]
-    return hashlib.sha256(json.dumps([export, passes]).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps([export, source_digests(_PASS_CODE)]).encode()).hexdigest()[:32]
 
 
 def build_baseline(manifest: Manifest, target: Path, exporter: Exporter) -> None:

@@ -17,9 +17,7 @@ graph rewritten, so the comparison is fused against fused.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import statistics
 from pathlib import Path
 
@@ -216,7 +214,7 @@ def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path
     GroupQueryAttention, in-place cache buffers). ``same-export``: the SA model's own
     exporter and precision without sharing, which isolates what sharing changes.
     """
-    from sa_export.export.cache import evict_least_recent, limit_bytes
+    from sa_export.export.cache import evict_least_recent, limit_bytes, mark_used
     from sa_export.hf.models import cache_dir
     from sa_export.stages.baseline import baseline_key, build_baseline
 
@@ -230,8 +228,7 @@ def baseline_dir(out_dir: Path, manifest: Manifest, kind: str = FASTEST) -> Path
     # baseline), and the packages and code that build it (an upgrade is a new baseline).
     target = cache_dir() / "baselines" / baseline_key(manifest, exporter)
     if (target / MANIFEST_NAME).is_file():
-        with contextlib.suppress(OSError):
-            os.utime(target)  # recently used: the last to go
+        mark_used(target)
     else:
         build_baseline(manifest, target, exporter)
         # Baselines of models and versions no longer used go, as kept exports do, past the same limit.

@@ -177,7 +177,7 @@ def test_the_baseline_follows_the_packages_and_the_passes_that_build_it(converte
     monkeypatch.setattr(cache, "_version", lambda package: "99.0" if package == "onnxruntime-genai" else version(package))
     assert baseline.baseline_key(manifest, exporter) != key
     monkeypatch.setattr(cache, "_version", version)
-    digest = baseline.file_digest
-    monkeypatch.setattr(baseline, "file_digest", lambda path: "changed" if path.name == "apply.py" else digest(path))
+    digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda path: "changed" if path.name == "apply.py" else digest(path))
     assert baseline.baseline_key(manifest, exporter) != key
 
