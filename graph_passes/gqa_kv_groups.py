@@ -76,9 +76,7 @@ def in_head_order(b: NodeBuilder, kept: ir.Value, borrowed: ir.Value, kept_group
     order = [g * rep + i for g in [*kept_groups, *borrowed_groups] for i in range(rep)]
     context = b.op("Concat", [kept, borrowed], "own_and_borrowed", axis=2)
     if order != sorted(order):
-        by_head = b.op("Reshape", [context, b.const("heads_shape", np.array([0, 0, layer.num_heads, d], np.int64))], "context_by_head")
-        by_head = b.op("Gather", [by_head, b.const("head_order", np.argsort(order).astype(np.int64))], "context_in_head_order", axis=2)
-        context = b.op("Reshape", [by_head, b.const("hidden_shape", np.array([0, 0, layer.num_heads * d], np.int64))], "context")
+        context = b.heads(context, np.argsort(order), layer.num_heads, d, "context_in_head_order")
     context.dtype = kept.dtype
     return context
 

@@ -121,3 +121,15 @@ class NodeBuilder:
 
     def op(self, op_type: str, inputs, name: str, domain: str = "", **attributes) -> ir.Value:
         return self.node(op_type, inputs, name, domain, **attributes).outputs[0]
+
+    def heads(self, value: ir.Value, heads, total: int, head_dim: int, name: str) -> ir.Value:
+        """Heads ``heads``, in that order, of ``value`` [B, S, total * head_dim]: a Slice of the
+        columns when they are consecutive, else a Gather of whole heads (an index per head, not
+        per column: a column index constant is head_dim times the size)."""
+        heads = [int(h) for h in heads]
+        if heads == list(range(heads[0], heads[0] + len(heads))):
+            bounds = [self.const(f"{name}_{edge}", np.array([h * head_dim], np.int64)) for edge, h in (("start", heads[0]), ("end", heads[-1] + 1))]
+            return self.op("Slice", [value, *bounds, self.const(f"{name}_axis", np.array([2], np.int64))], name)
+        by_head = self.op("Reshape", [value, self.const(f"{name}_by_head_shape", np.array([0, 0, total, head_dim], np.int64))], f"{name}_by_head")
+        picked = self.op("Gather", [by_head, self.const(f"{name}_heads", np.array(heads, np.int64))], f"{name}_picked", axis=2)
+        return self.op("Reshape", [picked, self.const(f"{name}_shape", np.array([0, 0, len(heads) * head_dim], np.int64))], name)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.gqa_layers import GQA, PAST_VALUE, QK_OUTPUT_SOFTMAX, QUERY, GqaLayer, NodeBuilder, replace_gqa_node
-from graph_passes.projections import MS_DOMAIN, attribute_values, head_columns
+from graph_passes.projections import MS_DOMAIN, attribute_values
 from sa_export.core.plan import HeadMap
 
 
@@ -114,9 +114,7 @@ def recompute_attention(
     axis = branch.const("last_axis", np.array([2], np.int64))
     q = _columns(branch, anchor.packed_qkv, 0, n * d, axis, "anchor_q")
     if query_heads is not None:
-        q = branch.op("Reshape", [q, branch.const("q_heads_shape", np.array([0, 0, n, d], np.int64))], "anchor_q_by_head")
-        q = branch.op("Gather", [q, branch.const("query_heads", np.array(query_heads, np.int64))], "mapped_q", axis=2)
-        q = branch.op("Reshape", [q, branch.const("q_flat_shape", np.array([0, 0, n * d], np.int64))], "mapped_q_flat")
+        q = branch.heads(q, query_heads, n, d, "mapped_q")
     k = _columns(branch, anchor.packed_qkv, n * d, (n + kv) * d, axis, "anchor_k")
     starts, rows_axis = branch.const("past_starts", np.array([0], np.int64)), branch.const("rows_axis", np.array([2], np.int64))
     past_key = branch.op("Slice", [anchor.present_key, starts, past_end, rows_axis], "anchor_past_keys")
@@ -197,7 +195,7 @@ def recompute_mapped_attention(
         heads = [j for _, j, _ in piece]
         queries = f"from{source}.q{'_'.join(map(str, heads))}"
         inputs = [
-            once(queries, lambda: branch.op("Gather", [packed, branch.const(f"{queries}_columns", head_columns(heads, d))], queries, axis=2)),
+            once(queries, lambda: branch.heads(packed, heads, n + 2 * kv, d, queries)),
             slice_columns(packed, n + key_group, f"from{source}.k{key_group}.k"),
             slice_columns(v_rows, value_group, f"v{value_group}.v"),
             past_rows(sources[source].present_key, key_group, f"{tag}.key_cache"),  # one per pair: not held across value groups
@@ -212,7 +210,7 @@ def recompute_mapped_attention(
     context = branch.op("Concat", outputs, "sources_context", axis=2) if len(outputs) > 1 else outputs[0]
     head_slots = [order.index((source, j, h // rep)) for h, (source, j) in enumerate(read)]
     if head_slots != list(range(n)):
-        context = branch.op("Gather", [context, branch.const("head_slot_columns", head_columns(head_slots, d))], "context_by_head", axis=2)
+        context = branch.heads(context, head_slots, len(order), d, "context_by_head")
     return _with_gains(branch, context, gains, d, dtype)
 
 
