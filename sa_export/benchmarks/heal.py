@@ -157,7 +157,8 @@ def main() -> None:
                 soup = _Fit(_average_maps([fit.maps for fit in fits]), corrections, sum(fit.seconds for fit in fits), _average_temperatures([fit.log_temperatures for fit in fits]))
                 _judge(f"{label} soup of {len(fits)}", soup, 1.0)
     if args.json:
-        write_json_atomic(args.json, {"base": {name: perplexity_of(nlls) for name, nlls in base.items()}, "rank": args.rank, "projections": args.projections, "source_projections": args.source_projections, "fit_steps": args.fit_steps, "extra_source_layers": args.extra_source_layers, "adapter_learning_rates": args.adapter_learning_rates, "adapter_weight_decay": args.adapter_weight_decay, "hidden_weight": args.hidden_weight, "soft_target_temperature": args.soft_target_temperature, "fit_temperature": args.fit_temperature, "correction_scales": scales, "seeds": seeds, "calib_tokens": args.calib_tokens, "chunk_tokens": args.chunk_tokens, "chunks_per_step": args.chunks_per_step, "rows": rows})
+        options = {**vars(args), "correction_scales": scales, "seeds": seeds}  # every option as parsed, so a row says how it was fitted
+        write_json_atomic(args.json, {"base": {name: perplexity_of(nlls) for name, nlls in base.items()}, **options, "rows": rows})
 
 
 class _Fit(NamedTuple):
