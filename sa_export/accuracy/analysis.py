@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sa_export.core.atomic import atomic_directory, refuse_existing
+from sa_export.core.atomic import atomic_directory, refuse_existing, refuse_to_replace
 from sa_export.accuracy.calibration import FITTED_MODES, HEAD_MAP_MODES, AttentionStatistics, calibrate_head_maps, collect_statistics
 from sa_export.core.errors import UsageError
 from sa_export.accuracy.evaluate import layer_inputs_of, load_for_reference, perplexity
 from sa_export.core.atomic import write_json_atomic
+from sa_export.hf.models import resolve_model
 from sa_export.core.plan import Span, build_plan, kv_fraction_saved
 from sa_export.core.progress import progress_bar, step
 from sa_export.accuracy.frontier import DEFAULT_POOL, DEFAULT_SEARCH_COST, recommend, save_plot, search_frontier
@@ -183,9 +184,15 @@ def save_heatmap(stats: AttentionStatistics, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+SIMILARITY_FILE = "similarity.json"  # every analysis writes it: what --overwrite recognizes as an earlier one
+
+
 def analyze(request: AnalyzeRequest) -> AnalysisResult:
     refuse_existing(Path(request.out), request.overwrite)
     _refuse_a_bad_frontier_request(request)
+    calib = request.calib_file if isinstance(request.calib_file, (list, tuple)) else (request.calib_file,)
+    inputs = (resolve_model(request.model).path, *calib, *request.other_texts)
+    refuse_to_replace(Path(request.out), request.overwrite, SIMILARITY_FILE, inputs)
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     length = span_length_for(request, config.num_hidden_layers)
     _, calibration = split_texts(tokenizer, None, request.calib_file, 0, calib_tokens_for(request.calib_tokens))
@@ -230,7 +237,7 @@ def analyze(request: AnalyzeRequest) -> AnalysisResult:
     with atomic_directory(Path(request.out), request.overwrite) as tmp:
         save_heatmap(stats, tmp / "similarity.png", f"{source.name}: {calibration.source.rsplit('/', 1)[-1]}, {stats.tokens} tokens")
         write_json_atomic(
-            tmp / "similarity.json",
+            tmp / SIMILARITY_FILE,
             {
                 "model": source.name,
                 "calibration": calibration.to_json(),

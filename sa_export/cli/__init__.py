@@ -54,7 +54,7 @@ def main():
 @click.option("--no-export-cache", is_flag=True,
               help="Export anew, without reading or keeping the graph exported before for the same model files, exporter, options and "
               "packages (kept in $SA_EXPORT_CACHE/exports, ~/.cache/sa-export by default; SA_EXPORT_CACHE_EXPORTS_GB caps it, 8 by default).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (the old one stays intact until the new one is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier output (it has sa_manifest.json; the old one stays intact until the new one is complete). Never a directory that is or holds MODEL.")
 @click.option("--reference", metavar="HF_DIR", help="PyTorch model to check an ONNX input against.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin weights (runs code from the file: trusted sources only).")
 @click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True, help="Incremental decoding steps in the check.")
@@ -208,7 +208,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
               "[default: torch.nn.Module's Python source, or gensim's Wikipedia excerpt when that source is a --calib]")
 @click.option("--eval-tokens", type=click.IntRange(2), help="Frontier: tokens of each text the plans are judged on; more give narrower "
               "95% intervals (blocks of 512 tokens) and take longer to judge. [default: 2048]")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier analysis (it has similarity.json).")
 @accept_keys_option
 @handle_errors
 def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, candidates, frontier, max_shared, frontier_maps, frontier_units, search_pool, search_cost, max_penalty, other_texts, eval_tokens, overwrite, accept_unknown_config_keys):

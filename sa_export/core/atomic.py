@@ -32,6 +32,21 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
         raise UsageError(f"output {out} exists and is not a directory; choose another -o")
 
 
+def refuse_to_replace(out: Path, overwrite: bool, marker: str, inputs=()) -> None:
+    """``refuse_existing``, and with --overwrite, refuse an OUT that this command did not write
+    (no ``marker`` file in it, and not empty) or that is, or holds, one of this run's
+    ``inputs``: --overwrite deletes the old OUT, and must never take a model or text with it."""
+    refuse_existing(out, overwrite)
+    if not out.exists():
+        return
+    replaced = out.resolve()
+    for path in inputs:
+        if path is not None and Path(path).exists() and (Path(path).resolve() == replaced or replaced in Path(path).resolve().parents):
+            raise UsageError(f"--overwrite would delete {path}, which this run reads, with {out}; choose another -o")
+    if not (out / marker).is_file() and any(out.iterdir()):
+        raise UsageError(f"{out} holds files that sa-export did not write (it has no {marker}); --overwrite replaces only an earlier output: choose another -o")
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

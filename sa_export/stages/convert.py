@@ -9,9 +9,9 @@ from pathlib import Path
 
 from graph_passes import RewriteReport, apply_sharing_plan, cache_layers
 from sa_export.accuracy.compare import ParityReport
-from sa_export.core.atomic import atomic_directory, refuse_existing
+from sa_export.core.atomic import atomic_directory, refuse_existing, refuse_to_replace
 from sa_export.core.errors import UsageError
-from sa_export.core.manifest import Manifest
+from sa_export.core.manifest import MANIFEST_NAME, Manifest
 from sa_export.core.architectures import ModelShape
 from sa_export.core.plan import SharingPlan, build_plan, kv_groups_in
 from sa_export.core.progress import console, step
@@ -154,6 +154,8 @@ def validate(request: ConvertRequest) -> _Validated:
     kv_groups_in(request.spans)  # fails on a malformed span early
     source = resolve_model(request.model)
     reference = reference_source(request, source)
+    calib = request.calib_file if isinstance(request.calib_file, (list, tuple)) else (request.calib_file,)
+    refuse_to_replace(Path(request.out), request.overwrite, MANIFEST_NAME, (source.path, reference and reference.path, *calib))
     if source.kind == "onnx" and reference is None and request.check:
         raise UsageError("checking an ONNX input needs its PyTorch model: pass --reference HF_DIR (or --no-check)")
     if request.lora_rank and request.head_map != "fit":

@@ -99,3 +99,22 @@ def test_genai_exporter_refuses_fp16(tiny_llama, tmp_path):
     result = run_cli("convert", tiny_llama, "--span", "3-4", "--exporter", "genai", "--precision", "fp16", "--target", "cpu", "-o", out, "--no-check")
     assert result.exit_code == 2 and "fp32" in result.stderr
     assert not leftovers(out)
+
+
+def test_overwrite_never_deletes_the_model_or_a_directory_it_did_not_write(tiny_llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, tmp_path):
+        result = run_cli("convert", model, "--span", "3-4", "-o", out, "--overwrite", "--no-check")
+        assert result.exit_code == 2 and "choose another -o" in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert sorted(p.name for p in model.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    result = run_cli("convert", model, "--span", "3-4", "-o", other, "--overwrite", "--no-check")
+    assert result.exit_code == 2 and "did not write" in result.stderr
+    assert (other / "notes.txt").read_text() == "mine"

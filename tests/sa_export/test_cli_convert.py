@@ -114,6 +114,10 @@ def test_converting_to_an_existing_out_is_refused_and_overwrite_replaces_it(tiny
     result = run_cli("convert", tiny_llama, "--span", "2", "-o", out, "--no-check")
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only an earlier output (one with a manifest).
+    result = run_cli("convert", tiny_llama, "--span", "2", "-o", out, "--overwrite", "--no-check")
+    assert result.exit_code == 2 and "did not write" in result.stderr and (out / "keep.txt").exists()
+    (out / "sa_manifest.json").write_text("{}")
     # A failing overwrite keeps the old OUT intact.
     result = run_cli("convert", tiny_llama, "--span", "2-9", "-o", out, "--overwrite", "--no-check")
     assert result.exit_code == 2 and (out / "keep.txt").exists()

@@ -75,3 +75,24 @@ def test_an_unwritable_parent_is_one_line(tmp_path):
                 pass
     finally:
         parent.chmod(0o700)
+
+
+def test_overwrite_replaces_only_an_earlier_output_that_holds_no_input(tmp_path):
+    from sa_export.core.atomic import refuse_to_replace
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="did not write"):
+        refuse_to_replace(model, True, "sa_manifest.json")
+    (model / "sa_manifest.json").write_text("{}")
+    with pytest.raises(UsageError, match="which this run reads"):
+        refuse_to_replace(model, True, "sa_manifest.json", [model / "config.json"])
+    with pytest.raises(UsageError, match="which this run reads"):
+        refuse_to_replace(tmp_path, True, "sa_manifest.json", [model])
+    refuse_to_replace(model, True, "sa_manifest.json", [tmp_path / "elsewhere.txt", None])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refuse_to_replace(empty, True, "sa_manifest.json", [model])
+    with pytest.raises(UsageError, match="already exists"):
+        refuse_to_replace(empty, False, "sa_manifest.json")
