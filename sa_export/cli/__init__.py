@@ -8,7 +8,7 @@ import click
 
 from sa_export import __version__
 from sa_export.cli.options import (
-    quiet_libraries, write_json, accept_keys_option, add_calib_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
+    quiet_libraries, write_json, echo_report, json_option, accept_keys_option, add_calib_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.core.errors import UsageError
@@ -58,7 +58,7 @@ def main():
 @click.option("--reference", metavar="HF_DIR", help="PyTorch model to check an ONNX input against.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin weights (runs code from the file: trusted sources only).")
 @click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True, help="Incremental decoding steps in the check.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
+@json_option("the summary")
 @force_option
 @accept_keys_option
 @handle_errors
@@ -83,7 +83,7 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, a
         accept_unknown_config_keys=accept_unknown_config_keys, export_cache=not no_export_cache,
     )
     result = run_convert(request)
-    click.echo("\n".join(result.lines()))
+    echo_report(result.lines(), json_file)
     write_json(json_file, result.summary_json())
     raise_on_failure(result.parity, result.target)
 
@@ -105,7 +105,7 @@ def _with_added_calib(calib_file, add_calib, lora_rank, head_map):
 @click.option("--reference", metavar="HF_DIR", help="PyTorch model to compare with (default: the manifest's source).")
 @click.option("--decode-steps", type=click.IntRange(0, 4096), default=32, show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled *.bin reference weights.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the parity report here.")
+@json_option("the parity report")
 @accept_keys_option
 @prefill_chunk_option
 @handle_errors
@@ -114,7 +114,7 @@ def check(out, backend, reference, decode_steps, allow_pickle, json_file, accept
     from sa_export.stages.check import check as run_check, raise_on_failure
 
     report = run_check(out, reference, decode_steps, allow_pickle, backend, accept_unknown_config_keys, prefill_chunk or None)
-    click.echo("\n".join(report.lines()))
+    echo_report(report.lines(), json_file)
     write_json(json_file, report.to_json())
     raise_on_failure(report)
 
@@ -159,7 +159,7 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
 @click.option("--tasks-limit", type=click.IntRange(1), help="Evaluate at most this many documents per task.")
 @click.option("--precision", type=click.Choice(["fp32", "int4"]), default="fp32", show_default=True,
               help="int4: both models hold the weights of onnxruntime-genai's int4 graph (dequantized).")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write base_ppl, sa_ppl, eval_tokens, calib_tokens... as JSON.")
+@json_option("base_ppl, sa_ppl, eval_tokens, calib_tokens...")
 @force_option
 @accept_keys_option
 @handle_errors
@@ -176,7 +176,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
             fit_steps=fit_steps, lora_rank=lora_rank,
         )
     )
-    click.echo("\n".join(result.lines()))
+    echo_report(result.lines(), json_file)
     write_json(json_file, result.to_json())
 
 
@@ -289,7 +289,7 @@ def _int_list(text: str) -> list[int]:
 )
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: all cores).")
 @memory_mode_option("both models, in every process of the bench (times and peaks)")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@json_option("the results")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), help="Decode time vs context plot (default: OUT/bench.png).")
 @prefill_chunk_option
 @handle_errors
@@ -315,10 +315,10 @@ def bench(
             out, baseline, contexts, batches, Sampling(repeats, min_seconds, interval, max_seconds, processes), prefill_tokens, threads, advance,
             prefill_repeats, prefill_chunk or None, memory_runs if prefill_memory else 0, memory_mode,
         )
-    click.echo("\n".join(bench_lines(result)))
+    echo_report(bench_lines(result), json_file)
     plot_file = plot_file or Path(out) / "bench.png"
     save_plot(result["decode"], plot_file, result["model"], result["prefill"])
-    click.echo(f"plot: {plot_file}")
+    click.echo(f"plot: {plot_file}", err=json_file == "-")
     write_json(json_file, result)
 
 

@@ -62,10 +62,58 @@ def handle_errors(func):
 
 
 def write_json(path: str | None, data: dict) -> None:
-    if path:
-        from sa_export.core.atomic import write_json_atomic
+    """--json FILE, written atomically; ``-`` prints it on stdout (``echo_report`` then sent the report to stderr)."""
+    if path == "-":
+        import json
 
-        write_json_atomic(Path(path), data)
+        click.echo(json.dumps(data, indent=2))
+    elif path:
+        from sa_export.core.atomic import disk_error, write_json_atomic
+
+        try:
+            write_json_atomic(Path(path), data)
+        except OSError as exc:
+            raise disk_error(exc, Path(path)) from None
+
+
+def echo_report(lines: list[str], json_file: str | None) -> None:
+    """The human report: on stdout, or on stderr when stdout carries the JSON (``--json -``)."""
+    click.echo("\n".join(lines), err=json_file == "-")
+
+
+def _writable_json_path(ctx, param, value):
+    """Refuse a --json path that cannot be written before the work starts, not after it.
+
+    The probe creates and removes a file where the JSON will go (or in the nearest folder
+    that exists: the write makes the others): permission bits alone say nothing of
+    read-only mounts, /proc or a root user."""
+    if value is None or value == "-":
+        return value
+    path = Path(value)
+    if path.is_dir():
+        raise click.BadParameter(f"{value} is a directory; give a file path")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"cannot write {value}: {folder} is a file, not a folder")
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {value}: {exc.strerror or exc} ({folder})") from None
+    return value
+
+
+def json_option(what: str):
+    """--json FILE|-: ``what`` as JSON, the path checked for writing before the work starts."""
+    return click.option(
+        "--json", "json_file", type=click.Path(dir_okay=False, allow_dash=True), callback=_writable_json_path,
+        help=f"Write {what} as JSON to this file ('-': on stdout, the report going to stderr).",
+    )
 
 
 span_option = click.option(

@@ -118,3 +118,22 @@ def test_overwrite_never_deletes_the_model_or_a_directory_it_did_not_write(tiny_
     result = run_cli("convert", model, "--span", "3-4", "-o", other, "--overwrite", "--no-check")
     assert result.exit_code == 2 and "did not write" in result.stderr
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_an_unwritable_json_path_is_refused_before_the_work(tiny_llama, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for path in ("/proc/sa-export.json", tmp_path, blocker / "x.json"):
+        out = tmp_path / "out"
+        result = run_cli("convert", tiny_llama, "--span", "3-4", "-o", out, "--no-check", "--json", path)
+        assert result.exit_code == 2 and "--json" in result.stderr, result.stderr
+        assert leftovers(out) == []
+
+
+def test_json_on_stdout_sends_the_report_to_stderr(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("convert", tiny_llama, "--span", "3-4", "-o", out, "--no-check", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["shared_layers"] == [3, 4] and summary["out"] == str(out)
+    assert "shared layers" in result.stderr and not (tmp_path / "-").exists()
