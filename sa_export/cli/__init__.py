@@ -8,7 +8,7 @@ import click
 
 from sa_export import __version__
 from sa_export.cli.options import (
-    quiet_libraries, write_json, echo_report, json_option, accept_keys_option, add_calib_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
+    quiet_libraries, write_json, echo_report, json_option, POSITIVE_INTS, accept_keys_option, add_calib_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.core.errors import UsageError
@@ -132,6 +132,8 @@ def generate(out, prompt, max_new_tokens, backend, chat, prefill_chunk, memory_m
     """Greedy generation from OUT (no PyTorch needed); tokens stream as they come."""
     from sa_export.runtime import stream_generation
 
+    if not prompt:
+        raise UsageError("the prompt is empty: give --prompt some text to continue")
     for piece in stream_generation(out, prompt, max_new_tokens, backend, chat, prefill_chunk or None, memory_mode):
         click.echo(piece, nl=False)
     click.echo()
@@ -243,16 +245,6 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
     click.echo("\n".join(result.lines()))
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"{text!r}: give positive integers, for example 256,2048,8192")
-    return values
-
-
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
@@ -261,8 +253,8 @@ def _int_list(text: str) -> list[int]:
     "GroupQueryAttention, in-place cache buffers), built once and cached; same-export: OUT's own exporter without "
     "sharing; or an OUT-style directory.",
 )
-@click.option("--contexts", default="256,2048,8192", show_default=True, help="Context lengths for decode timing.")
-@click.option("--batches", default="1,4", show_default=True, help="Batch sizes for decode timing.")
+@click.option("--contexts", default="256,2048,8192", type=POSITIVE_INTS, show_default=True, help="Context lengths for decode timing.")
+@click.option("--batches", default="1,4", type=POSITIVE_INTS, show_default=True, help="Batch sizes for decode timing.")
 @click.option("--repeats", type=click.IntRange(1), default=21, show_default=True, help="At least this many timed decode steps per model and point (medians are reported).")
 @click.option(
     "--min-seconds", type=click.FloatRange(0), default=3.0, show_default=True,
@@ -280,7 +272,7 @@ def _int_list(text: str) -> list[int]:
     "among them: one process runs steadily faster or slower than another by up to a few percent, and the interval covers that only "
     "across processes.",
 )
-@click.option("--prefill-tokens", default="512,2048,8192", show_default=True, help="Prompt lengths of the prefill timing.")
+@click.option("--prefill-tokens", default="512,2048,8192", type=POSITIVE_INTS, show_default=True, help="Prompt lengths of the prefill timing.")
 @click.option("--prefill-repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed prefills per model and length, at least: short prompts get more, until 10 s have passed (at most 25).")
 @click.option("--prefill-memory/--no-prefill-memory", default=True, show_default=True, help="Peak RSS of each model's prefill, each in its own process.")
 @click.option(
@@ -309,7 +301,6 @@ def bench(
     from sa_export.stages.bench import Sampling, bench_lines, run_bench, save_plot
     from sa_export.core.progress import progress_bar
 
-    contexts, batches, prefill_tokens = _int_list(contexts), _int_list(batches), _int_list(prefill_tokens)
     with progress_bar("benchmark: decode steps, interleaved", unit="point") as advance:
         result = run_bench(
             out, baseline, contexts, batches, Sampling(repeats, min_seconds, interval, max_seconds, processes), prefill_tokens, threads, advance,
@@ -345,7 +336,7 @@ def targets():
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model to convert (HF directory or alias).")
 @click.option("--span", "spans", multiple=True, default=("20-28",), show_default=True, metavar="A-B", help="Layers to share.")
 @click.option("--target", type=click.Choice(target_names()), default="hopper", show_default=True, help="A target whose engine is built here.")
-@click.option("--contexts", default="512,2048,8192", show_default=True, help="Contexts of the decode timing.")
+@click.option("--contexts", default="512,2048,8192", type=POSITIVE_INTS, show_default=True, help="Contexts of the decode timing.")
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Timed decode steps per model and context.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("gpu-check"), show_default=True, help="Where the engines and gpu_check.json go.")
 @click.option("--overwrite", is_flag=True, help="Replace earlier results in OUT.")
@@ -357,7 +348,7 @@ def gpu_check_command(model, spans, target, contexts, steps, out, overwrite):
     from sa_export.core.errors import CheckFailed
     from sa_export.stages.gpu_check import GpuCheckRequest, gpu_check
 
-    report = gpu_check(GpuCheckRequest(model, tuple(spans), target, out, tuple(_int_list(contexts)), steps, overwrite))
+    report = gpu_check(GpuCheckRequest(model, tuple(spans), target, out, tuple(contexts), steps, overwrite))
     for row in report["decode"]:
         click.echo(f"context {row['context']:>6}: base {row['t_base_ms']:.3f} ms, SA {row['t_sa_ms']:.3f} ms, SA/base {row['time_ratio_sa_to_base']:.3f}")
     click.echo(f"TensorRT parity: base {report['base']['trt_parity']['passed']}, SA {report['sa']['trt_parity']['passed']}; {out / 'gpu_check.json'}")

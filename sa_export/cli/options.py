@@ -108,6 +108,26 @@ def _writable_json_path(ctx, param, value):
     return value
 
 
+class PositiveIntList(click.ParamType):
+    """A comma-separated list of positive integers (--contexts 256,2048): click reports a bad one as a usage error (exit 2)."""
+
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            values = [int(item) for item in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers, for example 256,2048,8192", param, ctx)
+        if min(values) < 1:
+            self.fail(f"{value!r}: give positive integers, for example 256,2048,8192", param, ctx)
+        return values
+
+
+POSITIVE_INTS = PositiveIntList()
+
+
 def json_option(what: str):
     """--json FILE|-: ``what`` as JSON, the path checked for writing before the work starts."""
     return click.option(

@@ -295,12 +295,18 @@ class Manifest:
         """The one writer: atomic, next to the artifacts it describes."""
         write_json_atomic(Path(out_dir) / MANIFEST_NAME, self.to_json())
 
-    def verify_artifacts(self, out_dir: Path) -> None:
-        """Refuse artifacts that changed since the manifest was written."""
-        for name, expected in self.files.items():
+    def require_artifacts(self, out_dir: Path) -> None:
+        """Refuse an OUT that lacks a file its manifest lists (cheap: no hashing)."""
+        for name in self.files:
             path = Path(out_dir) / name
             if not path.is_file():
                 raise ManifestError(f"{path} listed in the manifest is missing; re-run `sa-export convert`")
+
+    def verify_artifacts(self, out_dir: Path) -> None:
+        """Refuse artifacts that are missing or changed since the manifest was written."""
+        self.require_artifacts(out_dir)
+        for name, expected in self.files.items():
+            path = Path(out_dir) / name
             if sha256_file(path) != expected:
                 raise ManifestError(f"{path} does not match the sha256 in its manifest (changed after convert?); re-run `sa-export convert`")
 

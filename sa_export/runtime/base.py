@@ -34,6 +34,7 @@ class ManifestModel:
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
         self.manifest = Manifest.read(self.out_dir)
+        self.manifest.require_artifacts(self.out_dir)  # a missing model file is bad input, not a runtime error
         self.layout: tuple[LayerCache, ...] = self.manifest.layout
         cache = self.cache_info = self.manifest.cache
         self.cache_dtype = NUMPY_DTYPES[cache.dtype]

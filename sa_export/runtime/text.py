@@ -52,6 +52,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, prefi
     """Greedy generation with any model that has empty_cache/prefill/forward; the prompt goes in
     chunks of ``prefill_chunk`` tokens; yields text as it decodes cleanly."""
     prompt_ids = tokenizer.encode(prompt).ids
+    if not prompt_ids:
+        raise UsageError("the prompt is empty: give --prompt some text to continue")
     eos = set(model.manifest.eos_token_ids)
     input_ids = np.asarray([prompt_ids], dtype=np.int64)
     mask = np.ones_like(input_ids)

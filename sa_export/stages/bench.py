@@ -291,6 +291,7 @@ def run_bench(
     ``memory_runs``: processes per model and length for the peak RSS of a prefill (0: not
     measured); ``memory``: both models' memory mode (``runtime.memory``)."""
     manifest = Manifest.read(out_dir)
+    manifest.require_artifacts(out_dir)  # before minutes of building a baseline
     if str(baseline) in (FASTEST, SAME_EXPORT):
         base_path = baseline_dir(Path(out_dir), manifest, str(baseline))
     else:

@@ -137,3 +137,22 @@ def test_json_on_stdout_sends_the_report_to_stderr(tiny_llama, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["shared_layers"] == [3, 4] and summary["out"] == str(out)
     assert "shared layers" in result.stderr and not (tmp_path / "-").exists()
+
+
+def test_generate_refuses_an_empty_prompt_and_an_out_without_its_model(converted_tiny_llama, tmp_path):
+    import shutil
+
+    result = run_cli("generate", converted_tiny_llama, "--prompt", "")
+    assert result.exit_code == 2 and "prompt is empty" in result.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(converted_tiny_llama, broken)
+    (broken / "model.onnx").unlink()
+    for args in (("generate", broken, "--prompt", "hi"), ("bench", broken, "--contexts", "16", "--batches", "1")):
+        result = run_cli(*args)
+        assert result.exit_code == 2 and "model.onnx listed in the manifest is missing" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("contexts", ["abc", "0,16", "16,,32", ""])
+def test_bench_refuses_a_bad_list_as_a_usage_error(converted_tiny_llama, contexts):
+    result = run_cli("bench", converted_tiny_llama, "--contexts", contexts)
+    assert result.exit_code == 2 and "--contexts" in result.stderr, result.stderr
