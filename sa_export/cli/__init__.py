@@ -74,7 +74,7 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, a
 
     if out is None:
         out = Path(f"{Path(model).name}-sa")
-    calib_file = _with_added_calib(calib_file, add_calib, lora_rank, head_map)
+    calib_file = _with_added_calib(calib_file, add_calib, lora_rank, head_map, calib_tokens, fit_steps)
     request = ConvertRequest(
         model=model, spans=tuple(spans), out=out, anchors=tuple(anchors), target=target, precision=precision,
         check=not no_check, overwrite=overwrite, force=force, reference=reference, allow_pickle=allow_pickle,
@@ -88,12 +88,16 @@ def convert(model, spans, anchors, head_map, fit_steps, lora_rank, calib_file, a
     raise_on_failure(result.parity, result.target)
 
 
-def _with_added_calib(calib_file, add_calib, lora_rank, head_map):
-    """--calib's files (or the request's default texts) followed by --add-calib's."""
+def _with_added_calib(calib_file, add_calib, lora_rank, head_map, calib_tokens=None, fit_steps=None):
+    """--calib's files (or the request's default texts) followed by --add-calib's; options
+    that only a calibrated or fitted --head-map reads are refused without one, not ignored."""
+    for given, option in ((calib_file, "--calib"), (add_calib, "--add-calib"), (calib_tokens, "--calib-tokens")):
+        if given and head_map == "identity":
+            raise UsageError(f"{option} sets calibration text, which --head-map identity does not read; give a calibrated --head-map")
+    if fit_steps is not None and head_map != "fit":
+        raise UsageError(f"--fit-steps sets the steps of --head-map fit's distillation: add --head-map fit (got {head_map})")
     if not add_calib:
         return calib_file
-    if head_map == "identity":
-        raise UsageError("--add-calib adds calibration text, which --head-map identity does not read; give a calibrated --head-map")
     from sa_export.accuracy.texts import calib_files_for
 
     return calib_files_for(calib_file, lora_rank or 0, add_calib)
@@ -169,7 +173,7 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
     """Perplexity of MODEL and of its SA version on the same text, and the difference."""
     from sa_export.accuracy.evaluate import EvalRequest, evaluate
 
-    calib_file = _with_added_calib(calib_file, add_calib, lora_rank, head_map)
+    calib_file = _with_added_calib(calib_file, add_calib, lora_rank, head_map, calib_tokens, fit_steps)
     result = evaluate(
         EvalRequest(
             model, tuple(spans), tuple(anchors), head_map, text_file, calib_file, max_tokens, calib_tokens, context, force,
@@ -222,11 +226,9 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
         out = Path(f"{Path(model).name}-analysis")
     if calib_file is not None and len(calib_file) > 1 and not frontier:
         raise UsageError("analyze's span search calibrates on one text: pass one --calib (several are for --frontier)")
-    if eval_tokens is not None and not frontier:
-        raise UsageError("--eval-tokens sets the text the frontier's plans are judged on; give it with --frontier")
+    if not frontier:
+        _refuse_frontier_options_without_frontier()
     units = tuple(unit.strip() for unit in frontier_units.split(",") if unit.strip())
-    if units != ("layer",) and not frontier:
-        raise UsageError("--frontier-unit sets what the frontier's plans add; give it with --frontier")
     from sa_export.accuracy.frontier import UNITS
 
     if not units or not set(units) <= set(UNITS) or len(set(units)) != len(units):
@@ -243,6 +245,19 @@ def analyze(model, calib_file, calib_tokens, out, share, kv_saving, head_map, ca
         )
     )
     click.echo("\n".join(result.lines()))
+
+
+def _refuse_frontier_options_without_frontier() -> None:
+    """analyze's frontier options change nothing without --frontier: refused, not ignored."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    for param in context.command.params:
+        if param.name in FRONTIER_ONLY and context.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None):
+            raise UsageError(f"{param.opts[0]} is an option of the frontier search; give it with --frontier")
+
+
+FRONTIER_ONLY = ("max_shared", "frontier_maps", "frontier_units", "search_pool", "search_cost", "max_penalty", "other_texts", "eval_tokens")
 
 
 @main.command()

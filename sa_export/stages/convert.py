@@ -124,6 +124,8 @@ def conversion_times(timings: dict[str, float]) -> str:
 
 
 def reference_source(request: ConvertRequest, source: ModelSource) -> ModelSource | None:
+    if source.kind == "hf" and request.reference is not None:
+        raise UsageError("--reference is the PyTorch model of an ONNX input; a Hugging Face MODEL is its own reference")
     if source.kind == "hf":
         return source
     if request.reference is None:

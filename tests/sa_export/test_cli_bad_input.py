@@ -156,3 +156,29 @@ def test_generate_refuses_an_empty_prompt_and_an_out_without_its_model(converted
 def test_bench_refuses_a_bad_list_as_a_usage_error(converted_tiny_llama, contexts):
     result = run_cli("bench", converted_tiny_llama, "--contexts", contexts)
     assert result.exit_code == 2 and "--contexts" in result.stderr, result.stderr
+
+
+IGNORED = {
+    "calibration text for identity maps": (["convert", "--calib", "{text}"], "--calib sets calibration text"),
+    "calibration tokens for identity maps": (["eval", "--calib-tokens", "512"], "--calib-tokens sets calibration text"),
+    "fit steps without a fit": (["convert", "--head-map", "mix", "--fit-steps", "4"], "--fit-steps"),
+    "a reference for a Hugging Face model": (["convert", "--reference", "{model}"], "--reference"),
+}
+
+
+@pytest.mark.parametrize("case", IGNORED)
+def test_an_option_that_would_change_nothing_is_refused(case, tiny_llama, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("some words " * 50)
+    args, message = IGNORED[case]
+    command, *options = (arg.format(text=text, model=tiny_llama) for arg in args)
+    out = tmp_path / "out"
+    result = run_cli(command, tiny_llama, "--span", "3-4", *options, *(["-o", out] if command == "convert" else []))
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("options", [["--max-penalty", "0.1"], ["--frontier-maps", "bogus"], ["--other-text", "default"]])
+def test_analyze_refuses_frontier_options_without_frontier(options, tiny_llama, tmp_path):
+    result = run_cli("analyze", tiny_llama, *options, "-o", tmp_path / "analysis")
+    assert result.exit_code == 2 and f"{options[0]} is an option of the frontier search" in result.stderr, result.stderr
