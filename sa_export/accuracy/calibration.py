@@ -26,23 +26,15 @@ from collections import Counter
 import numpy as np
 import torch
 
+from sa_export.core.choices import CALIBRATED_DEFAULT, FITTED_MODES, HEAD_MAP_MODES
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
-HEAD_MAP_MODES = ("identity", "argmax", "argmax-any", "mix", "mix-anchor", "mix-few", "calibrated", "fit")
 # Measured and kept for the head_maps benchmark, not offered by the CLI: both lose to
 # argmax on text of another domain than the calibration's (README, "Head maps").
 EXPERIMENTAL_MODES = ("argmax-group", "argmax-out")
-# Chosen through the model, not from these statistics alone: fit by distillation
-# (distill.py, from FIT_START's maps), argmax-out by each head's output error (output_maps.py).
-FITTED_MODES = ("fit", "argmax-out")
 FIT_START = "mix-few"
 EXTRA_SOURCE_LAYERS = 1  # mix-few: layers besides the anchors whose heads the maps may read
-# What `--head-map calibrated` means: one anchor head per shared head. Mixtures are more
-# accurate but cost more at prefill, where the GQA graph recomputes each shared head from
-# its source's queries and keys: a mixture of k heads is k attentions, or stored
-# probabilities that outgrow the unshared graph's memory (README, "Head maps").
-CALIBRATED_DEFAULT = "argmax"
 TOP_K = 4
 CHUNK_TOKENS = 256
 

@@ -25,11 +25,10 @@ import torch
 from sa_export.accuracy.adapters import LowRankAdapters
 from sa_export.accuracy.layer_inputs import LayerInputs, first_changed_layer, free_bytes
 from sa_export.accuracy.reference import shared_attention
+from sa_export.core.choices import FIT_STEPS, FIT_STEPS_WITH_CORRECTIONS
 from sa_export.core.errors import UsageError
 from sa_export.core.plan import HeadMap, SharingPlan
 
-FIT_STEPS = 60
-FIT_STEPS_WITH_CORRECTIONS = 120  # the corrections' held-out divergence still falls well past 60 steps (README, heal)
 FIT_CHUNKS_PER_STEP = 4
 FIT_CHUNK_TOKENS = 256
 FIT_LEARNING_RATE = 0.2

@@ -12,7 +12,7 @@ from sa_export.cli.options import (
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.core.errors import UsageError
-from sa_export.export import AUTO, EXPORTERS, REMOVED_EXPORTERS
+from sa_export.core.choices import AUTO, EXPORTER_NAMES, REMOVED_EXPORTERS
 from targets.profiles import target_names
 
 
@@ -40,7 +40,7 @@ def main():
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
               help="fp16 keeps scores, Softmax and norms in fp32; int4 (--target cpu): the builder's 4-bit weight graph. [default: the target's]")
 @click.option(
-    "--exporter", type=click.Choice([AUTO, *EXPORTERS, *REMOVED_EXPORTERS]), default=AUTO, show_default=True,
+    "--exporter", type=click.Choice([AUTO, *EXPORTER_NAMES, *REMOVED_EXPORTERS]), default=AUTO, show_default=True,
     help="auto: the fastest graph the target and model allow, and why (genai on --target cpu for Llama/Qwen2 "
     "models with a tokenizer, else dynamo); dynamo: torch.onnx's dynamo exporter, decomposed attention, for every "
     "target; genai: onnxruntime-genai's builder, ONNX Runtime's fastest CPU graph (GroupQueryAttention, in-place "

@@ -165,7 +165,7 @@ accept_keys_option = click.option(
 
 def head_map_option(default: str = "identity", fitted: bool = True):
     """--head-map; ``fitted=False`` leaves out the modes fitted through the model (too slow to search with)."""
-    from sa_export.accuracy.calibration import CALIBRATED_DEFAULT, FITTED_MODES, HEAD_MAP_MODES
+    from sa_export.core.choices import CALIBRATED_DEFAULT, FITTED_MODES, HEAD_MAP_MODES
 
     return click.option(
         "--head-map",
@@ -188,7 +188,7 @@ def head_map_option(default: str = "identity", fitted: bool = True):
 
 def fit_options(function):
     """--fit-steps and --lora-rank: how `--head-map fit` distills."""
-    from sa_export.accuracy.distill import FIT_STEPS, FIT_STEPS_WITH_CORRECTIONS
+    from sa_export.core.choices import FIT_STEPS, FIT_STEPS_WITH_CORRECTIONS
 
     function = click.option(
         "--lora-rank", type=click.IntRange(0, 256), default=0, show_default=True,

@@ -8,18 +8,13 @@ that saves today's checkpoints (README "Exporters").
 
 from __future__ import annotations
 
+from sa_export.core.choices import AUTO, DEFAULT_EXPORTER, REMOVED_EXPORTERS
 from sa_export.core.errors import UsageError
 from sa_export.export.base import DECOMPOSED, GROUP_QUERY_ATTENTION, Exporter, ExportOptions
 from sa_export.export.dynamo import DynamoExporter
 from sa_export.export.genai import GenaiExporter, builder_installed, has_tokenizer_files
 
 EXPORTERS: dict[str, Exporter] = {exporter.name: exporter for exporter in (DynamoExporter(), GenaiExporter())}
-DEFAULT_EXPORTER = "dynamo"  # the graph family every target takes (and of manifests that name no exporter)
-AUTO = "auto"  # convert's default: the fastest graph the target and model allow
-REMOVED_EXPORTERS = {
-    "optimum": "optimum-onnx (newest release 0.1.0) requires transformers<4.58 and cannot read checkpoints saved by "
-    "transformers 5; use the default --exporter dynamo (the same decomposed graph family)",
-}
 
 
 def get_exporter(name: str) -> Exporter:
