@@ -120,7 +120,7 @@ def other_text_files(other_texts, calibrated: list[Path]) -> list[str | None]:
     for name in names:
         default = name.lower() == "default"
         if not default and not Path(name).is_file():
-            raise UsageError(f"--other-text {name}: text file not found; pass an existing file")
+            raise UsageError(f"--other-text {name}: {'a directory, not a text file' if Path(name).is_dir() else 'text file not found'}; pass an existing file")
         key = default_file if default else Path(name).resolve()
         if key in seen:
             raise UsageError(f"--other-text {name} is given twice" + (" (default is that file)" if key == default_file else ""))
@@ -244,7 +244,7 @@ _NOT_TEXT = {b"BZh": "bzip2-compressed", b"\x1f\x8b": "gzip-compressed", b"\xfd7
 def read_text(path: str | Path | None) -> tuple[str, Path]:
     file = Path(path) if path else default_text_path()
     if not file.is_file():
-        raise UsageError(f"text file {file} not found; pass an existing file")
+        raise UsageError(f"text file {file} {'is a directory' if file.is_dir() else 'not found'}; pass an existing file")
     data = file.read_bytes()
     kind = next((what for magic, what in _NOT_TEXT.items() if data.startswith(magic)), "binary" if b"\x00" in data[:65536] else None)
     if kind is not None:  # read as text it would score as garbage, and no figure would say so

@@ -8,7 +8,7 @@ import click
 
 from sa_export import __version__
 from sa_export.cli.options import (
-    quiet_libraries, write_json, echo_report, json_option, POSITIVE_INTS, accept_keys_option, add_calib_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
+    quiet_libraries, write_json, echo_report, json_option, POSITIVE_INTS, accept_keys_option, add_calib_option, analyze_calib_option, anchor_option, calib_option, calib_tokens_option, fit_options, force_option,
     handle_errors, head_map_option, memory_mode_option, prefill_chunk_option, span_option,
 )
 from sa_export.core.errors import UsageError
@@ -188,11 +188,11 @@ def eval_command(model, spans, anchors, head_map, fit_steps, lora_rank, text_fil
 
 @main.command()
 @click.argument("model")
-@calib_option
+@analyze_calib_option
 @calib_tokens_option
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: <model name>-analysis).")
 @click.option("--share", type=int, help="Search spans of this many layers by perplexity and recommend the best.")
-@click.option("--kv-saving", type=float, help="Or: the KV-cache fraction to save (0-0.5); sets the span length.")
+@click.option("--kv-saving", type=float, help="Or: the KV-cache fraction to save, above 0 and below 0.5 (0.067: 4 of SmolLM2's 60 K and V caches); sets the span length, or with --frontier picks its point.")
 @head_map_option(fitted=False)
 @click.option("--candidates", type=click.IntRange(1), default=6, show_default=True, help="Most similar spans to evaluate by perplexity.")
 @click.option("--frontier", is_flag=True, help="Search plans of 1..--max-shared layers (several spans, each with its anchor) per head-map mode; "

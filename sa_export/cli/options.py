@@ -203,11 +203,20 @@ def fit_options(function):
     )(function)
 
 
-calib_option = click.option(
-    "--calib", "calib_file", type=click.Path(), multiple=True, callback=lambda ctx, param, value: tuple(value) or None,
-    help="Calibration text (default: the tail of the default text; with --lora-rank, also the tail of torch.nn.Module's "
+def _calib_option(help_text: str):
+    return click.option(
+        "--calib", "calib_file", type=click.Path(), multiple=True, callback=lambda ctx, param, value: tuple(value) or None, help=help_text,
+    )
+
+
+calib_option = _calib_option(
+    "Calibration text (default: the tail of the default text; with --lora-rank, also the tail of torch.nn.Module's "
     "source). Repeat it to calibrate on several domains: --calib-tokens from the tail of each. It replaces the default texts; "
-    "--add-calib adds to them.",
+    "--add-calib adds to them."
+)
+analyze_calib_option = _calib_option(
+    "Calibration text (default: the tail of the default text): the maps and the span search read --calib-tokens of its tail. "
+    "With --frontier, repeat it to search on several domains (a plan's cost is its mean or worst penalty over them, --search-cost)."
 )
 add_calib_option = click.option(
     "--add-calib", "add_calib", type=click.Path(), multiple=True,

@@ -130,6 +130,9 @@ def atomic_directory(out: Path, overwrite: bool = False, needed_bytes=None):
     except OSError as exc:
         if exc.errno in _NO_ROOM:
             raise disk_error(exc, out) from None
+        blocker = next((folder for folder in out.parents if folder.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UsageError(f"cannot create {out}: {blocker} is a file, not a folder; choose another -o") from None
         raise UsageError(f"cannot create {out}: {exc.strerror or exc} ({exc.filename or out.parent}); choose another -o") from None
     try:
         try:

@@ -174,6 +174,7 @@ def validate(request: ConvertRequest) -> _Validated:
     why = None  # the reason of an automatic choice, said when the export starts
     if request.exporter == AUTO and (source.kind != "hf" or request.opset is not None):
         exporter = get_exporter(DYNAMO)  # an ONNX input is not exported; --opset asks for the dynamo export
+        why = f"--opset {request.opset} is an option of the dynamo export" if source.kind == "hf" else None
     elif request.exporter == AUTO:
         exporter, why = choose_exporter(config, target, source, precision)
     else:

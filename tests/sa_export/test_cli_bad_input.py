@@ -182,3 +182,12 @@ def test_an_option_that_would_change_nothing_is_refused(case, tiny_llama, tmp_pa
 def test_analyze_refuses_frontier_options_without_frontier(options, tiny_llama, tmp_path):
     result = run_cli("analyze", tiny_llama, *options, "-o", tmp_path / "analysis")
     assert result.exit_code == 2 and f"{options[0]} is an option of the frontier search" in result.stderr, result.stderr
+
+
+def test_an_out_under_a_file_and_a_calibration_folder_are_named_for_what_they_are(tiny_llama, tiny_llama_with_tokenizer, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_cli("convert", tiny_llama, "--span", "3-4", "-o", blocker / "out", "--no-check")
+    assert result.exit_code == 2 and f"{blocker} is a file, not a folder" in result.stderr, result.stderr
+    result = run_cli("eval", tiny_llama_with_tokenizer, "--span", "3-4", "--head-map", "mix", "--calib", tmp_path)
+    assert result.exit_code == 2 and "is a directory" in result.stderr, result.stderr
