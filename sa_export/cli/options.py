@@ -25,6 +25,9 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # torch sets its loggers' levels when it is imported, after this (the CLI loads it
+    # lazily): "-onnx" is TORCH_LOGS' way to keep torch.onnx's at ERROR.
+    os.environ.setdefault("TORCH_LOGS", "-onnx")
     warnings.filterwarnings("ignore")
     for name in ("transformers", "torch.onnx", "onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
