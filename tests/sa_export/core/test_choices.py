@@ -5,7 +5,6 @@ from sa_export.core import choices
 
 
 def test_the_command_line_offers_what_the_packages_implement():
-    from sa_export.accuracy.calibration import calibrate_head_maps  # noqa: F401 (the modes' implementation loads)
     from sa_export.export import EXPORTERS
 
     assert choices.EXPORTER_NAMES == tuple(EXPORTERS)
