@@ -69,3 +69,27 @@ def test_a_partly_shared_layer_has_a_narrower_k_cache():
     assert [cache.key_share(layer) for layer in layers] == [1.0, 1 / 3, 0.0]
     assert CacheInfo.from_json(cache.to_json()) == cache
     assert "key_heads" not in layers[0].to_json() and layers[1].to_json()["key_heads"] == 1
+
+
+def test_a_manifest_path_outside_out_or_a_graph_without_a_hash_is_refused(converted_tiny_llama, tmp_path):
+    import json
+    import shutil
+
+
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(converted_tiny_llama / "model.onnx", outside)
+    edits = {
+        "the graph elsewhere": lambda data: data.update(model_file="../outside.onnx"),
+        "an absolute graph": lambda data: data.update(model_file=str(outside)),
+        "a hashed file elsewhere": lambda data: data["files"].update({"../outside.onnx": "0" * 64}),
+        "a graph without its hash": lambda data: data["files"].pop(data.get("model_file", "model.onnx")),
+    }
+    for case, edit in edits.items():
+        out = tmp_path / "out" / case.replace(" ", "_")
+        shutil.copytree(converted_tiny_llama, out)
+        data = json.loads((out / MANIFEST_NAME).read_text())
+        edit(data)
+        (out / MANIFEST_NAME).write_text(json.dumps(data))
+        with pytest.raises(ManifestError):
+            Manifest.read(out).require_artifacts(out)
+    Manifest.read(converted_tiny_llama).verify_artifacts(converted_tiny_llama)
