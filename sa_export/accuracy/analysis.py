@@ -190,8 +190,7 @@ SIMILARITY_FILE = "similarity.json"  # every analysis writes it: what --overwrit
 def analyze(request: AnalyzeRequest) -> AnalysisResult:
     refuse_existing(Path(request.out), request.overwrite)
     _refuse_a_bad_frontier_request(request)
-    calib = request.calib_file if isinstance(request.calib_file, (list, tuple)) else (request.calib_file,)
-    inputs = (resolve_model(request.model).path, *calib, *request.other_texts)
+    inputs = (resolve_model(request.model).path, *calib_paths(request.calib_file), *request.other_texts)
     refuse_to_replace(Path(request.out), request.overwrite, SIMILARITY_FILE, inputs)
     source, config, hf_model, tokenizer = load_for_reference(request.model, request.accept_unknown_config_keys)
     length = span_length_for(request, config.num_hidden_layers)

@@ -95,9 +95,9 @@ def _writable_json_path(ctx, param, value):
     path = Path(value)
     if path.is_dir():
         raise click.BadParameter(f"{value} is a directory; give a file path")
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
+    from sa_export.core.atomic import nearest_existing_parent
+
+    folder = nearest_existing_parent(path)
     if not folder.is_dir():
         raise click.BadParameter(f"cannot write {value}: {folder} is a file, not a folder")
     import tempfile

@@ -47,6 +47,11 @@ def refuse_to_replace(out: Path, overwrite: bool, marker: str, inputs=()) -> Non
         raise UsageError(f"{out} holds files that sa-export did not write (it has no {marker}); --overwrite replaces only an earlier output: choose another -o")
 
 
+def nearest_existing_parent(path: Path) -> Path:
+    """The nearest of ``path``'s parents that exists, which may be a file: what a write there meets."""
+    return next(folder for folder in Path(path).absolute().parents if folder.exists())
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -130,8 +135,8 @@ def atomic_directory(out: Path, overwrite: bool = False, needed_bytes=None):
     except OSError as exc:
         if exc.errno in _NO_ROOM:
             raise disk_error(exc, out) from None
-        blocker = next((folder for folder in out.parents if folder.exists()), None)
-        if blocker is not None and not blocker.is_dir():
+        blocker = nearest_existing_parent(out)
+        if not blocker.is_dir():
             raise UsageError(f"cannot create {out}: {blocker} is a file, not a folder; choose another -o") from None
         raise UsageError(f"cannot create {out}: {exc.strerror or exc} ({exc.filename or out.parent}); choose another -o") from None
     try:

@@ -299,14 +299,13 @@ class Manifest:
         """Refuse an OUT that lacks a file its manifest lists, names a file outside itself, or
         runs a graph that no hash covers (cheap: no hashing). A manifest is data from disk: a
         path in it that leaves OUT would make `check` pass a graph, or hash a file, elsewhere."""
-        root = Path(out_dir).resolve()
-        for name in (self.model_file, *self.files):
-            if Path(name).is_absolute() or not (root / name).resolve().is_relative_to(root):
-                raise ManifestError(f"{name!r} in {Path(out_dir) / MANIFEST_NAME} is outside {out_dir}; re-run `sa-export convert`")
         if self.model_file not in self.files:
             raise ManifestError(f"{Path(out_dir) / MANIFEST_NAME} lists no sha256 for its graph {self.model_file}; re-run `sa-export convert`")
+        root = Path(out_dir).resolve()
         for name in self.files:
             path = Path(out_dir) / name
+            if Path(name).is_absolute() or not path.resolve().is_relative_to(root):
+                raise ManifestError(f"{name!r} in {Path(out_dir) / MANIFEST_NAME} is outside {out_dir}; re-run `sa-export convert`")
             if not path.is_file():
                 raise ManifestError(f"{path} listed in the manifest is missing; re-run `sa-export convert`")
 

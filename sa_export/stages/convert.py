@@ -9,6 +9,7 @@ from pathlib import Path
 
 from graph_passes import RewriteReport, apply_sharing_plan, cache_layers
 from sa_export.accuracy.compare import ParityReport
+from sa_export.accuracy.texts import calib_paths
 from sa_export.core.atomic import atomic_directory, refuse_existing, refuse_to_replace
 from sa_export.core.errors import UsageError
 from sa_export.core.manifest import MANIFEST_NAME, Manifest
@@ -124,9 +125,9 @@ def conversion_times(timings: dict[str, float]) -> str:
 
 
 def reference_source(request: ConvertRequest, source: ModelSource) -> ModelSource | None:
-    if source.kind == "hf" and request.reference is not None:
-        raise UsageError("--reference is the PyTorch model of an ONNX input; a Hugging Face MODEL is its own reference")
     if source.kind == "hf":
+        if request.reference is not None:
+            raise UsageError("--reference is the PyTorch model of an ONNX input; a Hugging Face MODEL is its own reference")
         return source
     if request.reference is None:
         return None
@@ -156,8 +157,8 @@ def validate(request: ConvertRequest) -> _Validated:
     kv_groups_in(request.spans)  # fails on a malformed span early
     source = resolve_model(request.model)
     reference = reference_source(request, source)
-    calib = request.calib_file if isinstance(request.calib_file, (list, tuple)) else (request.calib_file,)
-    refuse_to_replace(Path(request.out), request.overwrite, MANIFEST_NAME, (source.path, reference and reference.path, *calib))
+    inputs = (source.path, reference and reference.path, *calib_paths(request.calib_file))
+    refuse_to_replace(Path(request.out), request.overwrite, MANIFEST_NAME, inputs)
     if source.kind == "onnx" and reference is None and request.check:
         raise UsageError("checking an ONNX input needs its PyTorch model: pass --reference HF_DIR (or --no-check)")
     if request.lora_rank and request.head_map != "fit":
